@@ -1,0 +1,453 @@
+"""Objectives: a router plus a table of routes (DESIGN.md 1.6, 1.7).
+
+A route says, for the tokens sent to it, which view is the target, which divergence and support
+to use, and the weight. DOPD routes by the four regimes; the baselines are configurations of the
+same engine so that comparisons run on identical code.
+
+Two paths compute the same loss:
+
+* `objective_loss` / `dopd_loss`: the readable reference over given [B, T, V] logits.
+* `chunked_objective_loss`: what the trainer uses. It takes final hidden states and output
+  embeddings, works on token chunks, never holds [tokens, vocab] for more than one chunk, and
+  computes the student gradient inside the forward (Liger / TRL style) so backward is a scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from dopd_vl.divergences import DIVERGENCES, SUPPORTS, token_divergence, upcast
+from dopd_vl.routing import REGIME_NAMES, Regime, TokenSignals, assign_regimes, compute_thresholds, token_signals
+
+__all__ = [
+    "OBJECTIVES",
+    "SCORING_VIEWS",
+    "DOPDConfig",
+    "Route",
+    "Objective",
+    "LossOutput",
+    "TargetStates",
+    "build_objective",
+    "token_weights",
+    "objective_loss",
+    "dopd_loss",
+    "chunked_objective_loss",
+]
+
+OBJECTIVES = ("dopd", "vanilla_opd", "privileged_opd", "self_distill", "uniform", "pruned_opd")
+SCORING_VIEWS = ("teacher_priv", "student_priv", "teacher_plain")
+_PRUNE_BY = ("largest_A", "smallest_A", "random")
+
+
+@dataclass
+class DOPDConfig:
+    """The `objective` section of a recipe. Defaults are the paper's values where it gives them."""
+
+    name: str = "dopd"
+    """Objective: one of OBJECTIVES [ours: baselines as configurations]."""
+    top_k: int = 128
+    """K of top-K supports [paper]."""
+    beta_light: float = 0.6
+    """Weight of the LH and HS routes [paper]."""
+    beta_weak: float = 0.3
+    """Weight of the LL route [paper]."""
+    js_beta: float = 0.5
+    """Mixture weight of JS(beta); 1/2 is the paper's JS [paper]."""
+    outlier_fraction: float = 0.05
+    """Fraction of largest values left out of the threshold means [paper]."""
+    threshold_scope: str = "global"
+    """`global`: thresholds over the whole optimizer step; `local`: per micro-batch [ours]."""
+    topk_source: str = "student"
+    """Whose K largest entries form the top-K support: `student` or `target` [ours]."""
+    topk_tail: bool = True
+    """Keep the remaining mass as a (K+1)-th cell; false renormalises over the K cells [ours]."""
+    normalization: str = "sequence"
+    """`sequence`: mean over sequences of per-sequence token means [paper]; `token`: over all tokens."""
+    regime_routes: dict = field(default_factory=dict)
+    """Per-regime overrides for DOPD, e.g. {"HT": {"support": "topk"}, "LL": {"enabled": false}} [ours]."""
+    baseline_divergence: str | None = None
+    """Divergence of single-route baselines; None = the baseline's own (rkl; js for uniform) [ours]."""
+    baseline_support: str | None = None
+    """Support of single-route baselines; None = topk [ours]."""
+    prune_fraction: float = 0.2
+    """pruned_opd: fraction of the step's tokens dropped [paper Fig. 4]."""
+    prune_by: str = "largest_A"
+    """pruned_opd: `largest_A`, `smallest_A` or `random` [paper Fig. 4]."""
+    prune_seed: int = 0
+    """pruned_opd with `random`: seed of the per-token keys [ours]."""
+    privileged_student: str = "live"
+    """student_priv weights: `live` (current, detached) [paper], `initial` or `ema` [ours]."""
+    ema_decay: float = 0.99
+    """Decay of the `ema` privileged student [ours]."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.name in OBJECTIVES, f"objective.name must be one of {OBJECTIVES}, got {self.name!r}"),
+            (self.top_k >= 1, f"objective.top_k must be >= 1, got {self.top_k}"),
+            (0.0 < self.js_beta < 1.0, f"objective.js_beta must be in (0, 1), got {self.js_beta}"),
+            (0.0 <= self.outlier_fraction < 1.0, f"objective.outlier_fraction must be in [0, 1), got {self.outlier_fraction}"),
+            (self.threshold_scope in ("global", "local"), f"objective.threshold_scope must be 'global' or 'local', got {self.threshold_scope!r}"),
+            (self.topk_source in ("student", "target"), f"objective.topk_source must be 'student' or 'target', got {self.topk_source!r}"),
+            (self.normalization in ("sequence", "token"), f"objective.normalization must be 'sequence' or 'token', got {self.normalization!r}"),
+            (self.baseline_divergence in (None, *DIVERGENCES), f"objective.baseline_divergence must be one of {DIVERGENCES}, got {self.baseline_divergence!r}"),
+            (self.baseline_support in (None, *SUPPORTS), f"objective.baseline_support must be one of {SUPPORTS}, got {self.baseline_support!r}"),
+            (0.0 <= self.prune_fraction < 1.0, f"objective.prune_fraction must be in [0, 1), got {self.prune_fraction}"),
+            (self.prune_by in _PRUNE_BY, f"objective.prune_by must be one of {_PRUNE_BY}, got {self.prune_by!r}"),
+            (self.privileged_student in ("live", "initial", "ema"), f"objective.privileged_student must be live, initial or ema, got {self.privileged_student!r}"),
+            (0.0 < self.ema_decay < 1.0, f"objective.ema_decay must be in (0, 1), got {self.ema_decay}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        unknown = set(self.regime_routes) - set(REGIME_NAMES)
+        if unknown:
+            raise ValueError(f"objective.regime_routes: unknown regimes {sorted(unknown)}; valid: {list(REGIME_NAMES)}")
+
+
+@dataclass(frozen=True)
+class Route:
+    target: str  # a scoring view
+    divergence: str  # rkl | fkl | js
+    support: str  # full | topk | sampled
+    weight: float
+
+    def __post_init__(self) -> None:
+        if self.target not in SCORING_VIEWS:
+            raise ValueError(f"route target must be one of {SCORING_VIEWS}, got {self.target!r}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"route divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"route support must be one of {SUPPORTS}, got {self.support!r}")
+        if self.support == "sampled" and self.divergence != "rkl":
+            raise ValueError("support 'sampled' is defined for divergence 'rkl' only")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Router + routes. Route index r of a token selects `routes[r]`; -1 or a None route: no loss."""
+
+    config: DOPDConfig
+    router: str  # "regimes" | "all" | "prune"
+    routes: tuple[Route | None, ...]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def needs_signals(self) -> bool:
+        """Whether the privileged views are scored: for routing, or for diagnostics (uniform)."""
+        return self.router in ("regimes", "prune") or self.config.name == "uniform"
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """Scoring views this objective needs, in SCORING_VIEWS order; only these are computed."""
+        needed = {r.target for r in self.routes if r is not None}
+        if self.needs_signals:
+            needed |= {"teacher_priv", "student_priv"}
+        return tuple(v for v in SCORING_VIEWS if v in needed)
+
+    def step_statistics(self, signals: TokenSignals | None, prune_keys: Tensor | None = None) -> dict[str, float]:
+        """Statistics over all valid tokens of the step: thresholds (and the prune cut-off)."""
+        stats: dict[str, float] = {}
+        if signals is not None:
+            stats.update(compute_thresholds(signals, self.config.outlier_fraction))
+        if self.router == "prune":
+            keys = prune_keys.reshape(-1).double()
+            n_drop = int(self.config.prune_fraction * keys.numel())
+            # Cut-off = the n_drop-th largest key; tokens with key >= it are dropped.
+            stats["prune_cutoff"] = float("inf") if n_drop == 0 else torch.sort(keys, descending=True).values[n_drop - 1].item()
+        return stats
+
+    def prune_keys(self, signals: TokenSignals, generator: torch.Generator | None = None) -> Tensor:
+        """Per-token keys whose largest `prune_fraction` are dropped by pruned_opd."""
+        a = signals.advantage_gap.double()
+        if self.config.prune_by == "largest_A":
+            return a
+        if self.config.prune_by == "smallest_A":
+            return -a
+        return torch.rand(a.shape, generator=generator, dtype=torch.float64).to(a.device)
+
+    def assign_routes(self, valid: Tensor, signals: TokenSignals | None, stats: dict[str, float], prune_keys: Tensor | None = None) -> Tensor:
+        """Route index per token of `valid`'s shape; -1 where not valid or dropped."""
+        if self.router == "regimes":
+            routes = assign_regimes(signals, stats)
+        else:
+            routes = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
+            if self.router == "prune":
+                routes = torch.where(prune_keys.double() >= stats["prune_cutoff"], -1, routes)
+        return torch.where(valid.bool(), routes, -1)
+
+
+def build_objective(config: DOPDConfig | None = None) -> Objective:
+    """Objective of a config: DOPD's regime table, or a baseline's single route (DESIGN.md 1.7)."""
+    c = config or DOPDConfig()
+    if c.name == "dopd":
+        table = {  # Table 1.4 [paper]
+            "LH": dict(target="teacher_priv", divergence="rkl", support="topk", weight=c.beta_light),
+            "LL": dict(target="student_priv", divergence="rkl", support="topk", weight=c.beta_weak),
+            "HT": dict(target="teacher_priv", divergence="js", support="full", weight=1.0),
+            "HS": dict(target="student_priv", divergence="rkl", support="topk", weight=c.beta_light),
+        }
+        routes: list[Route | None] = []
+        for regime in REGIME_NAMES:
+            spec = {**table[regime], **c.regime_routes.get(regime, {})}
+            unknown = set(spec) - {"target", "divergence", "support", "weight", "enabled"}
+            if unknown:
+                raise ValueError(f"objective.regime_routes.{regime}: unknown keys {sorted(unknown)}; valid: target, divergence, support, weight, enabled")
+            enabled = spec.pop("enabled", True)
+            routes.append(Route(**spec) if enabled and spec["weight"] != 0 else None)
+        return Objective(c, "regimes", tuple(routes))
+    if c.regime_routes:
+        raise ValueError(f"objective.regime_routes applies to 'dopd' only, not {c.name!r}")
+    target = {
+        "vanilla_opd": "teacher_plain",
+        "pruned_opd": "teacher_plain",
+        "privileged_opd": "teacher_priv",
+        "self_distill": "student_priv",
+        "uniform": "teacher_priv",
+    }[c.name]
+    default_divergence = "js" if c.name == "uniform" else "rkl"
+    route = Route(target, c.baseline_divergence or default_divergence, c.baseline_support or "topk", 1.0)
+    return Objective(c, "prune" if c.name == "pruned_opd" else "all", (route,))
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, gradient to the student only
+    token_loss: Tensor  # route-weighted per-token divergence, 0 where masked (detached)
+    regime: Tensor  # DOPD regime per token (-1 masked) when the privileged views exist, else route index
+    route: Tensor  # route index per token (-1: masked or dropped)
+    thresholds: dict[str, float]
+
+
+def token_weights(mask: Tensor, normalization: str, num_sequences: int | None = None, num_tokens: int | None = None) -> Tensor:
+    """Per-token factors that turn a sum of token losses into Eq. 1.6's normalised loss.
+
+    `num_sequences` / `num_tokens` are the step totals; passing them makes the loss of each
+    micro-batch a correctly weighted share of the step's loss, so the step's value and gradient do
+    not depend on how it is split (the TRL #4719 / ms-swift #10165 bug class).
+    """
+    mask = mask.bool()
+    lengths = mask.sum(-1, keepdim=True).clamp_min(1)
+    if normalization == "sequence":
+        n_seq = num_sequences if num_sequences is not None else int((mask.sum(-1) > 0).sum())
+        weights = 1.0 / (lengths.double() * max(n_seq, 1))
+    elif normalization == "token":
+        n_tok = num_tokens if num_tokens is not None else int(mask.sum())
+        weights = torch.full_like(lengths, 1.0 / max(n_tok, 1), dtype=torch.float64)
+    else:
+        raise ValueError(f"normalization must be 'sequence' or 'token', got {normalization!r}")
+    return torch.where(mask, weights.expand_as(mask), 0.0)
+
+
+def _checked_vocab(logits: dict[str, Tensor], vocab_size: int | None) -> int:
+    sizes = {name: t.shape[-1] for name, t in logits.items()}
+    if vocab_size is None:
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"logits have different vocabulary sizes {sizes}; pass vocab_size (the tokenizer's size) "
+                "so that padded lm-head rows are dropped"
+            )
+        return next(iter(sizes.values()))
+    too_small = {k: v for k, v in sizes.items() if v < vocab_size}
+    if too_small:
+        raise ValueError(f"logits {too_small} have fewer entries than the tokenizer's {vocab_size}: models do not share a tokenizer")
+    return vocab_size
+
+
+def objective_loss(
+    objective: Objective,
+    student_logits: Tensor,
+    view_logits: dict[str, Tensor],
+    response_ids: Tensor,
+    mask: Tensor,
+    *,
+    thresholds: dict[str, float] | None = None,
+    vocab_size: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    prune_generator: torch.Generator | None = None,
+) -> LossOutput:
+    """Reference path: the objective over full [B, T, V] logits at response positions.
+
+    `thresholds` (and `num_sequences` / `num_tokens`) default to this batch's own; pass the whole
+    batch's to compute a share of a larger batch.
+    """
+    c = objective.config
+    mask = mask.bool()
+    missing = [v for v in objective.views if v not in view_logits]
+    if missing:
+        raise ValueError(f"objective {objective.name!r} needs logits of views {missing}")
+    vocab = _checked_vocab({"student": student_logits, **view_logits}, vocab_size)
+
+    def log_probs(logits: Tensor) -> Tensor:
+        # Masked slots may hold inf/nan: zero them before the softmax so nothing leaks.
+        logits = torch.where(mask[..., None], upcast(logits[..., :vocab]), 0.0)
+        return logits.log_softmax(-1)
+
+    student_logp = log_probs(student_logits)
+    target_logp = {v: log_probs(view_logits[v].detach()) for v in objective.views}
+    ids = torch.where(mask, response_ids, 0)
+
+    def sampled(logp: Tensor) -> Tensor:
+        return logp.gather(-1, ids[..., None]).squeeze(-1)
+
+    signals = None
+    if objective.needs_signals:
+        signals = token_signals(sampled(target_logp["teacher_priv"]), sampled(target_logp["student_priv"]))
+    prune_keys = objective.prune_keys(signals, prune_generator) if objective.router == "prune" else None
+    if thresholds is None:
+        valid_signals = TokenSignals(*(x[mask] for x in dataclasses.astuple(signals))) if signals is not None else None
+        thresholds = objective.step_statistics(valid_signals, prune_keys[mask] if prune_keys is not None else None)
+    route = objective.assign_routes(mask, signals, thresholds, prune_keys)
+    regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if signals is not None else route
+
+    token_loss = torch.zeros(mask.shape, dtype=student_logp.dtype, device=mask.device)
+    for r, spec in enumerate(objective.routes):
+        if spec is None:
+            continue
+        t_logp = target_logp[spec.target]
+        d = token_divergence(
+            spec.divergence, spec.support, student_logp.flatten(0, 1), t_logp.flatten(0, 1), ids.flatten(),
+            top_k=c.top_k, topk_source=c.topk_source, topk_tail=c.topk_tail, js_beta=c.js_beta,
+        ).view(mask.shape)
+        token_loss = torch.where(route == r, spec.weight * d, token_loss)
+    weights = token_weights(mask, c.normalization, num_sequences, num_tokens).to(token_loss.dtype)
+    loss = (token_loss * weights).sum()
+    return LossOutput(loss=loss, token_loss=token_loss.detach(), regime=regime, route=route, thresholds=thresholds)
+
+
+def dopd_loss(
+    student_logits: Tensor,
+    teacher_priv_logits: Tensor,
+    student_priv_logits: Tensor,
+    response_ids: Tensor,
+    mask: Tensor,
+    config: DOPDConfig | None = None,
+    *,
+    thresholds: dict[str, float] | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+) -> LossOutput:
+    """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); DESIGN.md 5."""
+    config = config or DOPDConfig()
+    if config.name != "dopd":
+        raise ValueError(f"dopd_loss computes the 'dopd' objective; use objective_loss for {config.name!r}")
+    return objective_loss(
+        build_objective(config), student_logits,
+        {"teacher_priv": teacher_priv_logits, "student_priv": student_priv_logits.detach()},
+        response_ids, mask, thresholds=thresholds, num_sequences=num_sequences, num_tokens=num_tokens,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunked path
+
+
+@dataclass
+class TargetStates:
+    """What scoring keeps of one target view, over the valid tokens (flattened, [N, ...]).
+
+    Final hidden states (not logits) plus the sampled token's log-prob: O(N*H) memory, and target
+    logits are recomputed chunk by chunk only for tokens routed to this view.
+    """
+
+    hidden: Tensor  # [N, H], no grad
+    head_weight: Tensor  # [V_rows, H] output embedding of the model that produced `hidden`
+    token_logprob: Tensor  # [N] log-prob of the sampled token (routing signal, sampled support)
+
+
+def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor:
+    """Logits of a chunk over the tokenizer's vocabulary: matmul in the weight's dtype, then fp32."""
+    return upcast(hidden.to(head_weight.dtype) @ head_weight[:vocab_size].T)
+
+
+class _ChunkedRoutedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size):
+        c = objective.config
+        n_tokens = student_hidden.shape[0]
+        want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(student_hidden) if want_grad_hidden else None
+        grad_weight = torch.zeros(head_weight.shape, dtype=torch.float32, device=head_weight.device) if want_grad_weight else None
+        token_loss = torch.zeros(n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device)
+        total = token_loss.new_zeros(())
+        for start in range(0, n_tokens, chunk_size):
+            sl = slice(start, min(start + chunk_size, n_tokens))
+            route_c, ids_c = route[sl], response_ids[sl]
+            with torch.enable_grad():
+                logits = chunk_logits(student_hidden[sl].detach(), head_weight.detach(), vocab_size).requires_grad_()
+                student_logp = logits.log_softmax(-1)
+                chunk_loss = logits.new_zeros(route_c.shape)
+                for r, spec in enumerate(objective.routes):
+                    sel = (route_c == r).nonzero().squeeze(-1)
+                    if spec is None or sel.numel() == 0:
+                        continue
+                    view = targets[spec.target]
+                    target_logp = None
+                    if spec.support != "sampled":  # full-vocabulary target work only where a route needs it
+                        with torch.no_grad():
+                            target_logp = chunk_logits(view.hidden[sl][sel], view.head_weight, vocab_size).log_softmax(-1)
+                    d = token_divergence(
+                        spec.divergence, spec.support, student_logp[sel], target_logp, ids_c[sel],
+                        target_token_logp=upcast(view.token_logprob[sl][sel]),
+                        top_k=c.top_k, topk_source=c.topk_source, topk_tail=c.topk_tail, js_beta=c.js_beta,
+                    )
+                    chunk_loss = chunk_loss.index_put((sel,), spec.weight * d)
+                weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
+                if want_grad_hidden or want_grad_weight:
+                    (grad_logits,) = torch.autograd.grad(weighted, logits)
+            token_loss[sl] = chunk_loss.detach()
+            total = total + weighted.detach()
+            if want_grad_hidden or want_grad_weight:
+                grad_logits = grad_logits.to(head_weight.dtype)
+                if want_grad_hidden:
+                    grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)
+                if want_grad_weight:
+                    grad_weight[:vocab_size] += (grad_logits.T @ student_hidden[sl].to(head_weight.dtype)).float()
+        ctx.weight_dtype = head_weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.mark_non_differentiable(token_loss)
+        return total, token_loss
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_token_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
+        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def chunked_objective_loss(
+    objective: Objective,
+    student_hidden: Tensor,
+    student_head_weight: Tensor,
+    response_ids: Tensor,
+    route: Tensor,
+    token_weight: Tensor,
+    targets: dict[str, TargetStates],
+    vocab_size: int,
+    chunk_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """Routed loss over N valid tokens from hidden states; returns (loss, token_loss [N]).
+
+    `route` comes from `Objective.assign_routes` (step-wide statistics), `token_weight` from
+    `token_weights` with step totals. Student logits exist for one chunk at a time; target logits
+    are computed only for the tokens of the chunk routed to a non-sampled route of that target.
+    """
+    missing = {spec.target for spec in objective.routes if spec is not None} - set(targets)
+    if missing:
+        raise ValueError(f"objective {objective.name!r} needs target states of views {sorted(missing)}")
+    for name, view in targets.items():
+        if view.head_weight.shape[0] < vocab_size or view.head_weight.shape[1] != view.hidden.shape[-1]:
+            raise ValueError(f"view {name!r}: output embedding {tuple(view.head_weight.shape)} does not fit vocab {vocab_size} / hidden {view.hidden.shape[-1]}")
+    if student_head_weight.shape[0] < vocab_size:
+        raise ValueError(f"student output embedding has {student_head_weight.shape[0]} rows, fewer than the tokenizer's {vocab_size}")
+    return _ChunkedRoutedLoss.apply(
+        student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size
+    )

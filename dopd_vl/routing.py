@@ -1,0 +1,140 @@
+"""Per-token privilege signals, trimmed-mean thresholds and the four DOPD regimes (DESIGN.md 1.2-1.4).
+
+Signals, thresholds and regimes never carry gradient. Thresholds are computed in float64 so that
+a token whose value equals the threshold lands deterministically on the "high" side.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Regime",
+    "REGIME_NAMES",
+    "Routing",
+    "TokenSignals",
+    "trimmed_mean",
+    "token_signals",
+    "compute_thresholds",
+    "assign_regimes",
+    "route_tokens",
+]
+
+
+class Regime(IntEnum):
+    """Regime codes; the order 0-3 is part of the public API [paper]."""
+
+    LH = 0  # low gap, high confidence: light RKL to the privileged teacher
+    LL = 1  # low gap, low confidence: weak RKL to the privileged student
+    HT = 2  # high gap, teacher more confident: strong full-vocabulary JS to the teacher
+    HS = 3  # high gap, student more confident: light RKL to the privileged student
+
+
+REGIME_NAMES: tuple[str, ...] = tuple(r.name for r in Regime)
+
+
+@dataclass
+class TokenSignals:
+    """Eq. 1 signals of valid tokens: A = |l_T - l_S|, q_T = exp(l_T), q_S = exp(l_S)."""
+
+    advantage_gap: Tensor
+    q_teacher: Tensor
+    q_student: Tensor
+
+
+@dataclass
+class Routing:
+    regime: Tensor  # LongTensor like the inputs, -1 where mask is False
+    advantage_gap: Tensor  # 0 where mask is False
+    q_teacher: Tensor
+    q_student: Tensor
+    thresholds: dict[str, float]  # keys "A", "q_student", "q_teacher"
+
+
+def trimmed_mean(values: Tensor, outlier_fraction: float = 0.05) -> Tensor:
+    """Mean of the N - floor(f*N) smallest values of a 1-D tensor [paper, made exact by ours].
+
+    Computed in float64; ties at the cut are harmless because equal values have the same mean.
+    """
+    if values.dim() != 1:
+        raise ValueError(f"trimmed_mean expects a 1-D tensor, got shape {tuple(values.shape)}")
+    if not 0.0 <= outlier_fraction < 1.0:
+        raise ValueError(f"outlier_fraction must be in [0, 1), got {outlier_fraction}")
+    n = values.numel()
+    if n == 0:
+        raise ValueError("trimmed_mean of an empty tensor: no valid tokens")
+    keep = n - math.floor(outlier_fraction * n)
+    kept = torch.sort(values.detach().double()).values[:keep]
+    return kept.mean()
+
+
+def token_signals(teacher_logprob: Tensor, student_priv_logprob: Tensor) -> TokenSignals:
+    """Eq. 1: the privilege advantage gap and both confidences, without gradient."""
+    l_t = teacher_logprob.detach().double()
+    l_s = student_priv_logprob.detach().double()
+    return TokenSignals(advantage_gap=(l_t - l_s).abs(), q_teacher=l_t.exp(), q_student=l_s.exp())
+
+
+def compute_thresholds(signals: TokenSignals, outlier_fraction: float = 0.05) -> dict[str, float]:
+    """Trimmed batch means of A, q_S and q_T over the valid tokens given (1-D signals).
+
+    The trainer passes the signals of every valid token of the optimizer step, gathered over
+    micro-batches and processes, which makes the thresholds exactly those of the whole step.
+    """
+    return {
+        "A": trimmed_mean(signals.advantage_gap.reshape(-1), outlier_fraction).item(),
+        "q_student": trimmed_mean(signals.q_student.reshape(-1), outlier_fraction).item(),
+        "q_teacher": trimmed_mean(signals.q_teacher.reshape(-1), outlier_fraction).item(),
+    }
+
+
+def assign_regimes(signals: TokenSignals, thresholds: dict[str, float]) -> Tensor:
+    """Table 1.4. Boundaries: A == threshold is high; q_T == q_S is HT; equal sums are LH."""
+    a, q_t, q_s = signals.advantage_gap, signals.q_teacher, signals.q_student
+    high_gap = a >= thresholds["A"]
+    confident = (q_s + q_t) >= (thresholds["q_student"] + thresholds["q_teacher"])
+    teacher_wins = q_t >= q_s
+    low = torch.where(confident, int(Regime.LH), int(Regime.LL))
+    high = torch.where(teacher_wins, int(Regime.HT), int(Regime.HS))
+    return torch.where(high_gap, high, low).long()
+
+
+def route_tokens(
+    teacher_logprob: Tensor,
+    student_priv_logprob: Tensor,
+    mask: Tensor,
+    outlier_fraction: float = 0.05,
+    thresholds: dict[str, float] | None = None,
+) -> Routing:
+    """Route every valid token of a [B, T] batch to one regime.
+
+    `thresholds=None` computes them over the valid tokens of this batch (`threshold_scope: local`);
+    the trainer passes step-wide thresholds from `compute_thresholds` instead.
+    """
+    if teacher_logprob.shape != student_priv_logprob.shape or teacher_logprob.shape != mask.shape:
+        raise ValueError(
+            "route_tokens: teacher_logprob, student_priv_logprob and mask must have one shape, got "
+            f"{tuple(teacher_logprob.shape)}, {tuple(student_priv_logprob.shape)}, {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    # Masked slots may hold anything (inf, nan); replace them before any arithmetic.
+    l_t = torch.where(mask, teacher_logprob.detach(), torch.zeros_like(teacher_logprob))
+    l_s = torch.where(mask, student_priv_logprob.detach(), torch.zeros_like(student_priv_logprob))
+    signals = token_signals(l_t, l_s)
+    if thresholds is None:
+        valid = TokenSignals(*(x[mask] for x in (signals.advantage_gap, signals.q_teacher, signals.q_student)))
+        thresholds = compute_thresholds(valid, outlier_fraction)
+    regime = torch.where(mask, assign_regimes(signals, thresholds), -1)
+    zero = torch.zeros((), dtype=torch.float64, device=mask.device)
+    return Routing(
+        regime=regime,
+        advantage_gap=torch.where(mask, signals.advantage_gap, zero),
+        q_teacher=torch.where(mask, signals.q_teacher, zero),
+        q_student=torch.where(mask, signals.q_student, zero),
+        thresholds=thresholds,
+    )

@@ -36,6 +36,8 @@ __all__ = [
     "objective_loss",
     "dopd_loss",
     "chunked_objective_loss",
+    "chunked_token_logprobs",
+    "target_states",
 ]
 
 OBJECTIVES = ("dopd", "vanilla_opd", "privileged_opd", "self_distill", "uniform", "pruned_opd")
@@ -365,6 +367,23 @@ class TargetStates:
 def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor:
     """Logits of a chunk over the tokenizer's vocabulary: matmul in the weight's dtype, then fp32."""
     return upcast(hidden.to(head_weight.dtype) @ head_weight[:vocab_size].T)
+
+
+@torch.no_grad()
+def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> Tensor:
+    """log p(token) for N tokens from hidden states [N, H], one [chunk, V] block at a time."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], chunk_size):
+        sl = slice(start, start + chunk_size)
+        logits = chunk_logits(hidden[sl], head_weight, vocab_size)
+        out[sl] = logits.gather(-1, token_ids[sl, None]).squeeze(-1) - logits.logsumexp(-1)
+    return out
+
+
+def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> TargetStates:
+    """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs."""
+    hidden = hidden.detach()
+    return TargetStates(hidden, head_weight.detach(), chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size))
 
 
 class _ChunkedRoutedLoss(torch.autograd.Function):

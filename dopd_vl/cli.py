@@ -1,0 +1,83 @@
+"""The `dopd` command. Errors of the DopdError family print one line and exit with status 1."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from pathlib import Path
+
+from dopd_vl import __version__
+from dopd_vl.errors import DopdError
+
+_IMAGE_RUN = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)+)<\|vision_end\|>")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation with privileged information")
+    parser.add_argument("--version", action="version", version=f"dopd-vl {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    inspect = commands.add_parser("inspect", help="print a record's rendered views and token counts")
+    inspect.add_argument("--student", required=True, help="student model folder or hub id (its tokenizer / processor is used)")
+    inspect.add_argument("--teacher", help="teacher model folder or hub id (default: the student's)")
+    inspect.add_argument("--data", required=True, help="dataset JSONL")
+    inspect.add_argument("--index", type=int, default=0, help="record number in the file (0-based)")
+    inspect.set_defaults(run=_inspect)
+
+    demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
+    demo.add_argument("--out", default="demo_out", help="output folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except DopdError as err:
+        print(f"dopd {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _inspect(args) -> int:
+    from dopd_vl.data import load_records
+    from dopd_vl.models import check_same_tokenizer, load_processing
+    from dopd_vl.modality import PRIVILEGED_VIEWS, TEACHER_VIEWS, VIEWS, make_adapter
+    from dopd_vl.errors import DatasetError
+
+    records = load_records(args.data)
+    if not 0 <= args.index < len(records):
+        raise DatasetError(f"--index {args.index} is out of range (the file has {len(records)} records)", file=args.data)
+    record = records[args.index]
+    root = Path(args.data).parent
+    student = make_adapter(load_processing(args.student), image_root=root)
+    teacher = make_adapter(load_processing(args.teacher), image_root=root) if args.teacher else student
+    check_same_tokenizer(student.tokenizer, teacher.tokenizer)
+    print(f"record {record['id']}  ({args.data}, index {args.index})")
+    for view in VIEWS:
+        if view in PRIVILEGED_VIEWS and not record.get("privileged_context"):
+            print(f"\n=== {view}: skipped (the record has no privileged_context)")
+            continue
+        prompt = (teacher if view in TEACHER_VIEWS else student).prompt(record, view)
+        image_tokens = int((prompt.extras["mm_token_type_ids"] == 1).sum()) if "mm_token_type_ids" in prompt.extras else 0
+        print(f"\n=== {view}: {prompt.input_ids.numel()} prompt tokens ({image_tokens} image tokens)")
+        print(_IMAGE_RUN.sub(lambda m: "<|vision_start|>[image]<|vision_end|>", prompt.text))
+    if record.get("answer") is not None:
+        print(f"\n(answer, never shown to any view: {record['answer']})")
+    return 0
+
+
+def _demo(args) -> int:
+    from dopd_vl.demo import run_demo
+
+    run_demo(args.out, seed=args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""Loading students and teachers, and building tiny Qwen3 / Qwen3-VL models (DESIGN.md 3.3).
+
+Real models load with `from_pretrained` from a hub id or a local folder through the Auto classes.
+Tiny models are built from configs and saved with `save_pretrained` (weights as safetensors, with
+tokenizer and processor), so tests and the demo load them through the very same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dopd_vl.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "qwen3_tokenizer"
+QWEN3_VL_CHAT_TEMPLATE = SHIPPED_TOKENIZER_DIR / "qwen3_vl_chat_template.jinja"
+VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+__all__ = [
+    "SHIPPED_TOKENIZER_DIR",
+    "VISION_SPECIAL_TOKENS",
+    "load_tokenizer",
+    "load_processing",
+    "load_model",
+    "is_vision_model",
+    "build_tiny_qwen3",
+    "build_tiny_qwen3_vl",
+    "final_hidden_states",
+    "output_embedding_weight",
+    "tokenizer_of",
+    "vocab_size",
+    "check_same_tokenizer",
+    "vision_token_ids",
+]
+
+
+def load_tokenizer(name_or_path: str | Path | None = None, trust_remote_code: bool = False):
+    """A tokenizer from a hub id or folder; None gives the shipped Qwen3 tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(name_or_path or SHIPPED_TOKENIZER_DIR), trust_remote_code=trust_remote_code)
+
+
+def load_processing(name_or_path: str | Path, trust_remote_code: bool = False):
+    """The processor of a vision model (tokenizer + image processor), else the tokenizer."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    if _is_vision_config(name_or_path, trust_remote_code):
+        processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+        if not hasattr(processor, "image_processor"):
+            raise ModelError(
+                f"{name_or_path}: a vision model, but AutoProcessor returned {type(processor).__name__}; "
+                "the folder needs a processor_config.json naming its processor class"
+            )
+        return processor
+    return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """A causal LM (text) or image-text-to-text model (Qwen3-VL) via the Auto classes."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if dtype not in _DTYPES:
+        raise ModelError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    auto = AutoModelForImageTextToText if _is_vision_config(name_or_path, trust_remote_code) else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(str(name_or_path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except OSError as err:  # missing folder / no hub access: one clear line
+        raise ModelError(f"cannot load model {name_or_path!r}: {err}") from err
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def is_vision_model(model: nn.Module) -> bool:
+    return getattr(_unwrap(model).config, "vision_config", None) is not None
+
+
+def tokenizer_of(processing):
+    """The tokenizer inside a processor, or the tokenizer itself."""
+    return getattr(processing, "tokenizer", processing)
+
+
+def vocab_size(processing) -> int:
+    """Number of real token ids (lm-head rows beyond it are padding and are dropped)."""
+    return len(tokenizer_of(processing))
+
+
+def vision_token_ids(processing) -> list[int]:
+    """Ids of the vision special tokens, which rollout never samples."""
+    tok = tokenizer_of(processing)
+    ids = [tok.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
+
+
+def check_same_tokenizer(student_processing, teacher_processing, student_model=None, teacher_model=None) -> int:
+    """Teacher and student must share a tokenizer (DESIGN.md 1.5); returns the shared vocab size."""
+    s_tok, t_tok = tokenizer_of(student_processing), tokenizer_of(teacher_processing)
+    if len(s_tok) != len(t_tok) or s_tok.get_vocab() != t_tok.get_vocab():
+        raise ModelError(
+            f"teacher and student tokenizers differ (student {len(s_tok)} tokens, teacher {len(t_tok)}); "
+            "on-policy distillation scores the student's token ids with the teacher, so both must share one tokenizer"
+        )
+    size = len(s_tok)
+    for name, model in (("student", student_model), ("teacher", teacher_model)):
+        if model is not None and output_embedding_weight(model).shape[0] < size:
+            raise ModelError(f"{name} has {output_embedding_weight(model).shape[0]} lm-head rows, fewer than the tokenizer's {size}")
+    return size
+
+
+def final_hidden_states(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """Final (normed) hidden states [B, L, H]: the model without its lm head, so no logits exist."""
+    backbone = _unwrap(model).model
+    return backbone(**inputs, use_cache=False).last_hidden_state
+
+
+def output_embedding_weight(model: nn.Module) -> torch.Tensor:
+    """The lm-head weight [rows, H] (tied or not); rows may exceed the tokenizer's size."""
+    return model.get_output_embeddings().weight
+
+
+# --------------------------------------------------------------------------------- tiny models
+def build_tiny_qwen3(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = True,
+    lm_head_rows: int = 151_936,
+    tokenizer=None,
+    seed: int = 0,
+) -> Path:
+    """A random tiny Qwen3 saved with its tokenizer; loadable with `load_model`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    rows = max(lm_head_rows, len(tokenizer))
+    config = Qwen3Config(
+        vocab_size=rows, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    _set_generation_defaults(model, tokenizer)
+    return _save(model, tokenizer, out_dir)
+
+
+def build_tiny_qwen3_vl(
+    out_dir: str | Path,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    vision_depth: int = 2,
+    vision_hidden_size: int = 32,
+    min_pixels: int = 32 * 32,
+    max_pixels: int = 128 * 128,
+    lm_head_rows: int = 151_936,
+    tokenizer=None,
+    seed: int = 0,
+) -> Path:
+    """A random tiny Qwen3-VL saved with a Qwen3-VL processor (AutoProcessor returns it).
+
+    Image sizes are capped by `min_pixels` / `max_pixels` so that a COCO image costs a handful of
+    visual tokens on CPU; real Qwen3-VL processors keep their own (much larger) limits.
+    """
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
+    head_dim = hidden_size // num_heads
+    # mrope sections (t, h, w) must sum to head_dim / 2; keep Qwen's 2:1:1-ish proportions.
+    half = head_dim // 2
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=max(lm_head_rows, len(tokenizer)), hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+            head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=True,
+            rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True},
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+            num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden_size,
+            num_position_embeddings=64, deepstack_visual_indexes=list(range(min(2, vision_depth))),
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    _set_generation_defaults(model, tokenizer)
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        chat_template=QWEN3_VL_CHAT_TEMPLATE.read_text(),
+    )
+    return _save(model, processor, out_dir)
+
+
+def _set_generation_defaults(model, tokenizer) -> None:
+    gen = model.generation_config
+    gen.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    gen.pad_token_id = tokenizer.pad_token_id
+    gen.do_sample, gen.temperature, gen.top_p, gen.top_k = True, 1.0, 1.0, 0
+
+
+def _save(model, processing, out_dir) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processing.save_pretrained(out)
+    logger.info("saved %s (%.2f M parameters) to %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, out)
+    return out
+
+
+def _is_vision_config(name_or_path, trust_remote_code: bool) -> bool:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ModelError(f"cannot load the config of {name_or_path!r}: {err}") from err
+    return getattr(config, "vision_config", None) is not None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under a peft or accelerate wrapper."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "module", model)

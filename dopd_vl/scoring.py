@@ -1,0 +1,43 @@
+"""Scoring the target views without gradient, keeping only what the loss needs (DESIGN.md 2).
+
+For each scoring view: final hidden states at the valid response tokens ([N, H], no logits) and
+the sampled tokens' log-probs ([N], computed chunk by chunk over the vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dopd_vl.models import output_embedding_weight
+from dopd_vl.objectives import TargetStates, target_states
+from dopd_vl.modality import TEACHER_VIEWS
+from dopd_vl.views import ViewBatch, response_hidden_states
+
+__all__ = ["valid_response_states", "score_views"]
+
+
+def valid_response_states(model: nn.Module, batch: ViewBatch) -> tuple[Tensor, Tensor]:
+    """Hidden states and ids of the valid response tokens, flattened in (sequence, position) order."""
+    hidden = response_hidden_states(model, batch)
+    return hidden[batch.response_mask], batch.response_ids[batch.response_mask]
+
+
+@torch.no_grad()
+def score_views(
+    batches: dict[str, ViewBatch],
+    teacher: nn.Module,
+    privileged_student: nn.Module | None,
+    vocab_size: int,
+    chunk_size: int = 256,
+) -> dict[str, TargetStates]:
+    """TargetStates of every scoring view in `batches` (teacher views by the teacher, student_priv by
+    the privileged student: the live student in eval mode, a frozen copy or an EMA)."""
+    states = {}
+    for name, batch in batches.items():
+        if name == "student":
+            continue
+        model = teacher if name in TEACHER_VIEWS else privileged_student
+        hidden, ids = valid_response_states(model, batch)
+        states[name] = target_states(hidden, output_embedding_weight(model), ids, vocab_size, chunk_size)
+    return states

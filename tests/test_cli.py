@@ -1,0 +1,32 @@
+"""The `dopd` command: --version, inspect, and one-line errors."""
+
+import subprocess
+import sys
+
+from dopd_vl import __version__
+from dopd_vl.cli import main
+
+
+def test_version_through_the_console_script():
+    out = subprocess.run([sys.executable, "-m", "dopd_vl.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"dopd-vl {__version__}"
+
+
+def test_inspect_prints_every_view_with_token_counts(tiny_vl_dir, image_dataset, capsys):
+    assert main(["inspect", "--student", str(tiny_vl_dir), "--data", str(image_dataset), "--index", "1"]) == 0
+    out = capsys.readouterr().out
+    for view in ("student", "teacher_priv", "student_priv", "teacher_plain"):
+        assert f"=== {view}: " in out
+    assert "<|vision_start|>[image]<|vision_end|>" in out and "Relevant objects" in out
+    counts = [int(line.split(": ")[1].split()[0]) for line in out.splitlines() if line.startswith("=== ")]
+    assert counts[0] == counts[3] < counts[1] == counts[2]
+
+
+def test_inspect_errors_are_one_line_naming_file_and_record(tiny_text_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": [{"role": "user", "content": "hi"}]}\n{"id": "b", "prompt": []}\n')
+    assert main(["inspect", "--student", str(tiny_text_dir), "--data", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bad.jsonl:2" in err and "record b" in err and "field prompt" in err
+    assert main(["inspect", "--student", str(tiny_text_dir), "--data", str(tmp_path / "missing.jsonl")]) == 1
+    assert "file not found" in capsys.readouterr().err

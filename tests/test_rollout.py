@@ -1,0 +1,53 @@
+"""Rollout: vision tokens never sampled, lengths cut at the first EOS with pad == eos or not."""
+
+import pytest
+import torch
+
+from dopd_vl.data import load_records
+from dopd_vl.models import load_model, load_processing, vision_token_ids
+from dopd_vl.modality import make_adapter
+from dopd_vl.rollout import RolloutConfig, sample_responses
+
+EOS = 151645
+
+
+def _boost_eos(model, bias):
+    """Make EOS likely (a random tiny model almost never samples it) through generation_config."""
+    model.generation_config.sequence_bias = [[[EOS], bias]]
+
+
+def test_vision_rollout_never_samples_vision_tokens(tiny_vl_dir, image_dataset):
+    processor = load_processing(tiny_vl_dir)
+    model = load_model(tiny_vl_dir)
+    vision_ids = vision_token_ids(processor)
+    # Push the vision tokens up so that, unsuppressed, they would be sampled all the time.
+    model.generation_config.sequence_bias = [[[i], 12.0] for i in vision_ids]
+    adapter = make_adapter(processor, image_root=image_dataset.parent)
+    torch.manual_seed(0)
+    out = sample_responses(model, adapter, load_records(image_dataset), RolloutConfig(num_generations=2, max_new_tokens=12), [EOS], vision_ids)
+    assert len(out.responses) == 6 and out.record_index == [0, 0, 1, 1, 2, 2]
+    for r in out.responses:
+        assert not torch.isin(r, torch.tensor(vision_ids)).any()
+    unsuppressed = sample_responses(model, adapter, load_records(image_dataset)[:1], RolloutConfig(num_generations=1, max_new_tokens=4), [EOS], None)
+    assert torch.isin(unsuppressed.responses[0], torch.tensor(vision_ids)).any()  # the test can fail
+
+
+@pytest.mark.parametrize("pad_is_eos", [True, False])
+def test_lengths_and_stop_reasons(tiny_text_dir, text_records, pad_is_eos):
+    tok = load_processing(tiny_text_dir)
+    model = load_model(tiny_text_dir)
+    _boost_eos(model, 9.0)
+    adapter = make_adapter(tok)
+    adapter.pad_token_id = EOS if pad_is_eos else tok.pad_token_id
+    assert (adapter.pad_token_id == EOS) == pad_is_eos
+    torch.manual_seed(1)
+    out = sample_responses(model, adapter, text_records, RolloutConfig(num_generations=4, max_new_tokens=6), [EOS])
+    assert set(out.stop_reasons) == {"eos", "length"}  # both happen with this bias and seed
+    for response, reason in zip(out.responses, out.stop_reasons):
+        assert 1 <= response.numel() <= 6
+        eos_positions = (response == EOS).nonzero().flatten().tolist()
+        if reason == "eos":
+            assert eos_positions == [response.numel() - 1]
+        else:
+            assert eos_positions == [] and response.numel() == 6
+    assert out.lengths.tolist() == [r.numel() for r in out.responses]

@@ -19,6 +19,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
+from dopd_vl.errors import ConfigError
+
 __all__ = [
     "PrivilegedFormat",
     "register_format",
@@ -62,10 +64,10 @@ def get_format(name: str) -> PrivilegedFormat:
         try:
             obj = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise ValueError(f"cannot import privileged format {name!r}: {err}") from err
+            raise ConfigError(f"cannot import privileged format {name!r}: {err}") from err
         fmt = obj() if isinstance(obj, type) else obj
         return register_format(fmt, overwrite=True)
-    raise ValueError(f"unknown privileged format {name!r}; registered: {available_formats()} (or give module:attr)")
+    raise ConfigError(f"unknown privileged format {name!r}; registered: {available_formats()} (or give module:attr)")
 
 
 def available_formats() -> list[str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from dopd_vl import __version__
-from dopd_vl.errors import DopdError
+from dopd_vl.errors import ConfigError, DopdError
 
 _IMAGE_RUN = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)+)<\|vision_end\|>")
 
@@ -26,6 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--data", required=True, help="dataset JSONL")
     inspect.add_argument("--index", type=int, default=0, help="record number in the file (0-based)")
     inspect.set_defaults(run=_inspect)
+
+    build = commands.add_parser("build", help="build privileged datasets").add_subparsers(dest="builder", metavar="BUILDER", required=True)
+    grounding = build.add_parser("grounding", help="detection annotations -> boxes + labels (images)")
+    grounding.add_argument("--format", required=True, choices=("coco", "yolo", "voc"), dest="annotation_format")
+    grounding.add_argument("--images", required=True, help="folder of the images (the dataset root)")
+    grounding.add_argument("--annotations", required=True, help="COCO JSON file, YOLO labels folder or VOC XML folder")
+    grounding.add_argument("--classes", help="YOLO class names: data.yaml or classes.txt (default: searched near the labels)")
+    grounding.add_argument("--out", required=True, help="output JSONL")
+    grounding.add_argument("--questions", help="QA JSONL: image, question, optional answer / id / labels (default: synthesised)")
+    grounding.add_argument("--objects", choices=("query", "all"), default="query", help="attach query-related objects (default) or all")
+    grounding.add_argument("--coords", choices=("qwen3vl", "qwen25vl"), default="qwen3vl", help="built-in box format")
+    _add_build_options(grounding)
+    grounding.set_defaults(run=_build_grounding)
+
+    hints = build.add_parser("hints", help="worked solutions -> step-wise hints (text)")
+    hints.add_argument("--input", required=True, help="JSONL with question + answer (GSM8K) / solution / hints")
+    hints.add_argument("--out", required=True, help="output JSONL")
+    hints.add_argument("--style", choices=("steps", "steps_exec", "summary", "final_answer"), default="steps")
+    hints.add_argument("--generator", help="module:attr of a HintGenerator that writes the hints")
+    _add_build_options(hints)
+    hints.set_defaults(run=_build_hints)
 
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
@@ -69,6 +90,54 @@ def _inspect(args) -> int:
         print(_IMAGE_RUN.sub(lambda m: "<|vision_start|>[image]<|vision_end|>", prompt.text))
     if record.get("answer") is not None:
         print(f"\n(answer, never shown to any view: {record['answer']})")
+    return 0
+
+
+def _add_build_options(parser) -> None:
+    parser.add_argument("--privileged-format", help="registered format name or module:attr (overrides the default)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of synthesised questions")
+    parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="stop at the first bad record, or skip it into OUT.skipped.jsonl")
+
+
+def _print_report(report, out) -> None:
+    print(f"wrote {out}: {report.summary()}")
+    if report.skipped:
+        print(f"skipped records listed in {out}.skipped.jsonl")
+    for leak in report.leaks[:10]:
+        print(f"leak: record {leak['id']}: hints {leak['hints']} contain the final answer {leak['answer']!r}")
+    if len(report.leaks) > 10:
+        print(f"... and {len(report.leaks) - 10} more records whose hints contain the final answer")
+
+
+def _build_grounding(args) -> int:
+    from data_builders.grounding import build_grounding, load_annotations
+
+    images = load_annotations(args.annotation_format, args.images, args.annotations, args.classes)
+    fmt = args.privileged_format or f"{args.coords}_grounding"
+    report = build_grounding(
+        images, args.out, questions=args.questions, objects=args.objects, privileged_format=fmt,
+        seed=args.seed, on_error=args.on_error, images_root=args.images,
+    )
+    _print_report(report, args.out)
+    return 0
+
+
+def _build_hints(args) -> int:
+    from data_builders.formats import get_format
+    from data_builders.hints import build_hints
+
+    generator = None
+    if args.generator:
+        import importlib
+
+        module, _, attr = args.generator.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ConfigError(f"--generator {args.generator!r}: {err}") from err
+        generator = obj() if isinstance(obj, type) else obj
+    report = build_hints(args.input, args.out, style=args.style, privileged_format=args.privileged_format or "hints", generator=generator, on_error=args.on_error)
+    _print_report(report, args.out)
     return 0
 
 

@@ -107,14 +107,14 @@ def image_parts(record: dict) -> Iterable[str]:
 
 
 def resolve_image_path(root: str | Path | None, image: str, record: str) -> Path:
-    """Relative paths are resolved against the dataset root and must stay inside it."""
+    """Relative paths are resolved against the dataset file's folder (DESIGN.md 3.1).
+
+    They may point outside it (builders write paths relative to their output file, which need not
+    sit above the images); confining annotation-supplied paths is the builders' job.
+    """
     path = Path(image)
     if path.is_absolute():
         return path
     if root is None:
         raise DatasetError("relative image path but no dataset root to resolve it against", record=record, field="prompt.image")
-    root = Path(root).resolve()
-    resolved = (root / path).resolve()
-    if root != resolved and root not in resolved.parents:
-        raise DatasetError(f"image path {image!r} escapes the dataset root {root}", record=record, field="prompt.image")
-    return resolved
+    return (Path(root) / path).resolve()

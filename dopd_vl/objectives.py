@@ -451,13 +451,15 @@ def chunked_objective_loss(
     token_weight: Tensor,
     targets: dict[str, TargetStates],
     vocab_size: int,
-    chunk_size: int = 256,
+    chunk_size: int = 64,
 ) -> tuple[Tensor, Tensor]:
     """Routed loss over N valid tokens from hidden states; returns (loss, token_loss [N]).
 
     `route` comes from `Objective.assign_routes` (step-wide statistics), `token_weight` from
     `token_weights` with step totals. Student logits exist for one chunk at a time; target logits
     are computed only for the tokens of the chunk routed to a non-sampled route of that target.
+    At V = 152k a chunk of 64 tokens keeps each [chunk, V] fp32 intermediate near 39 MB; larger
+    chunks were no faster on CPU (bench/loss_bench.py) and cost proportionally more memory.
     """
     missing = {spec.target for spec in objective.routes if spec is not None} - set(targets)
     if missing:

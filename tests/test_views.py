@@ -88,12 +88,12 @@ def test_views_with_different_response_ids_name_the_record(tiny_text_dir, text_r
         check_aligned(views)
 
 
-def test_image_paths_escaping_the_root_are_rejected(tiny_vl_dir, image_dataset):
-    adapter = make_adapter(load_processing(tiny_vl_dir), image_root=image_dataset.parent)
+def test_image_paths_resolve_against_the_dataset_folder_and_missing_images_are_named(tiny_vl_dir, image_dataset):
+    adapter = make_adapter(load_processing(tiny_vl_dir), image_root=image_dataset.parent / "images")
     record = load_records(image_dataset)[0]
-    bad = {**record, "prompt": [{"role": "user", "content": [{"type": "image", "image": "../outside.png"}, {"type": "text", "text": "q"}]}]}
-    with pytest.raises(DatasetError, match="escapes the dataset root"):
-        adapter.prompt(bad, "student")
+    up = {**record, "prompt": [{"role": "user", "content": [{"type": "image", "image": "../images/img0.png"}, {"type": "text", "text": "q"}]}]}
+    assert adapter.prompt(up, "student").extras["image_grid_thw"].shape == (1, 3)
+    adapter = make_adapter(load_processing(tiny_vl_dir), image_root=image_dataset.parent)
     missing = {**record, "prompt": [{"role": "user", "content": [{"type": "image", "image": "images/none.png"}, {"type": "text", "text": "q"}]}]}
-    with pytest.raises(DatasetError, match="image not found"):
+    with pytest.raises(DatasetError, match="record rec0, field prompt.image: image not found"):
         adapter.prompt(missing, "student")

@@ -1,0 +1,155 @@
+"""Routed-loss benchmark: naive vs chunked DOPD loss vs TRL's chunked JSD, side by side.
+
+    python bench/loss_bench.py [--quick]
+
+Every configuration runs in a fresh subprocess on the same synthetic hidden states (V = 151,936).
+Methods, each timed for one forward + backward with gradients to the student's hidden states and
+output embedding:
+
+* naive:   DOPD reference path (`dopd_loss`) over materialised fp32 logits of the three views.
+* chunked: `chunked_objective_loss` from hidden states (routing signals given, as the trainer's
+           scoring pass provides them); `chunked+signals` also times computing those signals.
+* trl:     `trl.kernels.chunked_divergence.ChunkedDivergenceFunction`, one full-vocabulary JSD
+           (beta 0.5) to one teacher: a single-term loss, no routing (extra `bench`).
+
+Memory: peak resident set size of the subprocess (`ru_maxrss`) during the measured call minus the
+resident size just before it, i.e. the extra memory the loss needs beyond its inputs. A naive run
+that needs more than `--naive-limit-gb` is stopped by an address-space limit and reported as
+"at least" that much.
+
+Prints one JSON line per configuration, then one JSON line with the ratios at T=4096, H=1024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+V = 151_936
+VOCAB = 151_669
+TARGET = (1024, 4096)  # (H, T)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _inputs(h: int, t: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    student_w = (torch.randn(V, h, generator=g) / h**0.5).requires_grad_()
+    teacher_w = torch.randn(V, h, generator=g) / h**0.5
+    student_h = torch.randn(t, h, generator=g).requires_grad_()
+    teacher_h = student_h.detach() + 0.8 * torch.randn(t, h, generator=g)
+    spriv_h = student_h.detach() + 0.3 * torch.randn(t, h, generator=g)
+    ids = torch.randint(0, VOCAB, (t,), generator=g)
+    return student_w, teacher_w, student_h, teacher_h, spriv_h, ids
+
+
+def worker(method: str, h: int, t: int) -> dict:
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from dopd_vl.objectives import DOPDConfig, build_objective, chunked_objective_loss, dopd_loss, target_states, token_weights
+    from dopd_vl.routing import token_signals
+
+    student_w, teacher_w, student_h, teacher_h, spriv_h, ids = _inputs(h, t)
+    objective = build_objective(DOPDConfig())
+    mask = torch.ones(1, t, dtype=torch.bool)
+    weight = token_weights(mask, "sequence")[0]
+
+    def signals_and_targets():
+        targets = {
+            "teacher_priv": target_states(teacher_h, teacher_w, ids, VOCAB),
+            "student_priv": target_states(spriv_h, student_w, ids, VOCAB),
+        }
+        sig = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)
+        route = objective.assign_routes(torch.ones(t, dtype=torch.bool), sig, objective.step_statistics(sig))
+        return targets, route
+
+    pre = None
+    if method == "chunked":  # signals come from the trainer's scoring pass: not timed here
+        pre = signals_and_targets()
+
+    def run():
+        if method == "naive":
+            s_logits = (student_h @ student_w[:VOCAB].T)[None]
+            with torch.no_grad():
+                t_logits = (teacher_h @ teacher_w[:VOCAB].T)[None]
+                p_logits = (spriv_h @ student_w[:VOCAB].T)[None]
+            loss = dopd_loss(s_logits, t_logits, p_logits, ids[None], mask).loss
+        elif method in ("chunked", "chunked+signals"):
+            targets, route = pre if pre is not None else signals_and_targets()
+            loss, _ = chunked_objective_loss(objective, student_h, student_w, ids, route, weight, targets, VOCAB)
+        elif method == "trl":
+            from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
+
+            div, _ = ChunkedDivergenceFunction.apply(student_h, student_w[:VOCAB], None, teacher_h, teacher_w[:VOCAB], None, 0.5)
+            loss = div.mean()
+        else:
+            raise ValueError(method)
+        loss.backward()
+        return loss.item()
+
+    rss_before = _rss_bytes()
+    start = time.perf_counter()
+    loss = run()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "H": h, "T": t, "V": V, "seconds": round(seconds, 3), "peak_extra_gb": round((peak - rss_before) / 2**30, 3), "loss": loss}
+
+
+def _run_subprocess(method: str, h: int, t: int, limit_gb: float) -> dict:
+    code = (
+        "import json, resource, sys; sys.path.insert(0, '.');"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)})) if {method == 'naive'} else None;"
+        "from bench.loss_bench import worker;"
+        f"print('RESULT ' + json.dumps(worker({method!r}, {h}, {t})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    failed = "MemoryError" in proc.stderr or "DefaultCPUAllocator" in proc.stderr or proc.returncode in (-9, 137)
+    if failed:
+        return {"method": method, "H": h, "T": t, "V": V, "seconds": None, "peak_extra_gb": f">= {limit_gb}", "error": "out of memory at the address-space limit"}
+    raise RuntimeError(f"{method} H={h} T={t} failed:\n{proc.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only H=256, T=1024")
+    parser.add_argument("--naive-limit-gb", type=float, default=20.0, help="address-space limit of naive runs")
+    args = parser.parse_args()
+    sizes = [(256, 1024)] if args.quick else [(256, 1024), (256, 4096), (1024, 1024), (1024, 4096)]
+    results = {}
+    for h, t in sizes:
+        for method in ("naive", "chunked", "chunked+signals", "trl"):
+            r = _run_subprocess(method, h, t, args.naive_limit_gb)
+            results[(method, h, t)] = r
+            print(json.dumps(r), flush=True)
+    h, t = TARGET if not args.quick else sizes[0]
+
+    def get(method, key):
+        return results[(method, h, t)][key]
+
+    naive_mem = get("naive", "peak_extra_gb")
+    summary = {
+        "at": {"H": h, "T": t, "V": V},
+        "memory_chunked_over_naive": round(get("chunked", "peak_extra_gb") / naive_mem, 4) if isinstance(naive_mem, float) else f"<= {round(get('chunked', 'peak_extra_gb') / args.naive_limit_gb, 4)}",
+        "time_chunked_over_trl": round(get("chunked", "seconds") / get("trl", "seconds"), 3),
+        "time_chunked_with_signals_over_trl": round(get("chunked+signals", "seconds") / get("trl", "seconds"), 3),
+        "memory_chunked_over_trl": round(get("chunked", "peak_extra_gb") / get("trl", "peak_extra_gb"), 3),
+    }
+    print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+    main()

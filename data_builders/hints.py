@@ -1,0 +1,187 @@
+"""Privileged hint datasets from worked solutions (DESIGN.md 3.2).
+
+Inputs, one JSON object per line:
+* GSM8K style: `question` + `answer` whose lines are the solution steps with `<<expr=result>>`
+  calculator annotations and a final `#### N` line;
+* generic: `question` + `solution` (a string of lines or a list; a `#### N` line or an `answer`
+  field gives the final answer), or `question` + ready `hints`.
+
+Styles, as compared in the paper [paper: step-wise hints without execution were best; the final
+answer as privileged input hurts]:
+* `steps` (default): one hint per solution step; annotations removed and every computed result
+  (and the final answer) replaced by "?" wherever it appears; the final line dropped.
+* `steps_exec`: the steps with their computations and results; the final line dropped.
+* `summary`: one hint listing the operations in order, earlier results shown as "?".
+* `final_answer`: one hint stating the final answer (for ablations; every record leaks by design).
+
+A leak check reports every record whose hints contain the final answer, unless the question
+itself contains it. A `HintGenerator` (e.g. a local model) can write the hints instead; its
+output goes through the same check.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from data_builders.formats import get_format
+from data_builders.output import BuildReport, check_on_error, finish_build
+from dopd_vl.errors import DatasetError
+
+__all__ = ["STYLES", "HintGenerator", "parse_solution", "make_hints", "find_leaks", "build_hints"]
+
+STYLES = ("steps", "steps_exec", "summary", "final_answer")
+_ANNOTATION = re.compile(r"<<([^<>]*)>>")
+_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])")
+
+
+@runtime_checkable
+class HintGenerator(Protocol):
+    """Writes hints for a question (e.g. a local transformers model). Output is leak-checked."""
+
+    def generate(self, question: str, solution: str | None) -> list[str]: ...
+
+
+def parse_solution(solution: str | list[str]) -> tuple[list[str], str | None, list[str]]:
+    """(step lines, final answer or None, computed results from calculator annotations)."""
+    lines = solution.splitlines() if isinstance(solution, str) else [str(s) for s in solution]
+    steps, final = [], None
+    for line in lines:
+        if line.strip().startswith("####"):
+            final = line.strip()[4:].strip()
+            break
+        if line.strip():
+            steps.append(line.strip())
+    results = [expr.rsplit("=", 1)[1] for line in steps for expr in _ANNOTATION.findall(line) if "=" in expr]
+    return steps, final, results
+
+
+def make_hints(steps: list[str], final: str | None, results: list[str], style: str) -> list[str]:
+    """Hints of one solution in a style; see the module docstring."""
+    if style not in STYLES:
+        raise ValueError(f"unknown hint style {style!r}; styles: {STYLES}")
+    plain = [_ANNOTATION.sub("", s) for s in steps]
+    if style == "steps_exec":
+        return plain
+    hidden = {_value(r) for r in results} | ({_value(final)} if final is not None else set())
+    hidden.discard(None)
+    if style == "steps":
+        return [_hide_numbers(s, hidden) for s in plain]
+    if style == "summary":
+        ops = [expr.rsplit("=", 1)[0] for s in steps for expr in _ANNOTATION.findall(s) if "=" in expr]
+        if not ops:
+            return [_hide_numbers(" ".join(plain), hidden)]
+        return ["Compute " + ", then ".join(_hide_numbers(op, hidden) for op in ops) + "."]
+    return [f"The final answer is {final}."]
+
+
+def find_leaks(question: str, hints: list[str], final: str | None) -> list[int]:
+    """Indices of hints that contain the final answer (none when the question contains it)."""
+    if final is None or _contains(question, final):
+        return []
+    return [i for i, h in enumerate(hints) if _contains(h, final)]
+
+
+def build_hints(
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    style: str = "steps",
+    privileged_format: str = "hints",
+    generator: HintGenerator | None = None,
+    on_error: str = "fail",
+) -> BuildReport:
+    """Records with hint privileged context for every input line, written atomically to `out`."""
+    check_on_error(on_error)
+    if style not in STYLES:
+        raise ValueError(f"unknown hint style {style!r}; styles: {STYLES}")
+    fmt = get_format(privileged_format)
+    path = Path(input_path)
+    if not path.is_file():
+        raise DatasetError("input file not found", file=str(path))
+    report = BuildReport()
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where, rid = f"{path}:{n}", f"line {n}"
+        try:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetError(f"invalid JSON: {err.msg}", file=where, record=rid, field=f"column {err.colno}") from err
+            rid = str(row.get("id") or f"{path.stem}-{n:05d}") if isinstance(row, dict) else rid
+            record, leaks = _record(row, rid, where, style, fmt, generator)
+        except DatasetError as err:
+            if on_error == "fail":
+                raise
+            report.skipped.append({"id": rid, "file": where, "reason": str(err)})
+            continue
+        report.records.append(record)
+        report.counts["hints"] += len(record["privileged"]["hints"])
+        if leaks:
+            report.leaks.append({"id": rid, "hints": leaks, "answer": record.get("answer")})
+    report.counts["leaks"] = len(report.leaks)
+    return finish_build(report, out)
+
+
+def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None) -> tuple[dict, list[int]]:
+    if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
+        raise DatasetError("each line needs a non-empty string 'question'", file=where, record=rid, field="question")
+    question = row["question"]
+    solution = row.get("solution", row.get("answer") if isinstance(row.get("answer"), str) and "####" in row["answer"] else None)
+    final = None
+    if solution is not None:
+        if not isinstance(solution, (str, list)):
+            raise DatasetError("solution must be a string of lines or a list", file=where, record=rid, field="solution")
+        steps, final, results = parse_solution(solution)
+        if not steps:
+            raise DatasetError("the solution has no step lines", file=where, record=rid, field="solution" if "solution" in row else "answer")
+    if final is None and row.get("answer") is not None and not (isinstance(row["answer"], str) and "####" in row["answer"]):
+        final = str(row["answer"])
+    if generator is not None:
+        hints = [str(h) for h in generator.generate(question, solution if isinstance(solution, str) else None if solution is None else "\n".join(solution))]
+        used_style = "generated"
+    elif solution is not None:
+        hints = make_hints(steps, final, results, style)
+        used_style = style
+    elif isinstance(row.get("hints"), list) and row["hints"]:
+        hints = [str(h) for h in row["hints"]]
+        used_style = "given"
+    else:
+        raise DatasetError("needs 'answer' with a '#### N' line, 'solution', or 'hints'", file=where, record=rid, field="answer")
+    if not hints or any(not h.strip() for h in hints):
+        raise DatasetError("empty hint", file=where, record=rid, field="hints")
+    privileged = {"format": fmt.name, "style": used_style, "hints": hints}
+    record = {
+        "id": rid,
+        "prompt": [{"role": "user", "content": question}],
+        "privileged_context": fmt.render(privileged),
+        "privileged": privileged,
+        "meta": {"source": where},
+    }
+    if final is not None:
+        record["answer"] = final
+    return record, find_leaks(question, hints, final)
+
+
+def _value(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        return float(text.replace(",", "").replace("$", "").strip())
+    except ValueError:
+        return None
+
+
+def _hide_numbers(text: str, hidden: set[float]) -> str:
+    return _NUMBER.sub(lambda m: "?" if _value(m.group()) in hidden else m.group(), text)
+
+
+def _contains(text: str, answer: str) -> bool:
+    """Numeric answers match number tokens by value (so "1,000" matches "1000"); others as words."""
+    value = _value(answer)
+    if value is not None:
+        return any(_value(tok) == value for tok in _NUMBER.findall(text))
+    return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, flags=re.IGNORECASE) is not None

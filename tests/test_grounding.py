@@ -1,0 +1,307 @@
+"""Grounding builder on COCO128 (../shared, read in place) and on every malformed input we know."""
+
+import json
+import shutil
+import xml.etree.ElementTree as ET
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COCO128
+from data_builders.formats import get_format, register_format
+from data_builders.grounding import annotated_image_from_detections, build_grounding, load_annotations
+from dopd_vl.cli import main
+from dopd_vl.data import load_records, validate_record
+from dopd_vl.errors import DatasetError
+
+IMAGES = COCO128 / "images" / "train2017"
+LABELS = COCO128 / "labels" / "train2017"
+CLASSES = (COCO128 / "classes.txt").read_text().split("\n")
+
+pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason="../shared/data/coco128 is not beside the clone")
+
+
+def _yolo_boxes_px(stem):
+    """The test's own reading of a YOLO label file: (label, [x1, y1, x2, y2] pixels, (W, H))."""
+    W, H = Image.open(IMAGES / f"{stem}.jpg").size
+    out = []
+    path = LABELS / f"{stem}.txt"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        c, xc, yc, w, h = line.split()
+        xc, yc, w, h = float(xc) * W, float(yc) * H, float(w) * W, float(h) * H
+        out.append((CLASSES[int(c)], [xc - w / 2, yc - h / 2, xc + w / 2, yc + h / 2], (W, H)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def coco128_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("g") / "coco128.jsonl"
+    assert main(["build", "grounding", "--format", "yolo", "--images", str(IMAGES), "--annotations", str(LABELS), "--classes", str(COCO128 / "coco128.yaml"), "--out", str(out), "--objects", "all"]) == 0
+    return out, load_records(out)
+
+
+def test_coco128_boxes_equal_our_own_computation_from_the_label_files(coco128_records):
+    _, records = coco128_records
+    by_image = {}
+    for r in records:
+        by_image.setdefault(Path(r["prompt"][0]["content"][0]["image"]).stem, r)
+    assert len(by_image) == 126  # two images have no label file
+    total = 0
+    for stem, record in by_image.items():
+        expected = sorted((lab, [min(1000, max(0, round(v / s * 1000))) for v, s in zip(box, (W, H, W, H))]) for lab, box, (W, H) in _yolo_boxes_px(stem))
+        rendered = json.loads(record["privileged_context"].split(": ", 1)[1])
+        got = sorted((o["label"], o["bbox_2d"]) for o in rendered)
+        assert len(got) == len(expected)
+        for (la, ba), (lb, bb) in zip(got, expected):
+            assert la == lb and all(abs(a - b) <= 1 for a, b in zip(ba, bb)), (stem, ba, bb)
+        total += len(got)
+    assert total == 929
+
+
+def test_coco128_counting_answers_equal_label_counts(coco128_records):
+    _, records = coco128_records
+    counting = [r for r in records if r["meta"]["question_type"] == "count"]
+    assert len(counting) == 126
+    for r in counting:
+        stem = Path(r["prompt"][0]["content"][0]["image"]).stem
+        counts = Counter(lab for lab, _, _ in _yolo_boxes_px(stem))
+        asked = r["prompt"][0]["content"][1]["text"].removeprefix("How many ").removesuffix(" are in the image?")
+        irregular = {("person", "people"), ("knife", "knives"), ("mouse", "mice")}
+        labels = [lab for lab in counts if asked.startswith(lab) or (asked.startswith(lab[:-1]) and lab.endswith("y")) or (lab, asked) in irregular]
+        assert len(labels) == 1, (asked, counts)
+        assert r["answer"] == str(counts[labels[0]])
+
+
+def test_records_validate_and_load_with_datasets(coco128_records):
+    out, records = coco128_records
+    for i, r in enumerate(records):
+        validate_record(r, index=i)
+        assert (out.parent / r["prompt"][0]["content"][0]["image"]).resolve().is_file()  # relative to the output file
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert len(ds) == len(records) and set(ds.column_names) >= {"id", "prompt", "privileged_context"}
+    types = Counter(r["meta"]["question_type"] for r in records)
+    assert types["count"] == types["exists"] == 126 and types["relation"] > 0
+    for r in records:  # synthesised answers are verifiable: yes/no or a count
+        assert r["answer"] in ("yes", "no") or r["answer"].isdigit()
+
+
+def test_query_related_objects_by_default(tmp_path):
+    images = load_annotations("yolo", IMAGES, LABELS, COCO128 / "coco128.yaml")
+    report = build_grounding(images[:10], tmp_path / "q.jsonl")
+    for r in report.records:
+        labels = {o["label"] for o in r["privileged"]["objects"]}
+        question = r["prompt"][0]["content"][1]["text"]
+        if r["meta"]["question_type"] == "exists" and r["answer"] == "no":
+            assert len(r["privileged"]["objects"]) == sum(1 for _ in _yolo_boxes_px(Path(r["prompt"][0]["content"][0]["image"]).stem))
+        else:
+            assert all(lab in question or (lab, "people") == ("person", question.split()[2]) for lab in labels), (labels, question)
+            stem = Path(r["prompt"][0]["content"][0]["image"]).stem
+            assert len(r["privileged"]["objects"]) == sum(1 for lab, _, _ in _yolo_boxes_px(stem) if lab in labels)
+
+
+def test_builds_are_deterministic_for_a_seed(tmp_path):
+    images = load_annotations("yolo", IMAGES, LABELS, COCO128 / "coco128.yaml")
+    a = build_grounding(images, tmp_path / "a.jsonl", seed=3).records
+    b = build_grounding(images, tmp_path / "b.jsonl", seed=3).records
+    c = build_grounding(images, tmp_path / "c.jsonl", seed=4).records
+    assert a == b and a != c
+
+
+# ------------------------------------------------------------------ the same annotations, 3 ways
+def _write_coco_and_voc(root: Path, stems: list[str]):
+    """Integer pixel boxes from COCO128 written as COCO JSON and Pascal VOC XML (1-based)."""
+    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES) if n]}
+    cat_id = {n: i + 1 for i, n in enumerate(CLASSES) if n}
+    (root / "voc").mkdir()
+    for image_id, stem in enumerate(stems, start=1):
+        boxes = _yolo_boxes_px(stem)
+        W, H = boxes[0][2]
+        coco["images"].append({"id": image_id, "file_name": f"{stem}.jpg", "width": W, "height": H})
+        ann = ET.Element("annotation")
+        ET.SubElement(ann, "filename").text = f"{stem}.jpg"
+        size = ET.SubElement(ann, "size")
+        for tag, v in (("width", W), ("height", H), ("depth", 3)):
+            ET.SubElement(size, tag).text = str(v)
+        for label, box, _ in boxes:
+            x1, y1, x2, y2 = (max(0, round(box[0])), max(0, round(box[1])), min(W, round(box[2])), min(H, round(box[3])))
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cat_id[label], "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            obj = ET.SubElement(ann, "object")
+            ET.SubElement(obj, "name").text = label
+            bnd = ET.SubElement(obj, "bndbox")
+            for tag, v in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+                ET.SubElement(bnd, tag).text = str(v)
+        ET.ElementTree(ann).write(root / "voc" / f"{stem}.xml")
+    (root / "coco.json").write_text(json.dumps(coco))
+
+
+def test_coco_json_and_pascal_voc_build_identical_records(tmp_path):
+    stems = sorted(p.stem for p in LABELS.glob("*.txt") if (IMAGES / f"{p.stem}.jpg").exists())[:24]
+    _write_coco_and_voc(tmp_path, stems)
+    outs = {}
+    for fmt, ann in (("coco", tmp_path / "coco.json"), ("voc", tmp_path / "voc")):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert main(["build", "grounding", "--format", fmt, "--images", str(IMAGES), "--annotations", str(ann), "--out", str(out)]) == 0
+        outs[fmt] = [{**r, "meta": {k: v for k, v in r["meta"].items() if k != "source"}} for r in load_records(out)]
+    assert len(outs["coco"]) >= 48
+    assert outs["coco"] == outs["voc"]
+
+
+def test_detections_from_a_detector_enter_through_the_python_api(tmp_path):
+    import supervision as sv
+
+    stem = "000000000009"
+    boxes = _yolo_boxes_px(stem)
+    names = sorted({lab for lab, _, _ in boxes})
+    det = sv.Detections(xyxy=np.array([b for _, b, _ in boxes], dtype=float), class_id=np.array([names.index(lab) for lab, _, _ in boxes]))
+    image = annotated_image_from_detections(IMAGES / f"{stem}.jpg", det, names)
+    report = build_grounding([image], tmp_path / "det.jsonl", objects="all")
+    assert Counter(o["label"] for o in report.records[0]["privileged"]["objects"]) == Counter(lab for lab, _, _ in boxes)
+    with pytest.raises(DatasetError, match="field class_id"):
+        annotated_image_from_detections(IMAGES / f"{stem}.jpg", det, names[:1])
+
+
+# ------------------------------------------------------------------------------ custom formats
+def test_custom_format_from_python_and_from_the_cli(tmp_path, monkeypatch):
+    from examples.custom_format import MarkdownBoxes
+
+    register_format(MarkdownBoxes(), overwrite=True)
+    images = load_annotations("yolo", IMAGES, LABELS, COCO128 / "coco128.yaml")[:3]
+    report = build_grounding(images, tmp_path / "md.jsonl", privileged_format="markdown_boxes")
+    assert report.records[0]["privileged_context"].startswith("Objects in the image (0-1000 coordinates):\n| object |")
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out = tmp_path / "cli.jsonl"
+    assert main(["build", "grounding", "--format", "yolo", "--images", str(IMAGES), "--annotations", str(LABELS), "--out", str(out), "--privileged-format", "examples.custom_format:MarkdownBoxes"]) == 0
+    record = load_records(out)[0]
+    assert "| object | x1 | y1 | x2 | y2 |" in record["privileged_context"] and record["privileged"]["format"] == "markdown_boxes"
+
+
+def test_qwen25vl_coordinates_are_pixels_of_the_resized_image():
+    from qwen_vl_utils import smart_resize
+
+    privileged = {"image_size": [640, 480], "objects": [{"label": "bowl", "bbox_px": [0, 0, 640, 480]}]}
+    h, w = smart_resize(480, 640, factor=28, min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    box = json.loads(get_format("qwen25vl_grounding").render(privileged).split(": ", 1)[1])[0]["bbox_2d"]
+    assert box == [0, 0, w, h]
+
+
+# ----------------------------------------------------------------------------- malformed input
+@pytest.fixture
+def mini(tmp_path):
+    """Two generated images with COCO, YOLO and VOC annotations that build fine."""
+    root = tmp_path / "ds"
+    (root / "images").mkdir(parents=True)
+    for i, (w, h) in enumerate([(64, 48), (80, 60)]):
+        Image.fromarray(np.full((h, w, 3), 40 * (i + 1), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
+    coco = {
+        "images": [{"id": 1, "file_name": "im0.png", "width": 64, "height": 48}, {"id": 2, "file_name": "im1.png", "width": 80, "height": 60}],
+        "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 20, 10]}, {"id": 11, "image_id": 2, "category_id": 2, "bbox": [5, 5, 30, 30]}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
+    (root / "coco.json").write_text(json.dumps(coco))
+    (root / "labels").mkdir()
+    (root / "labels" / "im0.txt").write_text("0 0.5 0.5 0.25 0.25\n")
+    (root / "labels" / "im1.txt").write_text("1 0.3 0.3 0.2 0.2\n")
+    (root / "classes.txt").write_text("cat\ndog\n")
+    (root / "voc").mkdir()
+    for i, (w, h, name) in enumerate([(64, 48, "cat"), (80, 60, "dog")]):
+        (root / "voc" / f"im{i}.xml").write_text(
+            f"<annotation><filename>im{i}.png</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>"
+            f"<object><name>{name}</name><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>20</xmax><ymax>15</ymax></bndbox></object></annotation>"
+        )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "data.jsonl").write_text("PREVIOUS CONTENT\n")
+    return root, out / "data.jsonl"
+
+
+def _coco(root, edit):
+    data = json.loads((root / "coco.json").read_text())
+    edit(data)
+    (root / "coco.json").write_text(json.dumps(data))
+
+
+def _set(path, text):
+    Path(path).write_text(text)
+
+
+MALFORMED = {
+    "missing annotation file": ("coco", lambda r: (r / "coco.json").unlink(), ["coco.json", "annotations not found"]),
+    "invalid json": ("coco", lambda r: _set(r / "coco.json", '{"images": [}'), ["coco.json", "record line 1", "field column", "invalid JSON"]),
+    "invalid xml": ("voc", lambda r: _set(r / "voc" / "im1.xml", "<annotation><size>"), ["im1.xml", "record im1", "field xml"]),
+    "coco without images": ("coco", lambda r: _coco(r, lambda d: d.pop("images")), ["coco.json", "field images"]),
+    "coco without annotations": ("coco", lambda r: _coco(r, lambda d: d.pop("annotations")), ["coco.json", "field annotations"]),
+    "unknown image id": ("coco", lambda r: _coco(r, lambda d: d["annotations"][1].update(image_id=99)), ["coco.json", "record annotation id 11", "field image_id"]),
+    "unknown category id": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(category_id=7)), ["record annotation id 10", "field category_id"]),
+    "non-positive width": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, 0, 10])), ["record annotation id 10", "field bbox", "non-positive"]),
+    "non-positive height (voc)": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>2</ymax>")), ["im0.xml", "record im0 object 0", "field bndbox"]),
+    "box far outside": ("coco", lambda r: _coco(r, lambda d: d["annotations"][1].update(bbox=[70, 5, 60, 30])), ["record annotation id 11", "field bbox", "outside"]),
+    "yolo field count": ("yolo", lambda r: _set(r / "labels" / "im1.txt", "1 0.3 0.3 0.2\n"), ["im1.txt", "record line 1", "field fields"]),
+    "yolo non-numeric": ("yolo", lambda r: _set(r / "labels" / "im1.txt", "1 0.3 abc 0.2 0.2\n"), ["im1.txt", "record line 1", "field y_center"]),
+    "yolo class out of range": ("yolo", lambda r: _set(r / "labels" / "im0.txt", "0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n"), ["im0.txt", "record line 2", "field class"]),
+    "yolo coordinates outside [0, 1]": ("yolo", lambda r: _set(r / "labels" / "im0.txt", "0 1.5 0.5 0.2 0.2\n"), ["im0.txt", "record line 1", "field x_center"]),
+    "voc without size": ("voc", lambda r: _set(r / "voc" / "im0.xml", "<annotation><filename>im0.png</filename></annotation>"), ["im0.xml", "record im0", "field size"]),
+    "missing image": ("coco", lambda r: (r / "images" / "im1.png").unlink(), ["coco.json", "record image id 2", "field image", "not found"]),
+    "unreadable image": ("coco", lambda r: _set(r / "images" / "im1.png", "not an image"), ["record image id 2", "field image", "unreadable"]),
+    "truncated image": ("voc", lambda r: (r / "images" / "im0.png").write_bytes((r / "images" / "im0.png").read_bytes()[:60]), ["im0.xml", "record im0", "field image"]),
+    "path escaping the root": ("coco", lambda r: _coco(r, lambda d: d["images"][0].update(file_name="../../out/secret.png")), ["record image id 1", "field file_name", "escapes"]),
+    "absolute path": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<filename>im0.png", f"<filename>{r / 'images' / 'im0.png'}")), ["im0.xml", "field filename", "absolute"]),
+    "empty dataset": ("coco", lambda r: _coco(r, lambda d: (d.update(images=[], annotations=[]))), ["coco.json", "empty"]),
+    "duplicate image ids": ("coco", lambda r: _coco(r, lambda d: d["images"][1].update(id=1)), ["coco.json", "record image id 1", "duplicate"]),
+}
+
+
+def _cli_args(fmt, root, out, extra=()):
+    ann = {"coco": root / "coco.json", "yolo": root / "labels", "voc": root / "voc"}[fmt]
+    return ["build", "grounding", "--format", fmt, "--images", str(root / "images"), "--annotations", str(ann), "--out", str(out), *extra]
+
+
+@pytest.mark.parametrize("fmt", ["coco", "yolo", "voc"])
+def test_the_mini_dataset_builds_in_every_format(mini, fmt):
+    root, out = mini
+    assert main(_cli_args(fmt, root, out)) == 0
+    assert len(load_records(out)) >= 2
+
+
+@pytest.mark.parametrize("case", list(MALFORMED), ids=list(MALFORMED))
+def test_malformed_input_fails_with_one_clear_line_and_touches_nothing(mini, case, capsys):
+    root, out = mini
+    fmt, break_it, expected = MALFORMED[case]
+    break_it(root)
+    before = sorted(p.name for p in out.parent.iterdir())
+    assert main(_cli_args(fmt, root, out)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    for fragment in expected:
+        assert fragment in err, (fragment, err)
+    assert out.read_text() == "PREVIOUS CONTENT\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == before
+
+
+def test_questions_file_duplicate_ids_and_skip_mode(mini, capsys):
+    root, out = mini
+    qa = root / "qa.jsonl"
+    qa.write_text(
+        json.dumps({"id": "a", "image": "im0.png", "question": "Is there a cat?", "answer": "yes"}) + "\n"
+        + json.dumps({"id": "a", "image": "im1.png", "question": "How many dogs?", "answer": "1"}) + "\n"
+        + json.dumps({"id": "b", "image": "../im1.png", "question": "How many dogs?"}) + "\n"
+    )
+    assert main(_cli_args("coco", root, out, ["--questions", str(qa)])) == 1
+    err = capsys.readouterr().err
+    assert "qa.jsonl:2" in err and "record a" in err and "field id" in err
+    assert out.read_text() == "PREVIOUS CONTENT\n"
+    assert main(_cli_args("coco", root, out, ["--questions", str(qa), "--on-error", "skip"])) == 0
+    records = load_records(out)
+    assert [r["id"] for r in records] == ["a"] and records[0]["privileged"]["objects"][0]["label"] == "cat"
+    skipped = [json.loads(line) for line in Path(f"{out}.skipped.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in skipped] == ["a", "b"] and "escapes" in skipped[1]["reason"]
+
+
+def test_unknown_privileged_format_is_a_one_line_error(mini, capsys):
+    root, out = mini
+    assert main(_cli_args("coco", root, out, ["--privileged-format", "nope"])) == 1
+    assert "unknown privileged format 'nope'" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""Hint builder on all of GSM8K test (../shared, read in place) and on generic inputs."""
+
+import json
+import re
+
+import pytest
+
+from conftest import GSM8K
+from data_builders.hints import build_hints, make_hints, parse_solution
+from dopd_vl.cli import main
+from dopd_vl.data import load_records
+
+TEST = GSM8K / "test.jsonl"
+pytestmark = pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone")
+
+
+def _numbers(text):
+    return {float(t.replace(",", "")) for t in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])", text)}
+
+
+@pytest.fixture(scope="module")
+def steps_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("h") / "gsm8k_steps.jsonl"
+    assert main(["build", "hints", "--input", str(TEST), "--out", str(out)]) == 0
+    return load_records(out)
+
+
+def test_all_gsm8k_test_records_build_with_clean_step_hints(steps_records):
+    rows = [json.loads(line) for line in TEST.read_text().splitlines()]
+    assert len(steps_records) == len(rows) == 1319
+    for record, row in zip(steps_records, rows):
+        hints = record["privileged"]["hints"]
+        text = record["privileged_context"]
+        assert "<<" not in text and ">>" not in text and "####" not in text
+        step_lines = [line for line in row["answer"].split("####")[0].splitlines() if line.strip()]
+        assert len(hints) == len(step_lines)
+        assert record["answer"] == row["answer"].split("####")[1].strip()
+        assert record["prompt"] == [{"role": "user", "content": row["question"]}]
+
+
+def test_leak_report_matches_an_independent_check(tmp_path, capsys):
+    for style in ("steps", "steps_exec", "final_answer"):
+        out = tmp_path / f"{style}.jsonl"
+        assert main(["build", "hints", "--input", str(TEST), "--out", str(out), "--style", style]) == 0
+        printed = capsys.readouterr().out
+        reported = int(re.search(r"leaks (\d+)", printed).group(1))
+        expected = 0
+        for record in load_records(out):
+            answer = float(record["answer"].replace(",", ""))
+            in_question = answer in _numbers(record["prompt"][0]["content"])
+            in_hints = any(answer in _numbers(h) for h in record["privileged"]["hints"])
+            expected += in_hints and not in_question
+        assert reported == expected, style
+        if style == "steps":
+            assert reported == 0
+        else:
+            assert reported > 1000
+
+
+def test_steps_hide_every_computed_result_and_exec_keeps_them():
+    steps, final, results = parse_solution("It takes 2/2=<<2/2=1>>1 bolt\nSo the total is 2+1=<<2+1=3>>3 bolts\n#### 3")
+    assert (steps, final, results) == (["It takes 2/2=<<2/2=1>>1 bolt", "So the total is 2+1=<<2+1=3>>3 bolts"], "3", ["1", "3"])
+    assert make_hints(steps, final, results, "steps") == ["It takes 2/2=? bolt", "So the total is 2+?=? bolts"]
+    assert make_hints(steps, final, results, "steps_exec") == ["It takes 2/2=1 bolt", "So the total is 2+1=3 bolts"]
+    assert make_hints(steps, final, results, "summary") == ["Compute 2/2, then 2+?."]
+    assert make_hints(steps, final, results, "final_answer") == ["The final answer is 3."]
+
+
+def test_generic_records_and_a_hint_generator(tmp_path):
+    data = tmp_path / "in.jsonl"
+    data.write_text(
+        json.dumps({"id": "g1", "question": "A box holds 6 eggs. How many eggs in 7 boxes?", "solution": ["Multiply eggs per box by boxes: 6 * 7 = 42.", "So 42 eggs."], "answer": "42"}) + "\n"
+        + json.dumps({"id": "g2", "question": "What is the capital of France?", "hints": ["It is on the Seine.", "It is Paris."], "answer": "Paris"}) + "\n"
+    )
+    report = build_hints(data, tmp_path / "out.jsonl")
+    r1, r2 = report.records
+    assert r1["privileged"]["hints"] == ["Multiply eggs per box by boxes: 6 * 7 = ?.", "So ? eggs."]
+    assert r2["privileged"]["hints"] == ["It is on the Seine.", "It is Paris."]
+    assert report.leaks == [{"id": "g2", "hints": [1], "answer": "Paris"}]
+
+    class Echo:
+        def generate(self, question, solution):
+            return [f"Think about: {question}", "The answer is 42."]
+
+    report = build_hints(data, tmp_path / "gen.jsonl", generator=Echo())
+    assert report.records[0]["privileged"]["style"] == "generated"
+    assert [leak["id"] for leak in report.leaks] == ["g1"]
+
+
+@pytest.mark.parametrize("line,field", [
+    ('{"question": "q", "answer": "no final line"}', "field answer"),
+    ('{"question": "", "answer": "a\\n#### 1"}', "field question"),
+    ('{"question": "q", "answer": "#### 1"}', "field answer"),
+    ('{"question": "q", "solution": 5}', "field solution"),
+    ("{not json", "field column"),
+])
+def test_malformed_hint_inputs_fail_cleanly(tmp_path, capsys, line, field):
+    data = tmp_path / "in.jsonl"
+    data.write_text('{"question": "ok?", "answer": "x=<<1+1=2>>2\\n#### 2"}\n' + line + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("KEEP\n")
+    assert main(["build", "hints", "--input", str(data), "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "in.jsonl:2" in err and field in err
+    assert out.read_text() == "KEEP\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+    assert main(["build", "hints", "--input", str(data), "--out", str(out), "--on-error", "skip"]) == 0
+    assert len(load_records(out)) == 1 and json.loads((tmp_path / "out.jsonl.skipped.jsonl").read_text())["file"].endswith(":2")

@@ -87,7 +87,7 @@ def worker(method: str, h: int, t: int) -> dict:
             loss = dopd_loss(s_logits, t_logits, p_logits, ids[None], mask).loss
         elif method in ("chunked", "chunked+signals"):
             targets, route = pre if pre is not None else signals_and_targets()
-            loss, _ = chunked_objective_loss(objective, student_h, student_w, ids, route, weight, targets, VOCAB)
+            loss = chunked_objective_loss(objective, student_h, student_w, ids, route, weight, targets, VOCAB).loss
         elif method == "trl":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 

@@ -106,7 +106,7 @@ def annotated_image_from_detections(image: str | Path, detections, class_names: 
 
 
 def _load_coco(images: Path, annotations: Path) -> list[AnnotatedImage]:
-    import supervision as sv
+    sv = _supervision()
 
     data = _read_json(annotations)
     file = str(annotations)
@@ -155,7 +155,7 @@ def _load_coco(images: Path, annotations: Path) -> list[AnnotatedImage]:
 
 
 def _load_yolo(images: Path, labels: Path, classes: str | Path | None) -> list[AnnotatedImage]:
-    import supervision as sv
+    sv = _supervision()
     import yaml
 
     if not labels.is_dir():
@@ -211,7 +211,7 @@ def _load_yolo(images: Path, labels: Path, classes: str | Path | None) -> list[A
 
 
 def _load_voc(images: Path, annotations: Path) -> list[AnnotatedImage]:
-    import supervision as sv
+    sv = _supervision()
 
     if not annotations.is_dir():
         raise DatasetError("Pascal VOC annotations must be the folder of .xml files", file=str(annotations))
@@ -400,6 +400,17 @@ def _read_questions(path: Path, root: Path | None, by_path: dict[Path, Annotated
 
 
 # ------------------------------------------------------------------------------------- helpers
+def _supervision():
+    """supervision warns at import that OpenCV is absent; its NumPy/Pillow path is what we use."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*OpenCV.*")
+        import supervision
+
+    return supervision
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_build_options(hints)
     hints.set_defaults(run=_build_hints)
 
+    train = commands.add_parser("train", help="train a student with DOPD or a baseline from a YAML recipe")
+    train.add_argument("config", help="YAML recipe (configs/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    train.set_defaults(run=_train)
+
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
@@ -138,6 +144,16 @@ def _build_hints(args) -> int:
         generator = obj() if isinstance(obj, type) else obj
     report = build_hints(args.input, args.out, style=args.style, privileged_format=args.privileged_format or "hints", generator=generator, on_error=args.on_error)
     _print_report(report, args.out)
+    return 0
+
+
+def _train(args) -> int:
+    from dopd_vl.config import load_config
+    from dopd_vl.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    final = Trainer(config).train(resume=args.resume)
+    print(f"trained student saved to {final}")
     return 0
 
 

@@ -9,64 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from pathlib import Path
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220)}
-SHAPES = ("square", "circle")
-
-
-def make_scene(rng: random.Random, width: int = 160, height: int = 120):
-    """A white canvas with 2-5 non-overlapping coloured shapes; returns the image and exact boxes."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    objects: list[dict] = []
-    for _ in range(rng.randint(2, 5)):
-        for _attempt in range(50):
-            size = rng.randint(18, 34)
-            x1, y1 = rng.randint(0, width - size), rng.randint(0, height - size)
-            box = [x1, y1, x1 + size, y1 + size]
-            if all(box[2] <= o["bbox_px"][0] or o["bbox_px"][2] <= box[0] or box[3] <= o["bbox_px"][1] or o["bbox_px"][3] <= box[1] for o in objects):
-                break
-        else:
-            continue
-        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=COLORS[color])
-        objects.append({"label": f"{color} {shape}", "bbox_px": box})
-    return image, objects
-
-
 def make_demo_dataset(root: Path, num_images: int = 4, seed: int = 0) -> Path:
-    """Counting questions about generated scenes; p = the query-related boxes (Qwen3-VL format)."""
-    from data_builders.formats import get_format
+    """Generated scenes -> COCO JSON -> the real grounding builder -> root/data.jsonl."""
+    from data_builders.grounding import build_grounding, load_annotations
+    from data_builders.synthetic import write_shape_scenes
 
-    rng = random.Random(seed)
-    fmt = get_format("qwen3vl_grounding")
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(num_images):
-        image, objects = make_scene(rng)
-        name = f"images/scene_{i:03d}.png"
-        image.save(root / name)
-        label = rng.choice(objects)["label"]
-        related = [o for o in objects if o["label"] == label]
-        privileged = {"format": fmt.name, "image_size": list(image.size), "objects": related}
-        lines.append(json.dumps({
-            "id": f"scene-{i:03d}-count",
-            "prompt": [{"role": "user", "content": [{"type": "image", "image": name}, {"type": "text", "text": f"How many {label}s are in the image?"}]}],
-            "privileged_context": fmt.render(privileged),
-            "privileged": privileged,
-            "answer": str(len(related)),
-            "meta": {"image_size": list(image.size)},
-        }))
+    images, annotations = write_shape_scenes(root, num_images, seed)
     path = root / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
+    build_grounding(load_annotations("coco", images, annotations), path, seed=seed)
     return path
 
 
@@ -106,7 +62,7 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0) -> dict:
     student.train()
     hidden, ids = valid_response_states(student, views["student"])
     weight = token_weights(views["student"].response_mask, objective.config.normalization)[views["student"].response_mask]
-    loss, _ = chunked_objective_loss(objective, hidden, output_embedding_weight(student), ids, route, weight, targets, vocab)
+    loss = chunked_objective_loss(objective, hidden, output_embedding_weight(student), ids, route, weight, targets, vocab).loss
     loss.backward()
     fractions = {name: float((route == code).double().mean()) for code, name in enumerate(REGIME_NAMES)}
     summary = {"responses": len(rollout.responses), "tokens": int(route.numel()), "loss": loss.item(), "thresholds": stats, "fractions": fractions}

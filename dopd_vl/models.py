@@ -26,6 +26,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 __all__ = [
     "SHIPPED_TOKENIZER_DIR",
     "VISION_SPECIAL_TOKENS",
+    "resolve_model_path",
     "load_tokenizer",
     "load_processing",
     "load_model",
@@ -41,6 +42,48 @@ __all__ = [
 ]
 
 
+def resolve_model_path(name_or_path: str | Path) -> str:
+    """`tiny:qwen3` / `tiny:qwen3-vl[:key=value,...]` build a tiny random model once into a cache
+    folder ($DOPD_TINY_CACHE, default ~/.cache/dopd-vl/tiny) and return that folder; anything else
+    (hub id or local path) is returned unchanged. Loading then goes through from_pretrained."""
+    name = str(name_or_path)
+    if not name.startswith("tiny:"):
+        return name
+    kind, _, spec = name[len("tiny:"):].partition(":")
+    builders = {"qwen3": build_tiny_qwen3, "qwen3-vl": build_tiny_qwen3_vl}
+    if kind not in builders:
+        raise ModelError(f"unknown tiny model {kind!r} in {name!r}; use tiny:qwen3 or tiny:qwen3-vl")
+    kwargs = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ModelError(f"{name!r}: expected key=value items after the kind, got {item!r}")
+        kwargs[key] = int(value) if value.lstrip("-").isdigit() else {"true": True, "false": False}.get(value.lower(), value)
+    import hashlib
+    import os
+    import shutil
+    import tempfile
+
+    cache = Path(os.environ.get("DOPD_TINY_CACHE", Path.home() / ".cache" / "dopd-vl" / "tiny"))
+    folder = cache / f"{kind}-{hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:12]}"
+    if not (folder / "config.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
+        try:
+            builders[kind](tmp, **kwargs)
+        except BaseException as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, TypeError):
+                raise ModelError(f"{name!r}: {err}") from err
+            raise
+        if (folder / "config.json").exists():  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+    return str(folder)
+
+
 def load_tokenizer(name_or_path: str | Path | None = None, trust_remote_code: bool = False):
     """A tokenizer from a hub id or folder; None gives the shipped Qwen3 tokenizer."""
     from transformers import AutoTokenizer
@@ -52,6 +95,7 @@ def load_processing(name_or_path: str | Path, trust_remote_code: bool = False):
     """The processor of a vision model (tokenizer + image processor), else the tokenizer."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    name_or_path = resolve_model_path(name_or_path)
     if _is_vision_config(name_or_path, trust_remote_code):
         processor = AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
         if not hasattr(processor, "image_processor"):
@@ -74,6 +118,7 @@ def load_model(
 
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    name_or_path = resolve_model_path(name_or_path)
     auto = AutoModelForImageTextToText if _is_vision_config(name_or_path, trust_remote_code) else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(str(name_or_path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code)

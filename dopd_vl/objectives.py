@@ -31,6 +31,7 @@ __all__ = [
     "Objective",
     "LossOutput",
     "TargetStates",
+    "ChunkedLossOutput",
     "build_objective",
     "token_weights",
     "objective_loss",
@@ -362,6 +363,14 @@ class TargetStates:
     hidden: Tensor  # [N, H], no grad
     head_weight: Tensor  # [V_rows, H] output embedding of the model that produced `hidden`
     token_logprob: Tensor  # [N] log-prob of the sampled token (routing signal, sampled support)
+    entropy: Tensor | None = None  # [N] entropy of the view's distribution (metrics only)
+
+
+@dataclass
+class ChunkedLossOutput:
+    loss: Tensor  # scalar; gradient to the student's hidden states and output embedding
+    token_loss: Tensor  # [N] route-weighted divergence per token (detached)
+    student_entropy: Tensor  # [N] entropy of the student's distribution per token (detached)
 
 
 def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor:
@@ -370,20 +379,28 @@ def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor
 
 
 @torch.no_grad()
-def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> Tensor:
-    """log p(token) for N tokens from hidden states [N, H], one [chunk, V] block at a time."""
-    out = torch.empty(hidden.shape[0], dtype=torch.float64 if hidden.dtype == torch.float64 else torch.float32, device=hidden.device)
+def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
+    """(log p(token), entropy) for N tokens from hidden states [N, H], one [chunk, V] block at a time."""
+    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    logprob = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+    entropy = torch.empty_like(logprob)
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        logits = chunk_logits(hidden[sl], head_weight, vocab_size)
-        out[sl] = logits.gather(-1, token_ids[sl, None]).squeeze(-1) - logits.logsumexp(-1)
-    return out
+        logp = chunk_logits(hidden[sl], head_weight, vocab_size).log_softmax(-1)
+        logprob[sl] = logp.gather(-1, token_ids[sl, None]).squeeze(-1)
+        entropy[sl] = _entropy(logp)
+    return logprob, entropy
 
 
 def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> TargetStates:
     """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs."""
     hidden = hidden.detach()
-    return TargetStates(hidden, head_weight.detach(), chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size))
+    logprob, entropy = chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size)
+    return TargetStates(hidden, head_weight.detach(), logprob, entropy)
+
+
+def _entropy(logp: Tensor) -> Tensor:
+    return -(logp.exp() * logp).sum(-1)
 
 
 class _ChunkedRoutedLoss(torch.autograd.Function):
@@ -395,6 +412,7 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(student_hidden) if want_grad_hidden else None
         grad_weight = torch.zeros(head_weight.shape, dtype=torch.float32, device=head_weight.device) if want_grad_weight else None
         token_loss = torch.zeros(n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device)
+        entropy = torch.zeros_like(token_loss)
         total = token_loss.new_zeros(())
         for start in range(0, n_tokens, chunk_size):
             sl = slice(start, min(start + chunk_size, n_tokens))
@@ -422,6 +440,7 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                 if want_grad_hidden or want_grad_weight:
                     (grad_logits,) = torch.autograd.grad(weighted, logits)
             token_loss[sl] = chunk_loss.detach()
+            entropy[sl] = _entropy(student_logp.detach())
             total = total + weighted.detach()
             if want_grad_hidden or want_grad_weight:
                 grad_logits = grad_logits.to(head_weight.dtype)
@@ -431,11 +450,11 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                     grad_weight[:vocab_size] += (grad_logits.T @ student_hidden[sl].to(head_weight.dtype)).float()
         ctx.weight_dtype = head_weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(token_loss)
-        return total, token_loss
+        ctx.mark_non_differentiable(token_loss, entropy)
+        return total, token_loss, entropy
 
     @staticmethod
-    def backward(ctx, grad_total, _grad_token_loss):
+    def backward(ctx, grad_total, _grad_token_loss, _grad_entropy):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
@@ -452,8 +471,8 @@ def chunked_objective_loss(
     targets: dict[str, TargetStates],
     vocab_size: int,
     chunk_size: int = 64,
-) -> tuple[Tensor, Tensor]:
-    """Routed loss over N valid tokens from hidden states; returns (loss, token_loss [N]).
+) -> ChunkedLossOutput:
+    """Routed loss over N valid tokens from hidden states.
 
     `route` comes from `Objective.assign_routes` (step-wide statistics), `token_weight` from
     `token_weights` with step totals. Student logits exist for one chunk at a time; target logits
@@ -469,6 +488,7 @@ def chunked_objective_loss(
             raise ValueError(f"view {name!r}: output embedding {tuple(view.head_weight.shape)} does not fit vocab {vocab_size} / hidden {view.hidden.shape[-1]}")
     if student_head_weight.shape[0] < vocab_size:
         raise ValueError(f"student output embedding has {student_head_weight.shape[0]} rows, fewer than the tokenizer's {vocab_size}")
-    return _ChunkedRoutedLoss.apply(
+    loss, token_loss, entropy = _ChunkedRoutedLoss.apply(
         student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size
     )
+    return ChunkedLossOutput(loss, token_loss, entropy)

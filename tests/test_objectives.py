@@ -13,6 +13,7 @@ from dopd_vl.objectives import (
     chunked_objective_loss,
     dopd_loss,
     objective_loss,
+    target_states,
     token_weights,
 )
 from dopd_vl.routing import Regime, TokenSignals, token_signals
@@ -258,14 +259,19 @@ def _run_both_paths(setup, config, tied):
             targets = {}
             for v in obj.views:
                 h = setup["hidden"][v][mask]
-                lp = (h @ heads[v][:REAL_V].T).log_softmax(-1).gather(-1, flat_ids[:, None]).squeeze(-1)
-                targets[v] = TargetStates(hidden=h, head_weight=heads[v], token_logprob=lp)
+                targets[v] = target_states(h, heads[v], flat_ids, REAL_V, chunk_size=4)
+                lp = (h @ heads[v][:REAL_V].T).log_softmax(-1)
+                assert torch.allclose(targets[v].token_logprob, lp.gather(-1, flat_ids[:, None]).squeeze(-1), rtol=1e-10)
+                assert torch.allclose(targets[v].entropy, -(lp.exp() * lp).sum(-1), rtol=1e-10)
             signals = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob) if obj.needs_signals else None
             keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
             stats = obj.step_statistics(signals, keys)
             route = obj.assign_routes(torch.ones_like(flat_ids, dtype=torch.bool), signals, stats, keys)
             weight = token_weights(mask, config.normalization)[mask]
-            loss, token_loss = chunked_objective_loss(obj, student_hidden[mask], head, flat_ids, route, weight, targets, REAL_V, chunk_size=3)
+            out = chunked_objective_loss(obj, student_hidden[mask], head, flat_ids, route, weight, targets, REAL_V, chunk_size=3)
+            loss, token_loss = out.loss, out.token_loss
+            s_logp = (student_hidden[mask] @ head[:REAL_V].T).log_softmax(-1)
+            assert torch.allclose(out.student_entropy, -(s_logp.exp() * s_logp).sum(-1), rtol=1e-8)
         loss.backward()
         grads = [embed.grad.clone(), proj.grad.clone()] + ([] if tied else [head.grad.clone()])
         results.append((loss.detach(), token_loss, grads))

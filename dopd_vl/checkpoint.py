@@ -1,0 +1,136 @@
+"""Checkpoints that survive crashes (DESIGN.md 4).
+
+A checkpoint is written into `.tmp-checkpoint-N` and renamed to `checkpoint-N` only when every
+file is on disk, so a crash while writing leaves the previous checkpoint untouched and the
+partial folder is ignored (and cleaned up) on resume. Contents:
+
+    model/            save_pretrained (safetensors; a peft adapter under LoRA) + tokenizer/processor
+    optimizer.pt      optimizer state          scheduler.pt   scheduler state
+    rng.pt            python / numpy / torch (+ cuda) RNG states
+    extra.safetensors tensors of other state (the EMA privileged student)
+    state.json        step and counters         config.yaml   the run's config
+
+Everything is loaded with `torch.load(weights_only=True)` or safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint_state", "rng_state", "set_rng_state"]
+
+logger = logging.getLogger(__name__)
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_lists(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(_numpy_state_from_lists(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model,
+    processing,
+    optimizer,
+    scheduler,
+    state: dict,
+    config: dict,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint-`step` atomically and keep the newest `keep` checkpoints."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".tmp-checkpoint-{step}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    processing.save_pretrained(tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    if extra_tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(_checkpoints(output_dir))[:-keep] if keep > 0 else []:
+        shutil.rmtree(output_dir / f"checkpoint-{old}", ignore_errors=True)
+    logger.info("saved %s", final)
+    return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint; partial `.tmp-*` folders are removed."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    for partial in output_dir.glob(".tmp-checkpoint-*"):
+        logger.warning("removing the partial checkpoint %s left by an interrupted save", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+    steps = _checkpoints(output_dir)
+    return output_dir / f"checkpoint-{max(steps)}" if steps else None
+
+
+def load_checkpoint_state(path: str | Path, optimizer, scheduler) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore optimizer, scheduler and RNG states; returns (state.json, extra tensors)."""
+    path = Path(path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
+    return json.loads((path / "state.json").read_text()), extra
+
+
+def _checkpoints(output_dir: Path) -> list[int]:
+    return [int(m.group(1)) for p in output_dir.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _numpy_state_to_lists(state) -> list:
+    name, keys, pos, has_gauss, cached = state
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_lists(state):
+    name, keys, pos, has_gauss, cached = state
+    return (name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached)

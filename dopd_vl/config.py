@@ -1,0 +1,186 @@
+"""Recipes: YAML files loaded into dataclasses, with `section.key=value` overrides.
+
+Unknown keys are errors that list the valid ones; override values are parsed as YAML scalars
+and type-checked against the field they set. Files are read with `yaml.safe_load` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dopd_vl.errors import ConfigError
+from dopd_vl.modality import PromptConfig
+from dopd_vl.objectives import DOPDConfig
+from dopd_vl.rollout import RolloutConfig
+
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "LoRAConfig", "TrainConfig", "load_config", "apply_overrides", "config_to_dict"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hub id or local folder, loaded with from_pretrained."""
+    dtype: str = "float32"
+    """float32 | bfloat16 | float16."""
+    trust_remote_code: bool = False
+    """Off by default (security); turn on only for models you trust."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training records (JSONL, DESIGN.md 3.1); image paths resolve against its folder."""
+    eval: str | None = None
+    """Optional held-out records for `dopd eval`."""
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-6
+    """AdamW learning rate [paper]."""
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    """Prompts per micro-batch per process; each yields `rollout.num_generations` responses."""
+    gradient_accumulation_steps: int = 1
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainConfig:
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output_dir: str = "runs/dopd"
+    max_steps: int = 100
+    seed: int = 0
+    save_steps: int = 50
+    """Checkpoint every N optimizer steps (and at the end)."""
+    save_total_limit: int = 2
+    """Keep the newest N checkpoints."""
+    objective: DOPDConfig = field(default_factory=DOPDConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loss_chunk_size: int = 64
+    """Tokens per chunk of the routed loss (memory ~ chunk x vocab x 4 bytes per intermediate)."""
+    max_consecutive_skips: int = 5
+    """Non-finite steps in a row before training stops."""
+    report_to: list[str] = field(default_factory=list)
+    """accelerate trackers, e.g. [tensorboard] or [wandb]."""
+    gradient_checkpointing: bool = False
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML recipe (or defaults) plus `key=value` overrides."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from err
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    raw = apply_overrides(raw, overrides or [])
+    return _build(TrainConfig, raw, "")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`a.b.c=value` sets raw["a"]["b"]["c"]; the value is parsed as YAML (so 1e-5, true, [1, 2])."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: invalid value: {err}") from err
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = parsed
+    return raw
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _build(cls, raw: Any, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'the recipe'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        values[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**values)
+    except ValueError as err:  # a dataclass's own checks (e.g. DOPDConfig.__post_init__)
+        raise ConfigError(str(err)) from err
+
+
+def _convert(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) and where.endswith("name_or_path"):
+        return str(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be of type {tp.__name__}, got {value!r} ({type(value).__name__})")
+    return value

@@ -1,0 +1,440 @@
+"""The DOPD training loop (DESIGN.md 4), one optimizer step at a time:
+
+    rollout -> score views -> step statistics (thresholds) -> loss + backward -> update -> log
+
+Split invariance: every micro-batch's loss is its share of the whole step's loss (token weights
+use the step's total sequence / token counts, thresholds use all the step's tokens gathered over
+micro-batches and processes), and the DDP/FSDP gradient average over processes is undone by
+scaling with the number of processes. So the step's value and gradient do not depend on how the
+batch is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from dopd_vl.config import TrainConfig, config_to_dict
+from dopd_vl.data import load_records
+from dopd_vl.errors import DopdError
+from dopd_vl.evaluation import is_correct
+from dopd_vl.models import (
+    check_same_tokenizer,
+    final_hidden_states,
+    load_model,
+    load_processing,
+    output_embedding_weight,
+    tokenizer_of,
+    vision_token_ids,
+)
+from dopd_vl.modality import make_adapter
+from dopd_vl.objectives import TargetStates, build_objective, chunked_objective_loss, token_weights
+from dopd_vl.rollout import Rollout, sample_responses
+from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes, token_signals
+from dopd_vl.scoring import score_views
+from dopd_vl.views import ViewBatch, build_views
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Trainer", "MicroBatch", "TrainingError", "StudentLoss"]
+
+
+class TrainingError(DopdError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+@dataclass
+class MicroBatch:
+    """Records and the student's responses to them (one row per response)."""
+
+    records: list[dict]
+    rollout: Rollout
+
+
+@dataclass
+class _Scored:
+    student_view: ViewBatch
+    targets: dict[str, TargetStates]
+    signals: TokenSignals | None  # over the valid tokens, flattened
+    prune_keys: Tensor | None
+
+
+class StudentLoss(nn.Module):
+    """The student plus its routed loss, so that DDP / FSDP / DeepSpeed wrap one module whose
+    forward returns the loss: the output embedding is then used inside the wrapped forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size):
+        hidden = final_hidden_states(self.model, inputs)
+        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
+        ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
+        out = chunked_objective_loss(objective, hidden, output_embedding_weight(self.model), ids, route, token_weight, targets, vocab_size, chunk_size)
+        return out.loss, out.token_loss, out.student_entropy
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, accelerator=None):
+        from accelerate import Accelerator
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.config = c = config
+        self.accelerator = accelerator or Accelerator(log_with=c.report_to or None, project_dir=c.output_dir)
+        self.device = self.accelerator.device
+        self.objective = build_objective(c.objective)
+        self.output_dir = Path(c.output_dir)
+
+        # Models: the student is trained; the teacher is frozen, in its own dtype, never in the optimizer.
+        self.student = load_model(c.student.name_or_path, c.student.dtype, c.student.trust_remote_code)
+        self.teacher = load_model(c.teacher.name_or_path, c.teacher.dtype, c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
+        self.student_processing = load_processing(c.student.name_or_path, c.student.trust_remote_code)
+        teacher_processing = load_processing(c.teacher.name_or_path, c.teacher.trust_remote_code)
+        self.vocab_size = check_same_tokenizer(self.student_processing, teacher_processing, self.student, self.teacher)
+        self.tokenizer = tokenizer_of(self.student_processing)
+        if c.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
+        if c.lora.enabled:
+            self.student = _with_lora(self.student, c.lora)
+        self.privileged_student = self._make_privileged_student()
+
+        self.records = load_records(c.data.train)
+        root = Path(c.data.train).parent
+        self.adapters = {
+            "student": make_adapter(self.student_processing, c.data.prompt, image_root=root),
+            "teacher": make_adapter(teacher_processing, c.data.prompt, image_root=root),
+        }
+        self.eos_token_ids = sorted({self.tokenizer.eos_token_id, *_as_list(self.student.generation_config.eos_token_id)} - {None})
+        self.suppress_ids = vision_token_ids(self.student_processing) if hasattr(self.student_processing, "image_processor") else []
+
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=c.optim.lr, weight_decay=c.optim.weight_decay, betas=tuple(c.optim.adam_betas))
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c.optim.warmup_steps, c.max_steps)
+        self.loss_module, self.optimizer = self.accelerator.prepare(StudentLoss(self.student), self.optimizer)
+        if self.privileged_student is not None:
+            self.privileged_student.to(self.device)
+        self.step = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+
+    # ------------------------------------------------------------------------------- the loop
+    def train(self, resume: bool = False) -> Path:
+        c = self.config
+        if resume:
+            self._resume()
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        if c.report_to:
+            self.accelerator.init_trackers("dopd", config=_flat(config_to_dict(c)))
+        bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.objective.name}", disable=not self.accelerator.is_main_process)
+        while self.step < c.max_steps:
+            self._seed_step()
+            started = time.perf_counter()
+            micro_batches = [self.rollout(indices) for indices in self._step_prompt_indices()]
+            rollout_time = time.perf_counter() - started
+            metrics = self.train_step(micro_batches)
+            metrics["time/rollout"] = rollout_time
+            metrics["tokens_per_s"] = metrics.pop("_tokens") / (time.perf_counter() - started)
+            metrics.update(_rollout_metrics(micro_batches, self.tokenizer, self.accelerator))
+            self._log(metrics)
+            bar.update(1)
+            bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", *(f"frac/{r}" for r in REGIME_NAMES)) if k in metrics})
+            if self.step % c.save_steps == 0 or self.step == c.max_steps:
+                self.save()
+        bar.close()
+        final = self.export_final()
+        if c.report_to:
+            self.accelerator.end_training()
+        return final
+
+    def rollout(self, record_indices: list[int]) -> MicroBatch:
+        """Sample `num_generations` responses per record from the student on the plain view."""
+        records = [self.records[i] for i in record_indices]
+        rollout = sample_responses(self.student, self.adapters["student"], records, self.config.rollout, self.eos_token_ids, self.suppress_ids)
+        return MicroBatch(records, rollout)
+
+    def train_step(self, micro_batches: list[MicroBatch]) -> dict:
+        """One optimizer step over this process's micro-batches; returns the step's metrics."""
+        c = self.config
+        t0 = time.perf_counter()
+        scored = [self.score(mb) for mb in micro_batches]  # no gradient
+        t1 = time.perf_counter()
+
+        # Step statistics over every valid token of the step, on every process (DESIGN.md 1.3).
+        num_sequences = self._sum(sum(int(s.student_view.response_mask.any(-1).sum()) for s in scored))
+        num_tokens = self._sum(sum(int(s.student_view.response_mask.sum()) for s in scored))
+        global_stats = self._step_statistics(scored)
+
+        # Loss and backward per micro-batch; each loss is a share of the step's loss.
+        self.loss_module.train()
+        step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        diagnostics = []
+        for i, s in enumerate(scored):
+            stats = global_stats if c.objective.threshold_scope == "global" else self.objective.step_statistics(s.signals, s.prune_keys)
+            mask = s.student_view.response_mask
+            route = self.objective.assign_routes(torch.ones(int(mask.sum()), dtype=torch.bool, device=self.device), s.signals, stats, s.prune_keys)
+            weight = token_weights(mask, c.objective.normalization, num_sequences, num_tokens)[mask]
+            is_last = i == len(scored) - 1
+            with self.accelerator.no_sync(self.loss_module) if not is_last else contextlib.nullcontext():
+                loss, token_loss, entropy = self.loss_module(
+                    s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
+                    s.targets, self.objective, self.vocab_size, c.loss_chunk_size,
+                )
+                # DDP / FSDP average gradients over processes; the shares must add up instead.
+                self.accelerator.backward(loss * self.accelerator.num_processes)
+            step_loss += loss.detach().double()
+            regime = assign_regimes(s.signals, stats) if s.signals is not None else None
+            diagnostics.append((token_loss, entropy, regime, s))
+        t2 = time.perf_counter()
+
+        # Update, unless the loss or the gradient is not finite (the step is then skipped).
+        total_loss = self._sum(step_loss)
+        grad_norm = self.accelerator.clip_grad_norm_(self.loss_module.parameters(), c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else math.inf)
+        finite = math.isfinite(total_loss) and math.isfinite(float(grad_norm))
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self._update_ema()
+            self.consecutive_skips = 0
+        else:
+            self.skipped_steps += 1
+            self.consecutive_skips += 1
+            logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped", self.step + 1, total_loss, float(grad_norm))
+            if self.consecutive_skips > c.max_consecutive_skips:
+                raise TrainingError(f"{self.consecutive_skips} non-finite steps in a row (limit max_consecutive_skips={c.max_consecutive_skips}); lower optim.lr or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+        metrics = {"step": self.step, "loss": total_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "skipped_steps": self.skipped_steps}
+        metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher")})
+        metrics.update(self._token_metrics(diagnostics))
+        metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": num_tokens})
+        return metrics
+
+    def score(self, mb: MicroBatch) -> _Scored:
+        """Build the views the objective needs and score the target views without gradient."""
+        responses = mb.rollout.responses
+        records = [mb.records[i] for i in mb.rollout.record_index]
+        views = build_views(self.adapters, ("student", *self.objective.views), records, responses)
+        views = {k: v.to(self.device) for k, v in views.items()}
+        targets = self._score_targets(views)
+        signals = prune_keys = None
+        if self.objective.needs_signals:
+            signals = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)
+            if self.objective.router == "prune":
+                generator = torch.Generator().manual_seed(self.config.objective.prune_seed * 1_000_003 + self.step)
+                prune_keys = self.objective.prune_keys(signals, generator)
+        return _Scored(views["student"], targets, signals, prune_keys)
+
+    # ----------------------------------------------------------------------------- components
+    def _score_targets(self, views: dict[str, ViewBatch]) -> dict[str, TargetStates]:
+        student = self.privileged_student or self.student
+        was_training = student.training
+        student.eval()
+        if self.config.objective.privileged_student == "initial" and self.config.lora.enabled:
+            with student.disable_adapter():  # the base weights are the initial student [ours]
+                targets = score_views(views, self.teacher, student, self.vocab_size)
+        else:
+            targets = score_views(views, self.teacher, student, self.vocab_size)
+        student.train(was_training)
+        return targets
+
+    def _make_privileged_student(self) -> nn.Module | None:
+        mode = self.config.objective.privileged_student
+        if mode == "live" or (mode == "initial" and self.config.lora.enabled):
+            return None  # the live student (detached), or the adapter switched off
+        frozen = copy.deepcopy(self.student).eval().requires_grad_(False)
+        return frozen  # "initial": the starting weights; "ema": updated after every step
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.config.objective.privileged_student != "ema":
+            return
+        decay = self.config.objective.ema_decay
+        for ema_p, p in zip(self.privileged_student.parameters(), self.student.parameters()):
+            ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+
+    def _step_statistics(self, scored: list[_Scored]) -> dict[str, float]:
+        if not self.objective.needs_signals and self.objective.router != "prune":
+            return {}
+        parts = [s.signals for s in scored]
+        gathered = TokenSignals(*(self._gather_1d(torch.cat([getattr(p, f) for p in parts])) for f in ("advantage_gap", "q_teacher", "q_student")))
+        keys = self._gather_1d(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
+        return self.objective.step_statistics(gathered, keys)
+
+    def _token_metrics(self, diagnostics) -> dict:
+        """Regime fractions, per-regime loss and A, entropies: over the step's tokens, all processes."""
+        token_loss = self._gather_1d(torch.cat([d[0] for d in diagnostics]).double())
+        entropy = self._gather_1d(torch.cat([d[1] for d in diagnostics]).double())
+        metrics = {"entropy/student": entropy.mean().item()}
+        teacher_entropy = [d[3].targets["teacher_priv"].entropy for d in diagnostics if "teacher_priv" in d[3].targets]
+        if teacher_entropy:
+            metrics["entropy/teacher_priv"] = self._gather_1d(torch.cat(teacher_entropy).double()).mean().item()
+        if diagnostics[0][2] is not None:
+            regime = self._gather_1d(torch.cat([d[2] for d in diagnostics]).double())
+            gap = self._gather_1d(torch.cat([d[3].signals.advantage_gap for d in diagnostics]).double())
+            for code, name in enumerate(REGIME_NAMES):
+                sel = regime == code
+                count = int(sel.sum())
+                metrics[f"frac/{name}"] = count / max(regime.numel(), 1)
+                metrics[f"loss/{name}"] = token_loss[sel].mean().item() if count else 0.0
+                metrics[f"A/{name}"] = gap[sel].mean().item() if count else 0.0
+        return metrics
+
+    def _step_prompt_indices(self) -> list[list[int]]:
+        """This process's micro-batches of record indices for the current step (seeded epochs)."""
+        c = self.config
+        per_micro, processes = c.optim.batch_size, self.accelerator.num_processes
+        per_step = per_micro * c.optim.gradient_accumulation_steps * processes
+        start = self.step * per_step
+        stream = []
+        epoch = start // len(self.records)
+        while len(stream) < (start % len(self.records)) + per_step:
+            order = list(range(len(self.records)))
+            random.Random(c.seed * 7919 + epoch).shuffle(order)
+            stream += order
+            epoch += 1
+        window = stream[start % len(self.records) : start % len(self.records) + per_step]
+        p = self.accelerator.process_index
+        return [window[(m * processes + p) * per_micro : (m * processes + p + 1) * per_micro] for m in range(c.optim.gradient_accumulation_steps)]
+
+    def _seed_step(self) -> None:
+        """Rollout sampling depends only on (seed, step, process): resumed runs sample the same."""
+        seed = (self.config.seed * 1_000_003 + self.step * 101 + self.accelerator.process_index) % (2**63)
+        torch.manual_seed(seed)
+        random.seed(seed)
+
+    def _gather_1d(self, values: Tensor) -> Tensor:
+        """Concatenate a variable-length 1-D tensor over processes (exact, no sampling)."""
+        if self.accelerator.num_processes == 1:
+            return values
+        values = values.to(self.device)
+        lengths = self.accelerator.gather(torch.tensor([values.numel()], device=self.device))
+        padded = self.accelerator.pad_across_processes(values, dim=0)
+        rows = self.accelerator.gather(padded[None]).reshape(len(lengths), -1)
+        return torch.cat([row[: int(n)] for row, n in zip(rows, lengths)])
+
+    def _sum(self, value) -> float:
+        t = torch.as_tensor(value, dtype=torch.float64, device=self.device)
+        return float(self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else float(t)
+
+    # --------------------------------------------------------------------- logging and saving
+    def _log(self, metrics: dict) -> None:
+        if self.config.report_to:
+            self.accelerator.log(metrics, step=self.step)
+        if self.accelerator.is_main_process:
+            with open(self.output_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+
+    def save(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            extra = {f"ema.{k}": v for k, v in self.privileged_student.state_dict().items()} if self.config.objective.privileged_student == "ema" else None
+            save_checkpoint(
+                self.output_dir, self.step, model=self.accelerator.unwrap_model(self.loss_module).model,
+                processing=self.student_processing, optimizer=self.optimizer, scheduler=self.scheduler,
+                state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips},
+                config=config_to_dict(self.config), extra_tensors=extra, keep=self.config.save_total_limit,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def export_final(self) -> Path:
+        """The trained student as a plain model folder (LoRA merged), loadable with from_pretrained."""
+        final = self.output_dir / "final"
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.loss_module).model
+            if self.config.lora.enabled:
+                model = copy.deepcopy(model).merge_and_unload()
+            model.save_pretrained(final, safe_serialization=True)
+            self.student_processing.save_pretrained(final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _resume(self) -> None:
+        from safetensors.torch import load_file
+
+        checkpoint = latest_checkpoint(self.output_dir)
+        if checkpoint is None:
+            logger.warning("--resume: no checkpoint in %s; starting from step 0", self.output_dir)
+            return
+        model = self.accelerator.unwrap_model(self.loss_module).model
+        weights = {}
+        for file in sorted((checkpoint / "model").glob("*.safetensors")):
+            weights.update(load_file(str(file)))
+        if self.config.lora.enabled:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, weights)
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+            if set(missing) - tied or unexpected:
+                raise TrainingError(f"{checkpoint}: weights do not match the student (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+            model.tie_weights()
+        state, extra = load_checkpoint_state(checkpoint, self.optimizer, self.scheduler)
+        if extra:
+            self.privileged_student.load_state_dict({k.removeprefix("ema."): v for k, v in extra.items()})
+        self.step, self.skipped_steps, self.consecutive_skips = state["step"], state["skipped_steps"], state["consecutive_skips"]
+        metrics = self.output_dir / "metrics.jsonl"
+        if self.accelerator.is_main_process and metrics.exists():  # drop lines logged after the checkpoint
+            kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+
+
+# ---------------------------------------------------------------------------------- helpers
+def _rollout_metrics(micro_batches: list[MicroBatch], tokenizer, accelerator) -> dict:
+    lengths = [r.numel() for mb in micro_batches for r in mb.rollout.responses]
+    clipped = [reason == "length" for mb in micro_batches for reason in mb.rollout.stop_reasons]
+    correct = []
+    for mb in micro_batches:
+        for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
+            answer = mb.records[i].get("answer")
+            if answer is not None:
+                correct.append(is_correct(tokenizer.decode(response, skip_special_tokens=True), answer))
+    values = torch.tensor([sum(lengths), len(lengths), sum(clipped), sum(correct), len(correct)], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        values = accelerator.reduce(values, "sum")
+    total, n, n_clipped, n_correct, n_answered = values.tolist()
+    metrics = {"response_length": total / max(n, 1), "clipped_frac": n_clipped / max(n, 1)}
+    if n_answered:
+        metrics["accuracy"] = n_correct / n_answered
+    return metrics
+
+
+def _with_lora(model: nn.Module, lora) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise DopdError("lora.enabled needs peft: pip install 'dopd-vl[peft]'") from err
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("dopd_vl", "data_builders"):  # our progress messages; other libraries stay at WARNING
+        logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if args.command is None:
         parser.print_help()
         return 2

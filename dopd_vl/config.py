@@ -13,12 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
 
 from dopd_vl.errors import ConfigError
 from dopd_vl.modality import PromptConfig
 from dopd_vl.objectives import DOPDConfig
 from dopd_vl.rollout import RolloutConfig
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 __all__ = ["ModelConfig", "DataConfig", "OptimConfig", "LoRAConfig", "TrainConfig", "load_config", "apply_overrides", "config_to_dict"]
 
@@ -179,6 +183,8 @@ def _convert(tp, value, where: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads "1e-5" (no dot) as a string; users mean the number
     if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool) and where.endswith("name_or_path"):
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):

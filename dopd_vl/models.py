@@ -21,7 +21,7 @@ SHIPPED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "qwen3_tokenizer"
 QWEN3_VL_CHAT_TEMPLATE = SHIPPED_TOKENIZER_DIR / "qwen3_vl_chat_template.jinja"
 VISION_SPECIAL_TOKENS = ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}  # float64: exactness tests
 
 __all__ = [
     "SHIPPED_TOKENIZER_DIR",
@@ -39,6 +39,8 @@ __all__ = [
     "vocab_size",
     "check_same_tokenizer",
     "vision_token_ids",
+    "never_sampled_token_ids",
+    "eos_token_ids",
 ]
 
 
@@ -148,6 +150,20 @@ def vision_token_ids(processing) -> list[int]:
     tok = tokenizer_of(processing)
     ids = [tok.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS]
     return [i for i in ids if i is not None and i != tok.unk_token_id]
+
+
+def never_sampled_token_ids(processing, model: nn.Module) -> list[int]:
+    """Ids rollout must never sample: vision special tokens and lm-head rows beyond the tokenizer
+    (padding rows; a trained model gives them ~0 probability, a fresh one does not)."""
+    ids = vision_token_ids(processing) if hasattr(processing, "image_processor") else []
+    return ids + list(range(vocab_size(processing), output_embedding_weight(model).shape[0]))
+
+
+def eos_token_ids(processing, model: nn.Module) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the generation config's."""
+    configured = model.generation_config.eos_token_id
+    configured = list(configured) if isinstance(configured, (list, tuple)) else [configured]
+    return sorted({tokenizer_of(processing).eos_token_id, *configured} - {None})
 
 
 def check_same_tokenizer(student_processing, teacher_processing, student_model=None, teacher_model=None) -> int:

@@ -410,7 +410,7 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         n_tokens = student_hidden.shape[0]
         want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(student_hidden) if want_grad_hidden else None
-        grad_weight = torch.zeros(head_weight.shape, dtype=torch.float32, device=head_weight.device) if want_grad_weight else None
+        grad_weight = torch.zeros(head_weight.shape, dtype=upcast(head_weight[:0]).dtype, device=head_weight.device) if want_grad_weight else None
         token_loss = torch.zeros(n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device)
         entropy = torch.zeros_like(token_loss)
         total = token_loss.new_zeros(())
@@ -447,7 +447,7 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                 if want_grad_hidden:
                     grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)
                 if want_grad_weight:
-                    grad_weight[:vocab_size] += (grad_logits.T @ student_hidden[sl].to(head_weight.dtype)).float()
+                    grad_weight[:vocab_size] += (grad_logits.T @ student_hidden[sl].to(head_weight.dtype)).to(grad_weight.dtype)
         ctx.weight_dtype = head_weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(token_loss, entropy)

@@ -44,25 +44,29 @@ def sample_responses(
     config: RolloutConfig,
     eos_token_ids: list[int],
     suppress_token_ids: list[int] | None = None,
+    view: str = "student",
 ) -> Rollout:
     """`num_generations` samples per record, left-padded prompts, lengths cut at the first EOS.
+
+    Training samples on the plain `student` view; evaluation may answer on `student_priv`.
+    Temperature 0 means greedy decoding.
 
     Lengths come from the first EOS, never from padding ids, so pad == eos is fine; tokens that
     `generate` appends after a row has finished are not part of the response.
     """
-    prompts = [adapter.prompt(r, "student") for r in records]
+    prompts = [adapter.prompt(r, view) for r in records]
     expanded = [p for p in prompts for _ in range(config.num_generations)]
     record_index = [i for i in range(len(records)) for _ in range(config.num_generations)]
     device = next(model.parameters()).device
     inputs = {k: v.to(device) for k, v in pad_batch(expanded, None, adapter.pad_token_id, padding_side="left").items()}
     was_training = model.training
     model.eval()
+    greedy = config.temperature == 0
+    sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}  # top_k 0: the full distribution
     output = model.generate(
         **inputs,
-        do_sample=True,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=0,  # sample the full distribution, not the generation_config's top-k
+        do_sample=not greedy,
+        **sampling,
         max_new_tokens=config.max_new_tokens,
         eos_token_id=eos_token_ids,
         pad_token_id=adapter.pad_token_id,

@@ -32,12 +32,13 @@ from dopd_vl.errors import DopdError
 from dopd_vl.evaluation import is_correct
 from dopd_vl.models import (
     check_same_tokenizer,
+    eos_token_ids,
     final_hidden_states,
     load_model,
     load_processing,
+    never_sampled_token_ids,
     output_embedding_weight,
     tokenizer_of,
-    vision_token_ids,
 )
 from dopd_vl.modality import make_adapter
 from dopd_vl.objectives import TargetStates, build_objective, chunked_objective_loss, token_weights
@@ -117,8 +118,8 @@ class Trainer:
             "student": make_adapter(self.student_processing, c.data.prompt, image_root=root),
             "teacher": make_adapter(teacher_processing, c.data.prompt, image_root=root),
         }
-        self.eos_token_ids = sorted({self.tokenizer.eos_token_id, *_as_list(self.student.generation_config.eos_token_id)} - {None})
-        self.suppress_ids = vision_token_ids(self.student_processing) if hasattr(self.student_processing, "image_processor") else []
+        self.eos_token_ids = eos_token_ids(self.student_processing, self.student)
+        self.suppress_ids = never_sampled_token_ids(self.student_processing, self.student)
 
         params = [p for p in self.student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=c.optim.lr, weight_decay=c.optim.weight_decay, betas=tuple(c.optim.adam_betas))
@@ -168,6 +169,12 @@ class Trainer:
 
     def train_step(self, micro_batches: list[MicroBatch]) -> dict:
         """One optimizer step over this process's micro-batches; returns the step's metrics."""
+        metrics = self.accumulate_gradients(micro_batches)
+        metrics.update(self.apply_update(metrics["loss"]))
+        return metrics
+
+    def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> dict:
+        """Score, route with step-wide statistics, and backpropagate every micro-batch's share."""
         c = self.config
         t0 = time.perf_counter()
         scored = [self.score(mb) for mb in micro_batches]  # no gradient
@@ -200,11 +207,17 @@ class Trainer:
             diagnostics.append((token_loss, entropy, regime, s))
         t2 = time.perf_counter()
 
-        # Update, unless the loss or the gradient is not finite (the step is then skipped).
-        total_loss = self._sum(step_loss)
-        grad_norm = self.accelerator.clip_grad_norm_(self.loss_module.parameters(), c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else math.inf)
-        finite = math.isfinite(total_loss) and math.isfinite(float(grad_norm))
-        if finite:
+        metrics = {"step": self.step + 1, "loss": self._sum(step_loss)}
+        metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher")})
+        metrics.update(self._token_metrics(diagnostics))
+        metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": num_tokens})
+        return metrics
+
+    def apply_update(self, loss: float) -> dict:
+        """Clip and step, unless the loss or the gradient is not finite (then the step is skipped)."""
+        c = self.config
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.loss_module.parameters(), c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else math.inf))
+        if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
             self._update_ema()
@@ -212,17 +225,12 @@ class Trainer:
         else:
             self.skipped_steps += 1
             self.consecutive_skips += 1
-            logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped", self.step + 1, total_loss, float(grad_norm))
+            logger.warning("step %d: non-finite loss (%s) or gradient norm (%s); update skipped", self.step + 1, loss, grad_norm)
             if self.consecutive_skips > c.max_consecutive_skips:
                 raise TrainingError(f"{self.consecutive_skips} non-finite steps in a row (limit max_consecutive_skips={c.max_consecutive_skips}); lower optim.lr or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-
-        metrics = {"step": self.step, "loss": total_loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm), "skipped_steps": self.skipped_steps}
-        metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher")})
-        metrics.update(self._token_metrics(diagnostics))
-        metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": num_tokens})
-        return metrics
+        return {"lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm, "skipped_steps": self.skipped_steps}
 
     def score(self, mb: MicroBatch) -> _Scored:
         """Build the views the objective needs and score the target views without gradient."""
@@ -423,10 +431,6 @@ def _with_lora(model: nn.Module, lora) -> nn.Module:
         raise DopdError("lora.enabled needs peft: pip install 'dopd-vl[peft]'") from err
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -5,18 +5,22 @@ Everything is built locally from configs; nothing is downloaded (HF_HUB_OFFLINE 
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `tiny:` models are built once per test session into a fresh folder, shared with subprocesses.
+os.environ["DOPD_TINY_CACHE"] = tempfile.mkdtemp(prefix="dopd-tiny-")
 
 import pytest
 import torch
 
 torch.set_num_threads(2)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
 COCO128 = SHARED / "data" / "coco128"
 GSM8K = SHARED / "data" / "gsm8k"
 

@@ -1,0 +1,68 @@
+"""Supervised fine-tuning on reference answers, on any view: how the demo and the toy experiment
+make a tiny teacher that uses the privileged context (real teachers come pretrained).
+
+The loss is the cross-entropy of the record's `answer` (plus EOS) given the view's prompt, computed
+from final hidden states at the (few) answer positions only with the routed loss's `chunk_logits`,
+so no `[batch, length, vocab]` logits exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from dopd_vl.models import output_embedding_weight
+from dopd_vl.objectives import chunk_logits
+from dopd_vl.scoring import valid_response_states
+from dopd_vl.views import build_view
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SFTConfig", "answer_ids", "supervised_finetune"]
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    view: str = "teacher_priv"
+    """Which prompt the answers are conditioned on: teacher_priv / student_priv (with the privileged
+    context) or student / teacher_plain (without)."""
+    seed: int = 0
+
+
+def answer_ids(tokenizer, record: dict) -> torch.Tensor:
+    """The record's answer as response token ids, ending with EOS (what a finished answer looks like)."""
+    ids = tokenizer(str(record["answer"]), add_special_tokens=False).input_ids
+    return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
+
+
+def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_size: int, config: SFTConfig) -> list[float]:
+    """Train `model` in place on (view prompt -> answer) pairs; returns the loss per step."""
+    usable = [r for r in records if r.get("answer") is not None]
+    if not usable:
+        raise ValueError("supervised_finetune needs records with an `answer`")
+    rng = random.Random(config.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    for _ in tqdm(range(config.steps), desc=f"sft ({config.view})", leave=False):
+        batch = rng.sample(usable, min(config.batch_size, len(usable)))
+        view = build_view(adapter, config.view, batch, [answer_ids(adapter.tokenizer, r) for r in batch]).to(device)
+        hidden, ids = valid_response_states(model, view)
+        loss = nn.functional.cross_entropy(chunk_logits(hidden, output_embedding_weight(model), vocab_size), ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    logger.info("sft on %s: loss %.3f -> %.3f over %d steps", config.view, losses[0], losses[-1], len(losses))
+    return losses

@@ -1,0 +1,275 @@
+"""The trainer end to end on tiny offline models: split invariance (micro-batches and processes),
+learning, exact resume after a kill, crash-safe checkpoints, non-finite steps, LoRA, configs, CLI."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from dopd_vl.config import load_config
+from dopd_vl.errors import ConfigError
+from dopd_vl.routing import REGIME_NAMES
+
+ARITH = REPO / "configs" / "data" / "arith" / "data.jsonl"
+SHAPES = REPO / "configs" / "data" / "shapes" / "data.jsonl"
+PYTHON = sys.executable
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+
+
+def text_config(out: Path, *overrides: str):
+    return load_config(REPO / "configs" / "tiny_text.yaml", [f"data.train={ARITH}", f"output_dir={out}", *overrides])
+
+
+def run_steps(trainer, steps: int) -> list[dict]:
+    """The body of Trainer.train without saving: rollout + step, `steps` times."""
+    out = []
+    for _ in range(steps):
+        trainer._seed_step()
+        out.append(trainer.train_step([trainer.rollout(ix) for ix in trainer._step_prompt_indices()]))
+    return out
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------ split invariance
+def test_split_invariance_over_micro_batches_and_processes(tmp_path):
+    """One step on 8 fixed responses as 1x8, 4x2 and 2 processes x 2 x 2 (gloo): same thresholds,
+    loss and gradients, for sequence and token normalisation (float64 models, so rel 1e-5 is
+    about the method, not about float32 matmuls of different padded shapes)."""
+    from dopd_vl.models import resolve_model_path
+
+    config = load_config(REPO / "configs" / "tiny_text.yaml")
+    for spec in (config.student.name_or_path, config.teacher.name_or_path):
+        resolve_model_path(spec)  # build once, before two processes race for it
+    helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
+    norms = "sequence,token"
+    runs = {
+        "1x8": [PYTHON, helper, "1x8", norms, str(tmp_path / "1x8.pt")],
+        "4x2": [PYTHON, helper, "4x2", norms, str(tmp_path / "4x2.pt")],
+        "2x2x2": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", helper, "2x2x2", norms, str(tmp_path / "2x2x2.pt")],
+    }
+    for name, cmd in runs.items():
+        done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
+    results = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in runs}
+    for norm in norms.split(","):
+        ref = results["1x8"][norm]
+        assert ref["metrics"]["_tokens"] == 56 and ref["metrics"]["frac/HT"] > 0
+        ref_grad = torch.cat([g.flatten() for g in ref["grads"].values()])
+        assert ref_grad.norm() > 0
+        for name in ("4x2", "2x2x2"):
+            other = results[name][norm]
+            for key in ("loss", "threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES)):
+                assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (norm, name, key)
+            assert other["grads"].keys() == ref["grads"].keys()
+            grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
+            assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-5, (norm, name)
+    # The two normalisations are different losses, so the check above compares something real.
+    assert results["1x8"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8"]["token"]["metrics"]["loss"], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------- learning
+def test_vanilla_opd_halves_held_out_reverse_kl(tmp_path):
+    from dopd_vl.evaluate import reverse_kl_to_teacher
+    from dopd_vl.rollout import RolloutConfig
+    from dopd_vl.trainer import Trainer
+
+    config = text_config(tmp_path / "run", "objective.name=vanilla_opd", "objective.baseline_support=full", "optim.lr=1e-3",
+                         "optim.batch_size=4", "max_steps=30")
+    trainer = Trainer(config)
+    held_out, trainer.records = trainer.records[-8:], trainer.records[:-8]
+
+    def held_out_rkl() -> float:
+        return reverse_kl_to_teacher(trainer.student, trainer.teacher, trainer.adapters, held_out, RolloutConfig(num_generations=2, max_new_tokens=8),
+                                     trainer.eos_token_ids, trainer.vocab_size, seed=0, suppress_token_ids=trainer.suppress_ids)
+
+    before = held_out_rkl()
+    metrics = run_steps(trainer, 30)
+    after = held_out_rkl()
+    assert all(math.isfinite(m["loss"]) for m in metrics) and metrics[-1]["skipped_steps"] == 0
+    assert before > 0.01
+    assert after <= 0.5 * before, (before, after)
+
+
+# ------------------------------------------------------------------------- resume after a kill
+def _train_cmd(config: Path, *args: str) -> list[str]:
+    return [PYTHON, "-m", "dopd_vl.cli", "train", str(config), *args]
+
+
+def test_resume_after_kill_reproduces_the_straight_run(tmp_path):
+    common = [f"data.train={ARITH}", "max_steps=6", "save_steps=1", "save_total_limit=2", "optim.lr=1e-3"]
+    recipe = REPO / "configs" / "tiny_text.yaml"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={straight}"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    # Kill -9 as soon as checkpoint-3 is complete (the run is then inside step 4 or its checkpoint).
+    proc = subprocess.Popen(_train_cmd(recipe, *common, f"output_dir={resumed}"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (resumed / "checkpoint-3" / "state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint-3"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (resumed / "final").exists()
+    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stderr
+
+    a, b = read_metrics(straight), read_metrics(resumed)
+    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ---------------------------------------------------------------------- crash while checkpointing
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    import dopd_vl.checkpoint as checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from dopd_vl.trainer import Trainer
+
+    run = tmp_path / "run"
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):
+        if ".tmp-checkpoint-2" in str(path):
+            raise OSError("disk full (injected)")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(OSError, match="injected"):
+        Trainer(text_config(run, "max_steps=3", "save_steps=1")).train()
+    monkeypatch.setattr(checkpoint.torch, "save", real_save)
+    assert (run / "checkpoint-1").is_dir() and not (run / "checkpoint-2").exists() and (run / ".tmp-checkpoint-2").exists()
+    AutoModelForCausalLM.from_pretrained(run / "checkpoint-1" / "model")  # the previous checkpoint is intact
+
+    trainer = Trainer(text_config(run, "max_steps=3", "save_steps=1"))
+    trainer.train(resume=True)
+    assert trainer.step == 3
+    assert not (run / ".tmp-checkpoint-2").exists() and (run / "checkpoint-3").is_dir()
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- non-finite steps
+def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch):
+    import dopd_vl.trainer as trainer_module
+
+    trainer = trainer_module.Trainer(text_config(tmp_path / "run", "max_steps=3"))
+    real_loss = trainer_module.chunked_objective_loss
+
+    def poisoned(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        if trainer.step == 1:  # the second step
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(trainer_module, "chunked_objective_loss", poisoned)
+    snapshots = [{k: v.clone() for k, v in trainer.student.state_dict().items()}]
+    metrics = []
+    for _ in range(3):
+        metrics += run_steps(trainer, 1)
+        snapshots.append({k: v.clone() for k, v in trainer.student.state_dict().items()})
+    changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
+    assert changed == [True, False, True]
+    assert [m["skipped_steps"] for m in metrics] == [0, 1, 1]
+    assert math.isnan(metrics[1]["loss"]) and math.isfinite(metrics[2]["loss"])
+    # Too many in a row stops training with a clear message.
+    trainer.config.max_consecutive_skips = 0
+    monkeypatch.setattr(trainer_module, "chunked_objective_loss", lambda *a, **k: _nan(real_loss(*a, **k)))
+    with pytest.raises(trainer_module.TrainingError, match="non-finite steps in a row"):
+        run_steps(trainer, 1)
+
+
+def _nan(out):
+    out.loss = out.loss * float("nan")
+    return out
+
+
+# ------------------------------------------------------------------------------------- LoRA
+def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from dopd_vl.models import output_embedding_weight, resolve_model_path
+    from dopd_vl.scoring import valid_response_states
+    from dopd_vl.trainer import Trainer
+    from dopd_vl.views import build_views
+
+    trainer = Trainer(text_config(tmp_path / "run", "lora.enabled=true", "lora.r=4", "objective.privileged_student=initial", "optim.lr=1e-2", "max_steps=2"))
+    before = {k: v.clone() for k, v in trainer.student.named_parameters()}
+    run_steps(trainer, 2)
+    after = dict(trainer.student.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+    assert {k for k, p in after.items() if p.requires_grad} == {k for k in after if "lora_" in k}
+
+    # The privileged student ("initial", adapter disabled) scores exactly like the untouched base model.
+    mb = trainer.rollout([0, 1])
+    records = [mb.records[i] for i in mb.rollout.record_index]
+    views = build_views(trainer.adapters, ("student", "student_priv"), records, mb.rollout.responses)
+    targets = trainer._score_targets(views)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(trainer.config.student.name_or_path))
+    hidden, ids = valid_response_states(base, views["student_priv"])
+    logp = (hidden @ output_embedding_weight(base)[: trainer.vocab_size].T).log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+    torch.testing.assert_close(targets["student_priv"].token_logprob, logp, rtol=1e-5, atol=1e-5)
+    live_hidden, _ = valid_response_states(trainer.student, views["student_priv"])
+    assert not torch.allclose(live_hidden, hidden, atol=1e-4)  # the adapters did change the live student
+
+
+# ------------------------------------------------------------------------------------ configs
+def test_config_errors_name_the_key_and_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"objective\.topk.*top_k"):
+        load_config(REPO / "configs" / "tiny_text.yaml", ["objective.topk=5"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: {name_or_path: x}\nmax_step: 3\n")
+    with pytest.raises(ConfigError, match=r"max_step.*max_steps"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"max_steps must be of type int"):
+        load_config(REPO / "configs" / "tiny_text.yaml", ["max_steps=ten"])
+    with pytest.raises(ConfigError, match=r"optim\.lr must be of type float"):
+        load_config(REPO / "configs" / "tiny_text.yaml", ["optim.lr=fast"])
+    config = load_config(REPO / "configs" / "tiny_text.yaml", ["optim.lr=1e-5", "max_steps=7", "lora.enabled=true", "objective.beta_light=0.5"])
+    assert (config.optim.lr, config.max_steps, config.lora.enabled, config.objective.beta_light) == (1e-5, 7, True, 0.5)
+
+
+def test_every_recipe_loads():
+    for path in sorted((REPO / "configs").glob("**/*.yaml")):
+        if "accelerate" not in path.parts:
+            load_config(path)
+
+
+# -------------------------------------------------------------------------------- dopd train CLI
+def test_dopd_train_tiny_vlm_cli(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    run = tmp_path / "vlm"
+    done = subprocess.run(
+        [PYTHON, "-m", "dopd_vl.cli", "train", str(REPO / "configs" / "tiny_vlm.yaml"), f"data.train={SHAPES}", f"output_dir={run}", "max_steps=2", "save_steps=2"],
+        env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == [1, 2]
+    names = ["step", "loss", "lr", "threshold/A", "threshold/q_student", "threshold/q_teacher", "entropy/student", "entropy/teacher_priv",
+             "response_length", "clipped_frac", "accuracy", "time/rollout", "time/scoring", "time/loss", "tokens_per_s", "skipped_steps"]
+    names += [f"{k}/{r}" for k in ("frac", "loss", "A") for r in REGIME_NAMES]
+    for m in metrics:
+        assert set(names) <= set(m), set(names) - set(m)
+        assert sum(m[f"frac/{r}"] for r in REGIME_NAMES) == pytest.approx(1.0)
+        assert all(math.isfinite(m[k]) for k in names)
+    for folder in (run / "checkpoint-2" / "model", run / "final"):
+        model = AutoModelForImageTextToText.from_pretrained(folder)
+        assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+        assert type(AutoProcessor.from_pretrained(folder)).__name__ == "Qwen3VLProcessor"

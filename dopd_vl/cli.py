@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -14,7 +15,7 @@ from dopd_vl.errors import ConfigError, DopdError
 _IMAGE_RUN = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)+)<\|vision_end\|>")
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dopd", description="Dual On-policy Distillation with privileged information")
     parser.add_argument("--version", action="version", version=f"dopd-vl {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -25,7 +26,27 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--teacher", help="teacher model folder or hub id (default: the student's)")
     inspect.add_argument("--data", required=True, help="dataset JSONL")
     inspect.add_argument("--index", type=int, default=0, help="record number in the file (0-based)")
+    inspect.add_argument("--routing", metavar="OUT.html", help="write the token routing view (needs model weights): the student answers "
+                         "records --index.. --index+--count-1 and every response token is coloured by its DOPD regime")
+    inspect.add_argument("--count", type=int, default=4, help="records in the routing view")
+    inspect.add_argument("--max-new-tokens", type=int, default=32, help="response length cap for the routing view")
+    inspect.add_argument("--seed", type=int, default=0, help="sampling seed for the routing view")
     inspect.set_defaults(run=_inspect)
+
+    evaluate = commands.add_parser("eval", help="greedy answers and accuracy per question type")
+    evaluate.add_argument("--model", required=True, help="model folder or hub id")
+    evaluate.add_argument("--data", required=True, help="dataset JSONL with `answer` fields")
+    evaluate.add_argument("--privileged", action="store_true", help="answer with the privileged context in the prompt")
+    evaluate.add_argument("--out", help="write the JSON report here instead of stdout")
+    evaluate.add_argument("--max-new-tokens", type=int, default=32)
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")
+    evaluate.set_defaults(run=_eval)
+
+    plot = commands.add_parser("plot", help="PNG plots of a run folder's metrics.jsonl")
+    plot.add_argument("run_dir", help="run folder (output_dir of `dopd train`)")
+    plot.add_argument("--out", help="folder for the PNGs (default RUN_DIR/plots)")
+    plot.set_defaults(run=_plot)
 
     build = commands.add_parser("build", help="build privileged datasets").add_subparsers(dest="builder", metavar="BUILDER", required=True)
     grounding = build.add_parser("grounding", help="detection annotations -> boxes + labels (images)")
@@ -52,13 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("config", help="YAML recipe (configs/*.yaml)")
     train.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
     train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in output_dir")
+    train.add_argument("--dry-run", action="store_true", help="check the recipe and overrides, print the resolved config, load nothing")
     train.set_defaults(run=_train)
 
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--student", help="student model folder or hub id (default: a tiny Qwen3-VL built offline)")
+    demo.add_argument("--teacher", help="teacher model folder or hub id (default: a tiny Qwen3-VL built offline, then taught to use the boxes)")
+    demo.add_argument("--steps", type=int, help="DOPD training steps (default 30)")
+    demo.add_argument("--images", type=int, help="generated scenes (default 40)")
     demo.set_defaults(run=_demo)
 
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for ours in ("dopd_vl", "data_builders"):  # our progress messages; other libraries stay at WARNING
@@ -87,6 +118,8 @@ def _inspect(args) -> int:
     student = make_adapter(load_processing(args.student), image_root=root)
     teacher = make_adapter(load_processing(args.teacher), image_root=root) if args.teacher else student
     check_same_tokenizer(student.tokenizer, teacher.tokenizer)
+    if args.routing:
+        return _write_routing(args, records, root)
     print(f"record {record['id']}  ({args.data}, index {args.index})")
     for view in VIEWS:
         if view in PRIVILEGED_VIEWS and not record.get("privileged_context"):
@@ -98,6 +131,61 @@ def _inspect(args) -> int:
         print(_IMAGE_RUN.sub(lambda m: "<|vision_start|>[image]<|vision_end|>", prompt.text))
     if record.get("answer") is not None:
         print(f"\n(answer, never shown to any view: {record['answer']})")
+    return 0
+
+
+def _load_for_generation(name_or_path: str, root: Path):
+    """Model, processing, plain-view adapter, EOS ids and never-sampled ids of one model."""
+    from dopd_vl.models import eos_token_ids, load_model, load_processing, never_sampled_token_ids
+    from dopd_vl.modality import make_adapter
+
+    model = load_model(name_or_path).eval()
+    processing = load_processing(name_or_path)
+    return model, processing, make_adapter(processing, image_root=root), eos_token_ids(processing, model), never_sampled_token_ids(processing, model)
+
+
+def _write_routing(args, records: list[dict], root: Path) -> int:
+    import torch
+
+    from dopd_vl.models import check_same_tokenizer
+    from dopd_vl.rollout import RolloutConfig, sample_responses
+    from dopd_vl.routing_view import route_records, write_routing_html
+
+    chosen = records[args.index : args.index + args.count]
+    student, s_proc, s_adapter, eos, never = _load_for_generation(args.student, root)
+    teacher, t_proc, t_adapter, _, _ = _load_for_generation(args.teacher or args.student, root)
+    vocab = check_same_tokenizer(s_proc, t_proc, student, teacher)
+    torch.manual_seed(args.seed)
+    rollout = sample_responses(student, s_adapter, chosen, RolloutConfig(num_generations=1, max_new_tokens=args.max_new_tokens), eos, never)
+    routed, thresholds = route_records(student, teacher, {"student": s_adapter, "teacher": t_adapter}, chosen, rollout.responses, vocab)
+    path = write_routing_html(args.routing, routed, thresholds, image_root=root)
+    print(f"wrote the routing view of {len(routed)} records to {path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from dopd_vl.data import load_records
+    from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
+
+    records = load_records(args.data)[: args.limit]
+    model, _, adapter, eos, never = _load_for_generation(args.model, Path(args.data).parent)
+    answers = generate_answers(model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never)
+    report = {"model": str(args.model), "data": str(args.data), "privileged": args.privileged, **accuracy_report(records, answers)}
+    text = json.dumps(report, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(f"accuracy {report['accuracy']} over {report['count']} records; report in {args.out}")
+    else:
+        print(text)
+    return 0
+
+
+def _plot(args) -> int:
+    from dopd_vl.plots import plot_run
+
+    for path in plot_run(args.run_dir, args.out):
+        print(path)
     return 0
 
 
@@ -154,6 +242,13 @@ def _train(args) -> int:
     from dopd_vl.trainer import Trainer
 
     config = load_config(args.config, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        from dopd_vl.config import config_to_dict
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+        return 0
     final = Trainer(config).train(resume=args.resume)
     print(f"trained student saved to {final}")
     return 0
@@ -162,7 +257,7 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from dopd_vl.demo import run_demo
 
-    run_demo(args.out, seed=args.seed)
+    run_demo(args.out, seed=args.seed, student=args.student, teacher=args.teacher, steps=args.steps, num_images=args.images)
     return 0
 
 

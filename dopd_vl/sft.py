@@ -31,9 +31,9 @@ class SFTConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
-    view: str = "teacher_priv"
-    """Which prompt the answers are conditioned on: teacher_priv / student_priv (with the privileged
-    context) or student / teacher_plain (without)."""
+    views: tuple[str, ...] = ("teacher_priv",)
+    """Prompts the answers are conditioned on, one view per step in turn: teacher_priv / student_priv
+    (with the privileged context) or student / teacher_plain (without)."""
     seed: int = 0
 
 
@@ -53,9 +53,9 @@ def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_si
     device = next(model.parameters()).device
     model.train()
     losses = []
-    for _ in tqdm(range(config.steps), desc=f"sft ({config.view})", leave=False):
+    for step in tqdm(range(config.steps), desc=f"sft ({', '.join(config.views)})", leave=False):
         batch = rng.sample(usable, min(config.batch_size, len(usable)))
-        view = build_view(adapter, config.view, batch, [answer_ids(adapter.tokenizer, r) for r in batch]).to(device)
+        view = build_view(adapter, config.views[step % len(config.views)], batch, [answer_ids(adapter.tokenizer, r) for r in batch]).to(device)
         hidden, ids = valid_response_states(model, view)
         loss = nn.functional.cross_entropy(chunk_logits(hidden, output_embedding_weight(model), vocab_size), ids)
         loss.backward()
@@ -64,5 +64,5 @@ def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_si
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     model.eval()
-    logger.info("sft on %s: loss %.3f -> %.3f over %d steps", config.view, losses[0], losses[-1], len(losses))
+    logger.info("sft on %s: loss %.3f -> %.3f over %d steps", "+".join(config.views), losses[0], losses[-1], len(losses))
     return losses

@@ -1,0 +1,133 @@
+"""The token routing view (paper Fig. 9): response tokens coloured by DOPD regime, with the
+advantage gap A and the two confidences on hover, beside the image, question and privileged context.
+
+`route_records` scores student responses with the same views, signals and router the trainer uses;
+`write_routing_html` writes one self-contained HTML page (images inlined), one `<span>` per
+response token carrying `data-regime`, `data-a`, `data-q-student`, `data-q-teacher`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dopd_vl.data import image_parts, resolve_image_path
+from dopd_vl.objectives import DOPDConfig, build_objective
+from dopd_vl.routing import REGIME_NAMES, assign_regimes, token_signals
+from dopd_vl.scoring import score_views
+from dopd_vl.views import build_views
+
+__all__ = ["RoutedResponse", "route_records", "write_routing_html"]
+
+REGIME_COLORS = {"LH": "#cfe8ff", "LL": "#e6e6e6", "HT": "#ffb3a7", "HS": "#c8f0c0"}
+REGIME_MEANING = {
+    "HT": "high gap, teacher more confident: strong full-vocabulary JS to the teacher",
+    "HS": "high gap, privileged student more confident: weak top-K reverse KL",
+    "LH": "low gap, both confident: light top-K reverse KL",
+    "LL": "low gap, both uncertain: weak top-K reverse KL",
+}
+
+
+@dataclass
+class RoutedResponse:
+    record: dict
+    tokens: list[str]
+    regimes: list[str]
+    advantage_gap: list[float]
+    q_student: list[float]
+    q_teacher: list[float]
+    extra: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def route_records(
+    student: nn.Module,
+    teacher: nn.Module,
+    adapters: dict[str, object],
+    records: list[dict],
+    responses: list[Tensor],
+    vocab_size: int,
+    objective_config: DOPDConfig | None = None,
+) -> tuple[list[RoutedResponse], dict[str, float]]:
+    """Route every token of `responses` (one per record) with DOPD; thresholds over all of them."""
+    objective = build_objective(objective_config or DOPDConfig())
+    views = build_views(adapters, ("student", "teacher_priv", "student_priv"), records, responses)
+    was_training = student.training
+    student.eval()
+    targets = score_views(views, teacher, student, vocab_size)
+    student.train(was_training)
+    signals = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)
+    stats = objective.step_statistics(signals)
+    regimes = assign_regimes(signals, stats)
+    tokenizer = adapters["student"].tokenizer
+    out, start = [], 0
+    for record, response in zip(records, responses):
+        n = response.numel()
+        sl = slice(start, start + n)
+        out.append(RoutedResponse(
+            record, [tokenizer.decode([int(t)]) for t in response], [REGIME_NAMES[int(r)] for r in regimes[sl]],
+            signals.advantage_gap[sl].tolist(), signals.q_student[sl].tolist(), signals.q_teacher[sl].tolist(),
+        ))
+        start += n
+    return out, {k: float(v) for k, v in stats.items() if k in ("A", "q_student", "q_teacher")}
+
+
+def write_routing_html(path: str | Path, routed: list[RoutedResponse], thresholds: dict[str, float], image_root: str | Path | None = None, title: str = "DOPD token routing") -> Path:
+    """One HTML page: per record the image, question, privileged context and the coloured response."""
+    path = Path(path)
+    legend = "".join(
+        f'<span class="tok" data-regime="{name}" style="background:{REGIME_COLORS[name]}">{name}</span> {html.escape(REGIME_MEANING[name])}<br>'
+        for name in ("HT", "HS", "LH", "LL")
+    )
+    sections = []
+    for item in routed:
+        spans = "".join(
+            f'<span class="tok" data-regime="{r}" data-a="{a:.4f}" data-q-student="{qs:.4f}" data-q-teacher="{qt:.4f}" '
+            f'style="background:{REGIME_COLORS[r]}" title="{r}: A={a:.3f}  q_S={qs:.3f}  q_T={qt:.3f}">{html.escape(t) or "&#8203;"}</span>'
+            for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher)
+        )
+        images = "".join(f'<img src="{_data_uri(resolve_image_path(image_root, ref, str(item.record.get("id", ""))))}" alt="image">' for ref in image_parts(item.record))
+        answer = f"<p><b>Reference answer:</b> {html.escape(str(item.record['answer']))}</p>" if item.record.get("answer") is not None else ""
+        extra = "".join(f"<p><b>{html.escape(k)}:</b> {html.escape(str(v))}</p>" for k, v in item.extra.items())
+        sections.append(
+            f'<section class="record" data-id="{html.escape(str(item.record.get("id", "")))}"><h2>{html.escape(str(item.record.get("id", "")))}</h2>'
+            f'<div class="row"><div class="images">{images}</div><div class="text">'
+            f"<p><b>Question:</b> {html.escape(_question(item.record))}</p>"
+            f"<p><b>Privileged context</b> (teacher_priv and student_priv only):</p><pre>{html.escape(item.record.get('privileged_context') or '')}</pre>"
+            f'{answer}{extra}<p><b>Student response</b> (hover a token for A, q_S, q_T):</p><div class="response">{spans}</div></div></div></section>'
+        )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
+.row {{ display: flex; gap: 1.5em; }} .images img {{ max-width: 320px; image-rendering: pixelated; border: 1px solid #ccc; }}
+.tok {{ padding: 1px 2px; margin: 0 1px; border-radius: 3px; font-family: monospace; white-space: pre-wrap; }}
+pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} section {{ border-top: 1px solid #ddd; padding: 1em 0; }}
+</style></head><body><h1>{html.escape(title)}</h1>
+<p>Thresholds over these tokens: <code>{html.escape(json.dumps({k: round(v, 4) for k, v in thresholds.items()}))}</code></p>
+<p>{legend}</p>{"".join(sections)}</body></html>"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def _question(record: dict) -> str:
+    for message in record["prompt"]:
+        if message.get("role") == "user":
+            content = message["content"]
+            return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content if p.get("type") == "text")
+    return ""
+
+
+def _data_uri(image_path: Path) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    with Image.open(image_path) as image:
+        image.convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

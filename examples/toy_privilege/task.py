@@ -1,0 +1,73 @@
+"""The toy task: two-digit addition where one digit of the second operand may be hidden.
+
+    prompt   "47+3?="            (the student and the plain teacher see this)
+    context  "hint: ?=8"          (privileged: only teacher_priv and student_priv see it)
+    answer   "85"
+
+Half of the problems hide a digit, half show both operands (context "hint: none"). So the
+teacher's edge is partly capability (addition, which the undertrained student gets wrong) and
+partly information (the hidden digit, which no student can know at inference): the privilege
+illusion's two ingredients, in a task small models learn in minutes on CPU.
+
+The tokenizer is character-level (printable ASCII + Qwen's chat special tokens) with a minimal
+ChatML template, so prompts are a few dozen tokens and the output layer has ~100 rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_char_tokenizer(out_dir: str | Path | None = None):
+    """A character-level PreTrainedTokenizerFast with ChatML special tokens (EOS <|im_end|>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def make_problem(rng: random.Random, index: int, hide_fraction: float = 0.5) -> dict:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    shown = str(b)
+    context = "hint: none"
+    if rng.random() < hide_fraction:
+        position = rng.randint(0, 1)
+        context = f"hint: ?={shown[position]}"
+        shown = shown[:position] + "?" + shown[position + 1 :]
+    return {
+        "id": f"add-{index:05d}",
+        "prompt": [{"role": "user", "content": f"{a}+{shown}="}],
+        "privileged_context": context,
+        "privileged": {"format": "toy_hidden_digit", "hidden": "?" in shown},
+        "meta": {"question_type": "hidden_digit" if "?" in shown else "visible"},
+        "answer": str(a + b),
+    }
+
+
+def write_split(path: str | Path, count: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(make_problem(rng, i)) + "\n" for i in range(count)), encoding="utf-8")
+    return path

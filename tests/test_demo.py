@@ -1,0 +1,140 @@
+"""The main job at its smallest size (seconds): `dopd demo`'s pipeline, and on its outputs
+`dopd eval`, `dopd plot` and `dopd inspect --routing`; answer normalisation on hand-written cases."""
+
+import html
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from dopd_vl.cli import main
+from dopd_vl.errors import DopdError
+from dopd_vl.evaluation import extract_number, extract_yes_no, is_correct, normalize_text
+from dopd_vl.routing import REGIME_NAMES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SPAN = re.compile(r'<span class="tok" data-regime="(\w+)" data-a="([-\d.e]+)" data-q-student="([-\d.e]+)" data-q-teacher="([-\d.e]+)"')
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    from dopd_vl.demo import DemoConfig, run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "demo_out"
+    config = DemoConfig(num_images=8, eval_images=3, teacher_sft_steps=4, student_sft_steps=2, steps=2, batch_size=2, routing_records=3)
+    summary = run_demo(out, config=config)
+    assert summary["config"]["steps"] == 2
+    return out
+
+
+def test_demo_writes_every_artifact(demo_dir, capsys):
+    from transformers import AutoModelForImageTextToText
+
+    for name in ("data/data.jsonl", "data/train.jsonl", "data/eval.jsonl", "data/annotations.json", "run/metrics.jsonl", "summary.md", "summary.json", "routing.html"):
+        assert (demo_dir / name).is_file(), name
+    summary = json.loads((demo_dir / "summary.json").read_text())
+    for key in ("accuracy_before", "accuracy_after", "regime_fractions_mean"):
+        assert key in summary
+    assert sum(summary["regime_fractions_mean"].values()) == pytest.approx(1.0)
+    assert 0.0 <= summary["accuracy_after"]["student"]["accuracy"] <= 1.0
+    text = (demo_dir / "summary.md").read_text()
+    assert "student before" in text and "student after DOPD" in text and "| HT |" in text
+    metrics = [json.loads(line) for line in (demo_dir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    pngs = sorted((demo_dir / "plots").glob("*.png"))
+    assert {p.stem for p in pngs} >= {"regimes", "thresholds", "entropy", "loss"}
+    for png in pngs:
+        assert png.read_bytes()[:8] == PNG_MAGIC
+        with Image.open(png) as image:
+            image.verify()
+    model = AutoModelForImageTextToText.from_pretrained(demo_dir / "student")
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+
+
+def test_routing_view_has_one_element_per_response_token(demo_dir):
+    from dopd_vl.data import load_records
+    from dopd_vl.modality import make_adapter
+    from dopd_vl.models import load_model, load_processing
+    from dopd_vl.routing_view import route_records, write_routing_html
+
+    student_dir = demo_dir / "student"
+    model, processing = load_model(student_dir).eval(), load_processing(student_dir)
+    data = demo_dir / "data" / "eval.jsonl"
+    records = load_records(data)[:2]
+    adapter = make_adapter(processing, image_root=data.parent)
+    responses = [adapter.tokenizer("yes it is", return_tensors="pt").input_ids[0], adapter.tokenizer("3", return_tensors="pt").input_ids[0]]
+    routed, thresholds = route_records(model, model, {"student": adapter, "teacher": adapter}, records, responses, len(adapter.tokenizer))
+    page = write_routing_html(demo_dir / "view_test.html", routed, thresholds, image_root=data.parent).read_text()
+    spans = SPAN.findall(page)
+    assert len(spans) == sum(r.numel() for r in responses)
+    assert [s[0] for s in spans] == [reg for r in routed for reg in r.regimes]
+    assert all(s[0] in REGIME_NAMES for s in spans)
+    assert page.count('<img src="data:image/png;base64,') == 2 and html.escape(records[0]["privileged_context"]) in page
+
+
+def test_demo_artifact_routing_html_and_cli_inspect_routing(demo_dir, capsys):
+    page = (demo_dir / "routing.html").read_text()
+    assert len(SPAN.findall(page)) > 0 and page.count("<section") == 3
+    out = demo_dir / "cli_routing.html"
+    args = ["inspect", "--student", str(demo_dir / "student"), "--teacher", str(demo_dir / "models" / "teacher"),
+            "--data", str(demo_dir / "data" / "eval.jsonl"), "--routing", str(out), "--count", "2", "--max-new-tokens", "4"]
+    assert main(args) == 0
+    assert "wrote the routing view of 2 records" in capsys.readouterr().out
+    spans = SPAN.findall(out.read_text())
+    assert 2 <= len(spans) <= 8 and all(s[0] in REGIME_NAMES for s in spans)
+
+
+def test_dopd_eval_reports_accuracy_per_question_type(demo_dir, capsys):
+    data = demo_dir / "data" / "eval.jsonl"
+    assert main(["eval", "--model", str(demo_dir / "models" / "teacher"), "--data", str(data), "--privileged", "--max-new-tokens", "4"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    types = {json.loads(line)["meta"]["question_type"] for line in data.read_text().splitlines()}
+    assert set(report["per_type"]) == types and report["privileged"] is True
+    assert report["count"] == len(data.read_text().splitlines())
+    assert report["accuracy"] == pytest.approx(sum(r["correct"] for r in report["responses"]) / report["count"])
+    out = demo_dir / "eval.json"
+    assert main(["eval", "--model", str(demo_dir / "student"), "--data", str(data), "--out", str(out), "--limit", "2"]) == 0
+    assert json.loads(out.read_text())["count"] == 2
+
+
+def test_dopd_plot_cli(demo_dir, capsys, tmp_path):
+    assert main(["plot", str(demo_dir / "run"), "--out", str(tmp_path / "plots")]) == 0
+    written = capsys.readouterr().out.split()
+    assert len(written) >= 4 and all(open(p, "rb").read(8) == PNG_MAGIC for p in written)
+    assert main(["plot", str(tmp_path)]) == 1  # not a run folder: one clear line
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
+    from dopd_vl.demo import run_demo
+
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(DopdError, match="not a demo folder"):
+        run_demo(tmp_path)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("response,answer,expected", [
+    ("3", "3", True),
+    ("There are three red circles.", "3", True),
+    ("I count 2, no wait, 4", "4", True),  # the last number is the answer (GSM8K convention)
+    ("1,000 marbles", "1000", True),
+    ("3.0", "3", True),
+    ("4", "3", False),
+    ("Yes, there is.", "yes", True),
+    ("no", "yes", False),
+    ("Yes? No.", "no", False),  # the first yes/no word counts
+    ("The Blue Square.", "blue square", True),
+    ("a blue squares", "blue square", False),
+    ("", "3", False),
+])
+def test_answer_normalisation(response, answer, expected):
+    assert is_correct(response, answer) is expected
+
+
+def test_answer_normalisation_helpers():
+    assert normalize_text("  The  Red, Circle! ") == "red circle"
+    assert extract_number("twelve apples and 5 pears") == 5.0
+    assert extract_number("none here") is None
+    assert extract_yes_no("Well... NO.") == "no"

@@ -126,16 +126,19 @@ def _run_subprocess(method: str, h: int, t: int, limit_gb: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="only H=256, T=1024")
+    parser.add_argument("--sizes", help="comma-separated HxT, e.g. 1024x4096 (default: all four; the summary is at the last)")
     parser.add_argument("--naive-limit-gb", type=float, default=20.0, help="address-space limit of naive runs")
     args = parser.parse_args()
     sizes = [(256, 1024)] if args.quick else [(256, 1024), (256, 4096), (1024, 1024), (1024, 4096)]
+    if args.sizes:
+        sizes = [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     results = {}
     for h, t in sizes:
         for method in ("naive", "chunked", "chunked+signals", "trl"):
             r = _run_subprocess(method, h, t, args.naive_limit_gb)
             results[(method, h, t)] = r
             print(json.dumps(r), flush=True)
-    h, t = TARGET if not args.quick else sizes[0]
+    h, t = TARGET if TARGET in sizes else sizes[-1]
 
     def get(method, key):
         return results[(method, h, t)][key]

@@ -53,9 +53,14 @@ def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_si
     device = next(model.parameters()).device
     model.train()
     losses = []
+    prompts: dict[tuple[int, str], object] = {}  # rendered prompts, reused across steps
     for step in tqdm(range(config.steps), desc=f"sft ({', '.join(config.views)})", leave=False):
-        batch = rng.sample(usable, min(config.batch_size, len(usable)))
-        view = build_view(adapter, config.views[step % len(config.views)], batch, [answer_ids(adapter.tokenizer, r) for r in batch]).to(device)
+        picked = rng.sample(range(len(usable)), min(config.batch_size, len(usable)))
+        batch, view_name = [usable[i] for i in picked], config.views[step % len(config.views)]
+        for i in picked:
+            if (i, view_name) not in prompts:
+                prompts[i, view_name] = adapter.prompt(usable[i], view_name)
+        view = build_view(adapter, view_name, batch, [answer_ids(adapter.tokenizer, r) for r in batch], [prompts[i, view_name] for i in picked]).to(device)
         hidden, ids = valid_response_states(model, view)
         loss = nn.functional.cross_entropy(chunk_logits(hidden, output_embedding_weight(model), vocab_size), ids)
         loss.backward()

@@ -51,3 +51,29 @@ def test_lengths_and_stop_reasons(tiny_text_dir, text_records, pad_is_eos):
         else:
             assert eos_positions == [] and response.numel() == 6
     assert out.lengths.tolist() == [r.numel() for r in out.responses]
+
+
+def test_rollout_never_samples_lm_head_padding_rows_and_greedy_is_deterministic(tiny_text_teacher_dir, text_records):
+    """The teacher fixture has 152,064 lm-head rows for 151,669 tokens: the extra rows must never be
+    sampled (a fresh model gives them real probability), and temperature 0 decodes greedily."""
+    from dopd_vl.models import eos_token_ids, never_sampled_token_ids, vocab_size
+
+    processing, model = load_processing(tiny_text_teacher_dir), load_model(tiny_text_teacher_dir)
+    size = vocab_size(processing)
+    never = never_sampled_token_ids(processing, model)
+    assert never == list(range(size, 152_064))
+    padding = never[:5]
+    model.generation_config.sequence_bias = [[[i], 15.0] for i in padding]  # make them the likeliest
+    adapter = make_adapter(processing)
+    config = RolloutConfig(num_generations=2, max_new_tokens=8)
+    torch.manual_seed(0)
+    unsuppressed = sample_responses(model, adapter, text_records, config, eos_token_ids(processing, model))
+    assert any((r >= size).any() for r in unsuppressed.responses)  # the check below can fail
+    torch.manual_seed(0)
+    out = sample_responses(model, adapter, text_records, config, eos_token_ids(processing, model), never)
+    assert all((r < size).all() for r in out.responses)
+    greedy = RolloutConfig(num_generations=1, max_new_tokens=6, temperature=0.0)
+    first = sample_responses(model, adapter, text_records, greedy, eos_token_ids(processing, model), never)
+    torch.manual_seed(123)
+    second = sample_responses(model, adapter, text_records, greedy, eos_token_ids(processing, model), never)
+    assert all(torch.equal(a, b) for a, b in zip(first.responses, second.responses))

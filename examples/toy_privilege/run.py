@@ -3,8 +3,8 @@
     python examples/toy_privilege/run.py            # 3 seeds, the table in the README (<= 60 min, 2 cores)
     python examples/toy_privilege/run.py --quick    # 1 seed, fewer steps (<= 10 min)
 
-Task (task.py): two-digit addition, half the problems with a digit of the second operand hidden;
-the privileged context reveals it. A Qwen3-architecture teacher (4 layers, 128 wide) is trained
+Task (task.py): single-digit addition, half the problems with the second operand hidden; the
+privileged context reveals it. A Qwen3-architecture teacher (4 layers, 128 wide) is trained
 with and without the context; a smaller student (2 layers, 64 wide) is warmed up briefly, so it
 can read the context but is weak. From that same student, every method trains for the same steps
 and seeds through the package's Trainer and config; everything is evaluated without privileged
@@ -54,15 +54,15 @@ class Size:
 
 
 SIZES = {
-    "full": Size((0, 1, 2), 4000, 400, 1500, 150, 300),
-    "quick": Size((0,), 4000, 200, 1500, 150, 100),
+    "full": Size((0, 1, 2), 4000, 400, 600, 130, 500),
+    "quick": Size((0,), 4000, 400, 600, 130, 200),
     "smoke": Size((0,), 64, 16, 4, 2, 2),
 }
 
 
 def per_token_report(model_dir: Path, data: Path) -> dict:
     """Teacher-forced on the reference answers, plain view: per-position accuracy of the argmax
-    and entropy of the model's distribution (answer digits 1..3, then <|im_end|>)."""
+    and entropy of the model's distribution (answer digits 1..2, then <|im_end|>)."""
     model = load_model(model_dir).eval()
     tokenizer = build_char_tokenizer()
     adapter = make_adapter(tokenizer)
@@ -124,12 +124,19 @@ def prepare(out: Path, size: Size) -> tuple[Path, Path, Path, Path]:
     return train, heldout, teacher, student
 
 
-def distill(method: str, seed: int, train: Path, teacher: Path, student: Path, run_dir: Path, steps: int) -> Path:
+def distill(method: str, seed: int, train: Path, teacher: Path, student: Path, run_dir: Path, steps: int, overrides: tuple[str, ...] = ()) -> Path:
     config = load_config(HERE / "config.yaml", [
         f"student.name_or_path={student}", f"teacher.name_or_path={teacher}", f"data.train={train}", f"output_dir={run_dir}",
-        f"objective.name={method}", f"seed={seed}", f"max_steps={steps}",
+        f"objective.name={method}", f"seed={seed}", f"max_steps={steps}", *overrides,
     ])
     return Trainer(config).train()
+
+
+def parse_method(spec: str) -> tuple[str, str, tuple[str, ...]]:
+    """`name` or `label=name;key=value;...`: an ablation is a method plus config overrides."""
+    label, _, rest = spec.partition("=") if ";" in spec else (spec, "", spec)
+    name, *overrides = rest.split(";")
+    return (label if ";" in spec else name), name, tuple(overrides)
 
 
 def summarise(results: dict, baseline: dict, teachers: dict) -> tuple[str, dict]:
@@ -191,24 +198,28 @@ def plot_curves(out: Path, methods: list[str], seeds: tuple[int, ...]) -> Path:
     return path
 
 
-def run(out: Path, size: Size, methods: tuple[str, ...] = METHODS) -> dict:
+def run(out: Path, size: Size, methods: tuple[str, ...] = METHODS, reuse: bool = False) -> dict:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    train, heldout, teacher, student = prepare(out, size)
+    if reuse and (out / "models" / "student" / "config.json").exists():
+        train, heldout, teacher, student = out / "data" / "train.jsonl", out / "data" / "heldout.jsonl", out / "models" / "teacher", out / "models" / "student"
+    else:
+        train, heldout, teacher, student = prepare(out, size)
     evals = out / "eval"
     evals.mkdir(exist_ok=True)
     teachers = {"plain": evaluate(teacher, heldout, evals / "teacher_plain.json"), "privileged": evaluate(teacher, heldout, evals / "teacher_priv.json", privileged=True)}
     baseline = evaluate(student, heldout, evals / "student_start.json")
     print(f"teacher: {teachers['privileged']['accuracy']:.3f} with context, {teachers['plain']['accuracy']:.3f} without; student {baseline['accuracy']:.3f}", flush=True)
     results: dict[str, list[dict]] = {}
-    for method in methods:
+    for spec in methods:
+        label, method, overrides = parse_method(spec)
         for seed in size.seeds:
-            final = distill(method, seed, train, teacher, student, out / "runs" / f"{method}-seed{seed}", size.distill_steps)
-            report = evaluate(final, heldout, evals / f"{method}-seed{seed}.json")
-            results.setdefault(method, []).append(report)
-            print(f"{method} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
+            final = distill(method, seed, train, teacher, student, out / "runs" / f"{label}-seed{seed}", size.distill_steps, overrides)
+            report = evaluate(final, heldout, evals / f"{label}-seed{seed}.json")
+            results.setdefault(label, []).append(report)
+            print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
     table, numbers = summarise(results, baseline, teachers)
-    curves = plot_curves(out, list(methods), size.seeds)
+    curves = plot_curves(out, list(results), size.seeds)
     minutes = (time.perf_counter() - started) / 60
     text = (f"# Toy experiment: privilege illusion\n\n{len(size.seeds)} seed(s), {size.distill_steps} distillation steps per method, "
             f"held-out {size.heldout_problems} problems, greedy, no privileged context; {minutes:.1f} min.\n"
@@ -225,11 +236,13 @@ def cli() -> None:
     parser.add_argument("--out", default="runs/toy_privilege")
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps (<= 10 min)")
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+                        help="methods; an ablation is LABEL=METHOD;key=value;... e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
+    parser.add_argument("--reuse", action="store_true", help="reuse OUT's data and trained teacher / student instead of preparing them again")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size = SIZES[args.size or ("quick" if args.quick else "full")]
-    run(Path(args.out), size, tuple(args.methods.split(",")))
+    run(Path(args.out), size, tuple(args.methods), reuse=args.reuse)
 
 
 if __name__ == "__main__":

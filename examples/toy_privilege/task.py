@@ -1,13 +1,15 @@
-"""The toy task: two-digit addition where one digit of the second operand may be hidden.
+"""The toy task: single-digit addition where the second operand may be hidden.
 
-    prompt   "47+3?="            (the student and the plain teacher see this)
+    prompt   "7+?="               (the student and the plain teacher see this)
     context  "hint: ?=8"          (privileged: only teacher_priv and student_priv see it)
-    answer   "85"
+    answer   "15"
 
-Half of the problems hide a digit, half show both operands (context "hint: none"). So the
-teacher's edge is partly capability (addition, which the undertrained student gets wrong) and
-partly information (the hidden digit, which no student can know at inference): the privilege
-illusion's two ingredients, in a task small models learn in minutes on CPU.
+Half of the problems hide the operand, half show it (context "hint: none"). So the teacher's
+edge is partly capability (the 100 sums, which the undertrained student only partly knows) and
+partly information (the hidden operand, which no student can know at inference: without it the
+best answer is a guess among ten): the privilege illusion's two ingredients, in a task small
+models learn in minutes on CPU. (Two-digit operands were tried first: a 4-layer, 128-wide
+teacher was still at 7% after 1,500 steps of batch 64, too slow for a CPU experiment.)
 
 The tokenizer is character-level (printable ASCII + Qwen's chat special tokens) with a minimal
 ChatML template, so prompts are a few dozen tokens and the output layer has ~100 rows.
@@ -47,12 +49,15 @@ def build_char_tokenizer(out_dir: str | Path | None = None):
     return tokenizer
 
 
+A_RANGE, B_RANGE = (0, 9), (0, 9)
+
+
 def make_problem(rng: random.Random, index: int, hide_fraction: float = 0.5) -> dict:
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    a, b = rng.randint(*A_RANGE), rng.randint(*B_RANGE)
     shown = str(b)
     context = "hint: none"
     if rng.random() < hide_fraction:
-        position = rng.randint(0, 1)
+        position = rng.randint(0, len(shown) - 1)
         context = f"hint: ?={shown[position]}"
         shown = shown[:position] + "?" + shown[position + 1 :]
     return {

@@ -437,12 +437,13 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                     )
                     chunk_loss = chunk_loss.index_put((sel,), spec.weight * d)
                 weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
-                if want_grad_hidden or want_grad_weight:
+                grad_logits = None  # stays None when every token of the chunk is on a switched-off route
+                if (want_grad_hidden or want_grad_weight) and weighted.requires_grad:
                     (grad_logits,) = torch.autograd.grad(weighted, logits)
             token_loss[sl] = chunk_loss.detach()
             entropy[sl] = _entropy(student_logp.detach())
             total = total + weighted.detach()
-            if want_grad_hidden or want_grad_weight:
+            if grad_logits is not None:
                 grad_logits = grad_logits.to(head_weight.dtype)
                 if want_grad_hidden:
                     grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)

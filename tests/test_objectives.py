@@ -316,3 +316,21 @@ def test_mismatched_vocabularies_are_a_clear_error(batch):
     logits, ids, mask = batch
     with pytest.raises(ValueError, match="different vocabulary sizes"):
         dopd_loss(logits["student"], logits["teacher_priv"][..., :-2], logits["student_priv"], ids, mask)
+
+
+def test_chunk_whose_tokens_are_all_on_switched_off_routes_has_zero_gradient():
+    """A chunk where every token's regime is switched off contributes no loss and no gradient
+    (it once raised inside the chunked backward; found by the toy experiment's ablation)."""
+    g = torch.Generator().manual_seed(3)
+    config = DOPDConfig(regime_routes={"HS": {"enabled": False}, "LL": {"enabled": False}})
+    obj = build_objective(config)
+    n, h = 6, 8
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(50, h, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = {v: TargetStates(torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(50, h, generator=g, dtype=torch.float64), torch.full((n,), -3.0, dtype=torch.float64)) for v in obj.views if v != "student"}
+    ids = torch.randint(0, 50, (n,), generator=g)
+    route = torch.tensor([int(Regime.HS)] * 3 + [int(Regime.LH)] * 3)  # first chunk (size 3): switched-off routes only
+    out = chunked_objective_loss(obj, hidden, head, ids, route, torch.full((n,), 1.0 / n, dtype=torch.float64), targets, 50, chunk_size=3)
+    out.loss.backward()
+    assert torch.all(out.token_loss[:3] == 0) and torch.all(out.token_loss[3:] > 0)
+    assert torch.all(hidden.grad[:3] == 0) and hidden.grad[3:].abs().sum() > 0

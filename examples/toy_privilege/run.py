@@ -41,6 +41,13 @@ from dopd_vl.views import build_view  # noqa: E402
 from examples.toy_privilege.task import build_char_tokenizer, write_split  # noqa: E402
 
 METHODS = ("vanilla_opd", "privileged_opd", "self_distill", "uniform", "dopd")
+# The investigation: a frozen initial privileged student instead of the live one, and DOPD with
+# only its teacher routes (LH, HT), as config switches of the same engine.
+ABLATIONS = (
+    "dopd_initial=dopd;objective.privileged_student=initial",
+    "self_distill_initial=self_distill;objective.privileged_student=initial",
+    "dopd_noHS_LL=dopd;objective.regime_routes={HS: {enabled: false}, LL: {enabled: false}}",
+)
 
 
 @dataclass
@@ -214,7 +221,11 @@ def run(out: Path, size: Size, methods: tuple[str, ...] = METHODS, reuse: bool =
     for spec in methods:
         label, method, overrides = parse_method(spec)
         for seed in size.seeds:
-            final = distill(method, seed, train, teacher, student, out / "runs" / f"{label}-seed{seed}", size.distill_steps, overrides)
+            run_dir = out / "runs" / f"{label}-seed{seed}"
+            if reuse and (run_dir / "final" / "config.json").exists():
+                final = run_dir / "final"  # finished earlier (e.g. before a crash): evaluate only
+            else:
+                final = distill(method, seed, train, teacher, student, run_dir, size.distill_steps, overrides)
             report = evaluate(final, heldout, evals / f"{label}-seed{seed}.json")
             results.setdefault(label, []).append(report)
             print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
@@ -236,9 +247,9 @@ def cli() -> None:
     parser.add_argument("--out", default="runs/toy_privilege")
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps (<= 10 min)")
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS),
+    parser.add_argument("--methods", nargs="+", default=list(METHODS + ABLATIONS),
                         help="methods; an ablation is LABEL=METHOD;key=value;... e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
-    parser.add_argument("--reuse", action="store_true", help="reuse OUT's data and trained teacher / student instead of preparing them again")
+    parser.add_argument("--reuse", action="store_true", help="reuse OUT's data, teacher and student, and finished runs (re-evaluated), e.g. after a crash")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size = SIZES[args.size or ("quick" if args.quick else "full")]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("dopd", "vanilla_opd", "trl")
+BREAKDOWN: dict[str, float] = {}  # median seconds per phase of our steps (rollout, scoring, loss + backward)
 
 
 def _models(hidden: int) -> tuple[str, str]:
@@ -64,12 +65,16 @@ def run_ours(objective: str, args, work: Path) -> list[float]:
     trainer = Trainer(config)
     trainer.eos_token_ids = [trainer.tokenizer.eos_token_id]
     trainer.suppress_ids = trainer.suppress_ids + sorted({trainer.tokenizer.eos_token_id, *trainer.student.generation_config.eos_token_id})
-    times = []
+    times, parts = [], []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
         trainer._seed_step()
-        trainer.train_step([trainer.rollout(ix) for ix in trainer._step_prompt_indices()])
+        micro_batches = [trainer.rollout(ix) for ix in trainer._step_prompt_indices()]
+        rollout = time.perf_counter() - start
+        metrics = trainer.train_step(micro_batches)
         times.append(time.perf_counter() - start)
+        parts.append({"rollout": rollout, "scoring": metrics["time/scoring"], "loss_backward": metrics["time/loss"]})
+    BREAKDOWN.update({k: statistics.median(p[k] for p in parts[1:]) for k in parts[0]})
     return times[1:]
 
 
@@ -118,7 +123,7 @@ def worker(method: str, args) -> dict:
     torch.set_num_threads(os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as tmp:
         times = run_trl(args, Path(tmp)) if method == "trl" else run_ours(method, args, Path(tmp))
-    return {"method": method, "step_s_median": statistics.median(times), "step_s": times, "responses_per_step": args.prompts * args.generations,
+    return {"method": method, "step_s_median": statistics.median(times), "step_s": times, "phases_s_median": dict(BREAKDOWN), "responses_per_step": args.prompts * args.generations,
             "new_tokens": args.new_tokens, "hidden": args.hidden, "vocab_rows": 151_936}
 
 

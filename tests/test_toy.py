@@ -20,7 +20,7 @@ def test_task_records_and_char_tokenizer_round_trip():
     rng = random.Random(0)
     problems = [make_problem(rng, i) for i in range(200)]
     for p in problems:
-        validate_record(p, "toy", p["id"])
+        validate_record(p)
         a, b = p["prompt"][0]["content"].rstrip("=").split("+")
         if b == "?":
             assert p["meta"]["question_type"] == "hidden_digit" and int(a) + int(p["privileged_context"][-1]) == int(p["answer"])

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--student", help="student model folder or hub id (default: a tiny Qwen3-VL built offline)")
     demo.add_argument("--teacher", help="teacher model folder or hub id (default: a tiny Qwen3-VL built offline, then taught to use the boxes)")
-    demo.add_argument("--steps", type=int, help="DOPD training steps (default 30)")
-    demo.add_argument("--images", type=int, help="generated scenes (default 40)")
+    demo.add_argument("--steps", type=int, help="DOPD training steps (default 24)")
+    demo.add_argument("--images", type=int, help="generated scenes (default 32)")
     demo.set_defaults(run=_demo)
 
     return parser

@@ -33,19 +33,19 @@ __all__ = ["DemoConfig", "make_demo_dataset", "run_demo"]
 
 @dataclass
 class DemoConfig:
-    num_images: int = 40
-    eval_images: int = 10
+    num_images: int = 32
+    eval_images: int = 8
     """Scenes held out for evaluation (their questions never appear in training)."""
-    teacher_sft_steps: int = 120
+    teacher_sft_steps: int = 90
     teacher_sft_views: tuple[str, ...] = ("teacher_priv",)
     """The teacher learns the answers with the boxes only, so its edge is largely privileged."""
-    student_sft_steps: int = 150
+    student_sft_steps: int = 100
     student_sft_views: tuple[str, ...] = ("student", "student", "student_priv")
     """A warm-up on answers (mostly without boxes), so the built student starts as a weak model
     that knows the answer format (as a real pretrained student would), not as random weights."""
     top_k: int = 32
     topk_source: str = "student"
-    steps: int = 30
+    steps: int = 24
     """DOPD optimizer steps."""
     batch_size: int = 4
     """Prompts per step; each gets `num_generations` responses."""

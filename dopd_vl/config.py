@@ -7,13 +7,12 @@ and type-checked against the field they set. Files are read with `yaml.safe_load
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import re
 
 import yaml
 

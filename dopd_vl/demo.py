@@ -111,7 +111,8 @@ def _finetune(folder: Path, train: Path, steps: int, views: tuple[str, ...], see
 def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | None = None, teacher: str | None = None,
              steps: int | None = None, num_images: int | None = None, config: DemoConfig | None = None) -> dict:
     from dopd_vl.config import load_config
-    from dopd_vl.models import build_tiny_qwen3_vl, load_model, load_processing, load_tokenizer
+    from dopd_vl.data import load_records
+    from dopd_vl.models import build_tiny_qwen3_vl, check_same_tokenizer, eos_token_ids, load_model, load_processing, load_tokenizer, never_sampled_token_ids
     from dopd_vl.modality import make_adapter
     from dopd_vl.plots import plot_run, read_metrics
     from dopd_vl.rollout import RolloutConfig, sample_responses
@@ -186,14 +187,13 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
     s_model, t_model = load_model(student_out).eval(), load_model(teacher_path).eval()
     s_proc, t_proc = load_processing(student_out), load_processing(teacher_path)
     adapters = {"student": make_adapter(s_proc, image_root=evaluation.parent), "teacher": make_adapter(t_proc, image_root=evaluation.parent)}
-    from dopd_vl.data import load_records
-    from dopd_vl.models import check_same_tokenizer, eos_token_ids, never_sampled_token_ids
-
     records = load_records(evaluation)[: config.routing_records]
     rollout = sample_responses(s_model, adapters["student"], records, RolloutConfig(num_generations=1, max_new_tokens=config.max_new_tokens),
                                eos_token_ids(s_proc, s_model), never_sampled_token_ids(s_proc, s_model))
-    routed, thresholds = route_records(s_model, t_model, adapters, records, rollout.responses, check_same_tokenizer(s_proc, t_proc, s_model, t_model))
-    routing = write_routing_html(out / "routing.html", routed, thresholds, image_root=evaluation.parent, title="DOPD token routing (demo student, held-out scenes)")
+    vocab = check_same_tokenizer(s_proc, t_proc, s_model, t_model)
+    routed, thresholds = route_records(s_model, t_model, adapters, records, rollout.responses, vocab, train_config.objective)
+    routing = write_routing_html(out / "routing.html", routed, thresholds, image_root=evaluation.parent,
+                                 title="DOPD token routing (demo student, held-out scenes)", objective_config=train_config.objective)
 
     metrics = read_metrics(run_dir)
     mean_fractions = {r: sum(m[f"frac/{r}"] for m in metrics) / len(metrics) for r in REGIME_NAMES}
@@ -234,7 +234,7 @@ def _summary_markdown(s: dict) -> str:
         row("teacher with boxes (privileged)", s["accuracy_before"]["teacher_with_boxes"]),
         row("teacher without boxes", s["accuracy_before"]["teacher_without_boxes"]), "",
         "The student never sees the boxes; the gap between the teacher with and without them is the part of its edge that is "
-        "privileged information, which DOPD does not push onto the student at full strength.", "",
+        "privileged information, which DOPD's routing is meant not to push onto the student at full strength.", "",
         "## Routing", "",
         "| regime | mean token fraction | last step fraction | last step mean A |", "|---|---|---|---|",
         *[f"| {r} | {s['regime_fractions_mean'][r]:.3f} | {last[f'frac/{r}']:.3f} | {last[f'A/{r}']:.3f} |" for r in REGIME_NAMES], "",

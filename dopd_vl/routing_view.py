@@ -24,15 +24,25 @@ from dopd_vl.routing import REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.scoring import score_views
 from dopd_vl.views import build_views
 
-__all__ = ["RoutedResponse", "route_records", "write_routing_html"]
+__all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html"]
 
 REGIME_COLORS = {"LH": "#cfe8ff", "LL": "#e6e6e6", "HT": "#ffb3a7", "HS": "#c8f0c0"}
-REGIME_MEANING = {
-    "HT": "high gap, teacher more confident: strong full-vocabulary JS to the teacher",
-    "HS": "high gap, privileged student more confident: weak top-K reverse KL",
-    "LH": "low gap, both confident: light top-K reverse KL",
-    "LL": "low gap, both uncertain: weak top-K reverse KL",
+REGIME_CONDITION = {
+    "LH": "low gap, confident",
+    "LL": "low gap, uncertain",
+    "HT": "high gap, teacher more confident",
+    "HS": "high gap, privileged student more confident",
 }
+
+
+def regime_legend(objective_config: DOPDConfig | None = None) -> dict[str, str]:
+    """Each regime's condition and the route the objective actually gives it (overrides included)."""
+    routes = build_objective(objective_config or DOPDConfig()).routes
+    legend = {}
+    for name, route in zip(REGIME_NAMES, routes):
+        action = "switched off" if route is None else f"{route.divergence.upper()} ({route.support}) to {route.target}, weight {route.weight:g}"
+        legend[name] = f"{REGIME_CONDITION[name]}: {action}"
+    return legend
 
 
 @dataclass
@@ -79,11 +89,14 @@ def route_records(
     return out, {k: float(v) for k, v in stats.items() if k in ("A", "q_student", "q_teacher")}
 
 
-def write_routing_html(path: str | Path, routed: list[RoutedResponse], thresholds: dict[str, float], image_root: str | Path | None = None, title: str = "DOPD token routing") -> Path:
-    """One HTML page: per record the image, question, privileged context and the coloured response."""
+def write_routing_html(path: str | Path, routed: list[RoutedResponse], thresholds: dict[str, float], image_root: str | Path | None = None,
+                       title: str = "DOPD token routing", objective_config: DOPDConfig | None = None) -> Path:
+    """One HTML page: per record the image, question, privileged context and the coloured response.
+    The legend is derived from the objective (pass the config used for `route_records`)."""
     path = Path(path)
+    meaning = regime_legend(objective_config)
     legend = "".join(
-        f'<span class="tok" data-regime="{name}" style="background:{REGIME_COLORS[name]}">{name}</span> {html.escape(REGIME_MEANING[name])}<br>'
+        f'<span class="legend" style="background:{REGIME_COLORS[name]}">{name}</span> {html.escape(meaning[name])}<br>'
         for name in ("HT", "HS", "LH", "LL")
     )
     sections = []
@@ -106,7 +119,7 @@ def write_routing_html(path: str | Path, routed: list[RoutedResponse], threshold
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
 .row {{ display: flex; gap: 1.5em; }} .images img {{ max-width: 320px; image-rendering: pixelated; border: 1px solid #ccc; }}
-.tok {{ padding: 1px 2px; margin: 0 1px; border-radius: 3px; font-family: monospace; white-space: pre-wrap; }}
+.tok, .legend {{ padding: 1px 2px; margin: 0 1px; border-radius: 3px; font-family: monospace; white-space: pre-wrap; }}
 pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} section {{ border-top: 1px solid #ddd; padding: 1em 0; }}
 </style></head><body><h1>{html.escape(title)}</h1>
 <p>Thresholds over these tokens: <code>{html.escape(json.dumps({k: round(v, 4) for k, v in thresholds.items()}))}</code></p>

@@ -138,3 +138,15 @@ def test_answer_normalisation_helpers():
     assert extract_number("twelve apples and 5 pears") == 5.0
     assert extract_number("none here") is None
     assert extract_yes_no("Well... NO.") == "no"
+
+
+def test_routing_legend_follows_the_objective_config():
+    from dopd_vl.objectives import DOPDConfig
+    from dopd_vl.routing_view import regime_legend
+
+    legend = regime_legend()
+    assert legend["HT"].endswith("JS (full) to teacher_priv, weight 1")
+    assert legend["HS"].endswith("RKL (topk) to student_priv, weight 0.6")
+    assert legend["LL"].endswith("RKL (topk) to student_priv, weight 0.3")
+    assert legend["LH"].endswith("RKL (topk) to teacher_priv, weight 0.6")
+    assert regime_legend(DOPDConfig(regime_routes={"LL": {"enabled": False}}))["LL"].endswith("switched off")

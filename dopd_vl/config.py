@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from dopd_vl.errors import ConfigError
+from dopd_vl.guard import CollapseGuardConfig
 from dopd_vl.modality import PromptConfig
 from dopd_vl.objectives import DOPDConfig
 from dopd_vl.rollout import RolloutConfig
@@ -90,6 +91,15 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """accelerate trackers, e.g. [tensorboard] or [wandb]."""
     gradient_checkpointing: bool = False
+    collapse_action: str = "warn"
+    """What the collapse guard does when the student collapses (dopd_vl/guard.py): `warn` once,
+    `stop` after a clean checkpoint, or `off` [ours]."""
+    collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
+    """The guard's reference window and thresholds [ours]."""
+
+    def __post_init__(self) -> None:
+        if self.collapse_action not in ("warn", "stop", "off"):
+            raise ValueError(f"collapse_action must be warn, stop or off, got {self.collapse_action!r}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:

@@ -35,19 +35,24 @@ class SFTConfig:
     """Prompts the answers are conditioned on, one view per step in turn: teacher_priv / student_priv
     (with the privileged context) or student / teacher_plain (without)."""
     seed: int = 0
+    target: str = "answer"
+    """The record field trained on: `answer`, or `meta.<key>` for a worked solution kept in meta."""
 
 
-def answer_ids(tokenizer, record: dict) -> torch.Tensor:
-    """The record's answer as response token ids, ending with EOS (what a finished answer looks like)."""
-    ids = tokenizer(str(record["answer"]), add_special_tokens=False).input_ids
+def answer_ids(tokenizer, record: dict, target: str = "answer") -> torch.Tensor:
+    """The record's answer (or `meta.<key>`) as response token ids, ending with EOS (what a
+    finished answer looks like)."""
+    value = record["meta"][target.removeprefix("meta.")] if target.startswith("meta.") else record[target]
+    ids = tokenizer(str(value), add_special_tokens=False).input_ids
     return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
 
 
 def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_size: int, config: SFTConfig) -> list[float]:
     """Train `model` in place on (view prompt -> answer) pairs; returns the loss per step."""
-    usable = [r for r in records if r.get("answer") is not None]
+    key = config.target.removeprefix("meta.")
+    usable = [r for r in records if ((r.get("meta") or {}) if config.target.startswith("meta.") else r).get(key) is not None]
     if not usable:
-        raise ValueError("supervised_finetune needs records with an `answer`")
+        raise ValueError(f"supervised_finetune needs records with `{config.target}`")
     rng = random.Random(config.seed)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     device = next(model.parameters()).device
@@ -60,7 +65,7 @@ def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_si
         for i in picked:
             if (i, view_name) not in prompts:
                 prompts[i, view_name] = adapter.prompt(usable[i], view_name)
-        view = build_view(adapter, view_name, batch, [answer_ids(adapter.tokenizer, r) for r in batch], [prompts[i, view_name] for i in picked]).to(device)
+        view = build_view(adapter, view_name, batch, [answer_ids(adapter.tokenizer, r, config.target) for r in batch], [prompts[i, view_name] for i in picked]).to(device)
         hidden, ids = valid_response_states(model, view)
         loss = nn.functional.cross_entropy(chunk_logits(hidden, output_embedding_weight(model), vocab_size), ids)
         loss.backward()

@@ -30,6 +30,7 @@ from dopd_vl.config import TrainConfig, config_to_dict
 from dopd_vl.data import load_records
 from dopd_vl.errors import DopdError
 from dopd_vl.evaluation import is_correct
+from dopd_vl.guard import CollapseAlarm, CollapseGuard
 from dopd_vl.models import (
     check_same_tokenizer,
     eos_token_ids,
@@ -49,11 +50,15 @@ from dopd_vl.views import ViewBatch, build_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "MicroBatch", "TrainingError", "StudentLoss"]
+__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "StudentLoss"]
 
 
 class TrainingError(DopdError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class CollapseDetected(TrainingError):
+    """The collapse guard stopped the run (`collapse_action: stop`); a checkpoint was written first."""
 
 
 @dataclass
@@ -130,6 +135,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
+        self.guard = CollapseGuard(c.collapse_guard)
 
     # ------------------------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> Path:
@@ -150,7 +156,11 @@ class Trainer:
             metrics["time/rollout"] = rollout_time
             metrics["tokens_per_s"] = metrics.pop("_tokens") / (time.perf_counter() - started)
             metrics.update(_rollout_metrics(micro_batches, self.tokenizer, self.accelerator))
+            alarm = self.guard.update(metrics) if c.collapse_action != "off" else None
+            metrics["collapse_alarm"] = int(alarm is not None)
             self._log(metrics)
+            if alarm is not None:
+                self._on_collapse(alarm)
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", *(f"frac/{r}" for r in REGIME_NAMES)) if k in metrics})
             if self.step % c.save_steps == 0 or self.step == c.max_steps:
@@ -246,6 +256,20 @@ class Trainer:
                 generator = torch.Generator().manual_seed(self.config.objective.prune_seed * 1_000_003 + self.step)
                 prune_keys = self.objective.prune_keys(signals, generator)
         return _Scored(views["student"], targets, signals, prune_keys)
+
+    def _on_collapse(self, alarm: CollapseAlarm) -> None:
+        """Warn once with what was seen and what avoids it; with `collapse_action: stop`, save and stop."""
+        c = self.config
+        advice = [f"a lower optim.lr (now {c.optim.lr:g})"]
+        to_self = any(r is not None and r.target == "student_priv" for r in self.objective.routes)
+        if to_self and c.objective.privileged_student == "live":
+            advice.insert(0, "objective.privileged_student=initial (or ema): routes to the live privileged student are "
+                             "self-distillation toward a moving copy, which can reach a trivial agreement")
+        message = f"collapse guard ({self.objective.name}): {alarm.describe()}. Settings that avoid it: {'; '.join(advice)}."
+        if c.collapse_action == "stop":
+            self.save()
+            raise CollapseDetected(f"{message} Stopped after saving checkpoint-{self.step} in {self.output_dir}.")
+        logger.warning("%s Training goes on (collapse_action=stop would end the run here).", message)
 
     # ----------------------------------------------------------------------------- components
     def _score_targets(self, views: dict[str, ViewBatch]) -> dict[str, TargetStates]:
@@ -354,7 +378,7 @@ class Trainer:
             save_checkpoint(
                 self.output_dir, self.step, model=self.accelerator.unwrap_model(self.loss_module).model,
                 processing=self.student_processing, optimizer=self.optimizer, scheduler=self.scheduler,
-                state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips},
+                state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips, "guard": self.guard.state_dict()},
                 config=config_to_dict(self.config), extra_tensors=extra, keep=self.config.save_total_limit,
             )
         self.accelerator.wait_for_everyone()
@@ -397,6 +421,7 @@ class Trainer:
         if extra:
             self.privileged_student.load_state_dict({k.removeprefix("ema."): v for k, v in extra.items()})
         self.step, self.skipped_steps, self.consecutive_skips = state["step"], state["skipped_steps"], state["consecutive_skips"]
+        self.guard.load_state_dict(state.get("guard", {}))
         metrics = self.output_dir / "metrics.jsonl"
         if self.accelerator.is_main_process and metrics.exists():  # drop lines logged after the checkpoint
             kept = [line for line in metrics.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
@@ -408,17 +433,18 @@ class Trainer:
 def _rollout_metrics(micro_batches: list[MicroBatch], tokenizer, accelerator) -> dict:
     lengths = [r.numel() for mb in micro_batches for r in mb.rollout.responses]
     clipped = [reason == "length" for mb in micro_batches for reason in mb.rollout.stop_reasons]
+    eos_only = [r.numel() == 1 and reason == "eos" for mb in micro_batches for r, reason in zip(mb.rollout.responses, mb.rollout.stop_reasons)]
     correct = []
     for mb in micro_batches:
         for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
             answer = mb.records[i].get("answer")
             if answer is not None:
                 correct.append(is_correct(tokenizer.decode(response, skip_special_tokens=True), answer))
-    values = torch.tensor([sum(lengths), len(lengths), sum(clipped), sum(correct), len(correct)], dtype=torch.float64, device=accelerator.device)
+    values = torch.tensor([sum(lengths), len(lengths), sum(clipped), sum(eos_only), sum(correct), len(correct)], dtype=torch.float64, device=accelerator.device)
     if accelerator.num_processes > 1:
         values = accelerator.reduce(values, "sum")
-    total, n, n_clipped, n_correct, n_answered = values.tolist()
-    metrics = {"response_length": total / max(n, 1), "clipped_frac": n_clipped / max(n, 1)}
+    total, n, n_clipped, n_eos_only, n_correct, n_answered = values.tolist()
+    metrics = {"response_length": total / max(n, 1), "clipped_frac": n_clipped / max(n, 1), "eos_only_frac": n_eos_only / max(n, 1)}
     if n_answered:
         metrics["accuracy"] = n_correct / n_answered
     return metrics

@@ -86,6 +86,10 @@ class DOPDConfig:
     """student_priv weights: `live` (current, detached) [paper], `initial` or `ema` [ours]."""
     ema_decay: float = 0.99
     """Decay of the `ema` privileged student [ours]."""
+    edge_check: str = "none"
+    """dopd: `none` (the paper's HT/HS rule) or `plain_teacher`: a high-gap token goes to the
+    teacher only when the teacher's verdict on it survives without the context (capability, not
+    information); needs the teacher_plain view [ours; a variant, not the paper's rule]."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -102,6 +106,8 @@ class DOPDConfig:
             (self.prune_by in _PRUNE_BY, f"objective.prune_by must be one of {_PRUNE_BY}, got {self.prune_by!r}"),
             (self.privileged_student in ("live", "initial", "ema"), f"objective.privileged_student must be live, initial or ema, got {self.privileged_student!r}"),
             (0.0 < self.ema_decay < 1.0, f"objective.ema_decay must be in (0, 1), got {self.ema_decay}"),
+            (self.edge_check in ("none", "plain_teacher"), f"objective.edge_check must be 'none' or 'plain_teacher', got {self.edge_check!r}"),
+            (self.edge_check == "none" or self.name == "dopd", "objective.edge_check applies to 'dopd' only"),
         ]
         for ok, message in checks:
             if not ok:
@@ -152,7 +158,16 @@ class Objective:
         needed = {r.target for r in self.routes if r is not None}
         if self.needs_signals:
             needed |= {"teacher_priv", "student_priv"}
+        if self.config.edge_check == "plain_teacher":
+            needed.add("teacher_plain")
         return tuple(v for v in SCORING_VIEWS if v in needed)
+
+    def token_signals(self, token_logprob: dict[str, Tensor]) -> TokenSignals | None:
+        """Routing signals from the scoring views' sampled-token log-probs (None if not routed)."""
+        if not self.needs_signals:
+            return None
+        plain = token_logprob["teacher_plain"] if self.config.edge_check == "plain_teacher" else None
+        return token_signals(token_logprob["teacher_priv"], token_logprob["student_priv"], plain)
 
     def step_statistics(self, signals: TokenSignals | None, prune_keys: Tensor | None = None) -> dict[str, float]:
         """Statistics over all valid tokens of the step: thresholds (and the prune cut-off)."""
@@ -300,12 +315,10 @@ def objective_loss(
     def sampled(logp: Tensor) -> Tensor:
         return logp.gather(-1, ids[..., None]).squeeze(-1)
 
-    signals = None
-    if objective.needs_signals:
-        signals = token_signals(sampled(target_logp["teacher_priv"]), sampled(target_logp["student_priv"]))
+    signals = objective.token_signals({v: sampled(lp) for v, lp in target_logp.items()})
     prune_keys = objective.prune_keys(signals, prune_generator) if objective.router == "prune" else None
     if thresholds is None:
-        valid_signals = TokenSignals(*(x[mask] for x in dataclasses.astuple(signals))) if signals is not None else None
+        valid_signals = TokenSignals(*(x[mask] if x is not None else None for x in dataclasses.astuple(signals))) if signals is not None else None
         thresholds = objective.step_statistics(valid_signals, prune_keys[mask] if prune_keys is not None else None)
     route = objective.assign_routes(mask, signals, thresholds, prune_keys)
     regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if signals is not None else route

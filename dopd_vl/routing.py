@@ -45,6 +45,8 @@ class TokenSignals:
     advantage_gap: Tensor
     q_teacher: Tensor
     q_student: Tensor
+    q_teacher_plain: Tensor | None = None
+    """The teacher *without* the context on the same token; only for `edge_check: plain_teacher` [ours]."""
 
 
 @dataclass
@@ -73,11 +75,13 @@ def trimmed_mean(values: Tensor, outlier_fraction: float = 0.05) -> Tensor:
     return kept.mean()
 
 
-def token_signals(teacher_logprob: Tensor, student_priv_logprob: Tensor) -> TokenSignals:
-    """Eq. 1: the privilege advantage gap and both confidences, without gradient."""
+def token_signals(teacher_logprob: Tensor, student_priv_logprob: Tensor, teacher_plain_logprob: Tensor | None = None) -> TokenSignals:
+    """Eq. 1: the privilege advantage gap and both confidences, without gradient (and, for the
+    edge check, the plain teacher's confidence)."""
     l_t = teacher_logprob.detach().double()
     l_s = student_priv_logprob.detach().double()
-    return TokenSignals(advantage_gap=(l_t - l_s).abs(), q_teacher=l_t.exp(), q_student=l_s.exp())
+    q_plain = teacher_plain_logprob.detach().double().exp() if teacher_plain_logprob is not None else None
+    return TokenSignals(advantage_gap=(l_t - l_s).abs(), q_teacher=l_t.exp(), q_student=l_s.exp(), q_teacher_plain=q_plain)
 
 
 def compute_thresholds(signals: TokenSignals, outlier_fraction: float = 0.05) -> dict[str, float]:
@@ -94,11 +98,19 @@ def compute_thresholds(signals: TokenSignals, outlier_fraction: float = 0.05) ->
 
 
 def assign_regimes(signals: TokenSignals, thresholds: dict[str, float]) -> Tensor:
-    """Table 1.4. Boundaries: A == threshold is high; q_T == q_S is HT; equal sums are LH."""
+    """Table 1.4. Boundaries: A == threshold is high; q_T == q_S is HT; equal sums are LH.
+
+    With `q_teacher_plain` (the edge check, [ours], not the paper's rule), a high-gap token goes to
+    the teacher (HT) when the teacher's verdict on it relative to the privileged student is the
+    same with and without the context, i.e. a capability edge; a verdict that flips without the
+    context is information the student never has, and goes to the privileged student (HS).
+    """
     a, q_t, q_s = signals.advantage_gap, signals.q_teacher, signals.q_student
     high_gap = a >= thresholds["A"]
     confident = (q_s + q_t) >= (thresholds["q_student"] + thresholds["q_teacher"])
     teacher_wins = q_t >= q_s
+    if signals.q_teacher_plain is not None:
+        teacher_wins = teacher_wins == (signals.q_teacher_plain >= q_s)
     low = torch.where(confident, int(Regime.LH), int(Regime.LL))
     high = torch.where(teacher_wins, int(Regime.HT), int(Regime.HS))
     return torch.where(high_gap, high, low).long()

@@ -68,12 +68,13 @@ def route_records(
 ) -> tuple[list[RoutedResponse], dict[str, float]]:
     """Route every token of `responses` (one per record) with DOPD; thresholds over all of them."""
     objective = build_objective(objective_config or DOPDConfig())
-    views = build_views(adapters, ("student", "teacher_priv", "student_priv"), records, responses)
+    views = build_views(adapters, ("student", *dict.fromkeys(("teacher_priv", "student_priv", *objective.views))), records, responses)
     was_training = student.training
     student.eval()
     targets = score_views(views, teacher, student, vocab_size)
     student.train(was_training)
-    signals = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)
+    signals = objective.token_signals({v: t.token_logprob for v, t in targets.items()}) or token_signals(
+        targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)  # baselines: shown as DOPD would route
     stats = objective.step_statistics(signals)
     regimes = assign_regimes(signals, stats)
     tokenizer = adapters["student"].tokenizer

@@ -44,7 +44,7 @@ from dopd_vl.models import (
 from dopd_vl.modality import make_adapter
 from dopd_vl.objectives import TargetStates, build_objective, chunked_objective_loss, token_weights
 from dopd_vl.rollout import Rollout, sample_responses
-from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes, token_signals
+from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
 from dopd_vl.views import ViewBatch, build_views
 
@@ -249,9 +249,9 @@ class Trainer:
         views = build_views(self.adapters, ("student", *self.objective.views), records, responses)
         views = {k: v.to(self.device) for k, v in views.items()}
         targets = self._score_targets(views)
-        signals = prune_keys = None
-        if self.objective.needs_signals:
-            signals = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)
+        signals = self.objective.token_signals({v: t.token_logprob for v, t in targets.items()})
+        prune_keys = None
+        if signals is not None:
             if self.objective.router == "prune":
                 generator = torch.Generator().manual_seed(self.config.objective.prune_seed * 1_000_003 + self.step)
                 prune_keys = self.objective.prune_keys(signals, generator)

@@ -263,7 +263,7 @@ def _run_both_paths(setup, config, tied):
                 lp = (h @ heads[v][:REAL_V].T).log_softmax(-1)
                 assert torch.allclose(targets[v].token_logprob, lp.gather(-1, flat_ids[:, None]).squeeze(-1), rtol=1e-10)
                 assert torch.allclose(targets[v].entropy, -(lp.exp() * lp).sum(-1), rtol=1e-10)
-            signals = token_signals(targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob) if obj.needs_signals else None
+            signals = obj.token_signals({v: t.token_logprob for v, t in targets.items()})
             keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
             stats = obj.step_statistics(signals, keys)
             route = obj.assign_routes(torch.ones_like(flat_ids, dtype=torch.bool), signals, stats, keys)
@@ -280,6 +280,7 @@ def _run_both_paths(setup, config, tied):
 
 CHUNK_CONFIGS = [
     DOPDConfig(top_k=16),
+    DOPDConfig(top_k=16, edge_check="plain_teacher"),
     DOPDConfig(top_k=16, normalization="token", topk_source="target"),
     DOPDConfig(top_k=16, topk_tail=False, regime_routes={"LL": {"support": "sampled"}}),
     DOPDConfig(name="vanilla_opd", top_k=16),

@@ -89,3 +89,24 @@ def test_outliers_are_trimmed_from_the_mean_but_still_routed():
     expected = (l_t[0, 1:].double() - l_s[0, 1:].double()).abs().mean().item()
     assert r.thresholds["A"] == pytest.approx(expected, rel=1e-9)
     assert r.regime[0, 0].item() == Regime.HS  # routed although trimmed
+
+
+def test_edge_check_sends_a_high_gap_token_to_the_teacher_only_when_its_verdict_survives_without_context():
+    # Four high-gap tokens (A = |ln q_T - ln q_S| = ln 4 each, threshold given), every combination of
+    # the privileged teacher's and the plain teacher's verdict against the privileged student.
+    from dopd_vl.routing import TokenSignals, assign_regimes
+
+    q_t = torch.tensor([0.8, 0.8, 0.2, 0.2], dtype=torch.float64)
+    q_s = torch.tensor([0.2, 0.2, 0.8, 0.8], dtype=torch.float64)
+    q_plain = torch.tensor([0.5, 0.1, 0.1, 0.9], dtype=torch.float64)
+    thresholds = {"A": 1.0, "q_student": 0.5, "q_teacher": 0.5}
+    gap = (q_t.log() - q_s.log()).abs()
+    paper = assign_regimes(TokenSignals(gap, q_t, q_s), thresholds)
+    checked = assign_regimes(TokenSignals(gap, q_t, q_s, q_plain), thresholds)
+    assert paper.tolist() == [Regime.HT, Regime.HT, Regime.HS, Regime.HS]
+    # teacher wins with and without context -> HT; wins only with it (information) -> HS;
+    # rejects with and without (capability) -> HT; rejects only with it -> HS.
+    assert checked.tolist() == [Regime.HT, Regime.HS, Regime.HT, Regime.HS]
+    # Low-gap tokens are untouched by the check.
+    low = TokenSignals(torch.zeros(2, dtype=torch.float64), q_t[:2], q_t[:2], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    assert assign_regimes(low, thresholds).tolist() == [Regime.LH, Regime.LH]

@@ -4,12 +4,14 @@ student training, distillation through the Trainer, `dopd eval`, table and curve
 import json
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 
 from examples.toy_privilege import run as toy  # noqa: E402
-from examples.toy_privilege.task import build_char_tokenizer, make_problem  # noqa: E402
+from examples.toy_privilege.task import build_char_tokenizer, make_problem, write_split  # noqa: E402
 
 
 def test_task_records_and_char_tokenizer_round_trip():
@@ -34,16 +36,44 @@ def test_task_records_and_char_tokenizer_round_trip():
     assert tokenizer.eos_token == "<|im_end|>" and len(tokenizer) < 110
 
 
-def test_toy_pipeline_smoke(tmp_path):
-    payload = toy.run(tmp_path, toy.SIZES["smoke"], methods=("vanilla_opd", "dopd"))
+@pytest.mark.parametrize("task", ["add_hidden", "two_step"])
+def test_toy_pipeline_smoke(tmp_path, task):
+    size = toy.TASKS[task].sizes["smoke"]
+    specs = [("vanilla_opd", None), ("dopd", None), ("prune_random=pruned_opd;objective.prune_by=random", None), ("dopd_lr0.001=dopd;optim.lr=1e-3", (0,))]
+    payload = toy.run(tmp_path, task, size, specs)
     table = (tmp_path / "results.md").read_text()
-    for row in ("| student (start) |", "| vanilla_opd |", "| dopd |", "| teacher, no context |", "| teacher, with context |"):
+    for row in ("| student (start) |", "| vanilla_opd |", "| dopd |", "| teacher, no context |", "| teacher, with context |", "| random |", "| dopd | "):
         assert row in table
+    assert "Mean regime occupancy" in table and "Learning rate" in table and "gain relative" in table
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["results"]) == {"vanilla_opd", "dopd"} and saved["size"]["distill_steps"] == 2
+    assert set(saved["results"]) == {"vanilla_opd", "dopd", "prune_random", "dopd_lr0.001"} and saved["size"]["distill_steps"] == 2
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in ("vanilla_opd", "dopd"):
-        report = json.loads((tmp_path / "eval" / f"{method}-seed0.json").read_text())
+        report = json.loads((tmp_path / "seed0" / "eval" / f"{method}.json").read_text())
         assert report["privileged"] is False and report["count"] == 16
         assert len((tmp_path / "runs" / f"{method}-seed0" / "metrics.jsonl").read_text().splitlines()) == 2
-    assert 0.0 <= payload["student_start"]["token_accuracy"] <= 1.0
+    training = saved["results"]["dopd"]["0"]["training"]
+    assert abs(sum(training[f"frac/{r}"] for r in ("LH", "LL", "HT", "HS")) - 1) < 1e-9 and training["response_length_end"] >= 1
+    assert 0.0 <= payload["prepared"][0]["student_start"]["token_accuracy"] <= 1.0
+    # --reuse: nothing is trained again, the same table comes back.
+    again = toy.run(tmp_path, task, size, specs, reuse=True)
+    assert again["table"] == json.loads(json.dumps(payload["table"]))
+
+
+def test_two_step_task_hints_are_intermediate_results_and_heldout_triples_are_unseen(tmp_path):
+    from dopd_vl.data import load_records, validate_record
+
+    train = load_records(write_split(tmp_path / "train.jsonl", 2000, seed=1, task="two_step", split_seed=3))
+    heldout = load_records(write_split(tmp_path / "heldout.jsonl", 1000, seed=2, task="two_step", split_seed=3, split="heldout"))
+    assert len(heldout) == 145  # 20% of the 729 triples, each once
+    seen = {r["prompt"][0]["content"] for r in train}
+    assert not seen & {r["prompt"][0]["content"] for r in heldout}
+    for r in train[:300] + heldout:
+        validate_record(r)
+        a, rest = r["prompt"][0]["content"].rstrip("=").split("*")
+        b, c = rest.split("+")
+        a, b, c = int(a), int(b), int(c)
+        assert r["answer"] == str(a * b + c) and r["privileged_context"] == f"hint: {a}*{b}={a * b}"
+        assert r["answer"] not in r["privileged_context"].split("=")[-1:]  # the hint never states the final answer
+        solution = r["meta"]["solution"]
+        assert solution.endswith(f"the answer is {a * b + c}") and 20 <= len(solution) <= 40

@@ -1,17 +1,26 @@
-"""Toy experiment: the privilege illusion and DOPD against the baselines, on CPU.
+"""Toy experiments: the privilege illusion, DOPD and the baselines, on CPU.
 
-    python examples/toy_privilege/run.py            # 3 seeds, the table in the README (<= 60 min, 2 cores)
-    python examples/toy_privilege/run.py --quick    # 1 seed, fewer steps (<= 10 min)
+    python examples/toy_privilege/run.py --task add_hidden              # 3 seeds, main table (<= 60 min, 2 cores)
+    python examples/toy_privilege/run.py --task two_step --study all    # + pruning and learning-rate studies
+    python examples/toy_privilege/run.py --quick                        # 1 seed, fewer steps (<= 10 min)
 
-Task (task.py): single-digit addition, half the problems with the second operand hidden; the
-privileged context reveals it. A Qwen3-architecture teacher (4 layers, 128 wide) is trained
-with and without the context; a smaller student (2 layers, 64 wide) is warmed up briefly, so it
-can read the context but is weak. From that same student, every method trains for the same steps
-and seeds through the package's Trainer and config; everything is evaluated without privileged
-context on held-out problems through `dopd eval`.
+Tasks (task.py): `add_hidden`, single-digit addition whose second operand may be hidden (the
+context reveals it: information no student can infer); `two_step`, `a*b+c=` answered with a
+worked solution, the context being the first step's result (inferable: the paper's regime).
 
-Writes OUT (default runs/toy_privilege): results.md (table), results.json, curves.png, the runs'
-metrics.jsonl and eval reports.
+A seed covers the whole pipeline: the data, the teacher (a Qwen3-architecture model trained with
+and without the context), the student's warm-up (a smaller model trained briefly, so capable but
+weak) and the distillation. From that seed's student, every method trains for the same steps
+through the package's Trainer and config.yaml; everything is evaluated without privileged context
+on held-out problems through `dopd eval`.
+
+Studies (`--study`): `main` (the methods and ablations, every seed), `prune` (pruned_opd dropping
+20% of tokens by largest A / random / smallest A, every seed), `lr` (dopd live, dopd with the
+initial privileged student and vanilla OPD at learning rates 1e-4 and 1e-3, seed 0; 3e-4 is the
+main runs'), `all`.
+
+Writes OUT (default runs/toy_privilege/TASK): results.md (tables), results.json, curves.png, each
+seed's data / models / eval reports, and runs/LABEL-seedS/ (metrics.jsonl, final/).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import logging
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,19 +44,26 @@ from dopd_vl.config import load_config  # noqa: E402
 from dopd_vl.data import load_records  # noqa: E402
 from dopd_vl.modality import make_adapter  # noqa: E402
 from dopd_vl.models import build_tiny_qwen3, final_hidden_states, load_model, output_embedding_weight  # noqa: E402
+from dopd_vl.plots import read_metrics  # noqa: E402
 from dopd_vl.sft import SFTConfig, answer_ids, supervised_finetune  # noqa: E402
 from dopd_vl.trainer import Trainer  # noqa: E402
 from dopd_vl.views import build_view  # noqa: E402
 from examples.toy_privilege.task import build_char_tokenizer, write_split  # noqa: E402
 
 METHODS = ("vanilla_opd", "privileged_opd", "self_distill", "uniform", "dopd")
-# The investigation: a frozen initial privileged student instead of the live one, and DOPD with
-# only its teacher routes (LH, HT), as config switches of the same engine.
+# Ablations and variants are config overrides of the same engine (LABEL=METHOD;key=value;...).
 ABLATIONS = (
     "dopd_initial=dopd;objective.privileged_student=initial",
     "self_distill_initial=self_distill;objective.privileged_student=initial",
     "dopd_noHS_LL=dopd;objective.regime_routes={HS: {enabled: false}, LL: {enabled: false}}",
+    # Ours, not the paper's rule (fixed before any held-out result of either task was seen):
+    # a high-gap token goes to the teacher only if its verdict survives without the context.
+    "dopd_edge=dopd;objective.edge_check=plain_teacher",
+    "dopd_edge_initial=dopd;objective.edge_check=plain_teacher;objective.privileged_student=initial",
 )
+PRUNE = tuple(f"prune_{by}=pruned_opd;objective.prune_by={by}" for by in ("largest_A", "random", "smallest_A"))
+LEARNING_RATES = (1e-4, 1e-3)  # with the main runs' 3e-4: a 10x span
+LR_METHODS = ("vanilla_opd", "dopd", "dopd_initial=dopd;objective.privileged_student=initial")
 
 
 @dataclass
@@ -60,16 +76,47 @@ class Size:
     distill_steps: int
 
 
-SIZES = {
-    "full": Size((0, 1, 2), 4000, 400, 600, 130, 500),
-    "quick": Size((0,), 4000, 400, 600, 130, 200),
-    "smoke": Size((0,), 64, 16, 4, 2, 2),
+@dataclass
+class Task:
+    """What differs between the toy tasks; everything else is shared."""
+
+    sizes: dict[str, Size]
+    max_new_tokens: int  # rollout and evaluation
+    sft_target: str  # the record field the teacher and student warm-up are trained on
+    question_types: tuple[str, str]
+    quick_methods: tuple[str, ...] = field(default=METHODS + ABLATIONS)
+
+
+TASKS = {
+    "add_hidden": Task(
+        sizes={"full": Size((0, 1, 2), 4000, 400, 600, 130, 500), "quick": Size((0,), 4000, 400, 600, 130, 200), "smoke": Size((0,), 64, 16, 4, 2, 2)},
+        max_new_tokens=4, sft_target="answer", question_types=("visible", "hidden_digit"),
+    ),
+    # Sizes fixed from the teacher's and the student's own calibration (accuracy after warm-up),
+    # before any distillation result: teacher ~95% without hints; student weak but learning.
+    "two_step": Task(
+        sizes={"full": Size((0, 1, 2), 4000, 145, 600, 300, 200), "quick": Size((0,), 4000, 145, 600, 300, 100), "smoke": Size((0,), 64, 16, 4, 2, 2)},
+        max_new_tokens=40, sft_target="meta.solution", question_types=("no_carry", "carry"),
+        quick_methods=("vanilla_opd", "privileged_opd", "dopd", "dopd_initial=dopd;objective.privileged_student=initial"),
+    ),
 }
 
 
-def per_token_report(model_dir: Path, data: Path) -> dict:
-    """Teacher-forced on the reference answers, plain view: per-position accuracy of the argmax
-    and entropy of the model's distribution (answer digits 1..2, then <|im_end|>)."""
+def study_methods(study: str, task: Task, quick: bool) -> list[tuple[str, tuple[int, ...] | None]]:
+    """(method spec, seeds or None for all) in run order."""
+    main = task.quick_methods if quick else METHODS + ABLATIONS
+    specs = {"main": [(m, None) for m in main], "prune": [("vanilla_opd", None)] + [(m, None) for m in PRUNE], "lr": []}
+    for lr in LEARNING_RATES:
+        for spec in LR_METHODS:
+            label, method, overrides = parse_method(spec)
+            specs["lr"].append((";".join([f"{label}_lr{lr:g}={method}", *overrides, f"optim.lr={lr}"]), (0,)))
+    chosen = [s for name in (("main", "prune", "lr") if study == "all" else (study,)) for s in specs[name]]
+    return list(dict.fromkeys(chosen))
+
+
+def per_token_report(model_dir: Path, data: Path, target: str) -> dict:
+    """Teacher-forced on the reference responses (`target`), plain view: per-position accuracy of
+    the argmax and entropy of the model's distribution."""
     model = load_model(model_dir).eval()
     tokenizer = build_char_tokenizer()
     adapter = make_adapter(tokenizer)
@@ -78,7 +125,7 @@ def per_token_report(model_dir: Path, data: Path) -> dict:
     with torch.no_grad():
         for start in range(0, len(records), 64):
             batch = records[start : start + 64]
-            view = build_view(adapter, "student", batch, [answer_ids(tokenizer, r) for r in batch])
+            view = build_view(adapter, "student", batch, [answer_ids(tokenizer, r, target) for r in batch])
             hidden = final_hidden_states(model, view.inputs)
             hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))
             logp = (hidden @ output_embedding_weight(model).T).float().log_softmax(-1)
@@ -92,49 +139,82 @@ def per_token_report(model_dir: Path, data: Path) -> dict:
     tokens = sum(count.values())
     return {
         "token_accuracy": sum(correct.values()) / tokens,
+        "answer_entropy": sum(entropy.values()) / tokens,
         "position_accuracy": [correct[t] / count[t] for t in sorted(count)],
         "position_entropy": [entropy[t] / count[t] for t in sorted(count)],
     }
 
 
-def evaluate(model_dir: Path, data: Path, out: Path, privileged: bool = False) -> dict:
+def evaluate(model_dir: Path, data: Path, out: Path, task: Task, privileged: bool = False) -> dict:
     """`dopd eval` (greedy, no privileged context unless asked) plus the per-token report."""
-    args = ["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "4", "--batch-size", "64"]
+    args = ["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", str(task.max_new_tokens), "--batch-size", "64"]
     if dopd(args + (["--privileged"] if privileged else [])) != 0:
         raise RuntimeError(f"dopd eval failed for {model_dir}")
     report = json.loads(out.read_text())
     summary = {"accuracy": report["accuracy"], "per_type": {k: v["accuracy"] for k, v in report["per_type"].items()}}
     if not privileged:
-        summary.update(per_token_report(model_dir, data))
+        summary.update(per_token_report(model_dir, data, task.sft_target))
     return summary
 
 
-def prepare(out: Path, size: Size) -> tuple[Path, Path, Path, Path]:
-    """Data, the teacher (trained with and without the context) and the warmed-up student."""
+@dataclass
+class Prepared:
+    train: Path
+    heldout: Path
+    teacher: Path
+    student: Path
+    reports: dict  # teacher plain / privileged, student start
+
+
+def prepare(out: Path, task_name: str, size: Size, seed: int) -> tuple[Path, Path, Path, Path]:
+    """Seed `seed`'s data, teacher (trained with and without the context) and warmed-up student.
+    Seed 0 of add_hidden reproduces the first version of this experiment's preparation."""
+    task = TASKS[task_name]
     tokenizer = build_char_tokenizer()
-    train = write_split(out / "data" / "train.jsonl", size.train_problems, seed=1000)
-    heldout = write_split(out / "data" / "heldout.jsonl", size.heldout_problems, seed=2000)
+    train = write_split(out / "data" / "train.jsonl", size.train_problems, seed=1000 + seed, task=task_name, split_seed=seed)
+    heldout = write_split(out / "data" / "heldout.jsonl", size.heldout_problems, seed=2000 + seed, task=task_name, split_seed=seed, split="heldout")
     adapter = make_adapter(tokenizer)
     records = load_records(train)
     teacher = build_tiny_qwen3(out / "models" / "teacher", tokenizer=tokenizer, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                               intermediate_size=512, lm_head_rows=0, seed=1)
+                               intermediate_size=512, lm_head_rows=0, seed=1 + 100 * seed)
     student = build_tiny_qwen3(out / "models" / "student", tokenizer=tokenizer, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                               intermediate_size=256, lm_head_rows=0, seed=2)
+                               intermediate_size=256, lm_head_rows=0, seed=2 + 100 * seed)
     for folder, config in (
-        (teacher, SFTConfig(steps=size.teacher_sft_steps, batch_size=64, lr=1e-3, views=("teacher_priv", "teacher_plain"), seed=1)),
-        (student, SFTConfig(steps=size.student_sft_steps, batch_size=64, lr=1e-3, views=("student", "student_priv"), seed=2)),
+        (teacher, SFTConfig(steps=size.teacher_sft_steps, batch_size=64, lr=1e-3, views=("teacher_priv", "teacher_plain"), seed=1 + 100 * seed, target=task.sft_target)),
+        (student, SFTConfig(steps=size.student_sft_steps, batch_size=64, lr=1e-3, views=("student", "student_priv"), seed=2 + 100 * seed, target=task.sft_target)),
     ):
         model = load_model(folder)
-        print(f"supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
+        print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
         supervised_finetune(model, adapter, records, len(tokenizer), config)
         model.save_pretrained(folder, safe_serialization=True)
     return train, heldout, teacher, student
 
 
-def distill(method: str, seed: int, train: Path, teacher: Path, student: Path, run_dir: Path, steps: int, overrides: tuple[str, ...] = ()) -> Path:
+def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool) -> Prepared:
+    base = out / f"seed{seed}"
+    if reuse and (base / "eval" / "student_start.json").exists():
+        paths = base / "data" / "train.jsonl", base / "data" / "heldout.jsonl", base / "models" / "teacher", base / "models" / "student"
+        reports = json.loads((base / "eval" / "reports.json").read_text())
+        return Prepared(*paths, reports)
+    train, heldout, teacher, student = prepare(base, task_name, size, seed)
+    task, evals = TASKS[task_name], base / "eval"
+    evals.mkdir(parents=True, exist_ok=True)
+    reports = {
+        "teacher_plain": evaluate(teacher, heldout, evals / "teacher_plain.json", task),
+        "teacher_priv": evaluate(teacher, heldout, evals / "teacher_priv.json", task, privileged=True),
+        "student_priv": evaluate(student, heldout, evals / "student_priv.json", task, privileged=True),
+        "student_start": evaluate(student, heldout, evals / "student_start.json", task),
+    }
+    (evals / "reports.json").write_text(json.dumps(reports, indent=2))
+    return Prepared(train, heldout, teacher, student, reports)
+
+
+def distill(spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task) -> Path:
+    _, method, overrides = parse_method(spec)
     config = load_config(HERE / "config.yaml", [
-        f"student.name_or_path={student}", f"teacher.name_or_path={teacher}", f"data.train={train}", f"output_dir={run_dir}",
-        f"objective.name={method}", f"seed={seed}", f"max_steps={steps}", *overrides,
+        f"student.name_or_path={prepared.student}", f"teacher.name_or_path={prepared.teacher}", f"data.train={prepared.train}",
+        f"output_dir={run_dir}", f"objective.name={method}", f"seed={seed}", f"max_steps={steps}",
+        f"rollout.max_new_tokens={task.max_new_tokens}", *overrides,
     ])
     return Trainer(config).train()
 
@@ -146,97 +226,166 @@ def parse_method(spec: str) -> tuple[str, str, tuple[str, ...]]:
     return (label if ";" in spec else name), name, tuple(overrides)
 
 
-def summarise(results: dict, baseline: dict, teachers: dict) -> tuple[str, dict]:
-    student_acc, teacher_acc = baseline["accuracy"], teachers["plain"]["accuracy"]
-    rows, table = [], {}
-    header = ("| method | accuracy (mean ± std) | visible | hidden digit | token accuracy | answer entropy (nats) | gap recovered |\n"
-              "|---|---|---|---|---|---|---|")
+def training_summary(run_dir: Path) -> dict:
+    """From metrics.jsonl: mean regime occupancy, response length at start and end, the guard."""
+    rows = read_metrics(run_dir)
+    tail = rows[-max(1, len(rows) // 10) :]
+    summary = {
+        "response_length_start": statistics.mean(r["response_length"] for r in rows[: max(1, len(rows) // 10)]),
+        "response_length_end": statistics.mean(r["response_length"] for r in tail),
+        "entropy_end": statistics.mean(r["entropy/student"] for r in tail),
+        "collapse_alarm_step": next((r["step"] for r in rows if r.get("collapse_alarm")), None),
+    }
+    for regime in ("LH", "LL", "HT", "HS"):
+        if f"frac/{regime}" in rows[0]:
+            summary[f"frac/{regime}"] = statistics.mean(r[f"frac/{regime}"] for r in rows)
+    return summary
 
-    def fmt(values: list[float]) -> str:
-        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
-    rows.append(f"| student (start) | {baseline['accuracy']:.3f} | {baseline['per_type'].get('visible', 0):.3f} | {baseline['per_type'].get('hidden_digit', 0):.3f} | "
-                f"{baseline['token_accuracy']:.3f} | {statistics.mean(baseline['position_entropy']):.3f} | 0 |")
-    for method, per_seed in results.items():
-        acc = [r["accuracy"] for r in per_seed]
-        gap = [(a - student_acc) / (teacher_acc - student_acc) if teacher_acc != student_acc else float("nan") for a in acc]
-        table[method] = {"accuracy": acc, "gap_recovered": gap}
+def _fmt(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def _gap(acc: float, start: float, teacher: float) -> float | None:
+    return (acc - start) / (teacher - start) if teacher != start else None
+
+
+def summarise(task: Task, results: dict, prepared: dict[int, Prepared]) -> tuple[str, dict]:
+    """Markdown tables: main (every label), pruning (gain relative to unpruned vanilla OPD), learning rate."""
+    t1, t2 = task.question_types
+    header = (f"| method | accuracy (mean ± std) | {t1} | {t2} | token accuracy | answer entropy (nats) | gap recovered | HT share | response length (start → end) | guard alarm (step) |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    rows, numbers = [], {}
+    seeds = sorted(prepared)
+    starts = [prepared[s].reports["student_start"] for s in seeds]
+    rows.append(f"| student (start) | {_fmt([r['accuracy'] for r in starts])} | {_fmt([r['per_type'].get(t1, 0) for r in starts])} | "
+                f"{_fmt([r['per_type'].get(t2, 0) for r in starts])} | {_fmt([r['token_accuracy'] for r in starts])} | {_fmt([r['answer_entropy'] for r in starts])} | 0 | | | |")
+    for label, per_seed in results.items():
+        if "_lr" in label:
+            continue
+        acc = [r["accuracy"] for r in per_seed.values()]
+        gap = [_gap(r["accuracy"], prepared[s].reports["student_start"]["accuracy"], prepared[s].reports["teacher_plain"]["accuracy"]) for s, r in per_seed.items()]
+        train = [r["training"] for r in per_seed.values()]
+        alarms = [t["collapse_alarm_step"] for t in train]
+        alarm = f"{sum(a is not None for a in alarms)}/{len(alarms)}" + (f" ({', '.join(str(a) for a in alarms if a is not None)})" if any(a is not None for a in alarms) else "")
+        numbers[label] = {"accuracy": acc, "gap_recovered": gap, "seeds": list(per_seed)}
         rows.append(
-            f"| {method} | {fmt(acc)} | {fmt([r['per_type'].get('visible', 0) for r in per_seed])} | {fmt([r['per_type'].get('hidden_digit', 0) for r in per_seed])} | "
-            f"{fmt([r['token_accuracy'] for r in per_seed])} | {fmt([statistics.mean(r['position_entropy']) for r in per_seed])} | {fmt(gap)} |"
+            f"| {label} | {_fmt(acc)} | {_fmt([r['per_type'].get(t1, 0) for r in per_seed.values()])} | {_fmt([r['per_type'].get(t2, 0) for r in per_seed.values()])} | "
+            f"{_fmt([r['token_accuracy'] for r in per_seed.values()])} | {_fmt([r['answer_entropy'] for r in per_seed.values()])} | {_fmt(gap)} | "
+            f"{_fmt([t.get('frac/HT') for t in train])} | {_fmt([t['response_length_start'] for t in train])} → {_fmt([t['response_length_end'] for t in train])} | {alarm} |"
         )
-    for name, report in (("teacher, no context", teachers["plain"]), ("teacher, with context", teachers["privileged"])):
-        rows.append(f"| {name} | {report['accuracy']:.3f} | {report['per_type'].get('visible', 0):.3f} | {report['per_type'].get('hidden_digit', 0):.3f} | | | |")
-    return header + "\n" + "\n".join(rows), table
+    for name, key in (("teacher, no context", "teacher_plain"), ("teacher, with context", "teacher_priv"), ("student (start), with context", "student_priv")):
+        reps = [prepared[s].reports[key] for s in seeds]
+        rows.append(f"| {name} | {_fmt([r['accuracy'] for r in reps])} | {_fmt([r['per_type'].get(t1, 0) for r in reps])} | {_fmt([r['per_type'].get(t2, 0) for r in reps])} | | | | | | |")
+    text = header + "\n" + "\n".join(rows) + "\n"
+
+    occupancy = [label for label, per_seed in results.items() if "frac/LH" in next(iter(per_seed.values()))["training"]]
+    if occupancy:
+        text += "\nMean regime occupancy over training (fraction of tokens, mean over seeds):\n\n| method | LH | LL | HT | HS |\n|---|---|---|---|---|\n"
+        for label in occupancy:
+            train = [r["training"] for r in results[label].values()]
+            text += f"| {label} | " + " | ".join(_fmt([t[f"frac/{g}"] for t in train]) for g in ("LH", "LL", "HT", "HS")) + " |\n"
+
+    pruned = [label for label in results if label.startswith("prune_")]
+    if pruned and "vanilla_opd" in results:
+        text += "\nPruning (paper Fig. 4): 20% of each step's tokens dropped, vanilla OPD on the rest. Gain relative = (pruned − start) / (vanilla OPD − start), per seed.\n\n"
+        text += "| pruned by | accuracy | gain relative to unpruned vanilla OPD |\n|---|---|---|\n"
+        vanilla = results["vanilla_opd"]
+        for label in pruned:
+            rel = [_gap(r["accuracy"], prepared[s].reports["student_start"]["accuracy"], vanilla[s]["accuracy"]) for s, r in results[label].items() if s in vanilla]
+            numbers[label]["gain_relative_to_vanilla"] = rel
+            text += f"| {label.removeprefix('prune_')} | {_fmt([r['accuracy'] for r in results[label].values()])} | {_fmt(rel)} |\n"
+
+    lr_labels = [label for label in results if "_lr" in label]
+    if lr_labels:
+        text += "\nLearning rate (seed 0; 3e-4 is the main runs'): accuracy / answer entropy at the end / guard alarm step.\n\n"
+        lrs = sorted({float(label.rsplit("_lr", 1)[1]) for label in lr_labels} | {3e-4})
+        text += "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n|---|" + "---|" * len(lrs) + "\n"
+        for method in dict.fromkeys(label.rsplit("_lr", 1)[0] for label in lr_labels):
+            cells = []
+            for lr in lrs:
+                label = method if lr == 3e-4 else f"{method}_lr{lr:g}"
+                r = results.get(label, {}).get(0)
+                cells.append(f"{r['accuracy']:.3f} / {r['training']['entropy_end']:.2f} / {r['training']['collapse_alarm_step'] or '–'}" if r else "")
+            text += f"| {method} | " + " | ".join(cells) + " |\n"
+    return text, numbers
 
 
-def plot_curves(out: Path, methods: list[str], seeds: tuple[int, ...]) -> Path:
+def plot_curves(out: Path, results: dict) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dopd_vl.plots import read_metrics
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for method in methods:
-        runs = [read_metrics(out / "runs" / f"{method}-seed{s}") for s in seeds]
+    main = [label for label in results if "_lr" not in label and not label.startswith("prune_")]
+    routed = [label for label in ("dopd", "dopd_initial", "dopd_edge") if label in results]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
+    for label in main:
+        runs = [read_metrics(out / "runs" / f"{label}-seed{s}") for s in results[label]]
         steps = [m["step"] for m in runs[0]]
-        for ax, key in zip(axes[:2], ("accuracy", "entropy/student")):
+        for ax, key in zip(axes[0], ("accuracy", "entropy/student", "response_length")):
             mean = [statistics.mean(r[i].get(key, float("nan")) for r in runs) for i in range(len(steps))]
             window = max(1, len(mean) // 20)
-            smooth = [statistics.mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
-            ax.plot(steps, smooth, label=method)
-    dopd_runs = [read_metrics(out / "runs" / f"dopd-seed{s}") for s in seeds] if "dopd" in methods else []
-    if dopd_runs:
-        steps = [m["step"] for m in dopd_runs[0]]
+            ax.plot(steps, [statistics.mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))], label=label)
+    for ax, label in zip(axes[1], routed):
+        runs = [read_metrics(out / "runs" / f"{label}-seed{s}") for s in results[label]]
+        steps = [m["step"] for m in runs[0]]
         for regime in ("LH", "LL", "HT", "HS"):
-            axes[2].plot(steps, [statistics.mean(r[i][f"frac/{regime}"] for r in dopd_runs) for i in range(len(steps))], label=regime)
-    axes[0].set(title="rollout accuracy (training prompts, T=1, smoothed)", xlabel="step")
-    axes[1].set(title="student entropy at response tokens (nats, smoothed)", xlabel="step")
-    axes[2].set(title="DOPD regime occupancy", xlabel="step", ylim=(0, 1))
-    for ax in axes:
+            ax.plot(steps, [statistics.mean(r[i][f"frac/{regime}"] for r in runs) for i in range(len(steps))], label=regime)
+        ax.set(title=f"{label}: regime occupancy", xlabel="step", ylim=(0, 1))
+    axes[0][0].set(title="rollout accuracy (training prompts, T=1, smoothed)", xlabel="step")
+    axes[0][1].set(title="student entropy at response tokens (nats, smoothed)", xlabel="step")
+    axes[0][2].set(title="response length (tokens, smoothed)", xlabel="step")
+    for ax in axes.flat:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.has_data():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path = out / "curves.png"
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def run(out: Path, size: Size, methods: tuple[str, ...] = METHODS, reuse: bool = False) -> dict:
+def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False) -> dict:
     started = time.perf_counter()
+    task = TASKS[task_name]
     out.mkdir(parents=True, exist_ok=True)
-    if reuse and (out / "models" / "student" / "config.json").exists():
-        train, heldout, teacher, student = out / "data" / "train.jsonl", out / "data" / "heldout.jsonl", out / "models" / "teacher", out / "models" / "student"
-    else:
-        train, heldout, teacher, student = prepare(out, size)
-    evals = out / "eval"
-    evals.mkdir(exist_ok=True)
-    teachers = {"plain": evaluate(teacher, heldout, evals / "teacher_plain.json"), "privileged": evaluate(teacher, heldout, evals / "teacher_priv.json", privileged=True)}
-    baseline = evaluate(student, heldout, evals / "student_start.json")
-    print(f"teacher: {teachers['privileged']['accuracy']:.3f} with context, {teachers['plain']['accuracy']:.3f} without; student {baseline['accuracy']:.3f}", flush=True)
-    results: dict[str, list[dict]] = {}
-    for spec in methods:
-        label, method, overrides = parse_method(spec)
-        for seed in size.seeds:
+    seeds = sorted({s for _, only in specs for s in (only or size.seeds) if s in size.seeds} or set(size.seeds))
+    prepared = {}
+    for seed in seeds:
+        prepared[seed] = p = prepared_seed(out, task_name, size, seed, reuse)
+        r = p.reports
+        print(f"seed {seed}: teacher {r['teacher_priv']['accuracy']:.3f} with context, {r['teacher_plain']['accuracy']:.3f} without; "
+              f"student {r['student_start']['accuracy']:.3f} ({r['student_priv']['accuracy']:.3f} with context)", flush=True)
+    results: dict[str, dict[int, dict]] = {}
+    for spec, only in specs:
+        label = parse_method(spec)[0]
+        for seed in (s for s in seeds if only is None or s in only):
             run_dir = out / "runs" / f"{label}-seed{seed}"
-            if reuse and (run_dir / "final" / "config.json").exists():
-                final = run_dir / "final"  # finished earlier (e.g. before a crash): evaluate only
+            report_path = out / f"seed{seed}" / "eval" / f"{label}.json"
+            summary_path = report_path.with_suffix(".summary.json")
+            if reuse and summary_path.exists():
+                report = json.loads(summary_path.read_text())  # finished and evaluated earlier
             else:
-                final = distill(method, seed, train, teacher, student, run_dir, size.distill_steps, overrides)
-            report = evaluate(final, heldout, evals / f"{label}-seed{seed}.json")
-            results.setdefault(label, []).append(report)
+                final = run_dir / "final" if reuse and (run_dir / "final" / "config.json").exists() else distill(spec, seed, prepared[seed], run_dir, size.distill_steps, task)
+                report = evaluate(final, prepared[seed].heldout, report_path, task)
+                report["training"] = training_summary(run_dir)
+                summary_path.write_text(json.dumps(report))
+            results.setdefault(label, {})[seed] = report
             print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
-    table, numbers = summarise(results, baseline, teachers)
-    curves = plot_curves(out, list(results), size.seeds)
+    table, numbers = summarise(task, results, prepared)
+    curves = plot_curves(out, results)
     minutes = (time.perf_counter() - started) / 60
-    text = (f"# Toy experiment: privilege illusion\n\n{len(size.seeds)} seed(s), {size.distill_steps} distillation steps per method, "
-            f"held-out {size.heldout_problems} problems, greedy, no privileged context; {minutes:.1f} min.\n"
-            "Gap recovered = (method - student) / (teacher without context - student), exact-match accuracy.\n\n" + table + "\n")
+    text = (f"# Toy experiment `{task_name}`\n\n{len(seeds)} seed(s) (each: data, teacher, student warm-up, distillation), "
+            f"{size.distill_steps} distillation steps per method, {size.heldout_problems} held-out problems, greedy, no privileged context; "
+            f"{minutes:.1f} min this invocation.\nGap recovered = (method − student) / (teacher without context − student), exact-match accuracy, per seed.\n\n" + table)
     (out / "results.md").write_text(text, encoding="utf-8")
-    payload = {"size": size.__dict__, "teachers": teachers, "student_start": baseline, "results": results, "table": numbers, "minutes": minutes, "curves": str(curves)}
+    payload = {"task": task_name, "size": size.__dict__, "prepared": {s: p.reports for s, p in prepared.items()},
+               "results": results, "table": numbers, "minutes": minutes, "curves": str(curves)}
     (out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     print("\n" + text)
     return payload
@@ -244,16 +393,20 @@ def run(out: Path, size: Size, methods: tuple[str, ...] = METHODS, reuse: bool =
 
 def cli() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/toy_privilege")
-    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps (<= 10 min)")
-    parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS + ABLATIONS),
-                        help="methods; an ablation is LABEL=METHOD;key=value;... e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
-    parser.add_argument("--reuse", action="store_true", help="reuse OUT's data, teacher and student, and finished runs (re-evaluated), e.g. after a crash")
+    parser.add_argument("--task", choices=sorted(TASKS), default="add_hidden")
+    parser.add_argument("--out", help="default runs/toy_privilege/TASK")
+    parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and methods (<= 10 min)")
+    parser.add_argument("--size", choices=["full", "quick", "smoke"], help=argparse.SUPPRESS)
+    parser.add_argument("--study", choices=["main", "prune", "lr", "all"], default="main")
+    parser.add_argument("--methods", nargs="+", help="instead of --study: methods; an ablation is LABEL=METHOD;key=value;... "
+                                                     "e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
+    parser.add_argument("--reuse", action="store_true", help="reuse OUT's prepared seeds and finished runs, e.g. after a crash or for another study")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    size = SIZES[args.size or ("quick" if args.quick else "full")]
-    run(Path(args.out), size, tuple(args.methods), reuse=args.reuse)
+    task = TASKS[args.task]
+    size_name = args.size or ("quick" if args.quick else "full")
+    specs = [(m, None) for m in args.methods] if args.methods else study_methods(args.study, task, quick=size_name != "full")
+    run(Path(args.out or f"runs/toy_privilege/{args.task}"), args.task, task.sizes[size_name], specs, reuse=args.reuse)
 
 
 if __name__ == "__main__":

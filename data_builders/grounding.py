@@ -1,8 +1,10 @@
 """Privileged grounding datasets from detection annotations (DESIGN.md 3.2).
 
-COCO JSON, YOLO label folders and Pascal VOC XML are first checked by our own validators, which
-name the file, record and field of the first fault (supervision's loaders accept several of the
-faults we reject, e.g. swapped VOC corners), then loaded with supervision. `sv.Detections` from a
+COCO JSON, YOLO label folders and Pascal VOC XML are parsed by our own validators, which name the
+file, record and field of every fault and apply one policy to all of them (`on_error` fail / skip
+the image, `degenerate` drop / keep / fail for zero-area boxes); the boxes follow supervision's
+conventions for each format. supervision's own file loaders are not used: they accept several
+faults we reject (e.g. swapped VOC corners) and cannot skip one bad record. `sv.Detections` from a
 detector enter through `annotated_image_from_detections`. Classes are keyed by name everywhere,
 because supervision renumbers VOC classes.
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -71,28 +74,63 @@ def pluralize(label: str) -> str:
 
 
 # ------------------------------------------------------------------------------------- loading
-def load_annotations(fmt: str, images: str | Path, annotations: str | Path, classes: str | Path | None = None) -> list[AnnotatedImage]:
-    """Validate then load a detection dataset; every image is opened and decoded once."""
+DEGENERATE = ("drop", "keep", "fail")
+
+
+def load_annotations(
+    fmt: str,
+    images: str | Path,
+    annotations: str | Path,
+    classes: str | Path | None = None,
+    *,
+    on_error: str = "fail",
+    degenerate: str = "drop",
+    report: BuildReport | None = None,
+) -> list[AnnotatedImage]:
+    """Validate and load a detection dataset; every image is opened and decoded once.
+
+    Every fault is a DatasetError naming file, record and field. With `on_error="skip"` an image
+    with any fault (in the image, its entry or one of its annotations) is left out whole and listed
+    in `report.skipped` (written to OUT.skipped.jsonl by the builder); faults of the file as a whole
+    (unparseable JSON, no category list) still stop the build. Boxes of zero width or height are
+    `degenerate`: dropped and counted (default), kept, or an error; negative extents (swapped
+    corners), non-finite values and boxes outside the image stay errors.
+
+    Our validators parse every field, so they also produce the boxes, with supervision's
+    conventions (COCO xywh; YOLO normalised centres; VOC 1-based inclusive corners, x1 - 1): a
+    file loader cannot skip one bad annotation, it accepts or rejects the whole file.
+    """
+    check_on_error(on_error)
+    if degenerate not in DEGENERATE:
+        raise ValueError(f"degenerate must be one of {DEGENERATE}, got {degenerate!r}")
     images = Path(images)
     if not images.is_dir():
         raise DatasetError("images folder not found", file=str(images))
     annotations = Path(annotations)
     if not annotations.exists():
         raise DatasetError("annotations not found", file=str(annotations))
+    loader = _Loader(on_error, degenerate, report if report is not None else BuildReport())
     if fmt == "coco":
-        return _load_coco(images, annotations)
-    if fmt == "yolo":
-        return _load_yolo(images, annotations, classes)
-    if fmt == "voc":
-        return _load_voc(images, annotations)
-    raise ValueError(f"unknown annotation format {fmt!r}; expected coco, yolo or voc")
+        _load_coco(loader, images, annotations)
+    elif fmt == "yolo":
+        _load_yolo(loader, images, annotations, classes)
+    elif fmt == "voc":
+        _load_voc(loader, images, annotations)
+    else:
+        raise ValueError(f"unknown annotation format {fmt!r}; expected coco, yolo or voc")
+    if not loader.images:
+        reasons = f" ({len(loader.report.skipped)} skipped; first: {loader.report.skipped[0]['reason']})" if loader.report.skipped else ""
+        raise DatasetError(f"the dataset is empty: no usable image{reasons}", file=str(annotations))
+    return sorted(loader.images, key=lambda img: str(img.image))
 
 
-def annotated_image_from_detections(image: str | Path, detections, class_names: list[str] | dict[int, str], source: str = "detections") -> AnnotatedImage:
+def annotated_image_from_detections(image: str | Path, detections, class_names: list[str] | dict[int, str], source: str = "detections",
+                                    degenerate: str = "drop", report: BuildReport | None = None) -> AnnotatedImage:
     """An `sv.Detections` (e.g. a detector's output) for one image -> AnnotatedImage.
 
     `class_names[class_id]` names each detection; boxes are the detections' xyxy pixels.
     """
+    loader = _Loader("fail", degenerate, report if report is not None else BuildReport())
     path = Path(image).resolve()
     size = _image_size(path, source=source, record=path.name)
     objects = []
@@ -101,13 +139,54 @@ def annotated_image_from_detections(image: str | Path, detections, class_names: 
             label = class_names[int(class_id)]
         except (IndexError, KeyError) as err:
             raise DatasetError(f"class id {int(class_id)} has no name", file=source, record=f"{path.name} detection {i}", field="class_id") from err
-        objects.append(_checked_object(label, [float(v) for v in box], size, file=source, record=f"{path.name} detection {i}", field="xyxy"))
-    return AnnotatedImage(path, size, _reading_order(objects), source)
+        objects.append(loader.box(label, [float(v) for v in box], size, file=source, record=f"{path.name} detection {i}", field="xyxy"))
+    return AnnotatedImage(path, size, _reading_order([o for o in objects if o is not None]), source)
 
 
-def _load_coco(images: Path, annotations: Path) -> list[AnnotatedImage]:
-    sv = _supervision()
+class _Loader:
+    """Collects images under the error and degenerate-box policies."""
 
+    def __init__(self, on_error: str, degenerate: str, report: BuildReport):
+        self.on_error, self.degenerate, self.report = on_error, degenerate, report
+        self.images: list[AnnotatedImage] = []
+
+    def add(self, file: str, record: str, build) -> None:
+        """Run `build()` for one image; a DatasetError fails the load or skips the image."""
+        try:
+            self.images.append(build())
+        except DatasetError as err:
+            if self.on_error == "fail":
+                raise
+            logger.warning("skipped %s: %s", record, err)
+            self.report.skipped.append({"id": record, "file": file, "reason": str(err)})
+
+    def fault(self, err: DatasetError) -> None:
+        """A fault outside any one image's build (e.g. a broken category entry)."""
+        self.add(err.file or "", err.record or "?", lambda: (_ for _ in ()).throw(err))
+
+    def box(self, label: str, box: list, size: tuple[int, int], *, file: str, record: str, field: str) -> dict | None:
+        """A checked object in pixel xyxy, or None for a dropped degenerate box (zero width or height)."""
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
+            raise DatasetError(f"box values must be numbers, got {box}", file=file, record=record, field=field)
+        if not all(math.isfinite(v) for v in box):
+            raise DatasetError(f"non-finite box value in {box}", file=file, record=record, field=field)
+        W, H = size
+        x1, y1, x2, y2 = box
+        if x2 < x1 or y2 < y1:
+            raise DatasetError(f"box with negative width or height (swapped corners?) {box}", file=file, record=record, field=field)
+        mx, my = OUTSIDE_TOLERANCE * W, OUTSIDE_TOLERANCE * H
+        if x1 < -mx or y1 < -my or x2 > W + mx or y2 > H + my:
+            raise DatasetError(f"box {[round(v, 1) for v in box]} lies outside the {W}x{H} image", file=file, record=record, field=field)
+        if x2 == x1 or y2 == y1:
+            if self.degenerate == "fail":
+                raise DatasetError(f"box of zero width or height {box} (--degenerate drop|keep to accept)", file=file, record=record, field=field)
+            self.report.counts[f"degenerate boxes {'dropped' if self.degenerate == 'drop' else 'kept'}"] += 1
+            if self.degenerate == "drop":
+                return None
+        return {"label": label, "bbox_px": _clip([round(float(v), 2) for v in box], size)}
+
+
+def _load_coco(loader: _Loader, images: Path, annotations: Path) -> None:
     data = _read_json(annotations)
     file = str(annotations)
     for key in ("images", "annotations", "categories"):
@@ -115,49 +194,59 @@ def _load_coco(images: Path, annotations: Path) -> list[AnnotatedImage]:
             raise DatasetError(f"COCO file has no {key!r} list", file=file, record="<root>", field=key)
     categories = {}
     for c in data["categories"]:
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-            raise DatasetError("each category needs an integer id and a name", file=file, record=f"category {c.get('id') if isinstance(c, dict) else c}", field="categories")
+        if not isinstance(c, dict) or not _is_id(c.get("id")) or not isinstance(c.get("name"), str):
+            # Not fatal in skip mode: annotations that use it are then "unknown category" faults.
+            loader.fault(DatasetError("each category needs an integer id and a name", file=file, record=f"category {c.get('id') if isinstance(c, dict) else c}", field="categories"))
+            continue
         categories[c["id"]] = c["name"]
-    image_info, sizes, names_seen = {}, {}, set()
+    by_image: dict[int, list] = {}
+    orphans = []
+    entries = {}
+    for entry in data["images"]:
+        if isinstance(entry, dict) and _is_id(entry.get("id")) and entry["id"] not in entries:
+            entries[entry["id"]] = entry
+    for a in data["annotations"]:
+        image_id = a.get("image_id") if isinstance(a, dict) else None
+        (by_image.setdefault(image_id, []) if _is_id(image_id) and image_id in entries else orphans).append(a)
+    seen_ids, seen_names = set(), set()
     for entry in data["images"]:
         rid = f"image id {entry.get('id') if isinstance(entry, dict) else entry}"
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or not isinstance(entry.get("file_name"), str):
-            raise DatasetError("each image needs an integer id and a file_name", file=file, record=rid, field="images")
-        if entry["id"] in image_info or entry["file_name"] in names_seen:
-            raise DatasetError("duplicate image id or file_name", file=file, record=rid, field="images.id")
-        path = _confined(images, entry["file_name"], file=file, record=rid, field="file_name")
-        size = _image_size(path, source=file, record=rid)
-        declared = (entry.get("width"), entry.get("height"))
-        if declared != (None, None) and tuple(declared) != size:
-            raise DatasetError(f"declared size {declared} differs from the image's {size}", file=file, record=rid, field="width/height")
-        image_info[entry["id"]], sizes[entry["id"]] = path, size
-        names_seen.add(entry["file_name"])
-    for a in data["annotations"]:
+
+        def build(entry=entry, rid=rid) -> AnnotatedImage:
+            if not isinstance(entry, dict) or not _is_id(entry.get("id")) or not isinstance(entry.get("file_name"), str):
+                raise DatasetError("each image needs an integer id and a file_name", file=file, record=rid, field="images")
+            if entry["id"] in seen_ids or entry["file_name"] in seen_names:
+                raise DatasetError("duplicate image id or file_name", file=file, record=rid, field="images.id")
+            seen_ids.add(entry["id"])
+            seen_names.add(entry["file_name"])
+            path = _confined(images, entry["file_name"], file=file, record=rid, field="file_name")
+            size = _image_size(path, source=file, record=rid)
+            declared = (entry.get("width"), entry.get("height"))
+            if declared != (None, None) and tuple(declared) != size:
+                raise DatasetError(f"declared size {declared} differs from the image's {size}", file=file, record=rid, field="width/height")
+            objects = []
+            for a in by_image.get(entry["id"], []):
+                arid = f"annotation id {a.get('id')}"
+                if not _is_id(a.get("category_id")) or a["category_id"] not in categories:
+                    raise DatasetError(f"unknown category id {a.get('category_id')!r}", file=file, record=arid, field="category_id")
+                bbox = a.get("bbox")
+                if not (isinstance(bbox, list) and len(bbox) == 4):
+                    raise DatasetError("bbox must be [x, y, width, height] numbers", file=file, record=arid, field="bbox")
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+                    raise DatasetError(f"bbox values must be numbers, got {bbox}", file=file, record=arid, field="bbox")
+                x, y, w, h = bbox
+                objects.append(loader.box(categories[a["category_id"]], [x, y, x + w, y + h], size, file=file, record=arid, field="bbox"))
+            # Crowd annotations are kept as boxes, as supervision's loader does.
+            return AnnotatedImage(path, size, _reading_order([o for o in objects if o is not None]), file)
+
+        loader.add(file, rid, build)
+    for a in orphans:  # after the images, so that an image's own fault is named first
         rid = f"annotation id {a.get('id') if isinstance(a, dict) else a}"
-        if not isinstance(a, dict):
-            raise DatasetError("an annotation must be an object", file=file, record=rid, field="annotations")
-        if a.get("image_id") not in image_info:
-            raise DatasetError(f"unknown image id {a.get('image_id')!r}", file=file, record=rid, field="image_id")
-        if a.get("category_id") not in categories:
-            raise DatasetError(f"unknown category id {a.get('category_id')!r}", file=file, record=rid, field="category_id")
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise DatasetError("bbox must be [x, y, width, height] numbers", file=file, record=rid, field="bbox")
-        x, y, w, h = bbox
-        if w <= 0 or h <= 0:
-            raise DatasetError(f"box with non-positive width or height {bbox}", file=file, record=rid, field="bbox")
-        _checked_object(categories[a["category_id"]], [x, y, x + w, y + h], sizes[a["image_id"]], file=file, record=rid, field="bbox")
-    if not image_info:
-        raise DatasetError("the dataset is empty: no images", file=file, record="<root>", field="images")
-    # Validated: supervision loads it. (Crowd annotations are kept as boxes, as supervision does.)
-    dataset = sv.DetectionDataset.from_coco(images_directory_path=str(images), annotations_path=str(annotations))
-    return _from_supervision(dataset, file, sizes={str(p): sizes[i] for i, p in image_info.items()})
+        field = "image_id" if isinstance(a, dict) else "annotations"
+        loader.fault(DatasetError(f"unknown image id {a.get('image_id')!r}" if isinstance(a, dict) else "an annotation must be an object", file=file, record=rid, field=field))
 
 
-def _load_yolo(images: Path, labels: Path, classes: str | Path | None) -> list[AnnotatedImage]:
-    sv = _supervision()
-    import yaml
-
+def _load_yolo(loader: _Loader, images: Path, labels: Path, classes: str | Path | None) -> None:
     if not labels.is_dir():
         raise DatasetError("YOLO annotations must be the folder of label .txt files", file=str(labels))
     classes_path = Path(classes) if classes else _find_yolo_classes(labels)
@@ -165,111 +254,91 @@ def _load_yolo(images: Path, labels: Path, classes: str | Path | None) -> list[A
     image_files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not image_files:
         raise DatasetError("the dataset is empty: no images", file=str(images))
-    sizes = {}
     for image in image_files:
-        sizes[str(image.resolve())] = size = _image_size(image, source=str(images), record=image.name)
         label_file = labels / f"{image.stem}.txt"
-        if not label_file.exists():
-            continue
-        for n, line in enumerate(label_file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            fields = line.split()
-            rid = f"line {n}"
-            if len(fields) != 5:
-                raise DatasetError(f"expected 5 fields (class x_center y_center width height), got {len(fields)}", file=str(label_file), record=rid, field="fields")
-            for name, value in zip(("class", "x_center", "y_center", "width", "height"), fields):
-                try:
-                    float(value)
-                except ValueError:
-                    raise DatasetError(f"non-numeric value {value!r}", file=str(label_file), record=rid, field=name) from None
-            if not fields[0].isdigit() or int(fields[0]) >= len(names):
-                raise DatasetError(f"class {fields[0]} out of range (the dataset has {len(names)} classes)", file=str(label_file), record=rid, field="class")
-            xc, yc, w, h = map(float, fields[1:])
-            for name, value in zip(("x_center", "y_center", "width", "height"), (xc, yc, w, h)):
-                if not 0.0 <= value <= 1.0:
-                    raise DatasetError(f"normalised coordinate {value} outside [0, 1]", file=str(label_file), record=rid, field=name)
-            if w <= 0 or h <= 0:
-                raise DatasetError("box with non-positive width or height", file=str(label_file), record=rid, field="width/height")
-            W, H = size
-            _checked_object(names[int(fields[0])], [(xc - w / 2) * W, (yc - h / 2) * H, (xc + w / 2) * W, (yc + h / 2) * H], size, file=str(label_file), record=rid, field="box")
-    # supervision wants a data.yaml with the names; a classes.txt is converted into one.
-    yaml_path = classes_path
-    if classes_path.suffix not in (".yaml", ".yml"):
-        import tempfile
 
-        tmp = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
-        yaml.safe_dump({"names": names}, tmp)
-        tmp.close()
-        yaml_path = Path(tmp.name)
-    try:
-        dataset = sv.DetectionDataset.from_yolo(images_directory_path=str(images), annotations_directory_path=str(labels), data_yaml_path=str(yaml_path))
-    finally:
-        if yaml_path != classes_path:
-            os.unlink(yaml_path)
-    return _from_supervision(dataset, str(labels), sizes=sizes)
+        def build(image=image, label_file=label_file) -> AnnotatedImage:
+            size = _image_size(image, source=str(images), record=image.name)
+            objects = []
+            try:
+                lines = label_file.read_text(encoding="utf-8").splitlines() if label_file.exists() else []
+            except UnicodeDecodeError as err:
+                raise DatasetError(f"not a text file: {err}", file=str(label_file), record=image.stem, field="labels") from None
+            for n, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                fields = line.split()
+                rid = f"line {n}"
+                if len(fields) != 5:
+                    raise DatasetError(f"expected 5 fields (class x_center y_center width height), got {len(fields)}", file=str(label_file), record=rid, field="fields")
+                values = {}
+                for name, value in zip(("class", "x_center", "y_center", "width", "height"), fields):
+                    try:
+                        values[name] = float(value)
+                    except ValueError:
+                        raise DatasetError(f"non-numeric value {value!r}", file=str(label_file), record=rid, field=name) from None
+                    if not math.isfinite(values[name]):
+                        raise DatasetError(f"non-finite value {value!r}", file=str(label_file), record=rid, field=name)
+                if not fields[0].isdigit() or int(fields[0]) >= len(names):
+                    raise DatasetError(f"class {fields[0]} out of range (the dataset has {len(names)} classes)", file=str(label_file), record=rid, field="class")
+                xc, yc, w, h = (values[k] for k in ("x_center", "y_center", "width", "height"))
+                for name in ("x_center", "y_center", "width", "height"):
+                    if not 0.0 <= values[name] <= 1.0:
+                        raise DatasetError(f"normalised coordinate {values[name]} outside [0, 1]", file=str(label_file), record=rid, field=name)
+                W, H = size
+                objects.append(loader.box(names[int(fields[0])], [(xc - w / 2) * W, (yc - h / 2) * H, (xc + w / 2) * W, (yc + h / 2) * H], size,
+                                          file=str(label_file), record=rid, field="box"))
+            return AnnotatedImage(image.resolve(), size, _reading_order([o for o in objects if o is not None]), str(labels))
+
+        loader.add(str(label_file), image.stem, build)
 
 
-def _load_voc(images: Path, annotations: Path) -> list[AnnotatedImage]:
-    sv = _supervision()
-
+def _load_voc(loader: _Loader, images: Path, annotations: Path) -> None:
     if not annotations.is_dir():
         raise DatasetError("Pascal VOC annotations must be the folder of .xml files", file=str(annotations))
     xml_files = sorted(annotations.glob("*.xml"))
     if not xml_files:
         raise DatasetError("the dataset is empty: no .xml files", file=str(annotations))
-    sizes = {}
     for xml in xml_files:
         file = str(xml)
-        try:
-            root = ET.parse(xml).getroot()
-        except ET.ParseError as err:
-            raise DatasetError(f"invalid XML: {err}", file=file, record=xml.stem, field="xml") from err
-        filename = root.findtext("filename")
-        if not filename:
-            raise DatasetError("no <filename>", file=file, record=xml.stem, field="filename")
-        path = _confined(images, filename, file=file, record=xml.stem, field="filename")
-        size_el = root.find("size")
-        if size_el is None:
-            raise DatasetError("no <size>", file=file, record=xml.stem, field="size")
-        try:
-            declared = (int(size_el.findtext("width")), int(size_el.findtext("height")))
-        except (TypeError, ValueError):
-            raise DatasetError("<size> needs integer <width> and <height>", file=file, record=xml.stem, field="size") from None
-        size = _image_size(path, source=file, record=xml.stem)
-        if declared != size:
-            raise DatasetError(f"declared size {declared} differs from the image's {size}", file=file, record=xml.stem, field="size")
-        sizes[str(path)] = size
-        for k, obj in enumerate(root.findall("object")):
-            rid = f"{xml.stem} object {k}"
-            name, box = obj.findtext("name"), obj.find("bndbox")
-            if not name or box is None:
-                raise DatasetError("an object needs <name> and <bndbox>", file=file, record=rid, field="object")
+
+        def build(xml=xml, file=file) -> AnnotatedImage:
             try:
-                x1, y1, x2, y2 = (float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+                root = ET.parse(xml).getroot()
+            except ET.ParseError as err:
+                raise DatasetError(f"invalid XML: {err}", file=file, record=xml.stem, field="xml") from err
+            filename = root.findtext("filename")
+            if not filename:
+                raise DatasetError("no <filename>", file=file, record=xml.stem, field="filename")
+            path = _confined(images, filename, file=file, record=xml.stem, field="filename")
+            size_el = root.find("size")
+            if size_el is None:
+                raise DatasetError("no <size>", file=file, record=xml.stem, field="size")
+            try:
+                declared = (int(size_el.findtext("width")), int(size_el.findtext("height")))
             except (TypeError, ValueError):
-                raise DatasetError("<bndbox> needs numeric xmin, ymin, xmax, ymax", file=file, record=rid, field="bndbox") from None
-            if x2 <= x1 or y2 <= y1:
-                raise DatasetError(f"box with non-positive width or height ({x1}, {y1}, {x2}, {y2})", file=file, record=rid, field="bndbox")
-            _checked_object(name, [x1 - 1, y1 - 1, x2, y2], size, file=file, record=rid, field="bndbox")
-    dataset = sv.DetectionDataset.from_pascal_voc(images_directory_path=str(images), annotations_directory_path=str(annotations))
-    return _from_supervision(dataset, str(annotations), sizes=sizes)
+                raise DatasetError("<size> needs integer <width> and <height>", file=file, record=xml.stem, field="size") from None
+            size = _image_size(path, source=file, record=xml.stem)
+            if declared != size:
+                raise DatasetError(f"declared size {declared} differs from the image's {size}", file=file, record=xml.stem, field="size")
+            objects = []
+            for k, obj in enumerate(root.findall("object")):
+                rid = f"{xml.stem} object {k}"
+                name, box = obj.findtext("name"), obj.find("bndbox")
+                if not name or box is None:
+                    raise DatasetError("an object needs <name> and <bndbox>", file=file, record=rid, field="object")
+                try:
+                    x1, y1, x2, y2 = (float(box.findtext(t)) for t in ("xmin", "ymin", "xmax", "ymax"))
+                except (TypeError, ValueError):
+                    raise DatasetError("<bndbox> needs numeric xmin, ymin, xmax, ymax", file=file, record=rid, field="bndbox") from None
+                if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+                    raise DatasetError(f"non-finite <bndbox> value ({x1}, {y1}, {x2}, {y2})", file=file, record=rid, field="bndbox")
+                # VOC corners are inclusive 1-based pixels (supervision's x1 - 1): xmax = xmin - 1 is a
+                # box of zero width, smaller is a swapped box.
+                objects.append(loader.box(name, [x1 - 1, y1 - 1, x2, y2], size, file=file, record=rid, field="bndbox"))
+            return AnnotatedImage(path, size, _reading_order([o for o in objects if o is not None]), str(annotations))
 
-
-def _from_supervision(dataset, source: str, sizes: dict[str, tuple[int, int]]) -> list[AnnotatedImage]:
-    out = []
-    for image_path in sorted(dataset.image_paths):
-        detections = dataset.annotations[image_path]
-        path = Path(image_path).resolve()
-        if str(path) not in sizes:  # supervision's VOC loader also lists images without an XML file
-            continue
-        size = sizes[str(path)]
-        objects = [
-            {"label": dataset.classes[int(c)], "bbox_px": _clip([round(float(v), 2) for v in box], size)}
-            for box, c in zip(detections.xyxy, detections.class_id)
-        ]
-        out.append(AnnotatedImage(path, size, _reading_order(objects), source))
-    return out
+        loader.add(file, xml.stem, build)
 
 
 # ----------------------------------------------------------------------------------- questions
@@ -327,8 +396,10 @@ def build_grounding(
     seed: int = 0,
     on_error: str = "fail",
     images_root: str | Path | None = None,
+    report: BuildReport | None = None,
 ) -> BuildReport:
-    """Records for every question about `images`, written atomically to `out` (JSONL)."""
+    """Records for every question about `images`, written atomically to `out` (JSONL).
+    `report` may carry the loader's skips and counts (see `load_annotations`)."""
     check_on_error(on_error)
     if objects not in ("query", "all"):
         raise ValueError(f"objects must be 'query' or 'all', got {objects!r}")
@@ -337,7 +408,7 @@ def build_grounding(
     out_dir = out.resolve().parent
     by_path = {img.image: img for img in images}
     all_labels = sorted({o["label"] for img in images for o in img.objects})
-    report = BuildReport()
+    report = report if report is not None else BuildReport()
     if questions is not None:
         items = _read_questions(Path(questions), Path(images_root) if images_root else None, by_path, on_error, report)
     else:
@@ -400,15 +471,9 @@ def _read_questions(path: Path, root: Path | None, by_path: dict[Path, Annotated
 
 
 # ------------------------------------------------------------------------------------- helpers
-def _supervision():
-    """supervision warns at import that OpenCV is absent; its NumPy/Pillow path is what we use."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*OpenCV.*")
-        import supervision
-
-    return supervision
+def _is_id(value) -> bool:
+    """COCO ids are integers (not booleans, which Python counts as integers)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _read_json(path: Path):
@@ -439,17 +504,6 @@ def _image_size(path: Path, *, source: str, record: str) -> tuple[int, int]:
         raise DatasetError(f"image not found: {path}", file=source, record=record, field="image") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise DatasetError(f"unreadable or truncated image {path}: {err}", file=source, record=record, field="image") from None
-
-
-def _checked_object(label: str, box: list[float], size: tuple[int, int], *, file: str, record: str, field: str) -> dict:
-    W, H = size
-    x1, y1, x2, y2 = box
-    if x2 <= x1 or y2 <= y1:
-        raise DatasetError(f"box with non-positive width or height {box}", file=file, record=record, field=field)
-    mx, my = OUTSIDE_TOLERANCE * W, OUTSIDE_TOLERANCE * H
-    if x1 < -mx or y1 < -my or x2 > W + mx or y2 > H + my:
-        raise DatasetError(f"box {[round(v, 1) for v in box]} lies outside the {W}x{H} image", file=file, record=record, field=field)
-    return {"label": label, "bbox_px": _clip([round(v, 2) for v in box], size)}
 
 
 def _clip(box: list[float], size: tuple[int, int]) -> list[float]:

@@ -15,7 +15,9 @@ answer as privileged input hurts]:
 * `final_answer`: one hint stating the final answer (for ablations; every record leaks by design).
 
 A leak check reports every record whose hints contain the final answer, unless the question
-itself contains it. A `HintGenerator` (e.g. a local model) can write the hints instead; its
+itself contains it. Masking and the leak check recognise numbers with one function
+(`dopd_vl.numbers.find_numbers`): digits glued to units (`72Mb`), currency, percentages,
+thousands separators, decimals equal in value (`72.0`) and number words all count. A `HintGenerator` (e.g. a local model) can write the hints instead; its
 output goes through the same check.
 """
 
@@ -23,18 +25,20 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from data_builders.formats import get_format
 from data_builders.output import BuildReport, check_on_error, finish_build
 from dopd_vl.errors import DatasetError
+from dopd_vl.numbers import find_numbers, parse_number, same_number
 
 __all__ = ["STYLES", "HintGenerator", "parse_solution", "make_hints", "find_leaks", "build_hints"]
 
 STYLES = ("steps", "steps_exec", "summary", "final_answer")
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
-_NUMBER = re.compile(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])")
+GLUED_COUNT = "masked numbers glued to units"
 
 
 @runtime_checkable
@@ -58,22 +62,24 @@ def parse_solution(solution: str | list[str]) -> tuple[list[str], str | None, li
     return steps, final, results
 
 
-def make_hints(steps: list[str], final: str | None, results: list[str], style: str) -> list[str]:
-    """Hints of one solution in a style; see the module docstring."""
+def make_hints(steps: list[str], final: str | None, results: list[str], style: str, counts: Counter | None = None) -> list[str]:
+    """Hints of one solution in a style; see the module docstring. `counts` receives the number
+    of masked numbers that were glued to units."""
     if style not in STYLES:
         raise ValueError(f"unknown hint style {style!r}; styles: {STYLES}")
     plain = [_ANNOTATION.sub("", s) for s in steps]
     if style == "steps_exec":
         return plain
-    hidden = {_value(r) for r in results} | ({_value(final)} if final is not None else set())
+    hidden = {parse_number(r) for r in results} | ({parse_number(final)} if final is not None else set())
     hidden.discard(None)
+    counts = counts if counts is not None else Counter()
     if style == "steps":
-        return [_hide_numbers(s, hidden) for s in plain]
+        return [_hide_numbers(s, hidden, counts) for s in plain]
     if style == "summary":
         ops = [expr.rsplit("=", 1)[0] for s in steps for expr in _ANNOTATION.findall(s) if "=" in expr]
         if not ops:
-            return [_hide_numbers(" ".join(plain), hidden)]
-        return ["Compute " + ", then ".join(_hide_numbers(op, hidden) for op in ops) + "."]
+            return [_hide_numbers(" ".join(plain), hidden, counts)]
+        return ["Compute " + ", then ".join(_hide_numbers(op, hidden, counts) for op in ops) + "."]
     return [f"The final answer is {final}."]
 
 
@@ -112,7 +118,7 @@ def build_hints(
             except json.JSONDecodeError as err:
                 raise DatasetError(f"invalid JSON: {err.msg}", file=where, record=rid, field=f"column {err.colno}") from err
             rid = str(row.get("id") or f"{path.stem}-{n:05d}") if isinstance(row, dict) else rid
-            record, leaks = _record(row, rid, where, style, fmt, generator)
+            record, leaks = _record(row, rid, where, style, fmt, generator, report.counts)
         except DatasetError as err:
             if on_error == "fail":
                 raise
@@ -126,7 +132,7 @@ def build_hints(
     return finish_build(report, out)
 
 
-def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None) -> tuple[dict, list[int]]:
+def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None, counts: Counter) -> tuple[dict, list[int]]:
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
         raise DatasetError("each line needs a non-empty string 'question'", file=where, record=rid, field="question")
     question = row["question"]
@@ -144,7 +150,7 @@ def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator
         hints = [str(h) for h in generator.generate(question, solution if isinstance(solution, str) else None if solution is None else "\n".join(solution))]
         used_style = "generated"
     elif solution is not None:
-        hints = make_hints(steps, final, results, style)
+        hints = make_hints(steps, final, results, style, counts)
         used_style = style
     elif isinstance(row.get("hints"), list) and row["hints"]:
         hints = [str(h) for h in row["hints"]]
@@ -166,22 +172,20 @@ def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator
     return record, find_leaks(question, hints, final)
 
 
-def _value(text: str | None) -> float | None:
-    if text is None:
-        return None
-    try:
-        return float(text.replace(",", "").replace("$", "").strip())
-    except ValueError:
-        return None
-
-
-def _hide_numbers(text: str, hidden: set[float]) -> str:
-    return _NUMBER.sub(lambda m: "?" if _value(m.group()) in hidden else m.group(), text)
+def _hide_numbers(text: str, hidden: set[float], counts: Counter) -> str:
+    """Replace every number whose value is hidden by "?", in any notation; units stay ("?Mb")."""
+    out, end = [], 0
+    for n in find_numbers(text):
+        if n.start >= end and any(same_number(n.value, h) for h in hidden):
+            out += [text[end : n.start], "?"]
+            end = n.end
+            counts[GLUED_COUNT] += n.glued
+    return "".join(out) + text[end:]
 
 
 def _contains(text: str, answer: str) -> bool:
-    """Numeric answers match number tokens by value (so "1,000" matches "1000"); others as words."""
-    value = _value(answer)
+    """Numeric answers match numbers of any notation by value; others as whole words."""
+    value = parse_number(answer)
     if value is not None:
-        return any(_value(tok) == value for tok in _NUMBER.findall(text))
+        return any(same_number(n.value, value) for n in find_numbers(text))
     return re.search(rf"(?<!\w){re.escape(answer.strip())}(?!\w)", text, flags=re.IGNORECASE) is not None

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     grounding.add_argument("--questions", help="QA JSONL: image, question, optional answer / id / labels (default: synthesised)")
     grounding.add_argument("--objects", choices=("query", "all"), default="query", help="attach query-related objects (default) or all")
     grounding.add_argument("--coords", choices=("qwen3vl", "qwen25vl"), default="qwen3vl", help="built-in box format")
+    grounding.add_argument("--degenerate", choices=("drop", "keep", "fail"), default="drop",
+                           help="boxes of zero width or height: drop them (counted in the summary), keep them, or fail")
     _add_build_options(grounding)
     grounding.set_defaults(run=_build_grounding)
 
@@ -207,12 +209,15 @@ def _print_report(report, out) -> None:
 
 def _build_grounding(args) -> int:
     from data_builders.grounding import build_grounding, load_annotations
+    from data_builders.output import BuildReport
 
-    images = load_annotations(args.annotation_format, args.images, args.annotations, args.classes)
+    report = BuildReport()  # the loader's skips and counts go into the build's report
+    images = load_annotations(args.annotation_format, args.images, args.annotations, args.classes,
+                              on_error=args.on_error, degenerate=args.degenerate, report=report)
     fmt = args.privileged_format or f"{args.coords}_grounding"
     report = build_grounding(
         images, args.out, questions=args.questions, objects=args.objects, privileged_format=fmt,
-        seed=args.seed, on_error=args.on_error, images_root=args.images,
+        seed=args.seed, on_error=args.on_error, images_root=args.images, report=report,
     )
     _print_report(report, args.out)
     return 0

@@ -237,7 +237,11 @@ MALFORMED = {
     "coco without annotations": ("coco", lambda r: _coco(r, lambda d: d.pop("annotations")), ["coco.json", "field annotations"]),
     "unknown image id": ("coco", lambda r: _coco(r, lambda d: d["annotations"][1].update(image_id=99)), ["coco.json", "record annotation id 11", "field image_id"]),
     "unknown category id": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(category_id=7)), ["record annotation id 10", "field category_id"]),
-    "non-positive width": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, 0, 10])), ["record annotation id 10", "field bbox", "non-positive"]),
+    "negative width": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, -1, 10])), ["record annotation id 10", "field bbox", "negative width"]),
+    "non-finite coco bbox": ("coco", lambda r: _set(r / "coco.json", (r / "coco.json").read_text().replace('"bbox": [2', '"bbox": [NaN', 1)), ["record annotation id 10", "field bbox", "non-finite"]),
+    "non-finite yolo value": ("yolo", lambda r: _set(r / "labels" / "im0.txt", "0 nan 0.5 0.2 0.2\n"), ["im0.txt", "record line 1", "field x_center", "non-finite"]),
+    "non-finite voc value": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>inf</ymax>")), ["im0.xml", "record im0 object 0", "field bndbox", "non-finite"]),
+    "zero width with --degenerate fail": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, 0, 10])), ["record annotation id 10", "field bbox", "zero width"]),
     "non-positive height (voc)": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>2</ymax>")), ["im0.xml", "record im0 object 0", "field bndbox"]),
     "box far outside": ("coco", lambda r: _coco(r, lambda d: d["annotations"][1].update(bbox=[70, 5, 60, 30])), ["record annotation id 11", "field bbox", "outside"]),
     "yolo field count": ("yolo", lambda r: _set(r / "labels" / "im1.txt", "1 0.3 0.3 0.2\n"), ["im1.txt", "record line 1", "field fields"]),
@@ -273,7 +277,7 @@ def test_malformed_input_fails_with_one_clear_line_and_touches_nothing(mini, cas
     fmt, break_it, expected = MALFORMED[case]
     break_it(root)
     before = sorted(p.name for p in out.parent.iterdir())
-    assert main(_cli_args(fmt, root, out)) == 1
+    assert main(_cli_args(fmt, root, out, ["--degenerate", "fail"] if "--degenerate fail" in case else [])) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err, err
     for fragment in expected:
@@ -305,3 +309,97 @@ def test_unknown_privileged_format_is_a_one_line_error(mini, capsys):
     root, out = mini
     assert main(_cli_args("coco", root, out, ["--privileged-format", "nope"])) == 1
     assert "unknown privileged format 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------- skip mode for every record-level fault (issue 13)
+FILE_LEVEL = {"missing annotation file", "invalid json", "coco without images", "coco without annotations", "empty dataset"}
+
+
+@pytest.mark.parametrize("case", [c for c in MALFORMED if c not in FILE_LEVEL])
+def test_skip_mode_skips_the_faulty_image_keeps_the_rest_and_lists_it(mini, case, capsys):
+    root, out = mini
+    fmt, break_it, expected = MALFORMED[case]
+    break_it(root)
+    extra = ["--on-error", "skip"] + (["--degenerate", "fail"] if "--degenerate fail" in case else [])
+    assert main(_cli_args(fmt, root, out, extra)) == 0, capsys.readouterr().err
+    skipped = [json.loads(line) for line in Path(f"{out}.skipped.jsonl").read_text().splitlines()]
+    # A duplicated image id also orphans the annotations of the image it hid: listed too.
+    assert len(skipped) == (2 if case == "duplicate image ids" else 1) and skipped[0]["id"]
+    for fragment in expected:
+        assert fragment in skipped[0]["reason"] or fragment in skipped[0]["file"], (fragment, skipped[0])
+    records = load_records(out)
+    assert records, "the good image must still be built"
+    bad = {"im0", "im1"} & set(skipped[0]["reason"].replace(".", " ").split() + [Path(skipped[0]["file"]).stem])
+    for r in records:  # no record comes from the image that was skipped
+        assert Path(r["prompt"][0]["content"][0]["image"]).stem not in bad or case == "unknown image id"
+    assert f"{len(skipped)} skipped" in capsys.readouterr().out
+
+
+def test_all_of_coco128_as_integer_voc_and_coco_builds_with_its_one_pixel_objects(tmp_path, capsys):
+    # Integer corners make one real, tiny object (000000000540, 1.8 px wide) xmin == xmax in VOC:
+    # VOC corners are inclusive, so it is 1 pixel wide, as in the COCO JSON of the same numbers.
+    stems = sorted(p.stem for p in LABELS.glob("*.txt") if (IMAGES / f"{p.stem}.jpg").exists())
+    _write_coco_and_voc(tmp_path, stems)
+    voc_equal_corners = [b for x in (tmp_path / "voc").glob("*.xml") for b in ET.parse(x).getroot().iter("bndbox") if b.findtext("xmin") == b.findtext("xmax")]
+    assert len(voc_equal_corners) >= 1
+    built = {}
+    for fmt, ann in (("coco", tmp_path / "coco.json"), ("voc", tmp_path / "voc")):
+        out = tmp_path / f"{fmt}.jsonl"
+        assert main(["build", "grounding", "--format", fmt, "--images", str(IMAGES), "--annotations", str(ann), "--out", str(out), "--objects", "all"]) == 0
+        assert "degenerate" not in capsys.readouterr().out
+        built[fmt] = [{**r, "meta": {k: v for k, v in r["meta"].items() if k != "source"}} for r in load_records(out)]
+    assert built["coco"] == built["voc"]
+    widths = [o["bbox_px"][2] - o["bbox_px"][0] for r in built["voc"] for o in r["privileged"]["objects"]]
+    assert min(widths) == 1.0
+
+
+def _collapse_tiniest_box(root: Path, fmt: str) -> None:
+    """Give the tiniest COCO128 object (000000000540) zero width in the given format's files."""
+    if fmt == "coco":
+        data = json.loads((root / "coco.json").read_text())
+        tiny = min(data["annotations"], key=lambda a: a["bbox"][2])
+        tiny["bbox"][2] = 0
+        (root / "coco.json").write_text(json.dumps(data))
+    elif fmt == "voc":
+        xml = root / "voc" / "000000000540.xml"
+        tree = ET.parse(xml)
+        box = min(tree.getroot().iter("bndbox"), key=lambda b: int(b.findtext("xmax")) - int(b.findtext("xmin")))
+        box.find("xmax").text = str(int(box.findtext("xmin")) - 1)  # inclusive corners: zero width
+        tree.write(xml)
+    else:
+        labels = root / "labels"
+        shutil.copytree(LABELS, labels)
+        path = labels / "000000000540.txt"
+        lines = path.read_text().splitlines()
+        i = min(range(len(lines)), key=lambda k: float(lines[k].split()[3]))
+        c, xc, yc, w, h = lines[i].split()
+        lines[i] = f"{c} {xc} {yc} 0 {h}"
+        path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("fmt", ["coco", "voc", "yolo"])
+def test_zero_width_boxes_are_dropped_and_counted_kept_or_fatal_by_option(tmp_path, fmt, capsys):
+    stems = sorted(p.stem for p in LABELS.glob("*.txt") if (IMAGES / f"{p.stem}.jpg").exists())[:20] + ["000000000540"]
+    _write_coco_and_voc(tmp_path, stems)
+    _collapse_tiniest_box(tmp_path, fmt)
+    ann = {"coco": tmp_path / "coco.json", "voc": tmp_path / "voc", "yolo": tmp_path / "labels"}[fmt]
+    extra = ["--classes", str(COCO128 / "coco128.yaml")] if fmt == "yolo" else []
+
+    def build(name, *options):
+        out = tmp_path / f"{name}.jsonl"
+        code = main(["build", "grounding", "--format", fmt, "--images", str(IMAGES), "--annotations", str(ann), "--out", str(out), "--objects", "all", *extra, *options])
+        return code, out, capsys.readouterr()
+
+    code, dropped, printed = build("drop")
+    assert code == 0 and "degenerate boxes dropped 1" in printed.out
+    code, kept, printed = build("keep", "--degenerate", "keep")
+    assert code == 0 and "degenerate boxes kept 1" in printed.out
+    def count(path):  # objects per image (every question of an image carries all its objects)
+        return sum({r["prompt"][0]["content"][0]["image"]: len(r["privileged"]["objects"]) for r in load_records(path)}.values())
+
+    assert count(kept) == count(dropped) + 1
+    zero = {(r["prompt"][0]["content"][0]["image"], str(o)) for r in load_records(kept) for o in r["privileged"]["objects"] if o["bbox_px"][2] == o["bbox_px"][0]}
+    assert len(zero) == 1 and "000000000540" in next(iter(zero))[0]
+    code, failed, printed = build("fail", "--degenerate", "fail")
+    assert code == 1 and "zero width or height" in printed.err and ("000000000540" in printed.err or "annotation id" in printed.err)
+    assert not failed.exists()

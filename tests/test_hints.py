@@ -14,8 +14,22 @@ TEST = GSM8K / "test.jsonl"
 pytestmark = pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone")
 
 
+_WORD_VALUES = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                                             "fifteen sixteen seventeen eighteen nineteen".split())}
+_WORD_VALUES.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)})
+
+
 def _numbers(text):
-    return {float(t.replace(",", "")) for t in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?![\w])", text)}
+    """The test's own widened reading: digit runs anywhere (glued to units, currency, %), with
+    thousands separators and decimals by value, plus number words up to 99 (tens-units)."""
+    values = set()
+    for t in re.findall(r"\d{1,3}(?:,\d{3})+(?!\d)(?:\.\d+)?|\d*\.\d+|\d+", text):
+        values.add(float(t.replace(",", "")))
+    for words in re.findall(r"[a-z]+(?:-[a-z]+)?", text.lower()):
+        parts = words.split("-")
+        if all(p in _WORD_VALUES for p in parts):
+            values.add(float(sum(_WORD_VALUES[p] for p in parts)))
+    return values
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +67,25 @@ def test_leak_report_matches_an_independent_check(tmp_path, capsys):
         assert reported == expected, style
         if style == "steps":
             assert reported == 0
+            assert re.search(r"masked numbers glued to units (\d+)", printed) and int(re.search(r"masked numbers glued to units (\d+)", printed).group(1)) > 0
         else:
             assert reported > 1000
+
+
+def test_a_final_answer_glued_to_a_unit_is_masked_and_would_be_reported(tmp_path, capsys):
+    # GSM8K test line 627: "... speed is 1.2*60 = <<1.2*60=72>>72Mb per hour. #### 72"
+    row = json.loads(TEST.read_text().splitlines()[626])
+    assert "72Mb per hour" in row["answer"]
+    data = tmp_path / "in.jsonl"
+    data.write_text(json.dumps(row) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["build", "hints", "--input", str(data), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    hints = load_records(out)[0]["privileged"]["hints"]
+    assert hints[-1] == "So, Ashley\u2019s internet connection speed is ?*60 = ?Mb per hour."
+    assert "leaks 0" in printed and "masked numbers glued to units 2" in printed  # 1.2Mb, 72Mb
+    assert main(["build", "hints", "--input", str(data), "--out", str(tmp_path / "exec.jsonl"), "--style", "steps_exec"]) == 0
+    assert "leaks 1" in capsys.readouterr().out  # the unmasked steps keep "72Mb": now a reported leak
 
 
 def test_steps_hide_every_computed_result_and_exec_keeps_them():

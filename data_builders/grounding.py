@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "AnnotatedImage",
     "load_annotations",
+    "load_hf_detections",
     "annotated_image_from_detections",
     "synthesize_questions",
     "build_grounding",
@@ -53,10 +54,11 @@ _IRREGULAR_PLURALS = {"person": "people", "broccoli": "broccoli", "mouse": "mice
 class AnnotatedImage:
     """One image with its objects in exact pixel coordinates (xyxy)."""
 
-    image: Path  # absolute
+    image: Path  # absolute (for an image known only by its bytes: a name, with `data` set)
     image_size: tuple[int, int]  # (W, H)
     objects: list[dict]  # {"label": str, "bbox_px": [x1, y1, x2, y2]}, in reading order
     source: str  # the annotation file
+    data: bytes | None = None  # the encoded image, when it has no local file (datasets sources)
 
     @property
     def key(self) -> str:
@@ -133,14 +135,155 @@ def annotated_image_from_detections(image: str | Path, detections, class_names: 
     loader = _Loader("fail", degenerate, report if report is not None else BuildReport())
     path = Path(image).resolve()
     size = _image_size(path, source=source, record=path.name)
-    objects = []
-    for i, (box, class_id) in enumerate(zip(detections.xyxy, detections.class_id)):
+    labels = []
+    for i, class_id in enumerate(detections.class_id):
         try:
-            label = class_names[int(class_id)]
+            labels.append(class_names[int(class_id)])
         except (IndexError, KeyError) as err:
             raise DatasetError(f"class id {int(class_id)} has no name", file=source, record=f"{path.name} detection {i}", field="class_id") from err
-        objects.append(loader.box(label, [float(v) for v in box], size, file=source, record=f"{path.name} detection {i}", field="xyxy"))
-    return AnnotatedImage(path, size, _reading_order([o for o in objects if o is not None]), source)
+    return _checked_image(path, None, size, detections.xyxy, labels, source, f"{path.name} detection", "xyxy", loader)
+
+
+BBOX_FORMATS = ("coco", "pascal_voc", "yolo")
+
+
+def load_hf_detections(
+    source: str | Path,
+    *,
+    split: str = "train",
+    bbox_format: str = "coco",
+    normalized: bool = False,
+    image_column: str = "image",
+    objects_column: str = "objects",
+    on_error: str = "fail",
+    degenerate: str = "drop",
+    report: BuildReport | None = None,
+) -> list[AnnotatedImage]:
+    """A Hugging Face detection dataset (an image column and an `objects` column with `bbox` and
+    `category`, the transformers object-detection convention) -> AnnotatedImages.
+
+    Boxes are `coco` [x, y, w, h], `pascal_voc` [x1, y1, x2, y2] (pixels, or 0-1 with
+    `normalized`) or `yolo` [x_center, y_center, w, h] (always 0-1); category names come from the
+    dataset's ClassLabel feature (or are the values themselves, when strings). Each row goes
+    through `sv.Detections` like a detector's output, with the same validation, skip mode and
+    degenerate-box policy as the file formats.
+    """
+    from dopd_vl.data import _open_dataset, _undecoded_images
+
+    check_on_error(on_error)
+    if bbox_format not in BBOX_FORMATS:
+        raise ValueError(f"bbox_format must be one of {BBOX_FORMATS}, got {bbox_format!r}")
+    name = str(source)
+    dataset = _open_dataset(source, split)
+    for column in (image_column, objects_column):
+        if column not in dataset.column_names:
+            raise DatasetError(f"missing column {column!r}; the dataset has {dataset.column_names}", file=name, field=column)
+    names = _class_names(dataset.features[objects_column])
+    dataset = _undecoded_images(dataset, image_column) if hasattr(dataset.features[image_column], "feature") else _undecoded_image(dataset, image_column)
+    loader = _Loader(on_error, degenerate, report if report is not None else BuildReport())
+    for index in range(len(dataset)):
+        record = f"row {index}"
+
+        def build(index=index, record=record) -> AnnotatedImage:
+            row = dataset[index]
+            path, data = _row_image(row.get(image_column), name, record, image_column)
+            size = _image_size(path if data is None else data, source=name, record=record)
+            boxes, labels = _row_objects(row.get(objects_column), names, name, record, objects_column)
+            xyxy = [_to_xyxy(b, bbox_format, normalized, size, name, f"{record} object {k}") for k, b in enumerate(boxes)]
+            return _from_detections(path, data, size, xyxy, labels, name, record, loader)
+
+        loader.add(name, record, build)
+    if not loader.images:
+        reasons = f" ({len(loader.report.skipped)} skipped; first: {loader.report.skipped[0]['reason']})" if loader.report.skipped else ""
+        raise DatasetError(f"the dataset is empty: no usable image{reasons}", file=name)
+    return loader.images
+
+
+def _from_detections(path: Path, data: bytes | None, size: tuple[int, int], xyxy: list[list[float]], labels: list[str], source: str, record: str, loader) -> AnnotatedImage:
+    """Boxes and labels of one dataset row as an `sv.Detections` (supervision's form of a
+    detector's output), then the same path as `annotated_image_from_detections`."""
+    import numpy as np
+
+    sv = _supervision()
+    classes = sorted(set(labels))
+    detections = sv.Detections(xyxy=np.array(xyxy, dtype=float).reshape(-1, 4), class_id=np.array([classes.index(l) for l in labels], dtype=int))
+    return _checked_image(path, data, size, detections.xyxy, [classes[int(c)] for c in detections.class_id], source, f"{record} object", "bbox", loader)
+
+
+def _checked_image(path: Path, data: bytes | None, size: tuple[int, int], xyxy, labels: list[str], source: str, record: str, field: str, loader) -> AnnotatedImage:
+    objects = [loader.box(label, [float(v) for v in box], size, file=source, record=f"{record} {k}", field=field) for k, (box, label) in enumerate(zip(xyxy, labels))]
+    return AnnotatedImage(path, size, _reading_order([o for o in objects if o is not None]), source, data)
+
+
+def _class_names(feature) -> list[str] | None:
+    """ClassLabel names of the objects' category (dict-of-lists or list-of-dicts layouts)."""
+    import datasets
+
+    inner = feature.feature if hasattr(feature, "feature") else feature
+    category = inner.get("category") if isinstance(inner, dict) else None
+    category = getattr(category, "feature", category)
+    return list(category.names) if isinstance(category, datasets.ClassLabel) else None
+
+
+def _undecoded_image(dataset, column: str):
+    import datasets
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _row_image(value, source: str, record: str, field: str) -> tuple[Path, bytes | None]:
+    """(path, None) for an image with a local file, else (a name, its bytes)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str):
+        return Path(value).resolve(), None
+    if isinstance(value, dict):
+        path = value.get("path")
+        if isinstance(path, str) and Path(path).is_file():
+            return Path(path).resolve(), None
+        if isinstance(value.get("bytes"), bytes):
+            return Path(Path(path).name if isinstance(path, str) and path else f"{record.replace(' ', '')}.png"), value["bytes"]
+    raise DatasetError(f"no image (expected an Image feature, got {type(value).__name__})", file=source, record=record, field=field)
+
+
+def _row_objects(value, names: list[str] | None, source: str, record: str, field: str) -> tuple[list, list[str]]:
+    if isinstance(value, dict):  # {"bbox": [...], "category": [...]}
+        boxes, categories = value.get("bbox"), value.get("category")
+    elif isinstance(value, list):  # [{"bbox": ..., "category": ...}, ...]
+        if not all(isinstance(o, dict) for o in value):
+            raise DatasetError("objects must be dicts with bbox and category", file=source, record=record, field=field)
+        boxes, categories = [o.get("bbox") for o in value], [o.get("category") for o in value]
+    else:
+        raise DatasetError(f"objects must hold bbox and category lists, got {type(value).__name__}", file=source, record=record, field=field)
+    if not isinstance(boxes, list) or not isinstance(categories, list) or len(boxes) != len(categories):
+        raise DatasetError("objects need equally long bbox and category lists", file=source, record=record, field=f"{field}.bbox")
+    labels = []
+    for k, c in enumerate(categories):
+        if isinstance(c, str) and c:
+            labels.append(c)
+        elif isinstance(c, int) and not isinstance(c, bool) and names is not None and 0 <= c < len(names):
+            labels.append(names[c])
+        else:
+            raise DatasetError(f"category {c!r} has no name (the category feature must be a ClassLabel, or strings)", file=source, record=f"{record} object {k}", field=f"{field}.category")
+    return boxes, labels
+
+
+def _to_xyxy(box, bbox_format: str, normalized: bool, size: tuple[int, int], source: str, record: str) -> list[float]:
+    if not (isinstance(box, (list, tuple)) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+        raise DatasetError(f"bbox must be 4 numbers, got {box!r}", file=source, record=record, field="bbox")
+    if not all(math.isfinite(v) for v in box):
+        raise DatasetError(f"non-finite box value in {list(box)}", file=source, record=record, field="bbox")
+    W, H = size
+    sx, sy = (W, H) if normalized or bbox_format == "yolo" else (1.0, 1.0)
+    a, b, c, d = box
+    if bbox_format == "coco":
+        return [a * sx, b * sy, (a + c) * sx, (b + d) * sy]
+    if bbox_format == "pascal_voc":
+        return [a * sx, b * sy, c * sx, d * sy]
+    return [(a - c / 2) * sx, (b - d / 2) * sy, (a + c / 2) * sx, (b + d / 2) * sy]
 
 
 class _Loader:
@@ -397,6 +540,7 @@ def build_grounding(
     on_error: str = "fail",
     images_root: str | Path | None = None,
     report: BuildReport | None = None,
+    embed_images: bool = False,
 ) -> BuildReport:
     """Records for every question about `images`, written atomically to `out` (JSONL).
     `report` may carry the loader's skips and counts (see `load_annotations`)."""
@@ -423,19 +567,24 @@ def build_grounding(
         related = [o for o in img.objects if o["label"] in labels] if objects == "query" else []
         attached = related or img.objects
         privileged = {"format": fmt.name, "image_size": list(img.image_size), "objects": attached}
+        image_part = {"type": "image"} if img.data is not None else {"type": "image", "image": os.path.relpath(img.image, out_dir)}
         record = {
             "id": rid,
-            "prompt": [{"role": "user", "content": [{"type": "image", "image": os.path.relpath(img.image, out_dir)}, {"type": "text", "text": q["question"]}]}],
+            "prompt": [{"role": "user", "content": [image_part, {"type": "text", "text": q["question"]}]}],
             "privileged_context": fmt.render(privileged),
             "privileged": privileged,
             "meta": {"source": img.source, "image_size": list(img.image_size), "question_type": q.get("type", "given")},
         }
         if q.get("answer") is not None:
             record["answer"] = str(q["answer"])
+        if img.data is not None:  # no local file: the image travels inside the record
+            if Path(out).suffix == ".jsonl":
+                raise DatasetError(f"image {img.image.name} has no local file: write a .parquet file or a dataset folder (--out) to embed it", file=img.source, record=rid, field="image")
+            record["images"] = [{"bytes": img.data, "path": img.image.name}]
         report.records.append(record)
         report.counts[f"questions/{q.get('type', 'given')}"] += 1
         report.counts["objects attached"] += len(attached)
-    return finish_build(report, out)
+    return finish_build(report, out, embed_images)
 
 
 def _read_questions(path: Path, root: Path | None, by_path: dict[Path, AnnotatedImage], on_error: str, report: BuildReport):
@@ -476,6 +625,17 @@ def _is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _supervision():
+    """supervision warns at import that OpenCV is absent; its NumPy/Pillow path is what we use."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*OpenCV.*")
+        import supervision
+
+    return supervision
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -494,16 +654,18 @@ def _confined(root: Path, name: str, *, file: str, record: str, field: str) -> P
     return path
 
 
-def _image_size(path: Path, *, source: str, record: str) -> tuple[int, int]:
+def _image_size(path: Path | bytes, *, source: str, record: str) -> tuple[int, int]:
     """Open and fully decode: missing, unreadable and truncated images are caught here."""
+    import io
+
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as img:
             img.load()
             return img.size
     except FileNotFoundError:
         raise DatasetError(f"image not found: {path}", file=source, record=record, field="image") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"unreadable or truncated image {path}: {err}", file=source, record=record, field="image") from None
+        raise DatasetError(f"unreadable or truncated image {'(embedded bytes)' if isinstance(path, bytes) else path}: {err}", file=source, record=record, field="image") from None
 
 
 def _clip(box: list[float], size: tuple[int, int]) -> list[float]:

@@ -98,6 +98,7 @@ def build_hints(
     privileged_format: str = "hints",
     generator: HintGenerator | None = None,
     on_error: str = "fail",
+    embed_images: bool = False,
 ) -> BuildReport:
     """Records with hint privileged context for every input line, written atomically to `out`."""
     check_on_error(on_error)
@@ -129,7 +130,7 @@ def build_hints(
         if leaks:
             report.leaks.append({"id": rid, "hints": leaks, "answer": record.get("answer")})
     report.counts["leaks"] = len(report.leaks)
-    return finish_build(report, out)
+    return finish_build(report, out, embed_images)
 
 
 def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None, counts: Counter) -> tuple[dict, list[int]]:

@@ -1,9 +1,17 @@
-"""Writing builder outputs atomically, and the build report every builder returns."""
+"""Writing builder outputs atomically, and the build report every builder returns.
+
+Outputs: `.jsonl` (image paths relative to the file's folder), `.parquet`, or any other name: a
+`save_to_disk` folder; `embed_images=True` stores the image bytes in an `images` column (TRL's
+vision convention) so the dataset is one portable artifact. In Parquet and folder outputs the
+free-form `privileged` and `meta` fields are JSON text (Arrow needs one type per column);
+`dopd_vl.data.load_records` reads them back as dicts.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -12,7 +20,7 @@ from pathlib import Path
 from dopd_vl.data import validate_record
 from dopd_vl.errors import DatasetError
 
-__all__ = ["BuildReport", "write_jsonl_atomic", "finish_build", "check_on_error"]
+__all__ = ["BuildReport", "write_jsonl_atomic", "write_dataset_atomic", "finish_build", "check_on_error"]
 
 
 @dataclass
@@ -49,8 +57,59 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
         raise
 
 
-def finish_build(report: BuildReport, out: str | Path) -> BuildReport:
-    """Validate every record with the engine's schema, check ids, then write OUT (and OUT.skipped.jsonl)."""
+def write_dataset_atomic(path: str | Path, records: list[dict], embed_images: bool = False) -> None:
+    """Records as Parquet (`.parquet`) or a `save_to_disk` folder, via a temporary sibling that is
+    renamed into place: never a partial output at `path`."""
+    import datasets
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.parent if path.suffix == ".parquet" else path  # what relative image paths resolve against
+    rows = [_arrow_row(r, path.parent, base, embed_images) for r in records]
+    dataset = datasets.Dataset.from_list(rows)
+    if any("images" in r for r in rows):
+        dataset = dataset.cast_column("images", datasets.List(datasets.Image()))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if path.suffix == ".parquet":
+            dataset.to_parquet(str(tmp / path.name))
+            os.replace(tmp / path.name, path)
+        else:
+            dataset.save_to_disk(str(tmp / "dataset"))
+            old = path.parent / f".{path.name}.old" if path.exists() else None
+            if old is not None:
+                os.replace(path, old)
+            os.replace(tmp / "dataset", path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _arrow_row(record: dict, out_dir: Path, base: Path, embed_images: bool) -> dict:
+    row = {k: (json.dumps(v, ensure_ascii=False) if k in ("privileged", "meta") else v) for k, v in record.items()}
+    prompt = json.loads(json.dumps(record["prompt"]))
+    images = []
+    for message in prompt:
+        for part in message["content"] if isinstance(message["content"], list) else []:
+            if part.get("type") == "image" and isinstance(part.get("image"), str):
+                file = (out_dir / part["image"]).resolve() if not Path(part["image"]).is_absolute() else Path(part["image"])
+                if embed_images:
+                    images.append({"bytes": file.read_bytes(), "path": file.name})
+                    del part["image"]
+                else:
+                    part["image"] = os.path.relpath(file, base.resolve())
+    row["prompt"] = prompt
+    if images:
+        row["images"] = images
+    return row
+
+
+def finish_build(report: BuildReport, out: str | Path, embed_images: bool = False) -> BuildReport:
+    """Validate every record with the engine's schema, check ids, then write OUT (and
+    OUT.skipped.jsonl): JSONL, Parquet or a `save_to_disk` folder by OUT's name."""
+    if Path(out).suffix == ".jsonl" and embed_images:
+        raise DatasetError("--embed-images needs a .parquet file or a dataset folder as --out", file=str(out))
     if not report.records:
         reasons = f" ({len(report.skipped)} skipped; first: {report.skipped[0]['reason']})" if report.skipped else ""
         raise DatasetError(f"the dataset is empty: no record was built{reasons}", file=str(out))
@@ -63,5 +122,8 @@ def finish_build(report: BuildReport, out: str | Path) -> BuildReport:
     skipped_path = Path(f"{out}.skipped.jsonl")
     if report.skipped:
         write_jsonl_atomic(skipped_path, report.skipped)
-    write_jsonl_atomic(out, report.records)
+    if Path(out).suffix == ".jsonl":
+        write_jsonl_atomic(out, report.records)
+    else:
+        write_dataset_atomic(out, report.records, embed_images)
     return report

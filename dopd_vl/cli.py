@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="print a record's rendered views and token counts")
     inspect.add_argument("--student", required=True, help="student model folder or hub id (its tokenizer / processor is used)")
     inspect.add_argument("--teacher", help="teacher model folder or hub id (default: the student's)")
-    inspect.add_argument("--data", required=True, help="dataset JSONL")
+    inspect.add_argument("--data", required=True, help="dataset: JSONL, Parquet / Arrow file, dataset folder or id")
+    _add_data_options(inspect)
     inspect.add_argument("--index", type=int, default=0, help="record number in the file (0-based)")
     inspect.add_argument("--routing", metavar="OUT.html", help="write the token routing view (needs model weights): the student answers "
                          "records --index.. --index+--count-1 and every response token is coloured by its DOPD regime")
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="greedy answers and accuracy per question type")
     evaluate.add_argument("--model", required=True, help="model folder or hub id")
-    evaluate.add_argument("--data", required=True, help="dataset JSONL with `answer` fields")
+    evaluate.add_argument("--data", required=True, help="dataset with `answer`: JSONL, Parquet / Arrow file, dataset folder or id")
+    _add_data_options(evaluate)
     evaluate.add_argument("--privileged", action="store_true", help="answer with the privileged context in the prompt")
     evaluate.add_argument("--out", help="write the JSON report here instead of stdout")
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
@@ -50,11 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser("build", help="build privileged datasets").add_subparsers(dest="builder", metavar="BUILDER", required=True)
     grounding = build.add_parser("grounding", help="detection annotations -> boxes + labels (images)")
-    grounding.add_argument("--format", required=True, choices=("coco", "yolo", "voc"), dest="annotation_format")
-    grounding.add_argument("--images", required=True, help="folder of the images (the dataset root)")
-    grounding.add_argument("--annotations", required=True, help="COCO JSON file, YOLO labels folder or VOC XML folder")
+    grounding.add_argument("--format", required=True, choices=("coco", "yolo", "voc", "hf"), dest="annotation_format",
+                           help="annotation files, or `hf`: a datasets source with image + objects columns (--dataset)")
+    grounding.add_argument("--images", help="folder of the images (the dataset root; coco / yolo / voc)")
+    grounding.add_argument("--annotations", help="COCO JSON file, YOLO labels folder or VOC XML folder")
+    grounding.add_argument("--dataset", help="--format hf: a dataset id, folder (save_to_disk or load_dataset) or Parquet / Arrow file")
+    grounding.add_argument("--split", default="train", help="--format hf: the split (default train)")
+    grounding.add_argument("--bbox-format", choices=("coco", "pascal_voc", "yolo"), default="coco", help="--format hf: layout of objects.bbox")
+    grounding.add_argument("--normalized", action="store_true", help="--format hf: coco / pascal_voc boxes are in 0-1 (yolo always is)")
     grounding.add_argument("--classes", help="YOLO class names: data.yaml or classes.txt (default: searched near the labels)")
-    grounding.add_argument("--out", required=True, help="output JSONL")
+    grounding.add_argument("--out", required=True, help="output: FILE.jsonl, FILE.parquet or a folder (save_to_disk)")
     grounding.add_argument("--questions", help="QA JSONL: image, question, optional answer / id / labels (default: synthesised)")
     grounding.add_argument("--objects", choices=("query", "all"), default="query", help="attach query-related objects (default) or all")
     grounding.add_argument("--coords", choices=("qwen3vl", "qwen25vl"), default="qwen3vl", help="built-in box format")
@@ -65,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hints = build.add_parser("hints", help="worked solutions -> step-wise hints (text)")
     hints.add_argument("--input", required=True, help="JSONL with question + answer (GSM8K) / solution / hints")
-    hints.add_argument("--out", required=True, help="output JSONL")
+    hints.add_argument("--out", required=True, help="output: FILE.jsonl, FILE.parquet or a folder (save_to_disk)")
     hints.add_argument("--style", choices=("steps", "steps_exec", "summary", "final_answer"), default="steps")
     hints.add_argument("--generator", help="module:attr of a HintGenerator that writes the hints")
     _add_build_options(hints)
@@ -107,16 +114,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args) -> int:
-    from dopd_vl.data import load_records
+    from dopd_vl.data import load_records, records_root
     from dopd_vl.models import check_same_tokenizer, load_processing
     from dopd_vl.modality import PRIVILEGED_VIEWS, TEACHER_VIEWS, VIEWS, make_adapter
     from dopd_vl.errors import DatasetError
 
-    records = load_records(args.data)
+    records = load_records(args.data, split=args.split, columns=_columns(args.column))
     if not 0 <= args.index < len(records):
         raise DatasetError(f"--index {args.index} is out of range (the file has {len(records)} records)", file=args.data)
     record = records[args.index]
-    root = Path(args.data).parent
+    root = records_root(args.data)
     student = make_adapter(load_processing(args.student), image_root=root)
     teacher = make_adapter(load_processing(args.teacher), image_root=root) if args.teacher else student
     check_same_tokenizer(student.tokenizer, teacher.tokenizer)
@@ -166,11 +173,11 @@ def _write_routing(args, records: list[dict], root: Path) -> int:
 
 
 def _eval(args) -> int:
-    from dopd_vl.data import load_records
+    from dopd_vl.data import load_records, records_root
     from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
 
-    records = load_records(args.data)[: args.limit]
-    model, _, adapter, eos, never = _load_for_generation(args.model, Path(args.data).parent)
+    records = load_records(args.data, split=args.split, columns=_columns(args.column))[: args.limit]
+    model, _, adapter, eos, never = _load_for_generation(args.model, records_root(args.data))
     answers = generate_answers(model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never)
     report = {"model": str(args.model), "data": str(args.data), "privileged": args.privileged, **accuracy_report(records, answers)}
     text = json.dumps(report, indent=2)
@@ -191,10 +198,27 @@ def _plot(args) -> int:
     return 0
 
 
+def _add_data_options(parser) -> None:
+    parser.add_argument("--split", default="train", help="split of a datasets source (default train)")
+    parser.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                        help="read a record field from another column, e.g. --column prompt=question (repeatable)")
+
+
+def _columns(items: list[str]) -> dict[str, str]:
+    columns = {}
+    for item in items:
+        field, sep, column = item.partition("=")
+        if not sep or not field or not column:
+            raise ConfigError(f"--column {item!r} is not FIELD=COLUMN")
+        columns[field] = column
+    return columns
+
+
 def _add_build_options(parser) -> None:
     parser.add_argument("--privileged-format", help="registered format name or module:attr (overrides the default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesised questions")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="stop at the first bad record, or skip it into OUT.skipped.jsonl")
+    parser.add_argument("--embed-images", action="store_true", help="store the image bytes in the output (a .parquet file or a folder): one portable artifact")
 
 
 def _print_report(report, out) -> None:
@@ -208,16 +232,24 @@ def _print_report(report, out) -> None:
 
 
 def _build_grounding(args) -> int:
-    from data_builders.grounding import build_grounding, load_annotations
+    from data_builders.grounding import build_grounding, load_annotations, load_hf_detections
     from data_builders.output import BuildReport
 
     report = BuildReport()  # the loader's skips and counts go into the build's report
-    images = load_annotations(args.annotation_format, args.images, args.annotations, args.classes,
-                              on_error=args.on_error, degenerate=args.degenerate, report=report)
+    if args.annotation_format == "hf":
+        if not args.dataset:
+            raise ConfigError("--format hf needs --dataset (a dataset id, folder or Parquet / Arrow file)")
+        images = load_hf_detections(args.dataset, split=args.split, bbox_format=args.bbox_format, normalized=args.normalized,
+                                    on_error=args.on_error, degenerate=args.degenerate, report=report)
+    else:
+        if not args.images or not args.annotations:
+            raise ConfigError(f"--format {args.annotation_format} needs --images and --annotations")
+        images = load_annotations(args.annotation_format, args.images, args.annotations, args.classes,
+                                  on_error=args.on_error, degenerate=args.degenerate, report=report)
     fmt = args.privileged_format or f"{args.coords}_grounding"
     report = build_grounding(
         images, args.out, questions=args.questions, objects=args.objects, privileged_format=fmt,
-        seed=args.seed, on_error=args.on_error, images_root=args.images, report=report,
+        seed=args.seed, on_error=args.on_error, images_root=args.images, report=report, embed_images=args.embed_images,
     )
     _print_report(report, args.out)
     return 0
@@ -237,7 +269,8 @@ def _build_hints(args) -> int:
         except (ImportError, AttributeError, ValueError) as err:
             raise ConfigError(f"--generator {args.generator!r}: {err}") from err
         generator = obj() if isinstance(obj, type) else obj
-    report = build_hints(args.input, args.out, style=args.style, privileged_format=args.privileged_format or "hints", generator=generator, on_error=args.on_error)
+    report = build_hints(args.input, args.out, style=args.style, privileged_format=args.privileged_format or "hints", generator=generator,
+                         on_error=args.on_error, embed_images=args.embed_images)
     _print_report(report, args.out)
     return 0
 

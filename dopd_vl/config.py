@@ -40,7 +40,12 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training records (JSONL, DESIGN.md 3.1); image paths resolve against its folder."""
+    """Training records: JSONL, Parquet / Arrow file, `save_to_disk` folder, or a dataset id /
+    folder for `load_dataset` (dopd_vl/data.py); relative image paths resolve against its folder."""
+    split: str = "train"
+    """Split of a datasets source."""
+    columns: dict = field(default_factory=dict)
+    """Record field -> column name, for datasets with other names, e.g. {prompt: question}."""
     eval: str | None = None
     """Optional held-out records for `dopd eval`."""
     prompt: PromptConfig = field(default_factory=PromptConfig)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dopd_vl.data import image_parts, resolve_image_path
+from dopd_vl.data import image_parts, load_image
 from dopd_vl.objectives import DOPDConfig, build_objective
 from dopd_vl.routing import REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.scoring import score_views
@@ -107,7 +107,7 @@ def write_routing_html(path: str | Path, routed: list[RoutedResponse], threshold
             f'style="background:{REGIME_COLORS[r]}" title="{r}: A={a:.3f}  q_S={qs:.3f}  q_T={qt:.3f}">{html.escape(t) or "&#8203;"}</span>'
             for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher)
         )
-        images = "".join(f'<img src="{_data_uri(resolve_image_path(image_root, ref, str(item.record.get("id", ""))))}" alt="image">' for ref in image_parts(item.record))
+        images = "".join(f'<img src="{_data_uri(load_image(ref, image_root, str(item.record.get("id", ""))))}" alt="image">' for ref in image_parts(item.record))
         answer = f"<p><b>Reference answer:</b> {html.escape(str(item.record['answer']))}</p>" if item.record.get("answer") is not None else ""
         extra = "".join(f"<p><b>{html.escape(k)}:</b> {html.escape(str(v))}</p>" for k, v in item.extra.items())
         sections.append(
@@ -138,10 +138,7 @@ def _question(record: dict) -> str:
     return ""
 
 
-def _data_uri(image_path: Path) -> str:
-    from PIL import Image
-
+def _data_uri(image) -> str:
     buffer = io.BytesIO()
-    with Image.open(image_path) as image:
-        image.convert("RGB").save(buffer, format="PNG")
+    image.save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict
-from dopd_vl.data import load_records
+from dopd_vl.data import load_records, records_root
 from dopd_vl.errors import DopdError
 from dopd_vl.evaluation import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
@@ -117,8 +117,8 @@ class Trainer:
             self.student = _with_lora(self.student, c.lora)
         self.privileged_student = self._make_privileged_student()
 
-        self.records = load_records(c.data.train)
-        root = Path(c.data.train).parent
+        self.records = load_records(c.data.train, split=c.data.split, columns=c.data.columns)
+        root = records_root(c.data.train)
         self.adapters = {
             "student": make_adapter(self.student_processing, c.data.prompt, image_root=root),
             "teacher": make_adapter(teacher_processing, c.data.prompt, image_root=root),

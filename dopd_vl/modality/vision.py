@@ -1,17 +1,16 @@
 """Qwen3-VL (any image-text-to-text model with a processor): records -> prompt ids + pixels.
 
-Images are opened with Pillow from paths confined to the dataset root and resized by the model's
-own processor, as `processor.apply_chat_template(..., tokenize=True)` does for Qwen3-VL.
+Images are opened with Pillow from paths under the dataset root, or decoded from the record's
+embedded images, and resized by the model's own processor, as `processor.apply_chat_template(..., tokenize=True)` does for Qwen3-VL.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from dopd_vl.data import image_parts, resolve_image_path
-from dopd_vl.errors import DatasetError
+from dopd_vl.data import image_parts, load_image
 from dopd_vl.modality import PromptConfig, PromptInputs, prompt_messages
 
 
@@ -28,7 +27,7 @@ class VisionAdapter:
     def prompt(self, record: dict, view: str) -> PromptInputs:
         messages = prompt_messages(record, view, self.config.privileged_template)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images = [self.load_image(record, path) for path in image_parts(record)]
+        images = [self.load_image(record, ref) for ref in image_parts(record)]
         encoded = self.processor(text=[text], images=images or None, return_tensors="pt")
         extras = {"mm_token_type_ids": encoded["mm_token_type_ids"][0].long()} if "mm_token_type_ids" in encoded else {}
         if images:
@@ -36,14 +35,6 @@ class VisionAdapter:
             extras["image_grid_thw"] = encoded["image_grid_thw"]
         return PromptInputs(input_ids=encoded["input_ids"][0].long(), text=text, extras=extras)
 
-    def load_image(self, record: dict, image: str) -> Image.Image:
-        rid = record.get("id", "?")
-        path = resolve_image_path(self.image_root, image, rid)
-        try:
-            with Image.open(path) as img:
-                img.load()  # decode now: a truncated file fails here, not inside the processor
-                return img.convert("RGB")
-        except FileNotFoundError as err:
-            raise DatasetError(f"image not found: {path}", record=rid, field="prompt.image") from err
-        except (UnidentifiedImageError, OSError) as err:
-            raise DatasetError(f"unreadable image {path}: {err}", record=rid, field="prompt.image") from err
+    def load_image(self, record: dict, image) -> Image.Image:
+        """A path (resolved under the dataset root) or an embedded image, decoded to RGB."""
+        return load_image(image, self.image_root, record.get("id", "?"))

@@ -1,4 +1,4 @@
-"""How privileged information p is written as text (DESIGN.md 3.2).
+"""How privileged information p is written as text (docs/design.md §3.2).
 
 A format is anything with a `name` and `render(privileged: dict) -> str`. Builders store the
 structured source in the record's `privileged` field and the rendered text in

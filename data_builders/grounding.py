@@ -1,4 +1,4 @@
-"""Privileged grounding datasets from detection annotations (DESIGN.md 3.2).
+"""Privileged grounding datasets from detection annotations (docs/design.md §3.2).
 
 COCO JSON, YOLO label folders and Pascal VOC XML are parsed by our own validators, which name the
 file, record and field of every fault and apply one policy to all of them (`on_error` fail / skip

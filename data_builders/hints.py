@@ -1,4 +1,4 @@
-"""Privileged hint datasets from worked solutions (DESIGN.md 3.2).
+"""Privileged hint datasets from worked solutions (docs/design.md §3.2).
 
 Inputs, one JSON object per line:
 * GSM8K style: `question` + `answer` whose lines are the solution steps with `<<expr=result>>`

@@ -1,4 +1,4 @@
-"""Checkpoints that survive crashes (DESIGN.md 4).
+"""Checkpoints that survive crashes (docs/design.md §4.6).
 
 A checkpoint is written into `.tmp-checkpoint-N` and renamed to `checkpoint-N` only when every
 file is on disk, so a crash while writing leaves the previous checkpoint untouched and the

@@ -1,4 +1,4 @@
-"""The record schema (DESIGN.md 3.1): one validator used by the engine and by every builder.
+"""The record schema (docs/design.md §3.1): one validator used by the engine and by every builder.
 
 A record:
     id                  non-empty string, unique in its dataset
@@ -299,7 +299,7 @@ def load_image(ref: Any, root: str | Path | None, record: str, field: str = "pro
 
 
 def resolve_image_path(root: str | Path | None, image: str, record: str) -> Path:
-    """Relative paths are resolved against the dataset file's folder (DESIGN.md 3.1).
+    """Relative paths are resolved against the dataset file's folder (docs/design.md §3.1).
 
     They may point outside it (builders write paths relative to their output file, which need not
     sit above the images); confining annotation-supplied paths is the builders' job.

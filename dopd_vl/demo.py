@@ -241,7 +241,7 @@ def _summary_markdown(s: dict) -> str:
         f"Last step thresholds: A {last['threshold/A']:.3f}, q_S {last['threshold/q_student']:.3f}, q_T {last['threshold/q_teacher']:.3f}; "
         f"student entropy {last['entropy/student']:.3f} nats.", "",
         "## Files", "",
-        f"- `{s['artifacts']['metrics']}`: every metric of every step (DESIGN.md 4.5 names)",
+        f"- `{s['artifacts']['metrics']}`: every metric of every step (docs/design.md §4.5 names)",
         *[f"- `{p}`" for p in s["artifacts"]["plots"]],
         f"- `{s['artifacts']['routing_view']}`: response tokens coloured by regime; hover for A, q_S, q_T",
         f"- `{s['artifacts']['final_student']}`: the trained student (`from_pretrained`-loadable)", "",

@@ -1,4 +1,4 @@
-"""Divergences between the student distribution s and a target t (DESIGN.md 1.5).
+"""Divergences between the student distribution s and a target t (docs/design.md §1.5).
 
 One definition of each quantity, used by the reference path and the chunked path alike:
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dopd_vl.divergences import reverse_kl
-from dopd_vl.evaluation import answer_kind, is_correct
+from dopd_vl.answers import answer_kind, is_correct
 from dopd_vl.models import output_embedding_weight
 from dopd_vl.objectives import chunk_logits
 from dopd_vl.rollout import RolloutConfig, sample_responses

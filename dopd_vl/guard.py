@@ -1,4 +1,4 @@
-"""The collapse guard: notices when on-policy distillation is destroying the student.
+"""The collapse guard (docs/design.md §1.9): notices when on-policy distillation is destroying the student.
 
 Routes to a *live* privileged student are self-distillation toward a moving copy of the student
 (the paper's `student_priv`, stop-grad). Both views can agree trivially, and a weak student finds

@@ -1,4 +1,4 @@
-"""Loading students and teachers, and building tiny Qwen3 / Qwen3-VL models (DESIGN.md 3.3).
+"""Loading students and teachers, and building tiny Qwen3 / Qwen3-VL models (docs/design.md §3.3).
 
 Real models load with `from_pretrained` from a hub id or a local folder through the Auto classes.
 Tiny models are built from configs and saved with `save_pretrained` (weights as safetensors, with
@@ -167,7 +167,7 @@ def eos_token_ids(processing, model: nn.Module) -> list[int]:
 
 
 def check_same_tokenizer(student_processing, teacher_processing, student_model=None, teacher_model=None) -> int:
-    """Teacher and student must share a tokenizer (DESIGN.md 1.5); returns the shared vocab size."""
+    """Teacher and student must share a tokenizer (docs/design.md §1.5); returns the shared vocab size."""
     s_tok, t_tok = tokenizer_of(student_processing), tokenizer_of(teacher_processing)
     if len(s_tok) != len(t_tok) or s_tok.get_vocab() != t_tok.get_vocab():
         raise ModelError(

@@ -1,4 +1,4 @@
-"""Objectives: a router plus a table of routes (DESIGN.md 1.6, 1.7).
+"""Objectives: a router plus a table of routes (docs/design.md §1.6, §1.7).
 
 A route says, for the tokens sent to it, which view is the target, which divergence and support
 to use, and the weight. DOPD routes by the four regimes; the baselines are configurations of the
@@ -15,7 +15,9 @@ Two paths compute the same loss:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -33,6 +35,7 @@ __all__ = [
     "TargetStates",
     "ChunkedLossOutput",
     "build_objective",
+    "register_objective",
     "token_weights",
     "objective_loss",
     "dopd_loss",
@@ -42,6 +45,7 @@ __all__ = [
 ]
 
 OBJECTIVES = ("dopd", "vanilla_opd", "privileged_opd", "self_distill", "uniform", "pruned_opd")
+_REGISTERED: dict[str, Callable[["DOPDConfig"], "Objective"]] = {}  # register_objective (CONTRIBUTING.md)
 SCORING_VIEWS = ("teacher_priv", "student_priv", "teacher_plain")
 _PRUNE_BY = ("largest_A", "smallest_A", "random")
 
@@ -93,7 +97,8 @@ class DOPDConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.name in OBJECTIVES, f"objective.name must be one of {OBJECTIVES}, got {self.name!r}"),
+            (self.name in OBJECTIVES or self.name in _REGISTERED or ":" in self.name,
+             f"objective.name must be one of {OBJECTIVES + tuple(_REGISTERED)} or module:builder, got {self.name!r}"),
             (self.top_k >= 1, f"objective.top_k must be >= 1, got {self.top_k}"),
             (0.0 < self.js_beta < 1.0, f"objective.js_beta must be in (0, 1), got {self.js_beta}"),
             (0.0 <= self.outlier_fraction < 1.0, f"objective.outlier_fraction must be in [0, 1), got {self.outlier_fraction}"),
@@ -140,7 +145,7 @@ class Objective:
     """Router + routes. Route index r of a token selects `routes[r]`; -1 or a None route: no loss."""
 
     config: DOPDConfig
-    router: str  # "regimes" | "all" | "prune"
+    router: str | Callable[[TokenSignals, dict], Tensor]  # "regimes" | "all" | "prune", or a function of the signals and thresholds
     routes: tuple[Route | None, ...]
 
     @property
@@ -150,7 +155,7 @@ class Objective:
     @property
     def needs_signals(self) -> bool:
         """Whether the privileged views are scored: for routing, or for diagnostics (uniform)."""
-        return self.router in ("regimes", "prune") or self.config.name == "uniform"
+        return callable(self.router) or self.router in ("regimes", "prune") or self.config.name == "uniform"
 
     @property
     def views(self) -> tuple[str, ...]:
@@ -194,6 +199,8 @@ class Objective:
         """Route index per token of `valid`'s shape; -1 where not valid or dropped."""
         if self.router == "regimes":
             routes = assign_regimes(signals, stats)
+        elif callable(self.router):  # a registered objective's router: signals + thresholds -> route index
+            routes = self.router(signals, stats).long()
         else:
             routes = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
             if self.router == "prune":
@@ -201,9 +208,23 @@ class Objective:
         return torch.where(valid.bool(), routes, -1)
 
 
+def register_objective(name: str, build: Callable[[DOPDConfig], Objective], *, overwrite: bool = False) -> None:
+    """Make `objective.name: NAME` build an objective with `build(config)` (CONTRIBUTING.md)."""
+    if name in OBJECTIVES or (name in _REGISTERED and not overwrite and _REGISTERED[name] is not build):
+        raise ValueError(f"an objective named {name!r} already exists")
+    _REGISTERED[name] = build
+
+
 def build_objective(config: DOPDConfig | None = None) -> Objective:
-    """Objective of a config: DOPD's regime table, or a baseline's single route (DESIGN.md 1.7)."""
+    """Objective of a config: DOPD's regime table, a baseline's single route (docs/design.md §1.7),
+    a registered objective, or `package.module:builder`."""
     c = config or DOPDConfig()
+    if c.name in _REGISTERED or ":" in c.name:
+        build = _REGISTERED.get(c.name) or _import_builder(c.name)
+        objective = build(c)
+        if not isinstance(objective, Objective):
+            raise ValueError(f"objective builder {c.name!r} must return an Objective, got {type(objective).__name__}")
+        return objective
     if c.name == "dopd":
         table = {  # Table 1.4 [paper]
             "LH": dict(target="teacher_priv", divergence="rkl", support="topk", weight=c.beta_light),
@@ -232,6 +253,14 @@ def build_objective(config: DOPDConfig | None = None) -> Objective:
     default_divergence = "js" if c.name == "uniform" else "rkl"
     route = Route(target, c.baseline_divergence or default_divergence, c.baseline_support or "topk", 1.0)
     return Objective(c, "prune" if c.name == "pruned_opd" else "all", (route,))
+
+
+def _import_builder(spec: str) -> Callable[[DOPDConfig], Objective]:
+    module, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"objective.name {spec!r}: cannot import the builder: {err}") from err
 
 
 @dataclass
@@ -350,7 +379,7 @@ def dopd_loss(
     num_sequences: int | None = None,
     num_tokens: int | None = None,
 ) -> LossOutput:
-    """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); DESIGN.md 5."""
+    """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); docs/design.md §5."""
     config = config or DOPDConfig()
     if config.name != "dopd":
         raise ValueError(f"dopd_loss computes the 'dopd' objective; use objective_loss for {config.name!r}")

@@ -1,4 +1,4 @@
-"""`dopd plot RUN_DIR`: PNG figures from a run folder's metrics.jsonl (DESIGN.md 4.5 names)."""
+"""`dopd plot RUN_DIR`: PNG figures from a run folder's metrics.jsonl (docs/design.md §4.5 names)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-token privilege signals, trimmed-mean thresholds and the four DOPD regimes (DESIGN.md 1.2-1.4).
+"""Per-token privilege signals, trimmed-mean thresholds and the four DOPD regimes (docs/design.md §1.2–§1.4).
 
 Signals, thresholds and regimes never carry gradient. Thresholds are computed in float64 so that
 a token whose value equals the threshold lands deterministically on the "high" side.

@@ -1,4 +1,4 @@
-"""Scoring the target views without gradient, keeping only what the loss needs (DESIGN.md 2).
+"""Scoring the target views without gradient, keeping only what the loss needs (docs/design.md §2).
 
 For each scoring view: final hidden states at the valid response tokens ([N, H], no logits) and
 the sampled tokens' log-probs ([N], computed chunk by chunk over the vocabulary).

@@ -1,4 +1,4 @@
-"""The DOPD training loop (DESIGN.md 4), one optimizer step at a time:
+"""The DOPD training loop (docs/design.md §4), one optimizer step at a time:
 
     rollout -> score views -> step statistics (thresholds) -> loss + backward -> update -> log
 
@@ -29,7 +29,7 @@ from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, save_ch
 from dopd_vl.config import TrainConfig, config_to_dict
 from dopd_vl.data import load_records, records_root
 from dopd_vl.errors import DopdError
-from dopd_vl.evaluation import is_correct
+from dopd_vl.answers import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
 from dopd_vl.models import (
     check_same_tokenizer,
@@ -190,7 +190,7 @@ class Trainer:
         scored = [self.score(mb) for mb in micro_batches]  # no gradient
         t1 = time.perf_counter()
 
-        # Step statistics over every valid token of the step, on every process (DESIGN.md 1.3).
+        # Step statistics over every valid token of the step, on every process (docs/design.md §1.3).
         num_sequences = self._sum(sum(int(s.student_view.response_mask.any(-1).sum()) for s in scored))
         num_tokens = self._sum(sum(int(s.student_view.response_mask.sum()) for s in scored))
         global_stats = self._step_statistics(scored)

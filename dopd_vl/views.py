@@ -2,7 +2,7 @@
 
 Responses are never re-tokenised: every view carries the very same response ids, and
 `response_positions[b, t]` is the position whose hidden state predicts `response_ids[b, t]`, so
-hidden states gathered there line up token for token across views (DESIGN.md 1.1).
+hidden states gathered there line up token for token across views (docs/design.md §1.1).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from PIL import Image
 
 from dopd_vl.cli import main
 from dopd_vl.errors import DopdError
-from dopd_vl.evaluation import extract_number, extract_yes_no, is_correct, normalize_text
+from dopd_vl.answers import extract_number, extract_yes_no, is_correct, normalize_text
 from dopd_vl.routing import REGIME_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,6 +40,11 @@ def test_demo_writes_every_artifact(demo_dir, capsys):
     assert 0.0 <= summary["accuracy_after"]["student"]["accuracy"] <= 1.0
     text = (demo_dir / "summary.md").read_text()
     assert "student before" in text and "student after DOPD" in text and "| HT |" in text
+    from conftest import REPO
+    from test_docs import missing_citations  # the generated summary's design citations exist
+
+    assert "docs/design.md §4.5" in text
+    assert missing_citations(REPO / "docs" / "design.md", [demo_dir / "summary.md"]) == []
     metrics = [json.loads(line) for line in (demo_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     pngs = sorted((demo_dir / "plots").glob("*.png"))

@@ -1,7 +1,7 @@
 """Records -> model inputs for each view: the only modality-specific code of the engine.
 
 `prompt_messages` is the single place where the privileged context p enters a prompt
-(DESIGN.md 3.1 placement); both adapters render its output with one chat template and identical
+(docs/design.md §1.1, placement); both adapters render its output with one chat template and identical
 template arguments in every view, so the first response token is aligned across views.
 """
 
@@ -24,6 +24,7 @@ __all__ = [
     "PromptInputs",
     "prompt_messages",
     "make_adapter",
+    "register_adapter",
     "pad_batch",
 ]
 
@@ -104,9 +105,23 @@ def pad_batch(prompts: list[PromptInputs], responses: list[Tensor] | None, pad_t
     return batch
 
 
+_ADAPTERS: list[tuple[str, object, object]] = []  # (name, matches(processing), factory(processing, config, image_root))
+
+
+def register_adapter(name: str, matches, factory) -> None:
+    """A modality adapter for the processing objects `matches` accepts; registered adapters are
+    tried before the built-in vision and text ones, newest first (CONTRIBUTING.md)."""
+    _ADAPTERS[:] = [a for a in _ADAPTERS if a[0] != name]
+    _ADAPTERS.insert(0, (name, matches, factory))
+
+
 def make_adapter(processing, config: PromptConfig | None = None, image_root: str | Path | None = None):
-    """The adapter for a tokenizer (text models) or a processor with an image processor (Qwen3-VL)."""
+    """The adapter for a tokenizer (text models) or a processor with an image processor (Qwen3-VL),
+    unless a registered adapter claims the processing object first."""
     config = config or PromptConfig()
+    for _, matches, factory in _ADAPTERS:
+        if matches(processing):
+            return factory(processing, config, image_root)
     if hasattr(processing, "image_processor"):
         from dopd_vl.modality.vision import VisionAdapter
 

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--count", type=int, default=4, help="records in the routing view")
     inspect.add_argument("--max-new-tokens", type=int, default=32, help="response length cap for the routing view")
     inspect.add_argument("--seed", type=int, default=0, help="sampling seed for the routing view")
+    _add_device_options(inspect)
     inspect.set_defaults(run=_inspect)
 
     evaluate = commands.add_parser("eval", help="greedy answers and accuracy per question type")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")
+    _add_device_options(evaluate)
     evaluate.set_defaults(run=_eval)
 
     plot = commands.add_parser("plot", help="PNG plots of a run folder's metrics.jsonl")
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--teacher", help="teacher model folder or hub id (default: a tiny Qwen3-VL built offline, then taught to use the boxes)")
     demo.add_argument("--steps", type=int, help="DOPD training steps (default 24)")
     demo.add_argument("--images", type=int, help="generated scenes (default 32)")
+    _add_device_options(demo)
     demo.set_defaults(run=_demo)
 
     return parser
@@ -143,12 +146,12 @@ def _inspect(args) -> int:
     return 0
 
 
-def _load_for_generation(name_or_path: str, root: Path):
-    """Model, processing, plain-view adapter, EOS ids and never-sampled ids of one model."""
+def _load_for_generation(name_or_path: str, root: Path, device: str = "auto", dtype: str = "auto"):
+    """Model (placed on `device` in `dtype`), processing, plain-view adapter, EOS ids and never-sampled ids."""
     from dopd_vl.models import eos_token_ids, load_model, load_processing, never_sampled_token_ids
     from dopd_vl.modality import make_adapter
 
-    model = load_model(name_or_path).eval()
+    model = load_model(name_or_path, dtype, device=device).eval()
     processing = load_processing(name_or_path)
     return model, processing, make_adapter(processing, image_root=root), eos_token_ids(processing, model), never_sampled_token_ids(processing, model)
 
@@ -161,8 +164,8 @@ def _write_routing(args, records: list[dict], root: Path) -> int:
     from dopd_vl.routing_view import route_records, write_routing_html
 
     chosen = records[args.index : args.index + args.count]
-    student, s_proc, s_adapter, eos, never = _load_for_generation(args.student, root)
-    teacher, t_proc, t_adapter, _, _ = _load_for_generation(args.teacher or args.student, root)
+    student, s_proc, s_adapter, eos, never = _load_for_generation(args.student, root, args.device, args.dtype)
+    teacher, t_proc, t_adapter, _, _ = _load_for_generation(args.teacher or args.student, root, args.device, args.dtype)
     vocab = check_same_tokenizer(s_proc, t_proc, student, teacher)
     torch.manual_seed(args.seed)
     rollout = sample_responses(student, s_adapter, chosen, RolloutConfig(num_generations=1, max_new_tokens=args.max_new_tokens), eos, never)
@@ -177,9 +180,11 @@ def _eval(args) -> int:
     from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
 
     records = load_records(args.data, split=args.split, columns=_columns(args.column))[: args.limit]
-    model, _, adapter, eos, never = _load_for_generation(args.model, records_root(args.data))
+    model, _, adapter, eos, never = _load_for_generation(args.model, records_root(args.data), args.device, args.dtype)
     answers = generate_answers(model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never)
-    report = {"model": str(args.model), "data": str(args.data), "privileged": args.privileged, **accuracy_report(records, answers)}
+    placed = next(model.parameters())
+    report = {"model": str(args.model), "data": str(args.data), "privileged": args.privileged, "device": str(placed.device),
+              "dtype": str(placed.dtype).removeprefix("torch."), **accuracy_report(records, answers)}
     text = json.dumps(report, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +201,11 @@ def _plot(args) -> int:
     for path in plot_run(args.run_dir, args.out):
         print(path)
     return 0
+
+
+def _add_device_options(parser) -> None:
+    parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto (bfloat16 on GPUs that support it, else float32), float32, bfloat16, float16")
 
 
 def _add_data_options(parser) -> None:
@@ -295,7 +305,8 @@ def _train(args) -> int:
 def _demo(args) -> int:
     from dopd_vl.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, student=args.student, teacher=args.teacher, steps=args.steps, num_images=args.images)
+    run_demo(args.out, seed=args.seed, student=args.student, teacher=args.teacher, steps=args.steps, num_images=args.images,
+             device=args.device, dtype=args.dtype)
     return 0
 
 

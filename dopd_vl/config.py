@@ -32,7 +32,7 @@ class ModelConfig:
     name_or_path: str = ""
     """Hub id or local folder, loaded with from_pretrained."""
     dtype: str = "float32"
-    """float32 | bfloat16 | float16."""
+    """float32 | bfloat16 | float16, or auto (bfloat16 on GPUs that support it, else float32)."""
     trust_remote_code: bool = False
     """Off by default (security); turn on only for models you trust."""
 
@@ -96,6 +96,8 @@ class TrainConfig:
     report_to: list[str] = field(default_factory=list)
     """accelerate trackers, e.g. [tensorboard] or [wandb]."""
     gradient_checkpointing: bool = False
+    device: str = "auto"
+    """auto: accelerate's choice (the GPU of this process when present); cpu forces the CPU."""
     collapse_action: str = "warn"
     """What the collapse guard does when the student collapses (dopd_vl/guard.py): `warn` once,
     `stop` after a clean checkpoint, or `off` [ours]."""
@@ -103,6 +105,8 @@ class TrainConfig:
     """The guard's reference window and thresholds [ours]."""
 
     def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(f"device must be auto or cpu (accelerate places each process on its GPU), got {self.device!r}")
         if self.collapse_action not in ("warn", "stop", "off"):
             raise ValueError(f"collapse_action must be warn, stop or off, got {self.collapse_action!r}")
 

@@ -54,6 +54,10 @@ class DemoConfig:
     lr: float = 1e-4
     routing_records: int = 6
     seed: int = 0
+    device: str = "auto"
+    """Where every model of the demo runs: auto (the GPU when present), cpu, cuda or cuda:N."""
+    dtype: str = "auto"
+    """auto: bfloat16 on GPUs that support it, float32 on CPU."""
 
 
 def make_demo_dataset(root: Path, num_images: int = 4, seed: int = 0) -> Path:
@@ -81,13 +85,13 @@ def _split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
     return paths["train"], paths["eval"]
 
 
-def _accuracy(model_path: Path | str, data: Path, privileged: bool = False) -> dict:
+def _accuracy(model_path: Path | str, data: Path, config: "DemoConfig", privileged: bool = False) -> dict:
     from dopd_vl.data import load_records
     from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
     from dopd_vl.models import eos_token_ids, load_model, load_processing, never_sampled_token_ids
     from dopd_vl.modality import make_adapter
 
-    model, processing = load_model(model_path).eval(), load_processing(model_path)
+    model, processing = load_model(model_path, config.dtype, device=config.device).eval(), load_processing(model_path)
     records = load_records(data)
     answers = generate_answers(model, make_adapter(processing, image_root=data.parent), records, EvalConfig(max_new_tokens=8, privileged=privileged),
                                eos_token_ids(processing, model), never_sampled_token_ids(processing, model))
@@ -95,24 +99,28 @@ def _accuracy(model_path: Path | str, data: Path, privileged: bool = False) -> d
     return {"accuracy": report["accuracy"], "per_type": {k: v["accuracy"] for k, v in report["per_type"].items()}, "count": report["count"]}
 
 
-def _finetune(folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int) -> None:
+def _finetune(folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config: "DemoConfig") -> None:
     """Fine-tune a built tiny model on the answers, in place (views in turn, one per step)."""
     from dopd_vl.data import load_records
     from dopd_vl.modality import make_adapter
     from dopd_vl.models import load_model, load_processing, vocab_size
     from dopd_vl.sft import SFTConfig, supervised_finetune
 
-    model, processing = load_model(folder), load_processing(folder)
+    # Trained in float32 wherever it runs (a few steps from random weights), saved as float32.
+    model, processing = load_model(folder, "float32", device=config.device), load_processing(folder)
     sft = SFTConfig(steps=steps, views=views, seed=seed)
     supervised_finetune(model, make_adapter(processing, image_root=train.parent), load_records(train), vocab_size(processing), sft)
     model.save_pretrained(folder, safe_serialization=True)
 
 
 def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | None = None, teacher: str | None = None,
-             steps: int | None = None, num_images: int | None = None, config: DemoConfig | None = None) -> dict:
+             steps: int | None = None, num_images: int | None = None, config: DemoConfig | None = None,
+             device: str | None = None, dtype: str | None = None) -> dict:
     from dopd_vl.config import load_config
     from dopd_vl.data import load_records
-    from dopd_vl.models import build_tiny_qwen3_vl, check_same_tokenizer, eos_token_ids, load_model, load_processing, load_tokenizer, never_sampled_token_ids
+    from dopd_vl.models import (
+        build_tiny_qwen3_vl, check_same_tokenizer, eos_token_ids, load_model, load_processing, load_tokenizer, never_sampled_token_ids, resolve_device,
+    )
     from dopd_vl.modality import make_adapter
     from dopd_vl.plots import plot_run, read_metrics
     from dopd_vl.rollout import RolloutConfig, sample_responses
@@ -123,6 +131,8 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
     config = config or DemoConfig(seed=seed)
     config.steps = steps or config.steps
     config.num_images = num_images or config.num_images
+    config.device, config.dtype = device or config.device, dtype or config.dtype
+    resolve_device(config.device)  # a bad --device fails before any work
     started = time.perf_counter()
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
@@ -147,21 +157,21 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
         student_path = str(build_tiny_qwen3_vl(out / "models" / "student", tokenizer=tokenizer, seed=config.seed))
         if config.student_sft_steps:
             print(f"      warming up the tiny student on answers, mostly without boxes ({config.student_sft_steps} supervised steps)")
-            _finetune(Path(student_path), train, config.student_sft_steps, config.student_sft_views, config.seed)
+            _finetune(Path(student_path), train, config.student_sft_steps, config.student_sft_views, config.seed, config)
     if teacher:
         teacher_path = teacher
     else:
         teacher_path = str(build_tiny_qwen3_vl(out / "models" / "teacher", tokenizer=tokenizer, hidden_size=96, num_layers=3, num_heads=6,
                                                intermediate_size=192, seed=config.seed + 1))
         print(f"      teaching the tiny teacher to read the boxes ({config.teacher_sft_steps} supervised steps)")
-        _finetune(Path(teacher_path), train, config.teacher_sft_steps, config.teacher_sft_views, config.seed + 1)
+        _finetune(Path(teacher_path), train, config.teacher_sft_steps, config.teacher_sft_views, config.seed + 1, config)
     print(f"      student {student_path}\n      teacher {teacher_path}")
 
     print("[3/6] accuracy before training (held-out scenes)")
     before = {
-        "student": _accuracy(student_path, evaluation),
-        "teacher_with_boxes": _accuracy(teacher_path, evaluation, privileged=True),
-        "teacher_without_boxes": _accuracy(teacher_path, evaluation),
+        "student": _accuracy(student_path, evaluation, config),
+        "teacher_with_boxes": _accuracy(teacher_path, evaluation, config, privileged=True),
+        "teacher_without_boxes": _accuracy(teacher_path, evaluation, config),
     }
     for name, report in before.items():
         print(f"      {name:22s} {report['accuracy']:.2f}  {report['per_type']}")
@@ -173,18 +183,20 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
         f"output_dir={run_dir}", f"max_steps={config.steps}", f"save_steps={config.steps}", "save_total_limit=1", f"seed={config.seed}",
         "objective.name=dopd", f"objective.top_k={config.top_k}", f"objective.topk_source={config.topk_source}", f"rollout.num_generations={config.num_generations}",
         f"rollout.max_new_tokens={config.max_new_tokens}", f"optim.lr={config.lr}", f"optim.batch_size={config.batch_size}", "optim.warmup_steps=2",
+        f"device={config.device}", f"teacher.dtype={config.dtype}",
     ])
     final = Trainer(train_config).train()
     student_out = out / "student"
     shutil.copytree(final, student_out)
 
     print("[5/6] accuracy after training")
-    after = {"student": _accuracy(student_out, evaluation)}
+    after = {"student": _accuracy(student_out, evaluation, config)}
     print(f"      student                {after['student']['accuracy']:.2f}  {after['student']['per_type']}")
 
     print("[6/6] plots, routing view, summary")
     plots = plot_run(run_dir, out / "plots")
-    s_model, t_model = load_model(student_out).eval(), load_model(teacher_path).eval()
+    s_model = load_model(student_out, config.dtype, device=config.device).eval()
+    t_model = load_model(teacher_path, config.dtype, device=config.device).eval()
     s_proc, t_proc = load_processing(student_out), load_processing(teacher_path)
     adapters = {"student": make_adapter(s_proc, image_root=evaluation.parent), "teacher": make_adapter(t_proc, image_root=evaluation.parent)}
     records = load_records(evaluation)[: config.routing_records]

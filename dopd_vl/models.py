@@ -30,6 +30,8 @@ __all__ = [
     "load_tokenizer",
     "load_processing",
     "load_model",
+    "resolve_device",
+    "resolve_dtype",
     "is_vision_model",
     "build_tiny_qwen3",
     "build_tiny_qwen3_vl",
@@ -109,15 +111,51 @@ def load_processing(name_or_path: str | Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
 
 
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """`auto` (or None): the first CUDA GPU when one is present, else the CPU; `cpu`, `cuda`, `cuda:N`."""
+    if isinstance(spec, torch.device):
+        return spec
+    if spec in (None, "auto"):
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError) as err:
+        raise ModelError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {spec!r} asked for, but no CUDA GPU is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ModelError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA GPU(s) present")
+    if device.type not in ("cpu", "cuda"):
+        raise ModelError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device | str | None = None) -> str:
+    """`auto`: bfloat16 on a GPU that supports it, float32 otherwise (CPU); else the name itself."""
+    if spec != "auto":
+        if spec not in _DTYPES:
+            raise ModelError(f"dtype must be auto or one of {sorted(_DTYPES)}, got {spec!r}")
+        return spec
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bfloat16"
+    return "float32"
+
+
 def load_model(
     name_or_path: str | Path,
     dtype: str = "float32",
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
 ) -> nn.Module:
-    """A causal LM (text) or image-text-to-text model (Qwen3-VL) via the Auto classes."""
+    """A causal LM (text) or image-text-to-text model (Qwen3-VL) via the Auto classes, placed on
+    `device` (a name or `auto`, see `resolve_device`; None leaves it where it loads) in `dtype`
+    (`auto`: see `resolve_dtype`)."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if device is not None:
+        device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device if device is not None else torch.device("cpu"))
     if dtype not in _DTYPES:
         raise ModelError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     name_or_path = resolve_model_path(name_or_path)

@@ -39,6 +39,7 @@ from dopd_vl.models import (
     load_processing,
     never_sampled_token_ids,
     output_embedding_weight,
+    resolve_dtype,
     tokenizer_of,
 )
 from dopd_vl.modality import make_adapter
@@ -99,14 +100,14 @@ class Trainer:
         from transformers import get_cosine_schedule_with_warmup
 
         self.config = c = config
-        self.accelerator = accelerator or Accelerator(log_with=c.report_to or None, project_dir=c.output_dir)
+        self.accelerator = accelerator or Accelerator(log_with=c.report_to or None, project_dir=c.output_dir, cpu=c.device == "cpu")
         self.device = self.accelerator.device
         self.objective = build_objective(c.objective)
         self.output_dir = Path(c.output_dir)
 
         # Models: the student is trained; the teacher is frozen, in its own dtype, never in the optimizer.
-        self.student = load_model(c.student.name_or_path, c.student.dtype, c.student.trust_remote_code)
-        self.teacher = load_model(c.teacher.name_or_path, c.teacher.dtype, c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
+        self.student = load_model(c.student.name_or_path, resolve_dtype(c.student.dtype, self.device), c.student.trust_remote_code)
+        self.teacher = load_model(c.teacher.name_or_path, resolve_dtype(c.teacher.dtype, self.device), c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
         self.student_processing = load_processing(c.student.name_or_path, c.student.trust_remote_code)
         teacher_processing = load_processing(c.teacher.name_or_path, c.teacher.trust_remote_code)
         self.vocab_size = check_same_tokenizer(self.student_processing, teacher_processing, self.student, self.teacher)

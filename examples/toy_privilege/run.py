@@ -114,10 +114,10 @@ def study_methods(study: str, task: Task, quick: bool) -> list[tuple[str, tuple[
     return list(dict.fromkeys(chosen))
 
 
-def per_token_report(model_dir: Path, data: Path, target: str) -> dict:
+def per_token_report(model_dir: Path, data: Path, target: str, device: str = "auto") -> dict:
     """Teacher-forced on the reference responses (`target`), plain view: per-position accuracy of
     the argmax and entropy of the model's distribution."""
-    model = load_model(model_dir).eval()
+    model = load_model(model_dir, device=device).eval()
     tokenizer = build_char_tokenizer()
     adapter = make_adapter(tokenizer)
     records = load_records(data)
@@ -125,7 +125,7 @@ def per_token_report(model_dir: Path, data: Path, target: str) -> dict:
     with torch.no_grad():
         for start in range(0, len(records), 64):
             batch = records[start : start + 64]
-            view = build_view(adapter, "student", batch, [answer_ids(tokenizer, r, target) for r in batch])
+            view = build_view(adapter, "student", batch, [answer_ids(tokenizer, r, target) for r in batch]).to(next(model.parameters()).device)
             hidden = final_hidden_states(model, view.inputs)
             hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))
             logp = (hidden @ output_embedding_weight(model).T).float().log_softmax(-1)
@@ -145,15 +145,16 @@ def per_token_report(model_dir: Path, data: Path, target: str) -> dict:
     }
 
 
-def evaluate(model_dir: Path, data: Path, out: Path, task: Task, privileged: bool = False) -> dict:
+def evaluate(model_dir: Path, data: Path, out: Path, task: Task, privileged: bool = False, device: str = "auto") -> dict:
     """`dopd eval` (greedy, no privileged context unless asked) plus the per-token report."""
-    args = ["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", str(task.max_new_tokens), "--batch-size", "64"]
+    args = ["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", str(task.max_new_tokens), "--batch-size", "64",
+            "--device", device, "--dtype", "float32"]
     if dopd(args + (["--privileged"] if privileged else [])) != 0:
         raise RuntimeError(f"dopd eval failed for {model_dir}")
     report = json.loads(out.read_text())
     summary = {"accuracy": report["accuracy"], "per_type": {k: v["accuracy"] for k, v in report["per_type"].items()}}
     if not privileged:
-        summary.update(per_token_report(model_dir, data, task.sft_target))
+        summary.update(per_token_report(model_dir, data, task.sft_target, device))
     return summary
 
 
@@ -166,7 +167,7 @@ class Prepared:
     reports: dict  # teacher plain / privileged, student start
 
 
-def prepare(out: Path, task_name: str, size: Size, seed: int) -> tuple[Path, Path, Path, Path]:
+def prepare(out: Path, task_name: str, size: Size, seed: int, device: str = "auto") -> tuple[Path, Path, Path, Path]:
     """Seed `seed`'s data, teacher (trained with and without the context) and warmed-up student.
     Seed 0 of add_hidden reproduces the first version of this experiment's preparation."""
     task = TASKS[task_name]
@@ -183,38 +184,38 @@ def prepare(out: Path, task_name: str, size: Size, seed: int) -> tuple[Path, Pat
         (teacher, SFTConfig(steps=size.teacher_sft_steps, batch_size=64, lr=1e-3, views=("teacher_priv", "teacher_plain"), seed=1 + 100 * seed, target=task.sft_target)),
         (student, SFTConfig(steps=size.student_sft_steps, batch_size=64, lr=1e-3, views=("student", "student_priv"), seed=2 + 100 * seed, target=task.sft_target)),
     ):
-        model = load_model(folder)
+        model = load_model(folder, device=device)
         print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
         supervised_finetune(model, adapter, records, len(tokenizer), config)
         model.save_pretrained(folder, safe_serialization=True)
     return train, heldout, teacher, student
 
 
-def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool) -> Prepared:
+def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool, device: str = "auto") -> Prepared:
     base = out / f"seed{seed}"
     if reuse and (base / "eval" / "student_start.json").exists():
         paths = base / "data" / "train.jsonl", base / "data" / "heldout.jsonl", base / "models" / "teacher", base / "models" / "student"
         reports = json.loads((base / "eval" / "reports.json").read_text())
         return Prepared(*paths, reports)
-    train, heldout, teacher, student = prepare(base, task_name, size, seed)
+    train, heldout, teacher, student = prepare(base, task_name, size, seed, device)
     task, evals = TASKS[task_name], base / "eval"
     evals.mkdir(parents=True, exist_ok=True)
     reports = {
-        "teacher_plain": evaluate(teacher, heldout, evals / "teacher_plain.json", task),
-        "teacher_priv": evaluate(teacher, heldout, evals / "teacher_priv.json", task, privileged=True),
-        "student_priv": evaluate(student, heldout, evals / "student_priv.json", task, privileged=True),
-        "student_start": evaluate(student, heldout, evals / "student_start.json", task),
+        "teacher_plain": evaluate(teacher, heldout, evals / "teacher_plain.json", task, device=device),
+        "teacher_priv": evaluate(teacher, heldout, evals / "teacher_priv.json", task, privileged=True, device=device),
+        "student_priv": evaluate(student, heldout, evals / "student_priv.json", task, privileged=True, device=device),
+        "student_start": evaluate(student, heldout, evals / "student_start.json", task, device=device),
     }
     (evals / "reports.json").write_text(json.dumps(reports, indent=2))
     return Prepared(train, heldout, teacher, student, reports)
 
 
-def distill(spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task) -> Path:
+def distill(spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str = "auto") -> Path:
     _, method, overrides = parse_method(spec)
     config = load_config(HERE / "config.yaml", [
         f"student.name_or_path={prepared.student}", f"teacher.name_or_path={prepared.teacher}", f"data.train={prepared.train}",
         f"output_dir={run_dir}", f"objective.name={method}", f"seed={seed}", f"max_steps={steps}",
-        f"rollout.max_new_tokens={task.max_new_tokens}", *overrides,
+        f"rollout.max_new_tokens={task.max_new_tokens}", f"device={'cpu' if device == 'cpu' else 'auto'}", *overrides,
     ])
     return Trainer(config).train()
 
@@ -350,14 +351,14 @@ def plot_curves(out: Path, results: dict) -> Path:
     return path
 
 
-def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False) -> dict:
+def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False, device: str = "auto") -> dict:
     started = time.perf_counter()
     task = TASKS[task_name]
     out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({s for _, only in specs for s in (only or size.seeds) if s in size.seeds} or set(size.seeds))
     prepared = {}
     for seed in seeds:
-        prepared[seed] = p = prepared_seed(out, task_name, size, seed, reuse)
+        prepared[seed] = p = prepared_seed(out, task_name, size, seed, reuse, device)
         r = p.reports
         print(f"seed {seed}: teacher {r['teacher_priv']['accuracy']:.3f} with context, {r['teacher_plain']['accuracy']:.3f} without; "
               f"student {r['student_start']['accuracy']:.3f} ({r['student_priv']['accuracy']:.3f} with context)", flush=True)
@@ -371,8 +372,8 @@ def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int,
             if reuse and summary_path.exists():
                 report = json.loads(summary_path.read_text())  # finished and evaluated earlier
             else:
-                final = run_dir / "final" if reuse and (run_dir / "final" / "config.json").exists() else distill(spec, seed, prepared[seed], run_dir, size.distill_steps, task)
-                report = evaluate(final, prepared[seed].heldout, report_path, task)
+                final = run_dir / "final" if reuse and (run_dir / "final" / "config.json").exists() else distill(spec, seed, prepared[seed], run_dir, size.distill_steps, task, device)
+                report = evaluate(final, prepared[seed].heldout, report_path, task, device=device)
                 report["training"] = training_summary(run_dir)
                 summary_path.write_text(json.dumps(report))
             results.setdefault(label, {})[seed] = report
@@ -400,13 +401,14 @@ def cli() -> None:
     parser.add_argument("--study", choices=["main", "prune", "lr", "all"], default="main")
     parser.add_argument("--methods", nargs="+", help="instead of --study: methods; an ablation is LABEL=METHOD;key=value;... "
                                                      "e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
+    parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda[:N]; models stay float32 (tiny)")
     parser.add_argument("--reuse", action="store_true", help="reuse OUT's prepared seeds and finished runs, e.g. after a crash or for another study")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     task = TASKS[args.task]
     size_name = args.size or ("quick" if args.quick else "full")
     specs = [(m, None) for m in args.methods] if args.methods else study_methods(args.study, task, quick=size_name != "full")
-    run(Path(args.out or f"runs/toy_privilege/{args.task}"), args.task, task.sizes[size_name], specs, reuse=args.reuse)
+    run(Path(args.out or f"runs/toy_privilege/{args.task}"), args.task, task.sizes[size_name], specs, reuse=args.reuse, device=args.device)
 
 
 if __name__ == "__main__":

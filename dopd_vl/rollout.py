@@ -23,6 +23,19 @@ class RolloutConfig:
     temperature: float = 1.0
     """1.0 with top_p 1.0 samples the trained distribution itself [ours]."""
     top_p: float = 1.0
+    generation: str = "eager"
+    """`eager`: Hugging Face generate with a dynamic KV cache; `compiled`: a static KV cache with the
+    forward compiled by torch.compile (transformers' compiled generation; the first call compiles,
+    later calls of the same shapes reuse it). Same tokens for greedy decoding (tested) [ours]."""
+    generation_batch_size: int = 0
+    """Responses per `generate` call (0: the whole micro-batch at once). With a limit, prompts are
+    sorted by length first, so each call pads less; results come back in the original order."""
+
+    def __post_init__(self) -> None:
+        if self.generation not in ("eager", "compiled"):
+            raise ValueError(f"rollout.generation must be eager or compiled, got {self.generation!r}")
+        if self.generation_batch_size < 0:
+            raise ValueError(f"rollout.generation_batch_size must be >= 0, got {self.generation_batch_size}")
 
 
 @dataclass
@@ -57,12 +70,34 @@ def sample_responses(
     prompts = [adapter.prompt(r, view) for r in records]
     expanded = [p for p in prompts for _ in range(config.num_generations)]
     record_index = [i for i in range(len(records)) for _ in range(config.num_generations)]
-    device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in pad_batch(expanded, None, adapter.pad_token_id, padding_side="left").items()}
+    order = list(range(len(expanded)))
+    size = config.generation_batch_size or len(expanded)
+    if size < len(expanded):  # similar lengths together: less padding per generate call
+        order.sort(key=lambda i: expanded[i].input_ids.numel())
+    responses: list[Tensor | None] = [None] * len(expanded)
+    reasons: list[str | None] = [None] * len(expanded)
     was_training = model.training
     model.eval()
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        for i, (response, reason) in zip(chunk, _generate(model, adapter, [expanded[i] for i in chunk], config, eos_token_ids, suppress_token_ids)):
+            responses[i], reasons[i] = response, reason
+    model.train(was_training)
+    return Rollout(record_index, responses, reasons)
+
+
+def _generate(model: nn.Module, adapter, prompts: list, config: RolloutConfig, eos_token_ids: list[int], suppress_token_ids) -> list[tuple[Tensor, str]]:
+    """One `generate` call over left-padded prompts; each row cut at its first EOS."""
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in pad_batch(prompts, None, adapter.pad_token_id, padding_side="left").items()}
     greedy = config.temperature == 0
     sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}  # top_k 0: the full distribution
+    if config.generation == "compiled":
+        from transformers.generation.configuration_utils import CompileConfig
+
+        compile_config = CompileConfig(fullgraph=False)
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only; CPU runs (tests) too
+        sampling.update(cache_implementation="static", compile_config=compile_config)
     output = model.generate(
         **inputs,
         do_sample=not greedy,
@@ -72,16 +107,12 @@ def sample_responses(
         pad_token_id=adapter.pad_token_id,
         suppress_tokens=suppress_token_ids or None,
     )
-    model.train(was_training)
     generated = output[:, inputs["input_ids"].shape[1] :].cpu()
     is_eos = torch.isin(generated, torch.tensor(eos_token_ids))
-    responses, reasons = [], []
+    out = []
     for row, eos in zip(generated, is_eos):
         if eos.any():
-            end = int(eos.nonzero()[0]) + 1
-            responses.append(row[:end].clone())
-            reasons.append("eos")
+            out.append((row[: int(eos.nonzero()[0]) + 1].clone(), "eos"))
         else:
-            responses.append(row.clone())
-            reasons.append("length")
-    return Rollout(record_index, responses, reasons)
+            out.append((row.clone(), "length"))
+    return out

@@ -77,3 +77,60 @@ def test_rollout_never_samples_lm_head_padding_rows_and_greedy_is_deterministic(
     torch.manual_seed(123)
     second = sample_responses(model, adapter, text_records, greedy, eos_token_ids(processing, model), never)
     assert all(torch.equal(a, b) for a, b in zip(first.responses, second.responses))
+
+
+def _greedy(model, adapter, records, **options):
+    config = RolloutConfig(num_generations=1, max_new_tokens=6, temperature=0.0, **options)
+    out = sample_responses(model, adapter, records, config, [EOS])
+    return [r.tolist() for r in out.responses], out.stop_reasons
+
+
+def test_length_sorted_generation_batches_give_the_same_greedy_answers_in_order(tmp_path):
+    # Prompts of several lengths, interleaved, rendered without a chat suffix so that a random tiny
+    # model's greedy answer depends on each prompt's own last characters.
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO))
+    from dopd_vl.models import build_tiny_qwen3
+    from examples.toy_privilege.task import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    model = load_model(build_tiny_qwen3(tmp_path / "m", tokenizer=tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                        intermediate_size=64, lm_head_rows=0, seed=0))
+    adapter = make_adapter(tok)
+    texts = ["7+3=", "a longer question?", "xyz", "12*4+1=", "Q", "hello there, model", "9-9="]
+    records = [{"id": f"r{i}", "prompt": [{"role": "user", "content": t}]} for i, t in enumerate(texts)]
+    eos = [tok.eos_token_id]
+    config = dict(num_generations=1, max_new_tokens=4, temperature=0.0)
+    whole = sample_responses(model, adapter, records, RolloutConfig(**config), eos)
+    chunked = sample_responses(model, adapter, records, RolloutConfig(**config, generation_batch_size=3), eos)
+    assert [r.tolist() for r in chunked.responses] == [r.tolist() for r in whole.responses] and chunked.stop_reasons == whole.stop_reasons
+    assert len({tuple(r.tolist()) for r in whole.responses}) > 2  # answers differ by prompt: a wrong order would show
+
+
+def test_compiled_generation_gives_the_eager_greedy_tokens(tiny_text_dir, text_records):
+    import shutil
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("torch.compile's CPU backend needs a C compiler, and none is installed")
+    tok = load_processing(tiny_text_dir)
+    model = load_model(tiny_text_dir)
+    adapter = make_adapter(tok)
+    eager = _greedy(model, adapter, text_records)
+    try:
+        compiled = _greedy(model, adapter, text_records, generation="compiled")
+    except Exception as err:  # noqa: BLE001 - compilation unavailable on this machine (backend, toolchain)
+        pytest.skip(f"torch.compile is unavailable here: {type(err).__name__}: {err}".splitlines()[0])
+    assert compiled == eager
+
+
+def test_generation_option_is_checked():
+    from dopd_vl.config import load_config
+    from dopd_vl.errors import ConfigError
+
+    assert load_config(None, ["rollout.generation=compiled", "rollout.generation_batch_size=16"]).rollout.generation == "compiled"
+    with pytest.raises(ConfigError, match="rollout.generation must be"):
+        load_config(None, ["rollout.generation=vllm"])

@@ -36,7 +36,7 @@ def make_scene(rng: random.Random, width: int = 160, height: int = 120):
     return image, boxes
 
 
-def write_shape_scenes(root: str | Path, num_images: int = 16, seed: int = 0) -> tuple[Path, Path]:
+def write_shape_scenes(root: str | Path, num_images: int = 16, seed: int = 0, width: int = 160, height: int = 120) -> tuple[Path, Path]:
     """PNG scenes under root/images and their boxes as root/annotations.json (COCO)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -44,7 +44,7 @@ def write_shape_scenes(root: str | Path, num_images: int = 16, seed: int = 0) ->
     labels = [f"{c} {s}" for c in COLORS for s in SHAPES]
     coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(labels)]}
     for i in range(num_images):
-        image, boxes = make_scene(rng)
+        image, boxes = make_scene(rng, width, height)
         name = f"scene_{i:03d}.png"
         image.save(root / "images" / name)
         coco["images"].append({"id": i + 1, "file_name": name, "width": image.size[0], "height": image.size[1]})

@@ -231,6 +231,21 @@ def output_embedding_weight(model: nn.Module) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------- tiny models
+def qwen3_config(
+    *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int, tokenizer,
+    head_dim: int | None = None, tie_word_embeddings: bool = True, lm_head_rows: int = 151_936, max_position_embeddings: int = 4096,
+):
+    """A Qwen3 config of the given shape with the tokenizer's special ids (no weights)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=max(lm_head_rows, len(tokenizer)), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=head_dim or hidden_size // num_heads, max_position_embeddings=max_position_embeddings, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_qwen3(
     out_dir: str | Path,
     *,
@@ -245,20 +260,60 @@ def build_tiny_qwen3(
     seed: int = 0,
 ) -> Path:
     """A random tiny Qwen3 saved with its tokenizer; loadable with `load_model`."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    rows = max(lm_head_rows, len(tokenizer))
-    config = Qwen3Config(
-        vocab_size=rows, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
+    config = qwen3_config(hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                          intermediate_size=intermediate_size, tokenizer=tokenizer, tie_word_embeddings=tie_word_embeddings, lm_head_rows=lm_head_rows)
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
     _set_generation_defaults(model, tokenizer)
     return _save(model, tokenizer, out_dir)
+
+
+def qwen3_vl_config_and_processor(
+    *, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int, intermediate_size: int, tokenizer,
+    vision_depth: int, vision_hidden_size: int, vision_intermediate_size: int | None = None, vision_heads: int = 2,
+    deepstack: list[int] | None = None, num_position_embeddings: int = 64, head_dim: int | None = None,
+    tie_word_embeddings: bool = True, min_pixels: int = 32 * 32, max_pixels: int = 128 * 128, lm_head_rows: int = 151_936,
+):
+    """A Qwen3-VL config of the given shape and a Qwen3-VL processor (no weights)."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
+    head_dim = head_dim or hidden_size // num_heads
+    # mrope sections (t, h, w) must sum to head_dim / 2; keep Qwen's 2:1:1-ish proportions.
+    half = head_dim // 2
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    config = Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=max(lm_head_rows, len(tokenizer)), hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+            head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=tie_word_embeddings,
+            rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True},
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        ),
+        vision_config=dict(
+            depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
+            num_heads=vision_heads, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden_size,
+            num_position_embeddings=num_position_embeddings,
+            deepstack_visual_indexes=deepstack if deepstack is not None else list(range(min(2, vision_depth))),
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    image_processor = Qwen2VLImageProcessor(
+        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
+    )
+    processor = Qwen3VLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
+        chat_template=QWEN3_VL_CHAT_TEMPLATE.read_text(),
+    )
+    return config, processor
 
 
 def build_tiny_qwen3_vl(
@@ -282,44 +337,17 @@ def build_tiny_qwen3_vl(
     Image sizes are capped by `min_pixels` / `max_pixels` so that a COCO image costs a handful of
     visual tokens on CPU; real Qwen3-VL processors keep their own (much larger) limits.
     """
-    from transformers import Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
-    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    from transformers import Qwen3VLForConditionalGeneration
 
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in VISION_SPECIAL_TOKENS}
-    head_dim = hidden_size // num_heads
-    # mrope sections (t, h, w) must sum to head_dim / 2; keep Qwen's 2:1:1-ish proportions.
-    half = head_dim // 2
-    section = [half - 2 * (half // 4), half // 4, half // 4]
-    config = Qwen3VLConfig(
-        text_config=dict(
-            vocab_size=max(lm_head_rows, len(tokenizer)), hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-            head_dim=head_dim, max_position_embeddings=4096, tie_word_embeddings=True,
-            rope_scaling={"rope_type": "default", "mrope_section": section, "mrope_interleaved": True},
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        ),
-        vision_config=dict(
-            depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
-            num_heads=2, patch_size=16, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=hidden_size,
-            num_position_embeddings=64, deepstack_visual_indexes=list(range(min(2, vision_depth))),
-        ),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
+    config, processor = qwen3_vl_config_and_processor(
+        hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
+        tokenizer=tokenizer, vision_depth=vision_depth, vision_hidden_size=vision_hidden_size, min_pixels=min_pixels, max_pixels=max_pixels,
+        lm_head_rows=lm_head_rows,
     )
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(config)
     _set_generation_defaults(model, tokenizer)
-    image_processor = Qwen2VLImageProcessor(
-        patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=min_pixels, max_pixels=max_pixels,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5],
-    )
-    processor = Qwen3VLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer,
-        video_processor=Qwen3VLVideoProcessor(patch_size=16, merge_size=2, temporal_patch_size=2),
-        chat_template=QWEN3_VL_CHAT_TEMPLATE.read_text(),
-    )
     return _save(model, processor, out_dir)
 
 

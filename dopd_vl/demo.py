@@ -52,6 +52,9 @@ class DemoConfig:
     num_generations: int = 2
     max_new_tokens: int = 6
     lr: float = 1e-4
+    privileged_student: str = "initial"
+    """A frozen privileged student: tiny, weak students collapse with the paper's live one
+    (examples/toy_privilege/RESULTS.md); `live` is the paper's setting."""
     routing_records: int = 6
     seed: int = 0
     device: str = "auto"
@@ -181,7 +184,7 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
     train_config = load_config(None, [
         f"student.name_or_path={student_path}", f"teacher.name_or_path={teacher_path}", f"data.train={train}", f"data.eval={evaluation}",
         f"output_dir={run_dir}", f"max_steps={config.steps}", f"save_steps={config.steps}", "save_total_limit=1", f"seed={config.seed}",
-        "objective.name=dopd", f"objective.top_k={config.top_k}", f"objective.topk_source={config.topk_source}", f"rollout.num_generations={config.num_generations}",
+        "objective.name=dopd", f"objective.privileged_student={config.privileged_student}", f"objective.top_k={config.top_k}", f"objective.topk_source={config.topk_source}", f"rollout.num_generations={config.num_generations}",
         f"rollout.max_new_tokens={config.max_new_tokens}", f"optim.lr={config.lr}", f"optim.batch_size={config.batch_size}", "optim.warmup_steps=2",
         f"device={config.device}", f"teacher.dtype={config.dtype}",
     ])

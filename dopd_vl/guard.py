@@ -5,14 +5,15 @@ Routes to a *live* privileged student are self-distillation toward a moving copy
 such agreements within tens of steps (measured on the toy tasks, examples/toy_privilege):
 
 * **length collapse**: every response becomes the end token alone (or shrinks to a fraction of
-  its starting length): the two views agree perfectly on "stop now";
+  its starting length): the two views agree perfectly on "stop now"; or the opposite, responses
+  that no longer stop and run into `max_new_tokens`;
 * **entropy blow-up**: the output becomes near-uniform, i.e. independent of the input;
 * **accuracy collapse**: confident output of full length whose answers are all wrong (entropy may
   even fall); seen as rollout accuracy falling far below the run's start.
 
 The guard compares a moving average of the step metrics the trainer already logs
-(`response_length`, `eos_only_frac`, `entropy/student`, `accuracy`) with the same metrics over the
-run's own first steps, so no absolute scale is assumed. A sign must persist for `patience`
+(`response_length`, `eos_only_frac`, `clipped_frac`, `entropy/student`, `accuracy`) with the same
+metrics over the run's own first steps, so no absolute scale is assumed. A sign must persist for `patience`
 consecutive steps. It then warns once (`collapse_action: warn`, the default) or stops the run after
 a clean checkpoint (`stop`). Entropy *falling* is not an alarm on its own (a student that learns
 becomes confident); it is reported with the accuracy sign.
@@ -28,7 +29,7 @@ __all__ = ["CollapseGuardConfig", "CollapseGuard", "CollapseAlarm", "GUARD_METRI
 
 logger = logging.getLogger(__name__)
 
-GUARD_METRICS = ("response_length", "eos_only_frac", "entropy/student", "accuracy", "loss")
+GUARD_METRICS = ("response_length", "eos_only_frac", "clipped_frac", "entropy/student", "accuracy", "loss")
 
 
 @dataclass
@@ -45,12 +46,16 @@ class CollapseGuardConfig:
     """Alarm when the mean response length falls below this fraction of the reference."""
     eos_only_frac: float = 0.5
     """Alarm when at least this share of responses is the end token alone (and the reference share was below half of it)."""
+    clipped_frac: float = 0.5
+    """Alarm when at least this share of responses runs into max_new_tokens (and the reference share was below half of it)."""
     entropy_ratio: float = 2.0
     """Alarm when the student's entropy rises above this multiple of the reference ..."""
     entropy_margin: float = 1.0
     """... and by at least this many nats (near-uniform output)."""
     accuracy_ratio: float = 0.5
     """Alarm when rollout accuracy falls below this fraction of the reference ..."""
+    accuracy_drop: float = 0.1
+    """... and by at least this much (absolute): sampled accuracy of a weak student is noisy."""
     min_accuracy: float = 0.05
     """... provided the reference accuracy was at least this (else accuracy is too noisy to judge)."""
 
@@ -61,6 +66,8 @@ class CollapseGuardConfig:
             (self.patience >= 1, "collapse_guard.patience must be >= 1"),
             (0.0 < self.length_ratio < 1.0, "collapse_guard.length_ratio must be in (0, 1)"),
             (0.0 < self.eos_only_frac <= 1.0, "collapse_guard.eos_only_frac must be in (0, 1]"),
+            (0.0 < self.clipped_frac <= 1.0, "collapse_guard.clipped_frac must be in (0, 1]"),
+            (0.0 <= self.accuracy_drop <= 1.0, "collapse_guard.accuracy_drop must be in [0, 1]"),
             (self.entropy_ratio > 1.0, "collapse_guard.entropy_ratio must be > 1"),
             (self.entropy_margin >= 0.0, "collapse_guard.entropy_margin must be >= 0"),
             (0.0 < self.accuracy_ratio < 1.0, "collapse_guard.accuracy_ratio must be in (0, 1)"),
@@ -113,17 +120,18 @@ class CollapseGuard:
         if "response_length" in ref and "response_length" in now and now["response_length"] < c.length_ratio * ref["response_length"]:
             kinds.append("length")
             evidence["response_length"] = (ref["response_length"], now["response_length"])
-        eos_ref, eos_now = ref.get("eos_only_frac"), now.get("eos_only_frac")
-        if eos_ref is not None and eos_now is not None and eos_now >= c.eos_only_frac and eos_ref < c.eos_only_frac / 2:
-            if "length" not in kinds:
-                kinds.append("length")
-            evidence["eos_only_frac"] = (eos_ref, eos_now)
+        for key, limit in (("eos_only_frac", c.eos_only_frac), ("clipped_frac", c.clipped_frac)):
+            share_ref, share_now = ref.get(key), now.get(key)
+            if share_ref is not None and share_now is not None and share_now >= limit and share_ref < limit / 2:
+                if "length" not in kinds:
+                    kinds.append("length")
+                evidence[key] = (share_ref, share_now)
         h_ref, h_now = ref.get("entropy/student"), now.get("entropy/student")
         if h_ref is not None and h_now is not None and h_now > c.entropy_ratio * h_ref and h_now > h_ref + c.entropy_margin:
             kinds.append("entropy")
             evidence["entropy/student"] = (h_ref, h_now)
         a_ref, a_now = ref.get("accuracy"), now.get("accuracy")
-        if a_ref is not None and a_now is not None and a_ref >= c.min_accuracy and a_now < c.accuracy_ratio * a_ref:
+        if a_ref is not None and a_now is not None and a_ref >= c.min_accuracy and a_now < c.accuracy_ratio * a_ref and a_ref - a_now >= c.accuracy_drop:
             kinds.append("accuracy")
             evidence["accuracy"] = (a_ref, a_now)
         return kinds, evidence

@@ -187,3 +187,23 @@ def test_healthy_run_raises_no_alarm(toy_models, tmp_path, action):
     trainer.train()
     rows, alarm_steps = alarms_in(tmp_path / action / "teacher")
     assert len(rows) == 24 and alarm_steps == []
+
+
+def test_responses_that_stop_stopping_are_a_length_collapse():
+    # Seen on two_step: DOPD's live privileged student lets answers run into max_new_tokens.
+    rows = [{"response_length": 31.0, "clipped_frac": 0.05, "entropy/student": 0.35, "accuracy": 0.25}] * 4
+    rows += [{"response_length": 38.5, "clipped_frac": 0.9, "entropy/student": 0.4, "accuracy": 0.03}] * 6
+    (alarm,) = feed(CollapseGuard(SMALL), rows)
+    assert alarm.kinds == ["length", "accuracy"] and alarm.evidence["clipped_frac"] == (0.05, 0.9)
+
+
+def test_noisy_accuracy_of_a_weak_student_is_no_alarm():
+    # Seen on two_step seed 1: sampled accuracy around 0.1 that dips to 0.03 for a while in healthy
+    # runs (vanilla OPD ended above its start); halving a small number is not a collapse.
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(60):
+        dip = 0.06 if 15 <= i < 35 else 0.0
+        rows.append({"response_length": 31 + float(torch.rand((), generator=g)), "clipped_frac": 0.05, "entropy/student": 0.5,
+                     "accuracy": max(0.0, 0.11 - dip + 0.04 * (float(torch.rand((), generator=g)) - 0.5))})
+    assert feed(CollapseGuard(), rows) == []

@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for `examples.t
 from dopd_vl.cli import main as dopd  # noqa: E402
 from dopd_vl.config import load_config  # noqa: E402
 from dopd_vl.data import load_records  # noqa: E402
+from dopd_vl.guard import CollapseGuard  # noqa: E402
 from dopd_vl.modality import make_adapter  # noqa: E402
 from dopd_vl.models import build_tiny_qwen3, final_hidden_states, load_model, output_embedding_weight  # noqa: E402
 from dopd_vl.plots import read_metrics  # noqa: E402
@@ -228,14 +229,19 @@ def parse_method(spec: str) -> tuple[str, str, tuple[str, ...]]:
 
 
 def training_summary(run_dir: Path) -> dict:
-    """From metrics.jsonl: mean regime occupancy, response length at start and end, the guard."""
+    """From metrics.jsonl: mean regime occupancy, response length at start and end, and the
+    collapse guard (its default settings replayed on the logged metrics, so that every run is
+    judged by the same guard, whichever version trained it)."""
     rows = read_metrics(run_dir)
     tail = rows[-max(1, len(rows) // 10) :]
+    guard = CollapseGuard()
+    alarm = next((r["step"] for r in rows if guard.update(r) is not None), None)
     summary = {
         "response_length_start": statistics.mean(r["response_length"] for r in rows[: max(1, len(rows) // 10)]),
         "response_length_end": statistics.mean(r["response_length"] for r in tail),
         "entropy_end": statistics.mean(r["entropy/student"] for r in tail),
-        "collapse_alarm_step": next((r["step"] for r in rows if r.get("collapse_alarm")), None),
+        "collapse_alarm_step": alarm,
+        "collapse_kinds": guard.alarm.kinds if guard.alarm else [],
     }
     for regime in ("LH", "LL", "HT", "HS"):
         if f"frac/{regime}" in rows[0]:
@@ -371,6 +377,7 @@ def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int,
             summary_path = report_path.with_suffix(".summary.json")
             if reuse and summary_path.exists():
                 report = json.loads(summary_path.read_text())  # finished and evaluated earlier
+                report["training"] = training_summary(run_dir)
             else:
                 final = run_dir / "final" if reuse and (run_dir / "final" / "config.json").exists() else distill(spec, seed, prepared[seed], run_dir, size.distill_steps, task, device)
                 report = evaluate(final, prepared[seed].heldout, report_path, task, device=device)

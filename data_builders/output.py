@@ -89,16 +89,21 @@ def write_dataset_atomic(path: str | Path, records: list[dict], embed_images: bo
 def _arrow_row(record: dict, out_dir: Path, base: Path, embed_images: bool) -> dict:
     row = {k: (json.dumps(v, ensure_ascii=False) if k in ("privileged", "meta") else v) for k, v in record.items()}
     prompt = json.loads(json.dumps(record["prompt"]))
-    images = []
+    embedded = iter(record.get("images") or [])
+    images = []  # in prompt order: the record's embedded images, and the files embedded now
     for message in prompt:
         for part in message["content"] if isinstance(message["content"], list) else []:
-            if part.get("type") == "image" and isinstance(part.get("image"), str):
+            if part.get("type") != "image":
+                continue
+            if not isinstance(part.get("image"), str):
+                images.append(next(embedded))
+            elif embed_images:
                 file = (out_dir / part["image"]).resolve() if not Path(part["image"]).is_absolute() else Path(part["image"])
-                if embed_images:
-                    images.append({"bytes": file.read_bytes(), "path": file.name})
-                    del part["image"]
-                else:
-                    part["image"] = os.path.relpath(file, base.resolve())
+                images.append({"bytes": file.read_bytes(), "path": file.name})
+                del part["image"]
+            else:
+                file = (out_dir / part["image"]).resolve() if not Path(part["image"]).is_absolute() else Path(part["image"])
+                part["image"] = os.path.relpath(file, base.resolve())
     row["prompt"] = prompt
     if images:
         row["images"] = images

@@ -148,7 +148,7 @@ def main() -> None:
             "device": torch.cuda.get_device_name(0) if cuda else "cpu", "student": recipe.student.name_or_path, "teacher": recipe.teacher.name_or_path,
             "dtype": recipe.student.dtype, "prompts_per_step": per_step, "num_generations": recipe.rollout.num_generations,
             "max_new_tokens": recipe.rollout.max_new_tokens, "gradient_checkpointing": recipe.gradient_checkpointing,
-            "loss_chunk_size": recipe.loss_chunk_size, "peak_memory_gb": max((r["peak_memory_gb"] or 0) for r in rows) if cuda else None,
+            "loss_chunk_size": trainer.loss_chunk_size, "peak_memory_gb": max((r["peak_memory_gb"] or 0) for r in rows) if cuda else None,
             "step_s_last": rows[-1]["step_s"],
         }
         print(json.dumps(summary), flush=True)

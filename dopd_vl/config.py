@@ -89,8 +89,10 @@ class TrainConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    loss_chunk_size: int = 64
-    """Tokens per chunk of the routed loss (memory ~ chunk x vocab x 4 bytes per intermediate)."""
+    loss_chunk_size: int | str = "auto"
+    """Tokens per chunk of the routed loss (memory ~ chunk x vocab x 4 bytes x ~7 intermediates):
+    an integer, or `auto` (64 on CPU, where small chunks were fastest; on a GPU the largest chunk
+    whose intermediates fit a budget of min(4 GiB, 10% of free memory), 64..2048) [ours]."""
     max_consecutive_skips: int = 5
     """Non-finite steps in a row before training stops."""
     report_to: list[str] = field(default_factory=list)
@@ -105,6 +107,8 @@ class TrainConfig:
     """The guard's reference window and thresholds [ours]."""
 
     def __post_init__(self) -> None:
+        if self.loss_chunk_size != "auto" and not (isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 1):
+            raise ValueError(f"loss_chunk_size must be a positive integer or auto, got {self.loss_chunk_size!r}")
         if self.device not in ("auto", "cpu"):
             raise ValueError(f"device must be auto or cpu (accelerate places each process on its GPU), got {self.device!r}")
         if self.collapse_action not in ("warn", "stop", "off"):

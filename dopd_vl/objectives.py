@@ -41,6 +41,7 @@ __all__ = [
     "dopd_loss",
     "chunked_objective_loss",
     "chunked_token_logprobs",
+    "auto_chunk_size",
     "target_states",
 ]
 
@@ -413,6 +414,22 @@ class ChunkedLossOutput:
     loss: Tensor  # scalar; gradient to the student's hidden states and output embedding
     token_loss: Tensor  # [N] route-weighted divergence per token (detached)
     student_entropy: Tensor  # [N] entropy of the student's distribution per token (detached)
+
+
+def auto_chunk_size(device: torch.device, vocab_size: int, free_bytes: int | None = None) -> int:
+    """Tokens per chunk of the routed loss for a device (`loss_chunk_size: auto`).
+
+    CPU: 64 (measured fastest there). CUDA: big chunks keep the GPU busy (at V = 151,936 on an H200
+    a chunk of 2048 ran 2.7-4.5x faster than 64 in bf16), so the largest multiple of 64 up to 2048 whose fp32
+    intermediates (~7 [chunk, V] buffers) fit min(4 GiB, 10% of the free memory).
+    """
+    if device.type != "cuda":
+        return 64
+    if free_bytes is None:
+        free_bytes, _ = torch.cuda.mem_get_info(device)
+    budget = min(4 * 2**30, free_bytes // 10)
+    per_token = 7 * 4 * vocab_size
+    return int(max(64, min(2048, (budget // per_token) // 64 * 64)))
 
 
 def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor:

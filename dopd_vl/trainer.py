@@ -43,7 +43,7 @@ from dopd_vl.models import (
     tokenizer_of,
 )
 from dopd_vl.modality import make_adapter
-from dopd_vl.objectives import TargetStates, build_objective, chunked_objective_loss, token_weights
+from dopd_vl.objectives import TargetStates, auto_chunk_size, build_objective, chunked_objective_loss, token_weights
 from dopd_vl.rollout import Rollout, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
@@ -137,6 +137,7 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.guard = CollapseGuard(c.collapse_guard)
+        self.loss_chunk_size = auto_chunk_size(self.device, self.vocab_size) if c.loss_chunk_size == "auto" else c.loss_chunk_size
 
     # ------------------------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> Path:
@@ -209,7 +210,7 @@ class Trainer:
             with self.accelerator.no_sync(self.loss_module) if not is_last else contextlib.nullcontext():
                 loss, token_loss, entropy = self.loss_module(
                     s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
-                    s.targets, self.objective, self.vocab_size, c.loss_chunk_size,
+                    s.targets, self.objective, self.vocab_size, self.loss_chunk_size,
                 )
                 # DDP / FSDP average gradients over processes; the shares must add up instead.
                 self.accelerator.backward(loss * self.accelerator.num_processes)

@@ -335,3 +335,21 @@ def test_chunk_whose_tokens_are_all_on_switched_off_routes_has_zero_gradient():
     out.loss.backward()
     assert torch.all(out.token_loss[:3] == 0) and torch.all(out.token_loss[3:] > 0)
     assert torch.all(hidden.grad[:3] == 0) and hidden.grad[3:].abs().sum() > 0
+
+
+def test_auto_chunk_size_is_64_on_cpu_and_fits_the_memory_budget_on_a_gpu():
+    from dopd_vl.config import load_config
+    from dopd_vl.errors import ConfigError
+    from dopd_vl.objectives import auto_chunk_size
+
+    assert auto_chunk_size(torch.device("cpu"), 151_936) == 64
+    gpu = torch.device("cuda", 0)
+    per_token = 7 * 4 * 151_936  # bytes of ~7 fp32 [chunk, V] intermediates per token
+    # 139 GB free: the 4 GiB cap -> 1009 tokens -> 960 (a multiple of 64)
+    assert auto_chunk_size(gpu, 151_936, free_bytes=139 * 10**9) == (4 * 2**30 // per_token) // 64 * 64 == 960
+    assert auto_chunk_size(gpu, 151_936, free_bytes=10 * 10**9) == (10**9 // per_token) // 64 * 64  # 10% of free memory
+    assert auto_chunk_size(gpu, 151_936, free_bytes=10**8) == 64  # never below 64
+    assert auto_chunk_size(gpu, 1_000, free_bytes=139 * 10**9) == 2048  # never above 2048
+    assert load_config(None, []).loss_chunk_size == "auto" and load_config(None, ["loss_chunk_size=256"]).loss_chunk_size == 256
+    with pytest.raises(ConfigError, match="loss_chunk_size"):
+        load_config(None, ["loss_chunk_size=big"])

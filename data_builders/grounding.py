@@ -168,7 +168,7 @@ def load_hf_detections(
     through `sv.Detections` like a detector's output, with the same validation, skip mode and
     degenerate-box policy as the file formats.
     """
-    from dopd_vl.data import _open_dataset, _undecoded_images
+    from dopd_vl.data import _open_dataset, _undecoded_images, records_root
 
     check_on_error(on_error)
     if bbox_format not in BBOX_FORMATS:
@@ -181,12 +181,13 @@ def load_hf_detections(
     names = _class_names(dataset.features[objects_column])
     dataset = _undecoded_images(dataset, image_column) if hasattr(dataset.features[image_column], "feature") else _undecoded_image(dataset, image_column)
     loader = _Loader(on_error, degenerate, report if report is not None else BuildReport())
+    root = records_root(source)  # relative image paths in the dataset resolve here, confined to it
     for index in range(len(dataset)):
         record = f"row {index}"
 
         def build(index=index, record=record) -> AnnotatedImage:
             row = dataset[index]
-            path, data = _row_image(row.get(image_column), name, record, image_column)
+            path, data = _row_image(row.get(image_column), root, name, record, image_column)
             size = _image_size(path if data is None else data, source=name, record=record)
             boxes, labels = _row_objects(row.get(objects_column), names, name, record, objects_column)
             xyxy = [_to_xyxy(b, bbox_format, normalized, size, name, f"{record} object {k}") for k, b in enumerate(boxes)]
@@ -234,12 +235,15 @@ def _undecoded_image(dataset, column: str):
     return dataset
 
 
-def _row_image(value, source: str, record: str, field: str) -> tuple[Path, bytes | None]:
-    """(path, None) for an image with a local file, else (a name, its bytes)."""
+def _row_image(value, root: Path | None, source: str, record: str, field: str) -> tuple[Path, bytes | None]:
+    """(path, None) for an image with a local file, else (a name, its bytes). A string path is
+    relative to the dataset's folder and may not leave it (like annotation paths)."""
     if isinstance(value, list) and len(value) == 1:
         value = value[0]
     if isinstance(value, str):
-        return Path(value).resolve(), None
+        if root is None:
+            raise DatasetError(f"image path {value!r} but the dataset has no local folder to resolve it against", file=source, record=record, field=field)
+        return _confined(root, value, file=source, record=record, field=field), None
     if isinstance(value, dict):
         path = value.get("path")
         if isinstance(path, str) and Path(path).is_file():

@@ -228,6 +228,18 @@ def test_detection_dataset_faults_fail_in_one_line_or_are_skipped(tmp_path, caps
     built = {r["images"][0]["path"] for r in load_records(out)}
     assert [s["id"] for s in skipped] == ["row 1"] and built == {f"{stems[0]}.jpg", f"{stems[2]}.jpg"}
     assert main(["build", "grounding", "--format", "hf", "--dataset", str(good), "--out", str(out), "--bbox-format", "coco"]) == 0
+    # Image paths as strings resolve inside the dataset's folder and may not leave it.
+    local = tmp_path / "local_paths"
+    (local / "images").mkdir(parents=True)
+    shutil.copy(IMAGES / f"{stems[0]}.jpg", local / "images")
+    plain = datasets.Features({"image": datasets.Value("string"), "objects": datasets.load_from_disk(str(good)).features["objects"]})
+    first = datasets.load_from_disk(str(good)).cast_column("image", datasets.Image(decode=False))[0]["objects"]
+    datasets.Dataset.from_list([{"image": f"images/{stems[0]}.jpg", "objects": first}], features=plain).to_parquet(str(local / "data.parquet"))
+    assert main(["build", "grounding", "--format", "hf", "--dataset", str(local / "data.parquet"), "--out", str(local / "out.jsonl")]) == 0
+    assert f"images/{stems[0]}.jpg" in (local / "out.jsonl").read_text()
+    datasets.Dataset.from_list([{"image": "../../secret.jpg", "objects": first}], features=plain).to_parquet(str(local / "escape.parquet"))
+    assert main(["build", "grounding", "--format", "hf", "--dataset", str(local / "escape.parquet"), "--out", str(local / "x.jsonl")]) == 1
+    assert "escapes the dataset root" in error_line(capsys.readouterr().err)
     # A dataset without the objects column.
     datasets.Dataset.from_list([{"image": str(IMAGES / f"{stems[0]}.jpg")}], features=datasets.Features({"image": datasets.Image()})).save_to_disk(str(tmp_path / "no_objects"))
     assert main(["build", "grounding", "--format", "hf", "--dataset", str(tmp_path / "no_objects"), "--out", str(tmp_path / "x.jsonl")]) == 1

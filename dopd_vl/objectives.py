@@ -14,7 +14,6 @@ Two paths compute the same loss:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dopd_vl.divergences import DIVERGENCES, SUPPORTS, token_divergence, upcast
-from dopd_vl.routing import REGIME_NAMES, Regime, TokenSignals, assign_regimes, compute_thresholds, token_signals
+from dopd_vl.routing import REGIME_NAMES, Regime, TokenSignals, assign_regimes, compute_thresholds, token_signals, trimmed_mean
 
 __all__ = [
     "OBJECTIVES",
@@ -35,6 +34,7 @@ __all__ = [
     "TargetStates",
     "ChunkedLossOutput",
     "build_objective",
+    "route_divergence",
     "register_objective",
     "token_weights",
     "objective_loss",
@@ -45,10 +45,11 @@ __all__ = [
     "target_states",
 ]
 
-OBJECTIVES = ("dopd", "vanilla_opd", "privileged_opd", "self_distill", "uniform", "pruned_opd")
+OBJECTIVES = ("dopd", "vanilla_opd", "privileged_opd", "self_distill", "uniform", "pruned_opd", "eopd", "exopd", "va_opd", "vision_opd")
 _REGISTERED: dict[str, Callable[["DOPDConfig"], "Objective"]] = {}  # register_objective (CONTRIBUTING.md)
-SCORING_VIEWS = ("teacher_priv", "student_priv", "teacher_plain")
+SCORING_VIEWS = ("teacher_priv", "student_priv", "teacher_plain", "reference")
 _PRUNE_BY = ("largest_A", "smallest_A", "random")
+_GAP_SIGNALS = ("advantage_gap", "q_teacher", "q_student")
 
 
 @dataclass
@@ -95,6 +96,28 @@ class DOPDConfig:
     """dopd: `none` (the paper's HT/HS rule) or `plain_teacher`: a high-gap token goes to the
     teacher only when the teacher's verdict on it survives without the context (capability, not
     information); needs the teacher_plain view [ours; a variant, not the paper's rule]."""
+    # The paper's comparison methods (docs/design.md §1.8). Details their abstracts leave open are
+    # our choices, marked [ours].
+    teacher_view: str = "teacher_priv"
+    """eopd, exopd: the teacher view distilled from; teacher_priv gives them the same privileged
+    teacher as DOPD (the paper's comparison), teacher_plain the methods as published [ours]."""
+    fkl_weight: float = 1.0
+    """eopd: weight of the forward KL added on high-entropy tokens [ours]."""
+    split_threshold: str = "trimmed_mean"
+    """eopd, va_opd: the step threshold of the split signal (teacher entropy, visual advantage):
+    `trimmed_mean` (DOPD's, with outlier_fraction) or `quantile` (split_quantile) [ours]."""
+    split_quantile: float = 0.8
+    """eopd, va_opd with split_threshold quantile: the quantile of the step's values [ours]."""
+    exopd_lambda: float = 1.25
+    """exopd: reward extrapolation lambda; 1 is vanilla OPD's sampled reverse KL, > 1 extrapolates
+    beyond the teacher [ExOPD; 1.25 ours]."""
+    va_high_weight: float = 0.5
+    """va_opd: weight of the high-visual-advantage group's mean loss [ours]."""
+    va_low_weight: float = 0.5
+    """va_opd: weight of the low-visual-advantage group's mean loss [ours]."""
+    va_temperature: float | None = 1.0
+    """va_opd: rollout weights G*softmax(mean VA / temperature) over each prompt's G rollouts;
+    null switches the rollout weighting off [ours]."""
 
     def __post_init__(self) -> None:
         checks = [
@@ -114,6 +137,12 @@ class DOPDConfig:
             (0.0 < self.ema_decay < 1.0, f"objective.ema_decay must be in (0, 1), got {self.ema_decay}"),
             (self.edge_check in ("none", "plain_teacher"), f"objective.edge_check must be 'none' or 'plain_teacher', got {self.edge_check!r}"),
             (self.edge_check == "none" or self.name == "dopd", "objective.edge_check applies to 'dopd' only"),
+            (self.teacher_view in ("teacher_priv", "teacher_plain"), f"objective.teacher_view must be teacher_priv or teacher_plain, got {self.teacher_view!r}"),
+            (self.fkl_weight >= 0.0, f"objective.fkl_weight must be >= 0, got {self.fkl_weight}"),
+            (self.split_threshold in ("trimmed_mean", "quantile"), f"objective.split_threshold must be trimmed_mean or quantile, got {self.split_threshold!r}"),
+            (0.0 <= self.split_quantile <= 1.0, f"objective.split_quantile must be in [0, 1], got {self.split_quantile}"),
+            (self.va_high_weight >= 0.0 and self.va_low_weight >= 0.0, "objective.va_high_weight and va_low_weight must be >= 0"),
+            (self.va_temperature is None or self.va_temperature > 0.0, f"objective.va_temperature must be > 0 or null, got {self.va_temperature}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -129,62 +158,141 @@ class Route:
     divergence: str  # rkl | fkl | js
     support: str  # full | topk | sampled
     weight: float
+    extra: tuple[tuple[str, float], ...] = ()
+    """More (divergence, weight) terms on the same target and support, added to the first (EOPD's RKL + FKL)."""
+    reference: str | None = None
+    """Sampled support only: a view whose token log-prob l_ref turns the target's l_T into the
+    extrapolated target lambda*l_T + (1 - lambda)*l_ref (ExOPD's reward)."""
+    extrapolation: float = 1.0
+    """lambda of `reference`."""
 
     def __post_init__(self) -> None:
-        if self.target not in SCORING_VIEWS:
-            raise ValueError(f"route target must be one of {SCORING_VIEWS}, got {self.target!r}")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"route divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        for view in (self.target, *([self.reference] if self.reference else [])):
+            if view not in SCORING_VIEWS:
+                raise ValueError(f"route views must be among {SCORING_VIEWS}, got {view!r}")
+        for name, _ in self.terms:
+            if name not in DIVERGENCES:
+                raise ValueError(f"route divergence must be one of {DIVERGENCES}, got {name!r}")
         if self.support not in SUPPORTS:
             raise ValueError(f"route support must be one of {SUPPORTS}, got {self.support!r}")
-        if self.support == "sampled" and self.divergence != "rkl":
+        if self.support == "sampled" and any(name != "rkl" for name, _ in self.terms):
             raise ValueError("support 'sampled' is defined for divergence 'rkl' only")
+        if self.reference is not None and self.support != "sampled":
+            raise ValueError("a route with a reference view (reward extrapolation) needs support 'sampled'")
+
+    @property
+    def terms(self) -> tuple[tuple[str, float], ...]:
+        """(divergence, weight) of every term; the route's loss is their weighted sum."""
+        return ((self.divergence, self.weight), *self.extra)
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        return (self.target, self.reference) if self.reference else (self.target,)
+
+
+def route_divergence(
+    route: Route,
+    config: "DOPDConfig",
+    student_logp: Tensor,
+    target_logp: Tensor | None,
+    token_ids: Tensor,
+    token_logprob: dict[str, Tensor],
+) -> Tensor:
+    """A route's weighted per-token loss over rows [n, V]: the one definition both paths use.
+
+    `token_logprob` holds the sampled tokens' log-probs of the route's views (the sampled support
+    and the extrapolated target need only those); `target_logp` the target's rows, unless sampled.
+    """
+    target_token = None
+    if route.support == "sampled":
+        target_token = upcast(token_logprob[route.target])
+        if route.reference is not None:  # ExOPD: sampled RKL to lambda*l_T + (1 - lambda)*l_ref
+            lam = route.extrapolation
+            target_token = lam * target_token + (1.0 - lam) * upcast(token_logprob[route.reference])
+    loss = None
+    for name, weight in route.terms:
+        d = token_divergence(
+            name, route.support, student_logp, target_logp, token_ids, target_token_logp=target_token,
+            top_k=config.top_k, topk_source=config.topk_source, topk_tail=config.topk_tail, js_beta=config.js_beta,
+        )
+        loss = weight * d if loss is None else loss + weight * d
+    return loss
 
 
 @dataclass(frozen=True)
 class Objective:
-    """Router + routes. Route index r of a token selects `routes[r]`; -1 or a None route: no loss."""
+    """Router + routes. Route index r of a token selects `routes[r]`; -1 or a None route: no loss.
+
+    Routers: `regimes` (DOPD's four), `all` (one route), `prune` (pruned_opd), `split` (route 1
+    where the signal `split_on` reaches its step threshold, else route 0: EOPD, VA-OPD), or a
+    function of the signals and step statistics (register_objective).
+    """
 
     config: DOPDConfig
-    router: str | Callable[[TokenSignals, dict], Tensor]  # "regimes" | "all" | "prune", or a function of the signals and thresholds
+    router: str | Callable[[TokenSignals, dict], Tensor]
     routes: tuple[Route | None, ...]
+    split_on: str | None = None  # the `split` router's signal: teacher_entropy | visual_advantage
 
     @property
     def name(self) -> str:
         return self.config.name
 
     @property
+    def signal_names(self) -> tuple[str, ...]:
+        """The per-token signals this objective routes on (or shows: uniform), in TokenSignals order."""
+        if self.router == "split":
+            return (self.split_on,)
+        if callable(self.router) or self.router in ("regimes", "prune") or self.config.name == "uniform":
+            return _GAP_SIGNALS + (("q_teacher_plain",) if self.config.edge_check == "plain_teacher" else ())
+        return ()
+
+    @property
     def needs_signals(self) -> bool:
-        """Whether the privileged views are scored: for routing, or for diagnostics (uniform)."""
-        return callable(self.router) or self.router in ("regimes", "prune") or self.config.name == "uniform"
+        return bool(self.signal_names)
 
     @property
     def views(self) -> tuple[str, ...]:
         """Scoring views this objective needs, in SCORING_VIEWS order; only these are computed."""
-        needed = {r.target for r in self.routes if r is not None}
-        if self.needs_signals:
+        needed = {v for r in self.routes if r is not None for v in r.views}
+        signals = set(self.signal_names)
+        if signals & set(_GAP_SIGNALS):
             needed |= {"teacher_priv", "student_priv"}
-        if self.config.edge_check == "plain_teacher":
-            needed.add("teacher_plain")
+        if signals & {"q_teacher_plain", "visual_advantage"}:
+            needed |= {"teacher_priv", "teacher_plain"}
         return tuple(v for v in SCORING_VIEWS if v in needed)
 
-    def token_signals(self, token_logprob: dict[str, Tensor]) -> TokenSignals | None:
-        """Routing signals from the scoring views' sampled-token log-probs (None if not routed)."""
-        if not self.needs_signals:
+    def token_signals(self, token_logprob: dict[str, Tensor], entropy: dict[str, Tensor] | None = None) -> TokenSignals | None:
+        """Routing signals from the scoring views' sampled-token log-probs (and, for EOPD, the
+        target view's entropies); None if not routed."""
+        names = self.signal_names
+        if not names:
             return None
-        plain = token_logprob["teacher_plain"] if self.config.edge_check == "plain_teacher" else None
-        return token_signals(token_logprob["teacher_priv"], token_logprob["student_priv"], plain)
+        if "advantage_gap" in names:
+            plain = token_logprob["teacher_plain"] if "q_teacher_plain" in names else None
+            return token_signals(token_logprob["teacher_priv"], token_logprob["student_priv"], plain)
+        if self.split_on == "teacher_entropy":
+            return TokenSignals(teacher_entropy=entropy[self.routes[0].target].detach().double())
+        return TokenSignals(visual_advantage=(token_logprob["teacher_priv"].detach().double() - token_logprob["teacher_plain"].detach().double()))
 
     def step_statistics(self, signals: TokenSignals | None, prune_keys: Tensor | None = None) -> dict[str, float]:
-        """Statistics over all valid tokens of the step: thresholds (and the prune cut-off)."""
+        """Statistics over all valid tokens of the step: thresholds, the prune cut-off, the split
+        groups' sizes (`count/route0`, `count/route1`)."""
         stats: dict[str, float] = {}
-        if signals is not None:
+        if signals is not None and signals.advantage_gap is not None:
             stats.update(compute_thresholds(signals, self.config.outlier_fraction))
         if self.router == "prune":
             keys = prune_keys.reshape(-1).double()
             n_drop = int(self.config.prune_fraction * keys.numel())
             # Cut-off = the n_drop-th largest key; tokens with key >= it are dropped.
             stats["prune_cutoff"] = float("inf") if n_drop == 0 else torch.sort(keys, descending=True).values[n_drop - 1].item()
+        if self.router == "split":
+            values = getattr(signals, self.split_on).reshape(-1).double()
+            if self.config.split_threshold == "quantile":
+                threshold = torch.quantile(values, self.config.split_quantile).item()
+            else:
+                threshold = trimmed_mean(values, self.config.outlier_fraction).item()
+            high = int((values >= threshold).sum())
+            stats.update({self.split_on: threshold, "count/route1": float(high), "count/route0": float(values.numel() - high)})
         return stats
 
     def prune_keys(self, signals: TokenSignals, generator: torch.Generator | None = None) -> Tensor:
@@ -202,11 +310,54 @@ class Objective:
             routes = assign_regimes(signals, stats)
         elif callable(self.router):  # a registered objective's router: signals + thresholds -> route index
             routes = self.router(signals, stats).long()
+        elif self.router == "split":
+            routes = (getattr(signals, self.split_on) >= stats[self.split_on]).long()
         else:
             routes = torch.zeros(valid.shape, dtype=torch.long, device=valid.device)
             if self.router == "prune":
                 routes = torch.where(prune_keys.double() >= stats["prune_cutoff"], -1, routes)
         return torch.where(valid.bool(), routes, -1)
+
+    def token_weights(
+        self,
+        mask: Tensor,
+        route: Tensor,
+        stats: dict[str, float],
+        signals: TokenSignals | None = None,
+        groups: Tensor | None = None,
+        num_sequences: int | None = None,
+        num_tokens: int | None = None,
+    ) -> Tensor:
+        """Per-token factors [B, T] that turn a sum of route losses into the objective's loss.
+
+        Every objective but VA-OPD: `normalization` (Eq. 1.6). VA-OPD: the mean over the step's
+        tokens of each group (high / low visual advantage; sizes from `stats`), times the rollout
+        weight of the token's response (`sequence_weights`). Step totals make every micro-batch's
+        loss a share of the step's.
+        """
+        if self.config.name != "va_opd":
+            return token_weights(mask, self.config.normalization, num_sequences, num_tokens)
+        mask = mask.bool()
+        counts = torch.tensor([stats["count/route0"], stats["count/route1"]], dtype=torch.float64, device=mask.device).clamp_min(1)
+        per_token = torch.where(mask & (route >= 0), 1.0 / counts[route.clamp(0, 1)], 0.0)
+        if self.config.va_temperature is not None:
+            per_token = per_token * self.sequence_weights(mask, signals, groups)[:, None]
+        return per_token
+
+    def sequence_weights(self, mask: Tensor, signals: TokenSignals, groups: Tensor | None = None) -> Tensor:
+        """VA-OPD's rollout weights [B]: within each prompt's rollouts (`groups`: a prompt index per
+        response; None: one group), G * softmax(mean visual advantage / va_temperature)."""
+        mask = mask.bool()
+        va = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+        values = signals.visual_advantage.double()
+        va[mask] = values[mask] if values.shape == mask.shape else values  # [B, T], or [N] over the valid tokens
+        mean_va = va.sum(-1) / mask.sum(-1).clamp_min(1)
+        groups = torch.zeros(mask.shape[0], dtype=torch.long, device=mask.device) if groups is None else groups.to(mask.device)
+        weights = torch.ones_like(mean_va)
+        for g in groups.unique():
+            members = groups == g
+            weights[members] = members.sum() * torch.softmax(mean_va[members] / self.config.va_temperature, 0)
+        return weights
 
 
 def register_objective(name: str, build: Callable[[DOPDConfig], Objective], *, overwrite: bool = False) -> None:
@@ -244,12 +395,26 @@ def build_objective(config: DOPDConfig | None = None) -> Objective:
         return Objective(c, "regimes", tuple(routes))
     if c.regime_routes:
         raise ValueError(f"objective.regime_routes applies to 'dopd' only, not {c.name!r}")
+    rkl = c.baseline_divergence or "rkl"
+    if c.name == "eopd":  # RKL everywhere, + FKL where the teacher is uncertain [EOPD]; full vocabulary by default [ours]
+        support = c.baseline_support or "full"
+        low = Route(c.teacher_view, rkl, support, 1.0)
+        high = Route(c.teacher_view, rkl, support, 1.0, extra=(("fkl", c.fkl_weight),) if c.fkl_weight else ())
+        return Objective(c, "split", (low, high), split_on="teacher_entropy")
+    if c.name == "exopd":  # sampled RKL to lambda*l_T + (1 - lambda)*l_ref, ref = the initial student [ExOPD]
+        route = Route(c.teacher_view, "rkl", "sampled", 1.0, reference="reference", extrapolation=c.exopd_lambda)
+        return Objective(c, "all", (route,))
+    if c.name == "va_opd":  # KL to the privileged teacher, averaged per visual-advantage group [VA-OPD]
+        support = c.baseline_support or "topk"
+        low, high = (Route("teacher_priv", rkl, support, w) if w else None for w in (c.va_low_weight, c.va_high_weight))
+        return Objective(c, "split", (low, high), split_on="visual_advantage")
     target = {
         "vanilla_opd": "teacher_plain",
         "pruned_opd": "teacher_plain",
         "privileged_opd": "teacher_priv",
         "self_distill": "student_priv",
         "uniform": "teacher_priv",
+        "vision_opd": "student_priv",  # the model itself shown the evidence crop [Vision-OPD]
     }[c.name]
     default_divergence = "js" if c.name == "uniform" else "rkl"
     route = Route(target, c.baseline_divergence or default_divergence, c.baseline_support or "topk", 1.0)
@@ -320,11 +485,13 @@ def objective_loss(
     num_sequences: int | None = None,
     num_tokens: int | None = None,
     prune_generator: torch.Generator | None = None,
+    groups: Tensor | None = None,
 ) -> LossOutput:
     """Reference path: the objective over full [B, T, V] logits at response positions.
 
     `thresholds` (and `num_sequences` / `num_tokens`) default to this batch's own; pass the whole
-    batch's to compute a share of a larger batch.
+    batch's to compute a share of a larger batch. `groups` (VA-OPD's rollout weights): the prompt
+    index of each response; None puts every response in one group.
     """
     c = objective.config
     mask = mask.bool()
@@ -341,29 +508,27 @@ def objective_loss(
     student_logp = log_probs(student_logits)
     target_logp = {v: log_probs(view_logits[v].detach()) for v in objective.views}
     ids = torch.where(mask, response_ids, 0)
+    token_logprob = {v: lp.gather(-1, ids[..., None]).squeeze(-1) for v, lp in target_logp.items()}
 
-    def sampled(logp: Tensor) -> Tensor:
-        return logp.gather(-1, ids[..., None]).squeeze(-1)
-
-    signals = objective.token_signals({v: sampled(lp) for v, lp in target_logp.items()})
+    signals = objective.token_signals(token_logprob, {v: _entropy(lp) for v, lp in target_logp.items()})
     prune_keys = objective.prune_keys(signals, prune_generator) if objective.router == "prune" else None
     if thresholds is None:
-        valid_signals = TokenSignals(*(x[mask] if x is not None else None for x in dataclasses.astuple(signals))) if signals is not None else None
+        valid_signals = signals.map(lambda _, x: x[mask]) if signals is not None else None
         thresholds = objective.step_statistics(valid_signals, prune_keys[mask] if prune_keys is not None else None)
     route = objective.assign_routes(mask, signals, thresholds, prune_keys)
-    regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if signals is not None else route
+    routed_by_regime = signals is not None and signals.advantage_gap is not None
+    regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if routed_by_regime else route
 
     token_loss = torch.zeros(mask.shape, dtype=student_logp.dtype, device=mask.device)
     for r, spec in enumerate(objective.routes):
         if spec is None:
             continue
-        t_logp = target_logp[spec.target]
-        d = token_divergence(
-            spec.divergence, spec.support, student_logp.flatten(0, 1), t_logp.flatten(0, 1), ids.flatten(),
-            top_k=c.top_k, topk_source=c.topk_source, topk_tail=c.topk_tail, js_beta=c.js_beta,
+        d = route_divergence(
+            spec, c, student_logp.flatten(0, 1), target_logp[spec.target].flatten(0, 1), ids.flatten(),
+            {v: token_logprob[v].flatten() for v in spec.views},
         ).view(mask.shape)
-        token_loss = torch.where(route == r, spec.weight * d, token_loss)
-    weights = token_weights(mask, c.normalization, num_sequences, num_tokens).to(token_loss.dtype)
+        token_loss = torch.where(route == r, d, token_loss)
+    weights = objective.token_weights(mask, route, thresholds, signals, groups, num_sequences, num_tokens).to(token_loss.dtype)
     loss = (token_loss * weights).sum()
     return LossOutput(loss=loss, token_loss=token_loss.detach(), regime=regime, route=route, thresholds=thresholds)
 
@@ -489,12 +654,8 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                     if spec.support != "sampled":  # full-vocabulary target work only where a route needs it
                         with torch.no_grad():
                             target_logp = chunk_logits(view.hidden[sl][sel], view.head_weight, vocab_size).log_softmax(-1)
-                    d = token_divergence(
-                        spec.divergence, spec.support, student_logp[sel], target_logp, ids_c[sel],
-                        target_token_logp=upcast(view.token_logprob[sl][sel]),
-                        top_k=c.top_k, topk_source=c.topk_source, topk_tail=c.topk_tail, js_beta=c.js_beta,
-                    )
-                    chunk_loss = chunk_loss.index_put((sel,), spec.weight * d)
+                    d = route_divergence(spec, c, student_logp[sel], target_logp, ids_c[sel], {v: targets[v].token_logprob[sl][sel] for v in spec.views})
+                    chunk_loss = chunk_loss.index_put((sel,), d)
                 weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
                 grad_logits = None  # stays None when every token of the chunk is on a switched-off route
                 if (want_grad_hidden or want_grad_weight) and weighted.requires_grad:
@@ -540,7 +701,7 @@ def chunked_objective_loss(
     At V = 152k a chunk of 64 tokens keeps each [chunk, V] fp32 intermediate near 39 MB; larger
     chunks were no faster on CPU (bench/loss_bench.py) and cost proportionally more memory.
     """
-    missing = {spec.target for spec in objective.routes if spec is not None} - set(targets)
+    missing = {v for spec in objective.routes if spec is not None for v in spec.views} - set(targets)
     if missing:
         raise ValueError(f"objective {objective.name!r} needs target states of views {sorted(missing)}")
     for name, view in targets.items():

@@ -6,6 +6,7 @@ a token whose value equals the threshold lands deterministically on the "high" s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from enum import IntEnum
@@ -40,13 +41,30 @@ REGIME_NAMES: tuple[str, ...] = tuple(r.name for r in Regime)
 
 @dataclass
 class TokenSignals:
-    """Eq. 1 signals of valid tokens: A = |l_T - l_S|, q_T = exp(l_T), q_S = exp(l_S)."""
+    """Per-token signals of valid tokens that routers split on; an objective fills the ones it needs.
 
-    advantage_gap: Tensor
-    q_teacher: Tensor
-    q_student: Tensor
+    DOPD's Eq. 1 signals: A = |l_T - l_S|, q_T = exp(l_T), q_S = exp(l_S). The comparison methods
+    add their own (docs/design.md §1.8): the target's entropy (EOPD) and the visual advantage
+    l_T(y|x,p) - l_T(y|x) (VA-OPD).
+    """
+
+    advantage_gap: Tensor | None = None
+    q_teacher: Tensor | None = None
+    q_student: Tensor | None = None
     q_teacher_plain: Tensor | None = None
     """The teacher *without* the context on the same token; only for `edge_check: plain_teacher` [ours]."""
+    teacher_entropy: Tensor | None = None
+    """Entropy of the target view's distribution (EOPD)."""
+    visual_advantage: Tensor | None = None
+    """log p_T(y | x, p) - log p_T(y | x): what the privileged context adds to the teacher (VA-OPD)."""
+
+    def present(self) -> dict[str, Tensor]:
+        """The signals that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    def map(self, fn) -> "TokenSignals":
+        """The same signals with `fn` applied to each present one (selecting, gathering, concatenating)."""
+        return TokenSignals(**{name: fn(name, value) for name, value in self.present().items()})
 
 
 @dataclass

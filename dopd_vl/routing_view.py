@@ -37,10 +37,12 @@ REGIME_CONDITION = {
 
 def regime_legend(objective_config: DOPDConfig | None = None) -> dict[str, str]:
     """Each regime's condition and the route the objective actually gives it (overrides included)."""
-    routes = build_objective(objective_config or DOPDConfig()).routes
+    objective = build_objective(objective_config or DOPDConfig())
+    if objective.router != "regimes":  # shown as DOPD would route; this objective's loss does not use the regimes
+        return {name: f"{REGIME_CONDITION[name]} (as DOPD would route; {objective.name} does not route by regime)" for name in REGIME_NAMES}
     legend = {}
-    for name, route in zip(REGIME_NAMES, routes):
-        action = "switched off" if route is None else f"{route.divergence.upper()} ({route.support}) to {route.target}, weight {route.weight:g}"
+    for name, route in zip(REGIME_NAMES, objective.routes):
+        action = "switched off" if route is None else " + ".join(f"{d.upper()} ({route.support}) to {route.target}, weight {w:g}" for d, w in route.terms)
         legend[name] = f"{REGIME_CONDITION[name]}: {action}"
     return legend
 
@@ -68,13 +70,18 @@ def route_records(
 ) -> tuple[list[RoutedResponse], dict[str, float]]:
     """Route every token of `responses` (one per record) with DOPD; thresholds over all of them."""
     objective = build_objective(objective_config or DOPDConfig())
-    views = build_views(adapters, ("student", *dict.fromkeys(("teacher_priv", "student_priv", *objective.views))), records, responses)
+    routed_by_gap = "advantage_gap" in objective.signal_names
+    # The regimes shown are DOPD's: objectives that route otherwise are shown as DOPD would route them.
+    names = ("student", "teacher_priv", "student_priv") + (("teacher_plain",) if "q_teacher_plain" in objective.signal_names else ())
+    views = build_views(adapters, names, records, responses)
     was_training = student.training
     student.eval()
     targets = score_views(views, teacher, student, vocab_size)
     student.train(was_training)
-    signals = objective.token_signals({v: t.token_logprob for v, t in targets.items()}) or token_signals(
-        targets["teacher_priv"].token_logprob, targets["student_priv"].token_logprob)  # baselines: shown as DOPD would route
+    logprob = {v: t.token_logprob for v, t in targets.items()}
+    signals = objective.token_signals(logprob) if routed_by_gap else token_signals(logprob["teacher_priv"], logprob["student_priv"])
+    if not routed_by_gap:
+        objective = build_objective(DOPDConfig(outlier_fraction=objective.config.outlier_fraction))
     stats = objective.step_statistics(signals)
     regimes = assign_regimes(signals, stats)
     tokenizer = adapters["student"].tokenizer

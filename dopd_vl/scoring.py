@@ -30,14 +30,18 @@ def score_views(
     privileged_student: nn.Module | None,
     vocab_size: int,
     chunk_size: int = 256,
+    reference: nn.Module | None = None,
 ) -> dict[str, TargetStates]:
     """TargetStates of every scoring view in `batches` (teacher views by the teacher, student_priv by
-    the privileged student: the live student in eval mode, a frozen copy or an EMA)."""
+    the privileged student: the live student in eval mode, a frozen copy or an EMA; `reference`
+    by the reference model, ExOPD's initial student)."""
     states = {}
     for name, batch in batches.items():
         if name == "student":
             continue
-        model = teacher if name in TEACHER_VIEWS else privileged_student
+        model = teacher if name in TEACHER_VIEWS else reference if name == "reference" else privileged_student
+        if model is None:
+            raise ValueError(f"view {name!r} needs a model to score it, but none was given")
         hidden, ids = valid_response_states(model, batch)
         states[name] = target_states(hidden, output_embedding_weight(model), ids, vocab_size, chunk_size)
     return states

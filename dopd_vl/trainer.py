@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict
 from dopd_vl.data import load_records, records_root
-from dopd_vl.errors import DopdError
+from dopd_vl.errors import ConfigError, DatasetError, DopdError
 from dopd_vl.answers import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
 from dopd_vl.models import (
@@ -42,8 +42,8 @@ from dopd_vl.models import (
     resolve_dtype,
     tokenizer_of,
 )
-from dopd_vl.modality import make_adapter
-from dopd_vl.objectives import TargetStates, auto_chunk_size, build_objective, chunked_objective_loss, token_weights
+from dopd_vl.modality import TEACHER_VIEWS, make_adapter
+from dopd_vl.objectives import TargetStates, auto_chunk_size, build_objective, chunked_objective_loss
 from dopd_vl.rollout import Rollout, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
@@ -76,6 +76,7 @@ class _Scored:
     targets: dict[str, TargetStates]
     signals: TokenSignals | None  # over the valid tokens, flattened
     prune_keys: Tensor | None
+    groups: Tensor  # [B] the prompt (record) index of each response: VA-OPD's rollout groups
 
 
 class StudentLoss(nn.Module):
@@ -106,10 +107,19 @@ class Trainer:
         self.output_dir = Path(c.output_dir)
 
         # Models: the student is trained; the teacher is frozen, in its own dtype, never in the optimizer.
+        # Objectives without a teacher view (self_distill, vision_opd) do not load its weights.
         self.student = load_model(c.student.name_or_path, resolve_dtype(c.student.dtype, self.device), c.student.trust_remote_code)
-        self.teacher = load_model(c.teacher.name_or_path, resolve_dtype(c.teacher.dtype, self.device), c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
         self.student_processing = load_processing(c.student.name_or_path, c.student.trust_remote_code)
-        teacher_processing = load_processing(c.teacher.name_or_path, c.teacher.trust_remote_code)
+        self.teacher = None
+        teacher_processing = self.student_processing
+        if c.teacher.name_or_path:
+            teacher_processing = load_processing(c.teacher.name_or_path, c.teacher.trust_remote_code)
+        if TEACHER_VIEWS & set(self.objective.views):
+            if not c.teacher.name_or_path:
+                raise ConfigError(f"objective {self.objective.name!r} scores teacher views {sorted(TEACHER_VIEWS & set(self.objective.views))}: set teacher.name_or_path")
+            self.teacher = load_model(c.teacher.name_or_path, resolve_dtype(c.teacher.dtype, self.device), c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
+        elif c.teacher.name_or_path:
+            logger.info("objective %s uses no teacher view: the teacher's weights are not loaded", self.objective.name)
         self.vocab_size = check_same_tokenizer(self.student_processing, teacher_processing, self.student, self.teacher)
         self.tokenizer = tokenizer_of(self.student_processing)
         if c.gradient_checkpointing:
@@ -117,8 +127,11 @@ class Trainer:
         if c.lora.enabled:
             self.student = _with_lora(self.student, c.lora)
         self.privileged_student = self._make_privileged_student()
+        self.reference_model = self._make_reference_model()
 
         self.records = load_records(c.data.train, split=c.data.split, columns=c.data.columns)
+        if self.objective.name == "vision_opd":
+            _check_image_context(self.records, c.data.train)
         root = records_root(c.data.train)
         self.adapters = {
             "student": make_adapter(self.student_processing, c.data.prompt, image_root=root),
@@ -131,8 +144,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=c.optim.lr, weight_decay=c.optim.weight_decay, betas=tuple(c.optim.adam_betas))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c.optim.warmup_steps, c.max_steps)
         self.loss_module, self.optimizer = self.accelerator.prepare(StudentLoss(self.student), self.optimizer)
-        if self.privileged_student is not None:
-            self.privileged_student.to(self.device)
+        for frozen in {id(m): m for m in (self.privileged_student, self.reference_model) if m is not None}.values():
+            frozen.to(self.device)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -205,7 +218,8 @@ class Trainer:
             stats = global_stats if c.objective.threshold_scope == "global" else self.objective.step_statistics(s.signals, s.prune_keys)
             mask = s.student_view.response_mask
             route = self.objective.assign_routes(torch.ones(int(mask.sum()), dtype=torch.bool, device=self.device), s.signals, stats, s.prune_keys)
-            weight = token_weights(mask, c.objective.normalization, num_sequences, num_tokens)[mask]
+            route_bt = torch.full(mask.shape, -1, dtype=torch.long, device=self.device).masked_scatter(mask, route)
+            weight = self.objective.token_weights(mask, route_bt, stats, s.signals, s.groups, num_sequences, num_tokens)[mask]
             is_last = i == len(scored) - 1
             with self.accelerator.no_sync(self.loss_module) if not is_last else contextlib.nullcontext():
                 loss, token_loss, entropy = self.loss_module(
@@ -215,12 +229,12 @@ class Trainer:
                 # DDP / FSDP average gradients over processes; the shares must add up instead.
                 self.accelerator.backward(loss * self.accelerator.num_processes)
             step_loss += loss.detach().double()
-            regime = assign_regimes(s.signals, stats) if s.signals is not None else None
-            diagnostics.append((token_loss, entropy, regime, s))
+            regime = assign_regimes(s.signals, stats) if s.signals is not None and s.signals.advantage_gap is not None else None
+            diagnostics.append((token_loss, entropy, regime, s, route))
         t2 = time.perf_counter()
 
         metrics = {"step": self.step + 1, "loss": self._sum(step_loss)}
-        metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher")})
+        metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher", "teacher_entropy", "visual_advantage")})
         metrics.update(self._token_metrics(diagnostics))
         metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": num_tokens})
         return metrics
@@ -251,13 +265,14 @@ class Trainer:
         views = build_views(self.adapters, ("student", *self.objective.views), records, responses)
         views = {k: v.to(self.device) for k, v in views.items()}
         targets = self._score_targets(views)
-        signals = self.objective.token_signals({v: t.token_logprob for v, t in targets.items()})
+        signals = self.objective.token_signals({v: t.token_logprob for v, t in targets.items()}, {v: t.entropy for v, t in targets.items()})
         prune_keys = None
         if signals is not None:
             if self.objective.router == "prune":
                 generator = torch.Generator().manual_seed(self.config.objective.prune_seed * 1_000_003 + self.step)
                 prune_keys = self.objective.prune_keys(signals, generator)
-        return _Scored(views["student"], targets, signals, prune_keys)
+        groups = torch.as_tensor(mb.rollout.record_index, dtype=torch.long, device=self.device)
+        return _Scored(views["student"], targets, signals, prune_keys, groups)
 
     def _on_collapse(self, alarm: CollapseAlarm) -> None:
         """Warn once with what was seen and what avoids it; with `collapse_action: stop`, save and stop."""
@@ -276,15 +291,29 @@ class Trainer:
     # ----------------------------------------------------------------------------- components
     def _score_targets(self, views: dict[str, ViewBatch]) -> dict[str, TargetStates]:
         student = self.privileged_student or self.student
-        was_training = student.training
-        student.eval()
-        if self.config.objective.privileged_student == "initial" and self.config.lora.enabled:
-            with student.disable_adapter():  # the base weights are the initial student [ours]
-                targets = score_views(views, self.teacher, student, self.vocab_size)
-        else:
-            targets = score_views(views, self.teacher, student, self.vocab_size)
-        student.train(was_training)
+        was_training = self.student.training
+        self.student.eval()
+        scored = {k: v for k, v in views.items() if k != "reference"}
+        with self._base_weights() if self.config.objective.privileged_student == "initial" and self.config.lora.enabled else contextlib.nullcontext():
+            targets = score_views(scored, self.teacher, student, self.vocab_size)
+        if "reference" in views:  # the initial student: a frozen copy, or the base weights under LoRA
+            with self._base_weights() if self.reference_model is None else contextlib.nullcontext():
+                targets.update(score_views({"reference": views["reference"]}, None, None, self.vocab_size, reference=self.reference_model or self.student))
+        self.student.train(was_training)
         return targets
+
+    def _base_weights(self):
+        """The student's initial weights under LoRA: the adapter switched off [ours]."""
+        return self.student.disable_adapter()
+
+    def _make_reference_model(self) -> nn.Module | None:
+        """ExOPD's reference, the initial student: shared with a frozen initial privileged student,
+        a frozen copy otherwise, or None under LoRA (the adapter is switched off instead)."""
+        if "reference" not in self.objective.views or self.config.lora.enabled:
+            return None
+        if self.config.objective.privileged_student == "initial" and self.privileged_student is not None:
+            return self.privileged_student
+        return copy.deepcopy(self.student).eval().requires_grad_(False)
 
     def _make_privileged_student(self) -> nn.Module | None:
         mode = self.config.objective.privileged_student
@@ -305,7 +334,7 @@ class Trainer:
         if not self.objective.needs_signals and self.objective.router != "prune":
             return {}
         parts = [s.signals for s in scored]
-        gathered = TokenSignals(*(self._gather_1d(torch.cat([getattr(p, f) for p in parts])) for f in ("advantage_gap", "q_teacher", "q_student")))
+        gathered = parts[0].map(lambda name, _: self._gather_1d(torch.cat([getattr(p, name) for p in parts]))) if parts[0] is not None else None
         keys = self._gather_1d(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
         return self.objective.step_statistics(gathered, keys)
 
@@ -326,6 +355,9 @@ class Trainer:
                 metrics[f"frac/{name}"] = count / max(regime.numel(), 1)
                 metrics[f"loss/{name}"] = token_loss[sel].mean().item() if count else 0.0
                 metrics[f"A/{name}"] = gap[sel].mean().item() if count else 0.0
+        elif self.objective.router == "split":  # EOPD / VA-OPD: the share of tokens at or above the split threshold
+            route = self._gather_1d(torch.cat([d[4] for d in diagnostics]).double())
+            metrics[f"frac/high_{self.objective.split_on}"] = (route == 1).double().mean().item()
         return metrics
 
     def _step_prompt_indices(self) -> list[list[int]]:
@@ -450,6 +482,15 @@ def _rollout_metrics(micro_batches: list[MicroBatch], tokenizer, accelerator) ->
     if n_answered:
         metrics["accuracy"] = n_correct / n_answered
     return metrics
+
+
+def _check_image_context(records, source: str) -> None:
+    """vision_opd needs an image (e.g. the `crop` format's evidence crop) in the privileged context."""
+    record = records[0]
+    context = record.get("privileged_context")
+    if not (isinstance(context, list) and any(part.get("type") == "image" for part in context)):
+        raise DatasetError("objective vision_opd needs an image in the privileged context; build the data with "
+                           "`dopd build grounding ... --privileged-format crop`", file=source, record=record.get("id", "?"), field="privileged_context")
 
 
 def _with_lora(model: nn.Module, lora) -> nn.Module:

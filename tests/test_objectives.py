@@ -216,6 +216,10 @@ def test_objectives_compute_only_the_views_they_need():
         "self_distill": ("student_priv",),
         "uniform": ("teacher_priv", "student_priv"),
         "pruned_opd": ("teacher_priv", "student_priv", "teacher_plain"),
+        "eopd": ("teacher_priv",),
+        "exopd": ("teacher_priv", "reference"),
+        "va_opd": ("teacher_priv", "teacher_plain"),
+        "vision_opd": ("student_priv",),
     }
 
 

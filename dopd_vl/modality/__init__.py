@@ -28,7 +28,7 @@ __all__ = [
     "pad_batch",
 ]
 
-VIEWS = ("student", "teacher_priv", "student_priv", "teacher_plain")
+VIEWS = ("student", "teacher_priv", "student_priv", "teacher_plain", "reference")  # reference: the initial student, plain (ExOPD)
 PRIVILEGED_VIEWS = frozenset({"teacher_priv", "student_priv"})
 TEACHER_VIEWS = frozenset({"teacher_priv", "teacher_plain"})
 

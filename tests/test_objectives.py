@@ -14,7 +14,6 @@ from dopd_vl.objectives import (
     dopd_loss,
     objective_loss,
     target_states,
-    token_weights,
 )
 from dopd_vl.routing import Regime, TokenSignals, token_signals
 
@@ -236,7 +235,7 @@ def real_vocab_setup():
     ids = torch.randint(0, REAL_V, (3, 5), generator=g)
     weights = {k: 0.5 * torch.randn(ROWS, H, generator=g, dtype=torch.float64) for k in ("teacher", "student_other")}
     # The privileged views are a real teacher/student's states; make some tokens agree strongly.
-    hidden = {k: torch.randn(3, 5, H, generator=g, dtype=torch.float64) for k in ("teacher_priv", "student_priv", "teacher_plain")}
+    hidden = {k: torch.randn(3, 5, H, generator=g, dtype=torch.float64) for k in ("teacher_priv", "student_priv", "teacher_plain", "reference")}
     embed = 0.5 * torch.randn(ROWS, H, generator=g, dtype=torch.float64)
     proj = torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H)
     return dict(mask=mask, ids=ids, weights=weights, hidden=hidden, embed=embed, proj=proj)
@@ -245,7 +244,7 @@ def real_vocab_setup():
 def _run_both_paths(setup, config, tied):
     mask, ids = setup["mask"], setup["ids"]
     obj = build_objective(config)
-    head_of = {"teacher_priv": setup["weights"]["teacher"], "teacher_plain": setup["weights"]["teacher"], "student_priv": None}
+    head_of = {"teacher_priv": setup["weights"]["teacher"], "teacher_plain": setup["weights"]["teacher"], "student_priv": None, "reference": None}
     results = []
     for path in ("reference", "chunked"):
         embed = setup["embed"].clone().requires_grad_()
@@ -267,11 +266,12 @@ def _run_both_paths(setup, config, tied):
                 lp = (h @ heads[v][:REAL_V].T).log_softmax(-1)
                 assert torch.allclose(targets[v].token_logprob, lp.gather(-1, flat_ids[:, None]).squeeze(-1), rtol=1e-10)
                 assert torch.allclose(targets[v].entropy, -(lp.exp() * lp).sum(-1), rtol=1e-10)
-            signals = obj.token_signals({v: t.token_logprob for v, t in targets.items()})
+            signals = obj.token_signals({v: t.token_logprob for v, t in targets.items()}, {v: t.entropy for v, t in targets.items()})
             keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
             stats = obj.step_statistics(signals, keys)
             route = obj.assign_routes(torch.ones_like(flat_ids, dtype=torch.bool), signals, stats, keys)
-            weight = token_weights(mask, config.normalization)[mask]
+            route_bt = torch.full(mask.shape, -1).masked_scatter(mask, route)
+            weight = obj.token_weights(mask, route_bt, stats, signals)[mask]
             out = chunked_objective_loss(obj, student_hidden[mask], head, flat_ids, route, weight, targets, REAL_V, chunk_size=3)
             loss, token_loss = out.loss, out.token_loss
             s_logp = (student_hidden[mask] @ head[:REAL_V].T).log_softmax(-1)
@@ -294,6 +294,12 @@ CHUNK_CONFIGS = [
     DOPDConfig(name="self_distill", top_k=16, baseline_divergence="js"),
     DOPDConfig(name="uniform", top_k=16),
     DOPDConfig(name="pruned_opd", top_k=16, prune_by="random"),
+    DOPDConfig(name="eopd", top_k=16),
+    DOPDConfig(name="eopd", top_k=16, baseline_support="topk", split_threshold="quantile", teacher_view="teacher_plain"),
+    DOPDConfig(name="exopd", exopd_lambda=1.5),
+    DOPDConfig(name="va_opd", top_k=16),
+    DOPDConfig(name="va_opd", top_k=16, va_temperature=None, va_low_weight=0.0),
+    DOPDConfig(name="vision_opd", top_k=16),
 ]
 
 

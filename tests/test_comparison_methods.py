@@ -1,0 +1,180 @@
+"""The paper's comparison methods (EOPD, ExOPD, VA-OPD, Vision-OPD) pinned against computations
+written out here in float64, independent of dopd_vl's divergences (docs/design.md §1.8)."""
+
+import math
+
+import pytest
+import torch
+
+from dopd_vl.objectives import DOPDConfig, build_objective, objective_loss
+
+V = 5
+
+
+def _logp(rows):
+    return torch.tensor(rows, dtype=torch.float64).log_softmax(-1)
+
+
+def _kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def _entropy(p):
+    return -sum(a * math.log(a) for a in p if a > 0)
+
+
+def _probs(logits_row):
+    z = [math.exp(x) for x in logits_row]
+    return [x / sum(z) for x in z]
+
+
+@pytest.fixture
+def case():
+    """Two responses of 3 tokens (the second has 2 valid tokens) over a 5-word vocabulary."""
+    g = torch.Generator().manual_seed(11)
+    logits = {k: 2.0 * torch.randn(2, 3, V, generator=g, dtype=torch.float64) for k in ("student", "teacher_priv", "teacher_plain", "reference", "student_priv")}
+    ids = torch.randint(0, V, (2, 3), generator=g)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    logits["student"][1, 2] = float("nan")  # a masked slot may hold anything
+    return logits, ids, mask
+
+
+def _tokens(mask):
+    return [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+
+
+def _run(config, case, **kw):
+    logits, ids, mask = case
+    student = logits["student"].clone().requires_grad_()
+    obj = build_objective(config)
+    out = objective_loss(obj, student, {v: logits[v] for v in obj.views}, ids, mask, **kw)
+    out.loss.backward()
+    return out, student.grad
+
+
+# ----------------------------------------------------------------------------------------- EOPD
+@pytest.mark.parametrize("threshold", ["trimmed_mean", "quantile"])
+def test_eopd_adds_forward_kl_where_the_teachers_entropy_is_high(case, threshold):
+    logits, ids, mask = case
+    config = DOPDConfig(name="eopd", outlier_fraction=0.0, split_threshold=threshold, split_quantile=0.5, fkl_weight=0.7)
+    out, _ = _run(config, case)
+    toks = _tokens(mask)
+    s = {bt: _probs(logits["student"][bt].tolist()) for bt in toks}
+    t = {bt: _probs(logits["teacher_priv"][bt].tolist()) for bt in toks}
+    ent = sorted(_entropy(t[bt]) for bt in toks)
+    if threshold == "trimmed_mean":
+        cut = sum(ent) / len(ent)
+    else:  # the median of 5 values
+        cut = ent[2]
+    expected = {}
+    for bt in toks:
+        loss = _kl(s[bt], t[bt])
+        if _entropy(t[bt]) >= cut:
+            loss += 0.7 * _kl(t[bt], s[bt])
+        expected[bt] = loss
+    high = [bt for bt in toks if _entropy(t[bt]) >= cut]
+    assert 0 < len(high) < len(toks)  # both branches are exercised
+    assert out.route[mask].tolist() == [int(bt in high) for bt in toks]
+    assert out.thresholds["teacher_entropy"] == pytest.approx(cut, rel=1e-12)
+    for bt in toks:
+        assert out.token_loss[bt].item() == pytest.approx(expected[bt], rel=1e-9)
+    # sequence normalisation: mean over the 2 sequences of their token means
+    total = (sum(expected[(0, t)] for t in range(3)) / 3 + sum(expected[(1, t)] for t in range(2)) / 2) / 2
+    assert out.loss.item() == pytest.approx(total, rel=1e-9)
+
+
+def test_eopd_follows_the_configured_teacher_view(case):
+    logits, ids, mask = case
+    plain = build_objective(DOPDConfig(name="eopd", teacher_view="teacher_plain"))
+    assert plain.views == ("teacher_plain",) and all(r.target == "teacher_plain" for r in plain.routes)
+    no_fkl = build_objective(DOPDConfig(name="eopd", fkl_weight=0.0))
+    assert no_fkl.routes[1].terms == (("rkl", 1.0),)
+
+
+# ---------------------------------------------------------------------------------------- ExOPD
+@pytest.mark.parametrize("lam", [1.0, 1.5])
+def test_exopd_is_the_sampled_reverse_kl_to_the_extrapolated_target(case, lam):
+    logits, ids, mask = case
+    out, grad = _run(DOPDConfig(name="exopd", exopd_lambda=lam), case)
+    toks = _tokens(mask)
+    n_seq, lengths = 2, [3, 2]
+    expected_grad = torch.zeros(2, 3, V, dtype=torch.float64)
+    for b, t in toks:
+        y = int(ids[b, t])
+        ls, lt, lr = (math.log(_probs(logits[v][b, t].tolist())[y]) for v in ("student", "teacher_priv", "reference"))
+        # reward r = lam*(lT - lref) - (lS - lref); loss = -sg(r) * lS
+        reward = lam * (lt - lr) - (ls - lr)
+        assert out.token_loss[b, t].item() == pytest.approx(-reward * ls, rel=1e-9)
+        w = 1.0 / (lengths[b] * n_seq)
+        p = _probs(logits["student"][b, t].tolist())
+        for v in range(V):  # d lS / d logit_v = [v == y] - p_v
+            expected_grad[b, t, v] = -reward * w * ((v == y) - p[v])
+    assert torch.allclose(grad[mask], expected_grad[mask], rtol=1e-9, atol=1e-12)
+    assert (grad[~mask] == 0).all()
+
+
+def test_exopd_with_lambda_one_and_the_plain_teacher_is_vanilla_opd(case):
+    exopd, g1 = _run(DOPDConfig(name="exopd", exopd_lambda=1.0, teacher_view="teacher_plain"), case)
+    vanilla, g2 = _run(DOPDConfig(name="vanilla_opd", baseline_support="sampled"), case)
+    assert exopd.loss.item() == pytest.approx(vanilla.loss.item(), rel=1e-12)
+    assert torch.allclose(g1, g2)
+
+
+# --------------------------------------------------------------------------------------- VA-OPD
+@pytest.mark.parametrize("temperature", [None, 0.5])
+def test_va_opd_averages_each_visual_advantage_group_and_weights_rollouts(case, temperature):
+    logits, ids, mask = case
+    groups = torch.tensor([0, 0])  # two rollouts of one prompt
+    config = DOPDConfig(name="va_opd", outlier_fraction=0.0, baseline_support="full", va_high_weight=0.8, va_low_weight=0.3, va_temperature=temperature)
+    out, _ = _run(config, case, groups=groups)
+    toks = _tokens(mask)
+    lp = {v: {bt: math.log(_probs(logits[v][bt].tolist())[int(ids[bt])]) for bt in toks} for v in ("teacher_priv", "teacher_plain")}
+    va = {bt: lp["teacher_priv"][bt] - lp["teacher_plain"][bt] for bt in toks}
+    cut = sum(va.values()) / len(va)
+    high = {bt for bt in toks if va[bt] >= cut}
+    assert 0 < len(high) < len(toks)
+    n_high, n_low = len(high), len(toks) - len(high)
+    mean_va = [sum(va[(b, t)] for t in range(3) if mask[b, t]) / int(mask[b].sum()) for b in range(2)]
+    if temperature is None:
+        rho = [1.0, 1.0]
+    else:
+        z = [math.exp(m / temperature) for m in mean_va]
+        rho = [2 * x / sum(z) for x in z]
+    total = 0.0
+    for bt in toks:
+        s, t = _probs(logits["student"][bt].tolist()), _probs(logits["teacher_priv"][bt].tolist())
+        weight, count = (0.8, n_high) if bt in high else (0.3, n_low)
+        assert out.token_loss[bt].item() == pytest.approx(weight * _kl(s, t), rel=1e-9)
+        total += weight * _kl(s, t) * rho[bt[0]] / count
+    assert out.loss.item() == pytest.approx(total, rel=1e-9)
+    assert out.thresholds["count/route1"] == n_high and out.thresholds["count/route0"] == n_low
+
+
+def test_va_opd_rollout_weights_are_per_prompt_group():
+    obj = build_objective(DOPDConfig(name="va_opd", va_temperature=1.0))
+    mask = torch.ones(4, 2, dtype=torch.bool)
+    va = torch.tensor([[1.0, 1.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]], dtype=torch.float64)
+    from dopd_vl.routing import TokenSignals
+
+    w = obj.sequence_weights(mask, TokenSignals(visual_advantage=va), torch.tensor([0, 0, 1, 1]))
+    e = math.e
+    assert w.tolist() == pytest.approx([2 * e / (e + 1), 2 / (e + 1), 1.0, 1.0])
+    flat = obj.sequence_weights(mask, TokenSignals(visual_advantage=va[mask]), torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(w, flat)  # [N] over valid tokens, as the trainer passes them
+
+
+# ----------------------------------------------------------------------------------- Vision-OPD
+def test_vision_opd_distills_from_the_privileged_self(case):
+    vision, g1 = _run(DOPDConfig(name="vision_opd", top_k=3), case)
+    self_distill, g2 = _run(DOPDConfig(name="self_distill", top_k=3), case)
+    assert build_objective(DOPDConfig(name="vision_opd")).views == ("student_priv",)
+    assert vision.loss.item() == pytest.approx(self_distill.loss.item(), rel=1e-12) and torch.allclose(g1, g2)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="teacher_view"):
+        DOPDConfig(name="eopd", teacher_view="student_priv")
+    with pytest.raises(ValueError, match="split_threshold"):
+        DOPDConfig(name="eopd", split_threshold="median")
+    with pytest.raises(ValueError, match="va_temperature"):
+        DOPDConfig(name="va_opd", va_temperature=0.0)

@@ -1,7 +1,8 @@
-"""How privileged information p is written as text (docs/design.md §3.2).
+"""How privileged information p is rendered (docs/design.md §3.2).
 
-A format is anything with a `name` and `render(privileged: dict) -> str`. Builders store the
-structured source in the record's `privileged` field and the rendered text in
+A format is anything with a `name` and `render(privileged: dict) -> str | list[dict]`: text, or a
+list of parts (text and image crops of the prompt's image, e.g. `crop`). Builders store the
+structured source in the record's `privileged` field and the rendered context in
 `privileged_context`, which is exactly what both privileged views see.
 
 The structured source of grounding formats keeps exact pixel boxes, so every format renders from
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol, runtime_checkable
 
@@ -30,6 +32,7 @@ __all__ = [
     "Qwen3VLGrounding",
     "Qwen25VLGrounding",
     "NumberedHints",
+    "CropFormat",
     "qwen3vl_box",
     "qwen25vl_box",
 ]
@@ -39,7 +42,7 @@ __all__ = [
 class PrivilegedFormat(Protocol):
     name: str
 
-    def render(self, privileged: dict) -> str: ...
+    def render(self, privileged: dict) -> str | list[dict]: ...
 
 
 _REGISTRY: dict[str, PrivilegedFormat] = {}
@@ -115,6 +118,30 @@ Qwen3VLGrounding = GroundingFormat("qwen3vl_grounding", "Relevant objects (bbox_
 Qwen25VLGrounding = GroundingFormat("qwen25vl_grounding", "Relevant objects (bbox_2d in pixels of the resized image): ", qwen25vl_box)
 
 
+@dataclass(frozen=True)
+class CropFormat:
+    """Vision-OPD's privileged input: an evidence-centred crop of the image, the union of the
+    record's boxes grown by `margin` of its size on each side (clamped to the image), shown after
+    the original image. The pixels are cut by the vision adapter when the view is built."""
+
+    name: str = "crop"
+    margin: float = 0.25
+    lead_in: str = "A zoomed-in view of the relevant region:"
+
+    def crop_box(self, privileged: dict) -> list[int]:
+        if "image_size" not in privileged or "objects" not in privileged:
+            raise ValueError(f"format {self.name!r} renders grounding sources (image_size and objects with bbox_px)")
+        w, h = privileged["image_size"]
+        boxes = [o["bbox_px"] for o in privileged["objects"]] or [[0, 0, w, h]]
+        x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+        x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+        dx, dy = self.margin * (x2 - x1), self.margin * (y2 - y1)
+        return [max(0, math.floor(x1 - dx)), max(0, math.floor(y1 - dy)), min(w, math.ceil(x2 + dx)), min(h, math.ceil(y2 + dy))]
+
+    def render(self, privileged: dict) -> list[dict]:
+        return [{"type": "text", "text": self.lead_in}, {"type": "image", "crop": self.crop_box(privileged)}]
+
+
 # ---------------------------------------------------------------------------------------- hints
 class NumberedHints:
     """One numbered line per hint [paper: step-wise hints without execution were best]."""
@@ -126,5 +153,5 @@ class NumberedHints:
         return "\n".join([self.lead_in] + [f"{i}. {h}" for i, h in enumerate(privileged["hints"], start=1)])
 
 
-for _fmt in (Qwen3VLGrounding, Qwen25VLGrounding, NumberedHints()):
+for _fmt in (Qwen3VLGrounding, Qwen25VLGrounding, CropFormat(), NumberedHints()):
     register_format(_fmt)

@@ -5,7 +5,10 @@ A record:
     prompt              chat messages; content is a string or a list of parts
                         {"type": "text", "text": ...} / {"type": "image", "image": path} /
                         {"type": "image"} (embedded: filled from `images` in order)
-    privileged_context  the rendered privileged text p (required by the privileged views only)
+    privileged_context  the rendered privileged context p (required by the privileged views only):
+                        text, or a list of parts {"type": "text", "text": ...} /
+                        {"type": "image", "crop": [x1, y1, x2, y2], "image_index": k} (a crop,
+                        in pixels, of the prompt's k-th image, default 0: e.g. the `crop` format)
     privileged          structured source of p (provenance, diagnostics, leak checks), optional
     answer              reference for evaluation only, optional
     meta                free-form dict, optional
@@ -29,7 +32,7 @@ from typing import Any, Iterable
 from dopd_vl.errors import DatasetError
 
 __all__ = ["RECORD_FIELDS", "validate_record", "load_records", "records_root", "image_parts", "resolve_image_path", "load_image",
-           "record_id", "DatasetRecords"]
+           "record_id", "DatasetRecords", "context_text"]
 
 RECORD_FIELDS = ("id", "prompt", "privileged_context", "privileged", "answer", "meta", "images")
 _JSONL_SUFFIXES = (".jsonl", ".json")
@@ -84,7 +87,8 @@ def validate_record(record: Any, *, file: str | None = None, index: int | None =
         fail("prompt", "prompt has no user message")
     if prompt[-1]["role"] != "user":
         fail("prompt", "the last message must be the user's (the response is the assistant's turn)")
-    for field, kinds in (("privileged_context", (str,)), ("privileged", (dict,)), ("answer", (str, int, float)), ("meta", (dict,)), ("images", (list,))):
+    _validate_context(record.get("privileged_context"), embedded + _path_images(prompt), fail)
+    for field, kinds in (("privileged", (dict,)), ("answer", (str, int, float)), ("meta", (dict,)), ("images", (list,))):
         if record.get(field) is not None and not isinstance(record[field], kinds):
             fail(field, f"{field} must be of type {'/'.join(k.__name__ for k in kinds)}, got {type(record[field]).__name__}")
     images = record.get("images") or []
@@ -93,6 +97,38 @@ def validate_record(record: Any, *, file: str | None = None, index: int | None =
     for k, image in enumerate(images):
         if not (_is_pil(image) or (isinstance(image, dict) and (isinstance(image.get("bytes"), bytes) or isinstance(image.get("path"), str)))):
             fail(f"images[{k}]", f"an embedded image must be a PIL image or {{bytes, path}}, got {type(image).__name__}")
+
+
+def _path_images(prompt: list) -> int:
+    return sum(1 for m in prompt if isinstance(m["content"], list) for p in m["content"] if p.get("type") == "image" and p.get("image") is not None)
+
+
+def _validate_context(context: Any, num_images: int, fail) -> None:
+    """privileged_context: a string, or parts (text, and crops of the prompt's images)."""
+    if context is None or isinstance(context, str):
+        return
+    if not isinstance(context, list) or not context:
+        fail("privileged_context", f"privileged_context must be a string or a non-empty list of parts, got {type(context).__name__}")
+    for k, part in enumerate(context):
+        where = f"privileged_context[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
+            continue
+        if kind != "image" or not set(part) <= {"type", "crop", "image_index"}:
+            fail(where, 'each part must be {"type": "text", "text": str} or {"type": "image", "crop": [x1, y1, x2, y2], "image_index": k}')
+        crop, index = part.get("crop"), part.get("image_index", 0)
+        if not (isinstance(crop, list) and len(crop) == 4 and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in crop)
+                and 0 <= crop[0] < crop[2] and 0 <= crop[1] < crop[3]):
+            fail(f"{where}.crop", f"crop must be [x1, y1, x2, y2] in pixels with 0 <= x1 < x2, 0 <= y1 < y2, got {crop!r}")
+        if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < num_images):
+            fail(f"{where}.image_index", f"image_index must name one of the prompt's {num_images} image(s), got {index!r}")
+
+
+def context_text(context: str | list | None) -> str:
+    """The privileged context as text (image parts as a placeholder): for pages, logs, leak checks."""
+    if context is None or isinstance(context, str):
+        return context or ""
+    return "\n".join(p["text"] if p["type"] == "text" else f"<image: crop {p['crop']} of prompt image {p.get('image_index', 0)}>" for p in context)
 
 
 def load_records(source: str | Path, *, split: str = "train", columns: dict[str, str] | None = None) -> Sequence[dict]:
@@ -161,7 +197,9 @@ class DatasetRecords(Sequence):
         elif isinstance(prompt, list):
             record["prompt"] = [_clean_message(m) for m in prompt]
         context = record.get("privileged_context")
-        if isinstance(context, list):  # messages: their text, in order
+        if isinstance(context, list) and all(isinstance(p, dict) and "type" in p and "role" not in p for p in context):
+            record["privileged_context"] = [{k: v for k, v in p.items() if v is not None} for p in context]  # parts (Arrow fills absent keys with null)
+        elif isinstance(context, list):  # messages: their text, in order
             texts = [_message_text(m) for m in context]
             if not all(isinstance(t, str) for t in texts):
                 raise DatasetError("privileged_context must be a string or chat messages with text", file=where, record=record["id"], field=self.columns["privileged_context"])

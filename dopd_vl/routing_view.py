@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dopd_vl.data import image_parts, load_image
+from dopd_vl.data import context_text, image_parts, load_image
 from dopd_vl.objectives import DOPDConfig, build_objective
 from dopd_vl.routing import REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.scoring import score_views
@@ -121,7 +121,7 @@ def write_routing_html(path: str | Path, routed: list[RoutedResponse], threshold
             f'<section class="record" data-id="{html.escape(str(item.record.get("id", "")))}"><h2>{html.escape(str(item.record.get("id", "")))}</h2>'
             f'<div class="row"><div class="images">{images}</div><div class="text">'
             f"<p><b>Question:</b> {html.escape(_question(item.record))}</p>"
-            f"<p><b>Privileged context</b> (teacher_priv and student_priv only):</p><pre>{html.escape(item.record.get('privileged_context') or '')}</pre>"
+            f"<p><b>Privileged context</b> (teacher_priv and student_priv only):</p><pre>{html.escape(context_text(item.record.get('privileged_context')))}</pre>"
             f'{answer}{extra}<p><b>Student response</b> (hover a token for A, q_S, q_T):</p><div class="response">{spans}</div></div></div></section>'
         )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>

@@ -178,3 +178,51 @@ def test_config_errors_name_the_field():
         DOPDConfig(name="eopd", split_threshold="median")
     with pytest.raises(ValueError, match="va_temperature"):
         DOPDConfig(name="va_opd", va_temperature=0.0)
+
+
+# ------------------------------------------------------------------------- recipes, tiny models
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+TINY = {
+    "text": ["student.name_or_path=tiny:qwen3", "teacher.name_or_path=tiny:qwen3:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
+             f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"],
+    "vision": ["student.name_or_path=tiny:qwen3-vl", "teacher.name_or_path=tiny:qwen3-vl:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
+               f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}"],
+}
+SMALL = ["student.dtype=float32", "teacher.dtype=float32", "max_steps=2", "save_steps=2", "gradient_checkpointing=false", "rollout.max_new_tokens=4",
+         "rollout.num_generations=2", "optim.batch_size=2", "optim.gradient_accumulation_steps=1", "objective.top_k=16"]
+
+
+@pytest.mark.parametrize("name, modality, extra, metric", [
+    ("eopd", "text", [], "frac/high_teacher_entropy"),
+    ("exopd", "text", [], "loss"),
+    ("exopd", "text", ["lora.enabled=true", "lora.r=4"], "loss"),  # the reference is the base model (adapter off)
+    ("va_opd", "vision", [], "frac/high_visual_advantage"),
+], ids=["eopd", "exopd", "exopd-lora", "va_opd"])
+def test_each_comparison_recipe_trains_on_the_tiny_models(tmp_path, name, modality, extra, metric):
+    import json
+
+    from dopd_vl.cli import main
+
+    run = tmp_path / name
+    assert main(["train", str(REPO / "configs" / "baselines" / f"{name}.yaml"), *TINY[modality], f"output_dir={run}", *SMALL, *extra]) == 0
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert math.isfinite(m["loss"]) and math.isfinite(m[metric]) and m["grad_norm"] > 0
+    if metric.startswith("frac/high"):
+        assert all(0 < m[metric] < 1 for m in metrics)
+    assert (run / "final" / "model.safetensors").exists()
+
+
+def test_exopd_reference_is_the_frozen_initial_student(tmp_path):
+    from dopd_vl.config import load_config
+    from dopd_vl.trainer import Trainer
+
+    recipe = REPO / "configs" / "baselines" / "exopd.yaml"
+    trainer = Trainer(load_config(recipe, [*TINY["text"], f"output_dir={tmp_path / 'a'}", *SMALL, "optim.lr=1e-2"]))
+    start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    trainer.train()
+    assert all(torch.equal(start[k], v) for k, v in trainer.reference_model.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in trainer.student.state_dict().items())
+    shared = Trainer(load_config(recipe, [*TINY["text"], f"output_dir={tmp_path / 'b'}", *SMALL, "objective.privileged_student=initial"]))
+    assert shared.reference_model is shared.privileged_student is not None  # one frozen copy, not two

@@ -53,16 +53,21 @@ class PromptInputs:
 
 
 def prompt_messages(record: dict, view: str, template: str = PromptConfig.privileged_template) -> list[dict]:
-    """The chat messages of a view: privileged views get p as the final text of the last user turn."""
+    """The chat messages of a view: privileged views get p as the final text of the last user turn
+    (`template`), or, when p is a list of parts (text, image crops), those parts appended to it."""
     if view not in VIEWS:
         raise ValueError(f"unknown view {view!r}; views are {VIEWS}")
     messages = copy.deepcopy(record["prompt"])
     if view not in PRIVILEGED_VIEWS:
         return messages
     context = record.get("privileged_context")
+    last = messages[-1]
+    if isinstance(context, list) and context:  # parts (text, image crops): after everything in the last user turn
+        content = last["content"] if isinstance(last["content"], list) else [{"type": "text", "text": last["content"]}]
+        last["content"] = content + copy.deepcopy(context)
+        return messages
     if not isinstance(context, str) or not context.strip():
         raise DatasetError(f"view {view!r} needs a privileged context, but the record has none", record=record.get("id", "?"), field="privileged_context")
-    last = messages[-1]
     if isinstance(last["content"], str):
         last["content"] = template.format(prompt=last["content"], privileged_context=context)
     elif last["content"] and last["content"][-1].get("type") == "text":

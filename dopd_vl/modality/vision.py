@@ -27,7 +27,7 @@ class VisionAdapter:
     def prompt(self, record: dict, view: str) -> PromptInputs:
         messages = prompt_messages(record, view, self.config.privileged_template)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images = [self.load_image(record, ref) for ref in image_parts(record)]
+        images = self.view_images(record, messages)
         encoded = self.processor(text=[text], images=images or None, return_tensors="pt")
         extras = {"mm_token_type_ids": encoded["mm_token_type_ids"][0].long()} if "mm_token_type_ids" in encoded else {}
         if images:
@@ -35,6 +35,49 @@ class VisionAdapter:
             extras["image_grid_thw"] = encoded["image_grid_thw"]
         return PromptInputs(input_ids=encoded["input_ids"][0].long(), text=text, extras=extras)
 
+    def view_images(self, record: dict, messages: list[dict]) -> list[Image.Image]:
+        """The images of a view's messages in order: the prompt's, then privileged crops of them."""
+        prompt_images = [self.load_image(record, ref) for ref in image_parts(record)]
+        images, k = [], 0
+        for message in messages:
+            for part in message["content"] if isinstance(message["content"], list) else []:
+                if part.get("type") != "image":
+                    continue
+                if "crop" in part:
+                    images.append(crop_image(prompt_images[part.get("image_index", 0)], part["crop"], record.get("id", "?")))
+                else:
+                    images.append(prompt_images[k])
+                    k += 1
+        return images
+
     def load_image(self, record: dict, image) -> Image.Image:
         """A path (resolved under the dataset root) or an embedded image, decoded to RGB."""
         return load_image(image, self.image_root, record.get("id", "?"))
+
+
+MIN_CROP_SIDE = 32
+"""Qwen3-VL's patch x merge size: a smaller crop is enlarged (around its centre, inside the image)
+before resizing, because the processor cannot resize an image side below it."""
+
+
+def crop_image(image: Image.Image, box: list[float], record: str) -> Image.Image:
+    """The pixels of `box` = [x1, y1, x2, y2] (a privileged crop part), at least MIN_CROP_SIDE wide
+    and high where the image allows; a box outside the image is a DatasetError naming the record."""
+    from dopd_vl.errors import DatasetError
+
+    w, h = image.size
+    if box[2] > w + 0.5 or box[3] > h + 0.5:
+        raise DatasetError(f"crop {box} lies outside the {w}x{h} image", record=record, field="privileged_context.crop")
+    x1, x2 = _at_least(box[0], box[2], w)
+    y1, y2 = _at_least(box[1], box[3], h)
+    return image.crop((round(x1), round(y1), round(x2), round(y2)))
+
+
+def _at_least(lo: float, hi: float, size: int) -> tuple[float, float]:
+    """Grow [lo, hi] symmetrically to MIN_CROP_SIDE (or the whole side), kept inside [0, size]."""
+    need = min(MIN_CROP_SIDE, size) - (hi - lo)
+    if need <= 0:
+        return lo, min(hi, size)
+    lo, hi = lo - need / 2, hi + need / 2
+    shift = max(0.0, -lo) - max(0.0, hi - size)
+    return lo + shift, hi + shift

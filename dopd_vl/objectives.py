@@ -96,7 +96,7 @@ class DOPDConfig:
     """dopd: `none` (the paper's HT/HS rule) or `plain_teacher`: a high-gap token goes to the
     teacher only when the teacher's verdict on it survives without the context (capability, not
     information); needs the teacher_plain view [ours; a variant, not the paper's rule]."""
-    # The paper's comparison methods (docs/design.md §1.8). Details their abstracts leave open are
+    # The paper's comparison methods (docs/design.md §1.10). Details their abstracts leave open are
     # our choices, marked [ours].
     teacher_view: str = "teacher_priv"
     """eopd, exopd: the teacher view distilled from; teacher_priv gives them the same privileged

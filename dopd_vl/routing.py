@@ -44,7 +44,7 @@ class TokenSignals:
     """Per-token signals of valid tokens that routers split on; an objective fills the ones it needs.
 
     DOPD's Eq. 1 signals: A = |l_T - l_S|, q_T = exp(l_T), q_S = exp(l_S). The comparison methods
-    add their own (docs/design.md §1.8): the target's entropy (EOPD) and the visual advantage
+    add their own (docs/design.md §1.10): the target's entropy (EOPD) and the visual advantage
     l_T(y|x,p) - l_T(y|x) (VA-OPD).
     """
 

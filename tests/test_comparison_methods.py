@@ -1,5 +1,5 @@
 """The paper's comparison methods (EOPD, ExOPD, VA-OPD, Vision-OPD) pinned against computations
-written out here in float64, independent of dopd_vl's divergences (docs/design.md §1.8)."""
+written out here in float64, independent of dopd_vl's divergences (docs/design.md §1.10)."""
 
 import math
 

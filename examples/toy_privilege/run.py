@@ -17,7 +17,9 @@ on held-out problems through `dopd eval`.
 Studies (`--study`): `main` (the methods and ablations, every seed), `prune` (pruned_opd dropping
 20% of tokens by largest A / random / smallest A, every seed), `lr` (dopd live, dopd with the
 initial privileged student and vanilla OPD at learning rates 1e-4 and 1e-3, seed 0; 3e-4 is the
-main runs'), `all`.
+main runs'), `comparison` (EOPD and ExOPD, with the privileged and the plain teacher, beside
+vanilla / privileged OPD and DOPD with the initial privileged student, every seed), `all` (main,
+prune and lr).
 
 Writes OUT (default runs/toy_privilege/TASK): results.md (tables), results.json, curves.png, each
 seed's data / models / eval reports, and runs/LABEL-seedS/ (metrics.jsonl, final/).
@@ -65,6 +67,12 @@ ABLATIONS = (
 PRUNE = tuple(f"prune_{by}=pruned_opd;objective.prune_by={by}" for by in ("largest_A", "random", "smallest_A"))
 LEARNING_RATES = (1e-4, 1e-3)  # with the main runs' 3e-4: a 10x span
 LR_METHODS = ("vanilla_opd", "dopd", "dopd_initial=dopd;objective.privileged_student=initial")
+# The paper's LLM comparison methods, with the privileged teacher (as DOPD gets) and as published (plain).
+COMPARISON = (
+    "vanilla_opd", "privileged_opd", "dopd_initial=dopd;objective.privileged_student=initial",
+    "eopd", "eopd_plain=eopd;objective.teacher_view=teacher_plain",
+    "exopd", "exopd_plain=exopd;objective.teacher_view=teacher_plain",
+)
 
 
 @dataclass
@@ -106,7 +114,8 @@ TASKS = {
 def study_methods(study: str, task: Task, quick: bool) -> list[tuple[str, tuple[int, ...] | None]]:
     """(method spec, seeds or None for all) in run order."""
     main = task.quick_methods if quick else METHODS + ABLATIONS
-    specs = {"main": [(m, None) for m in main], "prune": [("vanilla_opd", None)] + [(m, None) for m in PRUNE], "lr": []}
+    specs = {"main": [(m, None) for m in main], "prune": [("vanilla_opd", None)] + [(m, None) for m in PRUNE], "lr": [],
+             "comparison": [(m, None) for m in COMPARISON]}
     for lr in LEARNING_RATES:
         for spec in LR_METHODS:
             label, method, overrides = parse_method(spec)
@@ -405,7 +414,8 @@ def cli() -> None:
     parser.add_argument("--out", help="default runs/toy_privilege/TASK")
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and methods (<= 10 min)")
     parser.add_argument("--size", choices=["full", "quick", "smoke"], help=argparse.SUPPRESS)
-    parser.add_argument("--study", choices=["main", "prune", "lr", "all"], default="main")
+    parser.add_argument("--study", choices=["main", "prune", "lr", "comparison", "all"], default="main",
+                        help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, privileged and DOPD (initial)")
     parser.add_argument("--methods", nargs="+", help="instead of --study: methods; an ablation is LABEL=METHOD;key=value;... "
                                                      "e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda[:N]; models stay float32 (tiny)")

@@ -93,6 +93,9 @@ class TrainConfig:
     """Tokens per chunk of the routed loss (memory ~ chunk x vocab x 4 bytes x ~7 intermediates):
     an integer, or `auto` (64 on CPU, where small chunks were fastest; on a GPU the largest chunk
     whose intermediates fit a budget of min(4 GiB, 10% of free memory), 64..2048) [ours]."""
+    loss_backend: str = "auto"
+    """Routed loss per chunk: `torch` (autograd), `triton` (fused kernels, dopd_vl/kernels.py) or
+    `auto` (triton on CUDA when Triton is installed, else torch) [ours]."""
     max_consecutive_skips: int = 5
     """Non-finite steps in a row before training stops."""
     report_to: list[str] = field(default_factory=list)
@@ -109,6 +112,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.loss_chunk_size != "auto" and not (isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 1):
             raise ValueError(f"loss_chunk_size must be a positive integer or auto, got {self.loss_chunk_size!r}")
+        if self.loss_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"loss_backend must be auto, torch or triton, got {self.loss_backend!r}")
         if self.device not in ("auto", "cpu"):
             raise ValueError(f"device must be auto or cpu (accelerate places each process on its GPU), got {self.device!r}")
         if self.collapse_action not in ("warn", "stop", "off"):

@@ -581,19 +581,21 @@ class ChunkedLossOutput:
     student_entropy: Tensor  # [N] entropy of the student's distribution per token (detached)
 
 
-def auto_chunk_size(device: torch.device, vocab_size: int, free_bytes: int | None = None) -> int:
+def auto_chunk_size(device: torch.device, vocab_size: int, free_bytes: int | None = None, backend: str = "torch") -> int:
     """Tokens per chunk of the routed loss for a device (`loss_chunk_size: auto`).
 
     CPU: 64 (measured fastest there). CUDA: big chunks keep the GPU busy (at V = 151,936 on an H200
-    a chunk of 2048 ran 2.7-4.5x faster than 64 in bf16), so the largest multiple of 64 up to 2048 whose fp32
-    intermediates (~7 [chunk, V] buffers) fit min(4 GiB, 10% of the free memory).
+    a chunk of 2048 ran 2.7-4.5x faster than 64 in bf16), so the largest multiple of 64 up to 2048 whose
+    intermediates fit min(4 GiB, 10% of the free memory): ~7 fp32 [chunk, V] buffers for the torch
+    backend, ~12 bytes per vocabulary entry for the Triton kernels (bf16 logits of the student and a
+    target, a bf16 copy for the top-K tail, the fp32 gradient).
     """
     if device.type != "cuda":
         return 64
     if free_bytes is None:
         free_bytes, _ = torch.cuda.mem_get_info(device)
     budget = min(4 * 2**30, free_bytes // 10)
-    per_token = 7 * 4 * vocab_size
+    per_token = (7 * 4 if backend == "torch" else 12) * vocab_size
     return int(max(64, min(2048, (budget // per_token) // 64 * 64)))
 
 
@@ -629,7 +631,7 @@ def _entropy(logp: Tensor) -> Tensor:
 
 class _ChunkedRoutedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size):
+    def forward(ctx, student_hidden, head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend):
         c = objective.config
         n_tokens = student_hidden.shape[0]
         want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -641,6 +643,13 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             sl = slice(start, min(start + chunk_size, n_tokens))
             route_c, ids_c = route[sl], response_ids[sl]
+            if backend == "triton":  # fused kernels (dopd_vl/kernels.py): same loss and gradient, fewer buffers
+                grad_logits, chunk_loss, chunk_entropy = _triton_chunk(objective, student_hidden[sl], head_weight, route_c, ids_c, token_weight[sl], targets, sl, vocab_size)
+                weighted = (chunk_loss.to(token_loss.dtype) * token_weight[sl].to(token_loss.dtype)).sum()
+                token_loss[sl], entropy[sl] = chunk_loss.to(token_loss.dtype), chunk_entropy.to(entropy.dtype)
+                total = total + weighted
+                _add_chunk_gradient(grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight)
+                continue
             with torch.enable_grad():
                 logits = chunk_logits(student_hidden[sl].detach(), head_weight.detach(), vocab_size).requires_grad_()
                 student_logp = logits.log_softmax(-1)
@@ -664,11 +673,7 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
             entropy[sl] = _entropy(student_logp.detach())
             total = total + weighted.detach()
             if grad_logits is not None:
-                grad_logits = grad_logits.to(head_weight.dtype)
-                if want_grad_hidden:
-                    grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)
-                if want_grad_weight:
-                    grad_weight[:vocab_size] += (grad_logits.T @ student_hidden[sl].to(head_weight.dtype)).to(grad_weight.dtype)
+                _add_chunk_gradient(grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight)
         ctx.weight_dtype = head_weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(token_loss, entropy)
@@ -679,7 +684,34 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
         gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None, None
+
+
+def _add_chunk_gradient(grad_logits: Tensor, head_weight: Tensor, hidden: Tensor, vocab_size: int, sl: slice,
+                        grad_hidden: Tensor | None, grad_weight: Tensor | None) -> None:
+    """Chain a chunk's logit gradient through logits = hidden @ W^T into the hidden states and W."""
+    grad_logits = grad_logits.to(head_weight.dtype)
+    if grad_hidden is not None:
+        grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)
+    if grad_weight is not None:
+        grad_weight[:vocab_size] += (grad_logits.T @ hidden.to(head_weight.dtype)).to(grad_weight.dtype)
+
+
+def _triton_chunk(objective, hidden, head_weight, route_c, ids_c, token_weight_c, targets, sl, vocab_size):
+    """One chunk through the fused kernels: logits stay in the head's dtype (bf16 on GPUs)."""
+    from dopd_vl.kernels import routed_chunk_loss
+
+    logits = hidden.detach().to(head_weight.dtype) @ head_weight.detach()[:vocab_size].T
+
+    def target_logits(view: str, sel: Tensor) -> Tensor:
+        v = targets[view]
+        return v.hidden[sl][sel].to(v.head_weight.dtype) @ v.head_weight[:vocab_size].T
+
+    def token_logprob(view: str, sel: Tensor) -> Tensor:
+        return targets[view].token_logprob[sl][sel]
+
+    loss, grad, entropy = routed_chunk_loss(objective, logits, route_c, ids_c, token_weight_c, target_logits, token_logprob)
+    return grad, loss, entropy
 
 
 def chunked_objective_loss(
@@ -692,6 +724,7 @@ def chunked_objective_loss(
     targets: dict[str, TargetStates],
     vocab_size: int,
     chunk_size: int = 64,
+    backend: str = "torch",
 ) -> ChunkedLossOutput:
     """Routed loss over N valid tokens from hidden states.
 
@@ -700,6 +733,8 @@ def chunked_objective_loss(
     are computed only for the tokens of the chunk routed to a non-sampled route of that target.
     At V = 152k a chunk of 64 tokens keeps each [chunk, V] fp32 intermediate near 39 MB; larger
     chunks were no faster on CPU (bench/loss_bench.py) and cost proportionally more memory.
+    `backend`: `torch` (autograd per chunk, everywhere) or `triton` (dopd_vl/kernels.py: CUDA, or
+    the interpreter on CPU); both compute the same loss and gradient.
     """
     missing = {v for spec in objective.routes if spec is not None for v in spec.views} - set(targets)
     if missing:
@@ -709,7 +744,9 @@ def chunked_objective_loss(
             raise ValueError(f"view {name!r}: output embedding {tuple(view.head_weight.shape)} does not fit vocab {vocab_size} / hidden {view.hidden.shape[-1]}")
     if student_head_weight.shape[0] < vocab_size:
         raise ValueError(f"student output embedding has {student_head_weight.shape[0]} rows, fewer than the tokenizer's {vocab_size}")
+    if backend not in ("torch", "triton"):
+        raise ValueError(f"backend must be torch or triton, got {backend!r}")
     loss, token_loss, entropy = _ChunkedRoutedLoss.apply(
-        student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size
+        student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend
     )
     return ChunkedLossOutput(loss, token_loss, entropy)

@@ -31,6 +31,7 @@ from dopd_vl.data import load_records, records_root
 from dopd_vl.errors import ConfigError, DatasetError, DopdError
 from dopd_vl.answers import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
+from dopd_vl.kernels import resolve_loss_backend
 from dopd_vl.models import (
     check_same_tokenizer,
     eos_token_ids,
@@ -87,11 +88,11 @@ class StudentLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size):
+    def forward(self, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):
         hidden = final_hidden_states(self.model, inputs)
         hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
         ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
-        out = chunked_objective_loss(objective, hidden, output_embedding_weight(self.model), ids, route, token_weight, targets, vocab_size, chunk_size)
+        out = chunked_objective_loss(objective, hidden, output_embedding_weight(self.model), ids, route, token_weight, targets, vocab_size, chunk_size, backend)
         return out.loss, out.token_loss, out.student_entropy
 
 
@@ -150,7 +151,8 @@ class Trainer:
         self.skipped_steps = 0
         self.consecutive_skips = 0
         self.guard = CollapseGuard(c.collapse_guard)
-        self.loss_chunk_size = auto_chunk_size(self.device, self.vocab_size) if c.loss_chunk_size == "auto" else c.loss_chunk_size
+        self.loss_backend = resolve_loss_backend(c.loss_backend, self.device)
+        self.loss_chunk_size = auto_chunk_size(self.device, self.vocab_size, backend=self.loss_backend) if c.loss_chunk_size == "auto" else c.loss_chunk_size
 
     # ------------------------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> Path:
@@ -224,7 +226,7 @@ class Trainer:
             with self.accelerator.no_sync(self.loss_module) if not is_last else contextlib.nullcontext():
                 loss, token_loss, entropy = self.loss_module(
                     s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
-                    s.targets, self.objective, self.vocab_size, self.loss_chunk_size,
+                    s.targets, self.objective, self.vocab_size, self.loss_chunk_size, self.loss_backend,
                 )
                 # DDP / FSDP average gradients over processes; the shares must add up instead.
                 self.accelerator.backward(loss * self.accelerator.num_processes)

@@ -11,6 +11,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels run under Triton's interpreter on CPU (set before triton is imported); a GPU run
+# of the suite may set TRITON_INTERPRET=0 to test the compiled kernels instead.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 # `tiny:` models are built once per test session into a fresh folder, shared with subprocesses.
 os.environ["DOPD_TINY_CACHE"] = tempfile.mkdtemp(prefix="dopd-tiny-")
 

@@ -360,6 +360,7 @@ def test_auto_chunk_size_is_64_on_cpu_and_fits_the_memory_budget_on_a_gpu():
     assert auto_chunk_size(gpu, 151_936, free_bytes=10 * 10**9) == (10**9 // per_token) // 64 * 64  # 10% of free memory
     assert auto_chunk_size(gpu, 151_936, free_bytes=10**8) == 64  # never below 64
     assert auto_chunk_size(gpu, 1_000, free_bytes=139 * 10**9) == 2048  # never above 2048
+    assert auto_chunk_size(gpu, 151_936, free_bytes=139 * 10**9, backend="triton") == 2048  # the kernels' ~12 bytes per entry
     assert load_config(None, []).loss_chunk_size == "auto" and load_config(None, ["loss_chunk_size=256"]).loss_chunk_size == 256
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         load_config(None, ["loss_chunk_size=big"])

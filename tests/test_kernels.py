@@ -1,0 +1,111 @@
+"""The fused Triton kernels of the routed loss (dopd_vl/kernels.py) against the float64 reference
+path, under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1): every route, support,
+weight override and normalisation, masked tokens, switched-off routes, tied and untied heads."""
+
+import math
+
+import pytest
+import torch
+
+from dopd_vl.objectives import DOPDConfig, build_objective, chunked_objective_loss, objective_loss, target_states
+
+pytest.importorskip("triton")
+
+from dopd_vl.kernels import BLOCK_V, resolve_loss_backend, triton_available  # noqa: E402
+
+VOCAB, ROWS, H = 2 * BLOCK_V + 37, 2 * BLOCK_V + 64, 8  # partial last block, padded lm-head rows
+
+
+@pytest.fixture(scope="module")
+def setup():
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([6, 2, 5])
+    mask = torch.arange(6)[None, :] < lengths[:, None]
+    ids = torch.randint(0, VOCAB, (3, 6), generator=g)
+    hidden = {k: torch.randn(3, 6, H, generator=g, dtype=torch.float64) for k in ("teacher_priv", "student_priv", "teacher_plain", "reference")}
+    return dict(mask=mask, ids=ids, hidden=hidden, teacher=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+                embed=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64), other=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+                proj=torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H))
+
+
+def _loss_and_grads(setup, config, tied, backend):
+    mask, ids = setup["mask"], setup["ids"]
+    obj = build_objective(config)
+    embed, proj = setup["embed"].clone().requires_grad_(), setup["proj"].clone().requires_grad_()
+    head = embed if tied else setup["other"].clone().requires_grad_()
+    student_hidden = torch.tanh(embed[ids] @ proj)
+    heads = {v: setup["teacher"] if v.startswith("teacher") else head.detach() for v in obj.views}
+    if backend == "reference":
+        view_logits = {v: setup["hidden"][v] @ heads[v][:VOCAB].T for v in obj.views}
+        out = objective_loss(obj, student_hidden @ head[:VOCAB].T, view_logits, ids, mask, vocab_size=VOCAB, prune_generator=torch.Generator().manual_seed(0))
+        loss, token_loss = out.loss, out.token_loss[mask]
+    else:
+        flat = ids[mask]
+        targets = {v: target_states(setup["hidden"][v][mask], heads[v], flat, VOCAB, chunk_size=4) for v in obj.views}
+        signals = obj.token_signals({v: t.token_logprob for v, t in targets.items()}, {v: t.entropy for v, t in targets.items()})
+        keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
+        stats = obj.step_statistics(signals, keys)
+        route = obj.assign_routes(torch.ones_like(flat, dtype=torch.bool), signals, stats, keys)
+        weight = obj.token_weights(mask, torch.full(mask.shape, -1).masked_scatter(mask, route), stats, signals)[mask]
+        out = chunked_objective_loss(obj, student_hidden[mask], head, flat, route, weight, targets, VOCAB, chunk_size=5, backend=backend)
+        loss, token_loss = out.loss, out.token_loss
+        s_logp = (student_hidden[mask] @ head[:VOCAB].T).log_softmax(-1)
+        assert torch.allclose(out.student_entropy.double(), -(s_logp.exp() * s_logp).sum(-1), rtol=1e-5)
+    loss.backward()
+    return loss.detach(), token_loss, [embed.grad, proj.grad] + ([] if tied else [head.grad])
+
+
+CONFIGS = [
+    DOPDConfig(top_k=16),
+    DOPDConfig(top_k=16, normalization="token", topk_source="target", js_beta=0.3),
+    DOPDConfig(top_k=16, topk_tail=False, regime_routes={"LL": {"support": "sampled"}, "HT": {"divergence": "fkl"}}),
+    DOPDConfig(top_k=16, regime_routes={"HS": {"enabled": False}, "LH": {"support": "full", "divergence": "js", "weight": 0.9}}),
+    DOPDConfig(top_k=VOCAB + 5),  # K >= V: the cells are the vocabulary
+    DOPDConfig(name="vanilla_opd", baseline_support="full"),
+    DOPDConfig(name="vanilla_opd", baseline_support="sampled"),
+    DOPDConfig(name="self_distill", top_k=16, baseline_divergence="js"),
+    DOPDConfig(name="pruned_opd", top_k=16, prune_by="random"),
+    DOPDConfig(name="eopd", top_k=16),
+    DOPDConfig(name="eopd", top_k=16, baseline_support="topk"),
+    DOPDConfig(name="exopd", exopd_lambda=1.5),
+    DOPDConfig(name="va_opd", top_k=16),
+]
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.name}-{c.baseline_support or c.top_k}")
+def test_triton_kernels_equal_the_float64_reference(setup, config, tied):
+    ref_loss, ref_tok, ref_grads = _loss_and_grads(setup, config, tied, "reference")
+    loss, tok, grads = _loss_and_grads(setup, config, tied, "triton")
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4, abs=1e-7)  # fp32 kernels vs float64
+    assert torch.allclose(tok.double(), ref_tok, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * b.abs().max().item())
+
+
+def test_backend_resolution():
+    cpu = torch.device("cpu")
+    assert triton_available(cpu)  # the interpreter
+    assert resolve_loss_backend("auto", cpu) == "torch" and resolve_loss_backend("triton", cpu) == "triton"
+    with pytest.raises(ValueError, match="loss_backend"):
+        resolve_loss_backend("cuda", cpu)
+
+
+def test_a_training_step_is_the_same_with_either_backend(tmp_path):
+    """One step of the Trainer on the tiny models (real Qwen vocabulary) with each backend."""
+    from conftest import REPO
+
+    from dopd_vl.config import load_config
+    from dopd_vl.trainer import Trainer
+
+    results = {}
+    for backend in ("torch", "triton"):
+        config = load_config(REPO / "configs" / "tiny_text.yaml", [f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}",
+                                                                  f"output_dir={tmp_path / backend}", f"loss_backend={backend}", "rollout.max_new_tokens=3",
+                                                                  "optim.batch_size=1", "rollout.num_generations=2"])
+        trainer = Trainer(config)
+        assert trainer.loss_backend == backend
+        trainer._seed_step()
+        results[backend] = trainer.train_step([trainer.rollout(ix) for ix in trainer._step_prompt_indices()])
+    for key in ("loss", "grad_norm", "entropy/student", "frac/HT"):
+        assert results["triton"][key] == pytest.approx(results["torch"][key], rel=1e-4), key

@@ -41,3 +41,17 @@ def test_gpu_recipe_runs_with_tiny_shapes():
     step, summary = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
     assert step["responses"] == 8 and step["step_s"] > 0 and all(step[k] >= 0 for k in ("rollout_s", "scoring_s", "loss_backward_s", "update_s"))
     assert summary["student"] == "Qwen/Qwen3-VL-2B-Instruct" and summary["num_generations"] == 4 and summary["tiny"] is True
+
+
+def test_loss_bench_gpu_mode_runs_end_to_end_on_cpu():
+    """`bench/loss_bench.py --device cuda` is the GPU measurement; its code path (every method,
+    the summary line) runs here on the CPU with a small vocabulary, kernels under the interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "loss_bench.py"), "--device", "cpu:0", "--sizes", "16x24", "--vocab", "3000"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *rows, summary = (json.loads(line) for line in done.stdout.strip().splitlines())
+    assert [r["method"] for r in rows] == ["naive", "dopd", "dopd_torch", "vanilla", "trl"]
+    assert all(r["seconds"] > 0 for r in rows if r["method"] != "trl")
+    assert rows[1]["backend"] == "triton" and rows[2]["backend"] == "torch"
+    assert {"gpu_time_dopd_over_trl", "gpu_time_vanilla_over_trl", "gpu_memory_dopd_over_trl"} <= set(summary)

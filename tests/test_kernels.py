@@ -3,6 +3,7 @@ path, under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1): ever
 weight override and normalisation, masked tokens, switched-off routes, tied and untied heads."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -14,6 +15,8 @@ pytest.importorskip("triton")
 from dopd_vl.kernels import BLOCK_V, resolve_loss_backend, triton_available  # noqa: E402
 
 VOCAB, ROWS, H = 2 * BLOCK_V + 37, 2 * BLOCK_V + 64, 8  # partial last block, padded lm-head rows
+# The compiled kernels on a GPU when the interpreter is switched off (bench/gpu_check.sh), else the CPU.
+DEVICE = "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +26,10 @@ def setup():
     mask = torch.arange(6)[None, :] < lengths[:, None]
     ids = torch.randint(0, VOCAB, (3, 6), generator=g)
     hidden = {k: torch.randn(3, 6, H, generator=g, dtype=torch.float64) for k in ("teacher_priv", "student_priv", "teacher_plain", "reference")}
-    return dict(mask=mask, ids=ids, hidden=hidden, teacher=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
-                embed=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64), other=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
-                proj=torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H))
+    tensors = dict(mask=mask, ids=ids, teacher=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+                   embed=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64), other=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+                   proj=torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H))
+    return {**{k: v.to(DEVICE) for k, v in tensors.items()}, "hidden": {k: v.to(DEVICE) for k, v in hidden.items()}}
 
 
 def _loss_and_grads(setup, config, tied, backend):
@@ -46,7 +50,7 @@ def _loss_and_grads(setup, config, tied, backend):
         keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
         stats = obj.step_statistics(signals, keys)
         route = obj.assign_routes(torch.ones_like(flat, dtype=torch.bool), signals, stats, keys)
-        weight = obj.token_weights(mask, torch.full(mask.shape, -1).masked_scatter(mask, route), stats, signals)[mask]
+        weight = obj.token_weights(mask, torch.full(mask.shape, -1, device=mask.device).masked_scatter(mask, route), stats, signals)[mask]
         out = chunked_objective_loss(obj, student_hidden[mask], head, flat, route, weight, targets, VOCAB, chunk_size=5, backend=backend)
         loss, token_loss = out.loss, out.token_loss
         s_logp = (student_hidden[mask] @ head[:VOCAB].T).log_softmax(-1)

@@ -57,7 +57,8 @@ class Size:
     eval_images: int = 16
     teacher_sft_steps: int = 150
     student_sft_steps: int = 100
-    steps: int = 30
+    steps: int = 40
+    lr: float = 1e-3
 
 
 SIZES = {"full": Size((0, 1, 2)), "quick": Size((0,)), "smoke": Size((0,), num_images=6, eval_images=2, teacher_sft_steps=2, student_sft_steps=2, steps=2)}
@@ -95,7 +96,7 @@ def distill(label: str, seed: int, prepared: dict, run_dir: Path, size: Size) ->
         f"student.name_or_path={prepared['student']}", f"teacher.name_or_path={prepared['teacher']}", f"data.train={prepared['data'][context]['train']}",
         f"output_dir={run_dir}", f"max_steps={size.steps}", f"save_steps={size.steps}", "save_total_limit=1", f"seed={seed}", "device=cpu",
         f"objective.top_k={demo.top_k}", f"rollout.num_generations={demo.num_generations}", f"rollout.max_new_tokens={demo.max_new_tokens}",
-        f"optim.lr={demo.lr}", f"optim.batch_size={demo.batch_size}", "optim.warmup_steps=2", *overrides,
+        f"optim.lr={size.lr}", f"optim.batch_size={demo.batch_size}", "optim.warmup_steps=2", *overrides,
     ])
     final = Trainer(config).train()
     report = _accuracy(final, Path(prepared["data"]["boxes"]["eval"]), demo)
@@ -140,7 +141,7 @@ def run(out: Path, size: Size, labels: list[str]) -> dict:
             print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
     minutes = (time.perf_counter() - started) / 60
     text = (f"# VLM comparison methods on generated scenes\n\n{len(size.seeds)} seed(s), {size.num_images} scenes ({size.eval_images} held out), "
-            f"{size.steps} distillation steps per method, greedy, no privileged context at evaluation; {minutes:.1f} min on this machine.\n\n"
+            f"{size.steps} distillation steps per method at lr {size.lr:g}, greedy, no privileged context at evaluation; {minutes:.1f} min on this machine.\n\n"
             + summarise(results, prepared))
     (out / "results.md").write_text(text, encoding="utf-8")
     payload = {"size": size.__dict__, "prepared": prepared, "results": results, "minutes": minutes}
@@ -155,9 +156,13 @@ def cli() -> None:
     parser.add_argument("--quick", action="store_true", help="1 seed")
     parser.add_argument("--size", choices=sorted(SIZES), help=argparse.SUPPRESS)
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
+    parser.add_argument("--steps", type=int, help="distillation steps (default 40)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    run(Path(args.out), SIZES[args.size or ("quick" if args.quick else "full")], args.methods)
+    size = SIZES[args.size or ("quick" if args.quick else "full")]
+    size.steps, size.lr = args.steps or size.steps, args.lr or size.lr
+    run(Path(args.out), size, args.methods)
 
 
 if __name__ == "__main__":

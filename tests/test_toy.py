@@ -40,13 +40,16 @@ def test_task_records_and_char_tokenizer_round_trip():
 def test_toy_pipeline_smoke(tmp_path, task):
     size = toy.TASKS[task].sizes["smoke"]
     specs = [("vanilla_opd", None), ("dopd", None), ("prune_random=pruned_opd;objective.prune_by=random", None), ("dopd_lr0.001=dopd;optim.lr=1e-3", (0,))]
+    if task == "two_step":  # the comparison study's methods go through the same pipeline
+        specs += [("eopd", None), ("exopd_plain=exopd;objective.teacher_view=teacher_plain", None)]
     payload = toy.run(tmp_path, task, size, specs)
     table = (tmp_path / "results.md").read_text()
     for row in ("| student (start) |", "| vanilla_opd |", "| dopd |", "| teacher, no context |", "| teacher, with context |", "| random |", "| dopd | "):
         assert row in table
     assert "Mean regime occupancy" in table and "Learning rate" in table and "gain relative" in table
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["results"]) == {"vanilla_opd", "dopd", "prune_random", "dopd_lr0.001"} and saved["size"]["distill_steps"] == 2
+    extra = {"eopd", "exopd_plain"} if task == "two_step" else set()
+    assert set(saved["results"]) == {"vanilla_opd", "dopd", "prune_random", "dopd_lr0.001"} | extra and saved["size"]["distill_steps"] == 2
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for method in ("vanilla_opd", "dopd"):
         report = json.loads((tmp_path / "seed0" / "eval" / f"{method}.json").read_text())
@@ -77,3 +80,24 @@ def test_two_step_task_hints_are_intermediate_results_and_heldout_triples_are_un
         assert r["answer"] not in r["privileged_context"].split("=")[-1:]  # the hint never states the final answer
         solution = r["meta"]["solution"]
         assert solution.endswith(f"the answer is {a * b + c}") and 20 <= len(solution) <= 40
+
+
+def test_comparison_study_lists_the_paper_methods():
+    specs = [spec for spec, _ in toy.study_methods("comparison", toy.TASKS["two_step"], quick=False)]
+    assert {toy.parse_method(spec)[1] for spec in specs} == {"vanilla_opd", "privileged_opd", "dopd", "eopd", "exopd"}
+    assert "exopd_plain=exopd;objective.teacher_view=teacher_plain" in specs
+
+
+def test_visual_comparison_pipeline_smoke(tmp_path):
+    """examples/visual_privilege at its smallest size: both datasets (boxes, crop), teacher and
+    student, VA-OPD and Vision-OPD through the Trainer, held-out evaluation, the table."""
+    from examples.visual_privilege import run as visual
+
+    size = visual.SIZES["smoke"]
+    payload = visual.run(tmp_path, size, ["va_opd", "vision_opd_initial"])
+    table = (tmp_path / "results.md").read_text()
+    for row in ("| student (start) |", "| va_opd |", "| vision_opd_initial |", "| teacher with boxes |", "| student (start) with the crop |"):
+        assert row in table
+    assert set(payload["results"]) == {"va_opd", "vision_opd_initial"}
+    crop_record = json.loads(open(payload["prepared"][0]["data"]["crop"]["train"]).readline())
+    assert crop_record["privileged_context"][1]["type"] == "image"

@@ -636,7 +636,10 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         n_tokens = student_hidden.shape[0]
         want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(student_hidden) if want_grad_hidden else None
-        grad_weight = torch.zeros(head_weight.shape, dtype=upcast(head_weight[:0]).dtype, device=head_weight.device) if want_grad_weight else None
+        # The output embedding's gradient: fp32 for the torch backend; the head's own dtype for the
+        # kernels (each chunk's matmul accumulates in fp32; no fp32 [V, H] buffer beside the weight).
+        grad_weight_dtype = head_weight.dtype if backend == "triton" else upcast(head_weight[:0]).dtype
+        grad_weight = torch.zeros(head_weight.shape, dtype=grad_weight_dtype, device=head_weight.device) if want_grad_weight else None
         token_loss = torch.zeros(n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device)
         entropy = torch.zeros_like(token_loss)
         total = token_loss.new_zeros(())

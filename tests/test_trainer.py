@@ -79,6 +79,24 @@ def test_split_invariance_over_micro_batches_and_processes(tmp_path):
     assert results["1x8"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8"]["token"]["metrics"]["loss"], rel=1e-3)
 
 
+def test_va_opd_is_split_invariant(tmp_path):
+    """VA-OPD's group means use the step's group sizes and its rollout weights the rollouts of one
+    prompt (one micro-batch): 1x8 and 4x2 give the same step."""
+    helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
+    results = {}
+    for mode in ("1x8", "4x2"):
+        done = subprocess.run([PYTHON, helper, mode, "sequence", str(tmp_path / f"{mode}.pt"), "va_opd"], env=ENV, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[mode] = torch.load(tmp_path / f"{mode}.pt", weights_only=True)["sequence"]
+    ref, other = results["1x8"], results["4x2"]
+    assert 0 < ref["metrics"]["frac/high_visual_advantage"] < 1
+    for key in ("loss", "threshold/visual_advantage", "frac/high_visual_advantage"):
+        assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), key
+    ref_grad = torch.cat([g.flatten() for g in ref["grads"].values()])
+    grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
+    assert ref_grad.norm() > 0 and (grad - ref_grad).norm() / ref_grad.norm() < 1e-5
+
+
 # ----------------------------------------------------------------------------------- learning
 def test_vanilla_opd_halves_held_out_reverse_kl(tmp_path):
     from dopd_vl.evaluate import reverse_kl_to_teacher

@@ -1,6 +1,6 @@
 """One optimizer step's gradient on 8 fixed responses, split as the mode says (split-invariance test).
 
-    python tests/helpers/ddp_step.py MODE NORMALIZATIONS OUT.pt             # MODE 1x8 | 4x2
+    python tests/helpers/ddp_step.py MODE NORMALIZATIONS OUT.pt [OBJECTIVE]  # MODE 1x8 | 4x2
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 \\
         tests/helpers/ddp_step.py 2x2x2 NORMALIZATIONS OUT.pt                 # 2 processes x 2 x 2
 
@@ -38,10 +38,12 @@ def fixed_responses(eos: int) -> list[torch.Tensor]:
 
 def main() -> None:
     mode, normalizations, out_path = sys.argv[1], sys.argv[2].split(","), Path(sys.argv[3])
+    objective = sys.argv[4] if len(sys.argv) > 4 else "dopd"
     config = load_config(REPO / "configs" / "tiny_text.yaml", [
         f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}",
         f"output_dir={out_path.parent / ('run-' + mode)}",
         "objective.top_k=16",
+        f"objective.name={objective}",
         "loss_chunk_size=5",
         "optim.max_grad_norm=0",
         "student.dtype=float64",  # exact comparison: float32 matmuls differ with padding shapes

@@ -225,7 +225,8 @@ def _columns(items: list[str]) -> dict[str, str]:
 
 
 def _add_build_options(parser) -> None:
-    parser.add_argument("--privileged-format", help="registered format name or module:attr (overrides the default)")
+    parser.add_argument("--privileged-format", help="registered format name or module:attr (overrides the default); built in: "
+                        "qwen3vl_grounding, qwen25vl_grounding, crop (an evidence crop of the image: Vision-OPD), hints")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesised questions")
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="stop at the first bad record, or skip it into OUT.skipped.jsonl")
     parser.add_argument("--embed-images", action="store_true", help="store the image bytes in the output (a .parquet file or a folder): one portable artifact")

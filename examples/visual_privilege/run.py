@@ -13,8 +13,11 @@ student for the same steps through the package's Trainer:
   privileged student), va_opd (boxes: visual advantage = teacher with minus without them),
 - vision_opd (the student itself shown the crop; `live` and `initial` self-teacher).
 
-Everything is evaluated greedily without privileged context on held-out scenes. Writes OUT
-(default runs/visual_privilege): results.md, results.json, each seed's data / models / runs.
+Everything is evaluated without privileged context on held-out scenes: greedy exact-match
+accuracy, and teacher-forced on the reference answers the mean log-likelihood per answer token and
+the share of answer tokens that are the model's argmax (finer than greedy accuracy, which a few
+steps rarely change). Writes OUT (default runs/visual_privilege): results.md, results.json, each
+seed's data / models / runs; `--reuse` keeps finished preparations and runs (e.g. to re-evaluate).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root
 
@@ -35,9 +40,13 @@ from data_builders.grounding import build_grounding, load_annotations  # noqa: E
 from data_builders.synthetic import write_shape_scenes  # noqa: E402
 from dopd_vl.config import load_config  # noqa: E402
 from dopd_vl.demo import DemoConfig, _accuracy, _finetune, _split_by_image  # noqa: E402
-from dopd_vl.models import build_tiny_qwen3_vl, load_tokenizer  # noqa: E402
+from dopd_vl.data import load_records  # noqa: E402
+from dopd_vl.modality import make_adapter  # noqa: E402
+from dopd_vl.models import build_tiny_qwen3_vl, final_hidden_states, load_model, load_processing, load_tokenizer, output_embedding_weight  # noqa: E402
+from dopd_vl.sft import answer_ids  # noqa: E402
 from dopd_vl.plots import read_metrics  # noqa: E402
 from dopd_vl.trainer import Trainer  # noqa: E402
+from dopd_vl.views import build_view  # noqa: E402
 
 # label = (objective overrides, which privileged context the run trains with)
 METHODS = {
@@ -64,8 +73,44 @@ class Size:
 SIZES = {"full": Size((0, 1, 2)), "quick": Size((0,)), "smoke": Size((0,), num_images=6, eval_images=2, teacher_sft_steps=2, student_sft_steps=2, steps=2)}
 
 
-def prepare(out: Path, size: Size, seed: int) -> dict:
+@torch.no_grad()
+def answer_likelihood(model_dir: Path | str, data: Path) -> dict:
+    """Teacher-forced on the reference answers, plain view: mean log-prob per answer token (EOS
+    included) and the share of answer tokens that are the model's argmax."""
+    model, processing = load_model(model_dir, "float32", device="cpu").eval(), load_processing(model_dir)
+    adapter = make_adapter(processing, image_root=data.parent)
+    records = load_records(data)
+    total, hits, count = 0.0, 0, 0
+    for start in range(0, len(records), 16):
+        batch = records[start : start + 16]
+        view = build_view(adapter, "student", batch, [answer_ids(adapter.tokenizer, r) for r in batch])
+        hidden = final_hidden_states(model, view.inputs)
+        hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))[view.response_mask]
+        logp = (hidden @ output_embedding_weight(model).T).float().log_softmax(-1)
+        ids = view.response_ids[view.response_mask]
+        total += logp.gather(1, ids[:, None]).sum().item()
+        hits += int((logp.argmax(-1) == ids).sum())
+        count += ids.numel()
+    return {"answer_logprob": total / count, "answer_token_accuracy": hits / count}
+
+
+def _report(model_dir: Path | str, data: Path, demo: DemoConfig, privileged: bool = False) -> dict:
+    report = _accuracy(model_dir, data, demo, privileged)
+    if not privileged:
+        report.update(answer_likelihood(model_dir, data))
+    return report
+
+
+def prepare(out: Path, size: Size, seed: int, reuse: bool = False) -> dict:
     """Scenes -> boxes and crop datasets (same questions, split by scene); teacher and student."""
+    saved = out / "prepared.json"
+    if reuse and saved.exists():
+        prepared = json.loads(saved.read_text())
+        for key, model in (("student_start", prepared["student"]), ("teacher_without_boxes", prepared["teacher"])):
+            if "answer_logprob" not in prepared["reports"][key]:  # prepared by an earlier version
+                prepared["reports"][key].update(answer_likelihood(model, Path(prepared["data"]["boxes"]["eval"])))
+        saved.write_text(json.dumps(prepared, indent=2))
+        return prepared
     images, annotations = write_shape_scenes(out / "scenes", size.num_images, seed)
     data = {}
     for name, fmt in (("boxes", "qwen3vl_grounding"), ("crop", "crop")):
@@ -81,25 +126,32 @@ def prepare(out: Path, size: Size, seed: int) -> dict:
     _finetune(student, data["boxes"]["train"], size.student_sft_steps, demo.student_sft_views, seed, demo)
     heldout = data["boxes"]["eval"]
     reports = {
-        "student_start": _accuracy(student, heldout, demo),
-        "teacher_with_boxes": _accuracy(teacher, heldout, demo, privileged=True),
-        "teacher_without_boxes": _accuracy(teacher, heldout, demo),
-        "student_with_crop": _accuracy(student, data["crop"]["eval"], demo, privileged=True),
+        "student_start": _report(student, heldout, demo),
+        "teacher_with_boxes": _report(teacher, heldout, demo, privileged=True),
+        "teacher_without_boxes": _report(teacher, heldout, demo),
+        "student_with_crop": _report(student, data["crop"]["eval"], demo, privileged=True),
     }
-    return {"data": {k: {s: str(p) for s, p in v.items()} for k, v in data.items()}, "teacher": str(teacher), "student": str(student), "reports": reports}
+    prepared = {"data": {k: {s: str(p) for s, p in v.items()} for k, v in data.items()}, "teacher": str(teacher), "student": str(student), "reports": reports}
+    saved.write_text(json.dumps(prepared, indent=2))
+    return prepared
 
 
-def distill(label: str, seed: int, prepared: dict, run_dir: Path, size: Size) -> dict:
+def distill(label: str, seed: int, prepared: dict, run_dir: Path, size: Size, reuse: bool = False) -> dict:
     overrides, context = METHODS[label]
     demo = DemoConfig(seed=seed, device="cpu", dtype="float32")
+    if reuse and (run_dir / "final" / "config.json").exists():  # trained earlier: evaluate only
+        return _evaluated(run_dir, run_dir / "final", prepared, demo)
     config = load_config(None, [
         f"student.name_or_path={prepared['student']}", f"teacher.name_or_path={prepared['teacher']}", f"data.train={prepared['data'][context]['train']}",
         f"output_dir={run_dir}", f"max_steps={size.steps}", f"save_steps={size.steps}", "save_total_limit=1", f"seed={seed}", "device=cpu",
         f"objective.top_k={demo.top_k}", f"rollout.num_generations={demo.num_generations}", f"rollout.max_new_tokens={demo.max_new_tokens}",
         f"optim.lr={size.lr}", f"optim.batch_size={demo.batch_size}", "optim.warmup_steps=2", *overrides,
     ])
-    final = Trainer(config).train()
-    report = _accuracy(final, Path(prepared["data"]["boxes"]["eval"]), demo)
+    return _evaluated(run_dir, Trainer(config).train(), prepared, demo)
+
+
+def _evaluated(run_dir: Path, final: Path, prepared: dict, demo: DemoConfig) -> dict:
+    report = _report(final, Path(prepared["data"]["boxes"]["eval"]), demo)
     rows = read_metrics(run_dir)
     tail = rows[-max(1, len(rows) // 5):]
     report["training"] = {"entropy_end": statistics.mean(r["entropy/student"] for r in tail), "alarm": any(r.get("collapse_alarm") for r in rows),
@@ -113,10 +165,12 @@ def _fmt(values: list[float]) -> str:
 
 def summarise(results: dict, prepared: dict[int, dict]) -> str:
     types = ("count", "exists", "relation")
-    lines = ["| method | accuracy (mean ± std) | " + " | ".join(types) + " | student entropy at the end | guard alarm |", "|---" * (len(types) + 4) + "|"]
+    lines = ["| method | accuracy (mean ± std) | " + " | ".join(types) + " | answer log-prob per token | answer token accuracy | student entropy at the end | guard alarm |",
+             "|---" * (len(types) + 6) + "|"]
 
     def row(name: str, reports: list[dict], train: list[dict] | None = None) -> str:
         cells = [_fmt([r["accuracy"] for r in reports])] + [_fmt([r["per_type"].get(t, float("nan")) for r in reports]) for t in types]
+        cells += [_fmt([r[k] for r in reports]) if all(k in r for r in reports) else "" for k in ("answer_logprob", "answer_token_accuracy")]
         extra = [_fmt([t["entropy_end"] for t in train]), f"{sum(t['alarm'] for t in train)}/{len(train)}"] if train else ["", ""]
         return f"| {name} | " + " | ".join(cells + extra) + " |"
 
@@ -129,19 +183,19 @@ def summarise(results: dict, prepared: dict[int, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(out: Path, size: Size, labels: list[str]) -> dict:
+def run(out: Path, size: Size, labels: list[str], reuse: bool = False) -> dict:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    prepared = {seed: prepare(out / f"seed{seed}", size, seed) for seed in size.seeds}
+    prepared = {seed: prepare(out / f"seed{seed}", size, seed, reuse) for seed in size.seeds}
     results: dict[str, dict[int, dict]] = {}
     for label in labels:
         for seed in size.seeds:
-            report = distill(label, seed, prepared[seed], out / "runs" / f"{label}-seed{seed}", size)
+            report = distill(label, seed, prepared[seed], out / "runs" / f"{label}-seed{seed}", size, reuse)
             results.setdefault(label, {})[seed] = report
             print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
     minutes = (time.perf_counter() - started) / 60
     text = (f"# VLM comparison methods on generated scenes\n\n{len(size.seeds)} seed(s), {size.num_images} scenes ({size.eval_images} held out), "
-            f"{size.steps} distillation steps per method at lr {size.lr:g}, greedy, no privileged context at evaluation; {minutes:.1f} min on this machine.\n\n"
+            f"{size.steps} distillation steps per method at lr {size.lr:g}, no privileged context at evaluation; {minutes:.1f} min this invocation (2 CPU cores).\n\n"
             + summarise(results, prepared))
     (out / "results.md").write_text(text, encoding="utf-8")
     payload = {"size": size.__dict__, "prepared": prepared, "results": results, "minutes": minutes}
@@ -158,11 +212,12 @@ def cli() -> None:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=int, help="distillation steps (default 40)")
     parser.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
+    parser.add_argument("--reuse", action="store_true", help="reuse OUT's finished preparations and runs (evaluate only)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size = SIZES[args.size or ("quick" if args.quick else "full")]
     size.steps, size.lr = args.steps or size.steps, args.lr or size.lr
-    run(Path(args.out), size, args.methods)
+    run(Path(args.out), size, args.methods, args.reuse)
 
 
 if __name__ == "__main__":

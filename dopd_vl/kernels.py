@@ -4,7 +4,8 @@ The torch path of `chunked_objective_loss` differentiates each chunk with autogr
 about seven [chunk, V] fp32 buffers (logits, log-softmax, target log-softmax, their exps, the
 gradient). Here the same loss and gradient come from kernels that stream over the vocabulary in
 blocks and keep three: the student's logits (in the head's dtype, e.g. bf16), one target's logits
-for the rows routed to it, and the fp32 gradient. Math stays in fp32.
+for the rows routed to it, and the fp32 gradient. Math is fp32 (float64 inputs stay float64, as
+`divergences.upcast` does, which lets the tests compare with the float64 reference tightly).
 
 Per route, by support:
 
@@ -67,16 +68,16 @@ def resolve_loss_backend(backend: str, device: torch.device) -> str:
 if triton is not None:
 
     @triton.jit
-    def _lse_entropy_kernel(z_ptr, rows_ptr, lse_ptr, ent_ptr, n_cols, stride, BLOCK: tl.constexpr):
+    def _lse_entropy_kernel(z_ptr, rows_ptr, lse_ptr, ent_ptr, n_cols, stride, ACC: tl.constexpr, BLOCK: tl.constexpr):
         """Per listed row: logsumexp of z and the entropy of softmax(z), one streaming pass."""
         p = tl.program_id(0)
         row = tl.load(rows_ptr + p).to(tl.int64)
-        m = -float("inf")
-        s = 0.0
-        u = 0.0  # sum exp(z - m) * z
+        m = tl.full([], -float("inf"), ACC)
+        s = tl.full([], 0.0, ACC)
+        u = tl.full([], 0.0, ACC)  # sum exp(z - m) * z
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            z = tl.load(z_ptr + row * stride + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+            z = tl.load(z_ptr + row * stride + cols, mask=cols < n_cols, other=-float("inf")).to(ACC)
             new_m = tl.maximum(m, tl.max(z, 0))
             safe_m = tl.where(new_m == -float("inf"), 0.0, new_m)  # an all -inf prefix: nothing to rescale
             scale = tl.exp(m - safe_m)
@@ -93,20 +94,20 @@ if triton is not None:
     @triton.jit
     def _full_divergence_kernel(s_ptr, t_ptr, s_rows_ptr, s_lse_ptr, t_lse_ptr, scale_ptr, value_ptr, grad_ptr,
                                 n_cols, s_stride, t_stride, g_stride, log_beta, log_1m_beta, beta,
-                                KIND: tl.constexpr, BLOCK: tl.constexpr):
+                                KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
         """Row p of the target block t against student row s_rows[p]: the divergence (stored in
         value[p]) and, scaled by scale[p], its gradient w.r.t. the student logits, added to grad."""
         p = tl.program_id(0)
         row = tl.load(s_rows_ptr + p).to(tl.int64)
         s_lse = tl.load(s_lse_ptr + p)
         t_lse = tl.load(t_lse_ptr + p)
-        value = 0.0
-        inner = 0.0  # sum_v s_v * g_v, the softmax Jacobian's row term (rkl, js)
+        value = tl.full([], 0.0, ACC)
+        inner = tl.full([], 0.0, ACC)  # sum_v s_v * g_v, the softmax Jacobian's row term (rkl, js)
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < n_cols
-            ls = tl.load(s_ptr + row * s_stride + cols, mask=ok, other=0.0).to(tl.float32) - s_lse
-            lt = tl.load(t_ptr + p * t_stride + cols, mask=ok, other=0.0).to(tl.float32) - t_lse
+            ls = tl.load(s_ptr + row * s_stride + cols, mask=ok, other=0.0).to(ACC) - s_lse
+            lt = tl.load(t_ptr + p * t_stride + cols, mask=ok, other=0.0).to(ACC) - t_lse
             ps = tl.where(ok, tl.exp(ls), 0.0)
             pt = tl.where(ok, tl.exp(lt), 0.0)
             if KIND == 0:  # rkl: sum s (ls - lt); g = ls - lt
@@ -127,8 +128,8 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < n_cols
-            ls = tl.load(s_ptr + row * s_stride + cols, mask=ok, other=0.0).to(tl.float32) - s_lse
-            lt = tl.load(t_ptr + p * t_stride + cols, mask=ok, other=0.0).to(tl.float32) - t_lse
+            ls = tl.load(s_ptr + row * s_stride + cols, mask=ok, other=0.0).to(ACC) - s_lse
+            lt = tl.load(t_ptr + p * t_stride + cols, mask=ok, other=0.0).to(ACC) - t_lse
             ps = tl.exp(ls)
             if KIND == 0:
                 g = ps * (ls - lt - inner)
@@ -144,7 +145,8 @@ if triton is not None:
             tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + scale * g, mask=ok)
 
     @triton.jit
-    def _exp_combination_kernel(z_ptr, z_rows_ptr, g_rows_ptr, a_ptr, b_ptr, c_ptr, d_ptr, grad_ptr, n_cols, stride, g_stride, BLOCK: tl.constexpr):
+    def _exp_combination_kernel(z_ptr, z_rows_ptr, g_rows_ptr, a_ptr, b_ptr, c_ptr, d_ptr, grad_ptr, n_cols, stride, g_stride,
+                                ACC: tl.constexpr, BLOCK: tl.constexpr):
         """grad[g_row] += a*exp(z[z_row] - b) + c*exp(z[z_row] - d) over the vocabulary (-inf entries add 0)."""
         p = tl.program_id(0)
         row = tl.load(z_rows_ptr + p).to(tl.int64)
@@ -156,7 +158,7 @@ if triton is not None:
         for start in range(0, n_cols, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             ok = cols < n_cols
-            z = tl.load(z_ptr + row * stride + cols, mask=ok, other=-float("inf")).to(tl.float32)
+            z = tl.load(z_ptr + row * stride + cols, mask=ok, other=-float("inf")).to(ACC)
             live = z > -float("inf")
             zl = tl.where(live, z, tl.minimum(b, d))  # -inf entries (the K cells, padding) add 0
             g = tl.where(live, a * tl.exp(zl - b) + c * tl.exp(zl - d), 0.0)
@@ -164,25 +166,35 @@ if triton is not None:
             tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + g, mask=ok)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' arithmetic: fp32, float64 kept (as `divergences.upcast`)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _tl(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
 def _lse_entropy(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-    lse = torch.empty(rows.numel(), dtype=torch.float32, device=z.device)
+    lse = torch.empty(rows.numel(), dtype=_acc(z.dtype), device=z.device)
     ent = torch.empty_like(lse)
     if rows.numel():
-        _lse_entropy_kernel[(rows.numel(),)](z, rows, lse, ent, z.shape[1], z.stride(0), BLOCK=BLOCK_V)
+        _lse_entropy_kernel[(rows.numel(),)](z, rows, lse, ent, z.shape[1], z.stride(0), ACC=_tl(lse.dtype), BLOCK=BLOCK_V)
     return lse, ent
 
 
 def _exp_combination(z: Tensor, z_rows: Tensor, grad_rows: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, grad: Tensor) -> None:
     """grad[grad_rows] += a*exp(z[z_rows] - b) + c*exp(z[z_rows] - d), per row scalars a..d."""
     if z_rows.numel():
-        args = [x.float().contiguous() for x in (a, b, c, d)]
-        _exp_combination_kernel[(z_rows.numel(),)](z, z_rows.to(torch.int32), grad_rows.to(torch.int32), *args, grad, z.shape[1], z.stride(0), grad.stride(0), BLOCK=BLOCK_V)
+        args = [x.to(grad.dtype).contiguous() for x in (a, b, c, d)]
+        _exp_combination_kernel[(z_rows.numel(),)](z, z_rows.to(torch.int32), grad_rows.to(torch.int32), *args, grad, z.shape[1], z.stride(0), grad.stride(0),
+                                                   ACC=_tl(grad.dtype), BLOCK=BLOCK_V)
 
 
 def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_ids: Tensor, token_weight: Tensor,
                       target_logits, token_logprob) -> tuple[Tensor, Tensor, Tensor]:
     """Loss per token [C], gradient of sum(loss * token_weight) w.r.t. `student_logits` [C, V]
-    (fp32) and the student's entropy [C] for one chunk.
+    and the student's entropy [C] for one chunk, in fp32 (float64 for float64 logits).
 
     `student_logits` [C, V] (any float dtype, contiguous, no grad). `target_logits(view, rows)`
     returns the target view's logits [len(rows), V] for those chunk rows; `token_logprob(view, rows)`
@@ -193,9 +205,10 @@ def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_id
     z = student_logits.contiguous()
     all_rows = torch.arange(n, device=z.device, dtype=torch.int32)
     lse, entropy = _lse_entropy(z, all_rows)
-    grad = torch.zeros((n, vocab), dtype=torch.float32, device=z.device)
-    loss = torch.zeros(n, dtype=torch.float32, device=z.device)
-    weight = token_weight.float()
+    acc = _acc(z.dtype)
+    grad = torch.zeros((n, vocab), dtype=acc, device=z.device)
+    loss = torch.zeros(n, dtype=acc, device=z.device)
+    weight = token_weight.to(acc)
     for r, spec in enumerate(objective.routes):
         sel = (route == r).nonzero().squeeze(-1)
         if spec is None or sel.numel() == 0:
@@ -205,21 +218,21 @@ def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_id
             t = target_logits(spec.target, sel).contiguous()
             t_lse, _ = _lse_entropy(t, torch.arange(sel.numel(), device=z.device, dtype=torch.int32))
             for name, term_weight in spec.terms:
-                value = torch.empty(sel.numel(), dtype=torch.float32, device=z.device)
+                value = torch.empty(sel.numel(), dtype=acc, device=z.device)
                 scale = (term_weight * weight[sel]).contiguous()
                 _full_divergence_kernel[(sel.numel(),)](
                     z, t, rows, lse[sel].contiguous(), t_lse, scale, value, grad, vocab, z.stride(0), t.stride(0), grad.stride(0),
-                    math.log(c.js_beta), math.log(1.0 - c.js_beta), c.js_beta, KIND=_KINDS[name], BLOCK=BLOCK_V,
+                    math.log(c.js_beta), math.log(1.0 - c.js_beta), c.js_beta, KIND=_KINDS[name], ACC=_tl(acc), BLOCK=BLOCK_V,
                 )
                 loss[sel] += term_weight * value
         elif spec.support == "topk":
             _topk_route(spec, c, z, sel, lse[sel], target_logits(spec.target, sel), weight[sel], loss, grad)
         else:  # sampled: coef * (onehot(y) - softmax(z)), coef = sg(l_s(y) - target) * weight
             ids = token_ids[sel]
-            ls = z[sel, ids].float() - lse[sel]
-            target = token_logprob(spec.target, sel).float()
+            ls = z[sel, ids].to(acc) - lse[sel]
+            target = token_logprob(spec.target, sel).to(acc)
             if spec.reference is not None:  # ExOPD's extrapolated target
-                target = spec.extrapolation * target + (1.0 - spec.extrapolation) * token_logprob(spec.reference, sel).float()
+                target = spec.extrapolation * target + (1.0 - spec.extrapolation) * token_logprob(spec.reference, sel).to(acc)
             coef = (ls - target) * sum(w for _, w in spec.terms)
             loss[sel] += coef * ls
             scaled = coef * weight[sel]
@@ -235,7 +248,7 @@ def _topk_route(spec, c, z: Tensor, sel: Tensor, lse: Tensor, t: Tensor, weight:
     t = t.contiguous()
     k = min(c.top_k, z.shape[1])
     index = (zs if c.topk_source == "student" else t).topk(k, dim=-1).indices
-    s_top, t_top = zs.gather(1, index).float(), t.gather(1, index).float()
+    s_top, t_top = zs.gather(1, index).to(lse.dtype), t.gather(1, index).to(lse.dtype)
     local = torch.arange(sel.numel(), device=z.device, dtype=torch.int32)
     t_lse, _ = _lse_entropy(t, local)
     with torch.enable_grad():

@@ -72,6 +72,8 @@ COMPARISON = (
     "vanilla_opd", "privileged_opd", "dopd_initial=dopd;objective.privileged_student=initial",
     "eopd", "eopd_plain=eopd;objective.teacher_view=teacher_plain",
     "exopd", "exopd_plain=exopd;objective.teacher_view=teacher_plain",
+    # Control: lambda 1 is vanilla OPD's sampled-token form, separating the extrapolation from the estimator.
+    "exopd_lambda1_plain=exopd;objective.exopd_lambda=1.0;objective.teacher_view=teacher_plain",
 )
 
 

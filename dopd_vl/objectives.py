@@ -75,7 +75,8 @@ class DOPDConfig:
     topk_tail: bool = True
     """Keep the remaining mass as a (K+1)-th cell; false renormalises over the K cells [ours]."""
     normalization: str = "sequence"
-    """`sequence`: mean over sequences of per-sequence token means [paper]; `token`: over all tokens."""
+    """`sequence`: mean over sequences of per-sequence token means [paper]; `token`: over all tokens
+    (va_opd averages within its visual-advantage groups instead, docs/design.md §1.10)."""
     regime_routes: dict = field(default_factory=dict)
     """Per-regime overrides for DOPD, e.g. {"HT": {"support": "topk"}, "LL": {"enabled": false}} [ours]."""
     baseline_divergence: str | None = None

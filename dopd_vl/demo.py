@@ -28,7 +28,7 @@ from dopd_vl.errors import DopdError
 logger = logging.getLogger(__name__)
 _MARKER = ".dopd-demo"
 
-__all__ = ["DemoConfig", "make_demo_dataset", "run_demo"]
+__all__ = ["DemoConfig", "make_demo_dataset", "split_by_image", "finetune_model", "heldout_accuracy", "run_demo"]
 
 
 @dataclass
@@ -74,7 +74,7 @@ def make_demo_dataset(root: Path, num_images: int = 4, seed: int = 0) -> Path:
     return path
 
 
-def _split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
+def split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
     """train.jsonl / eval.jsonl beside data.jsonl, split by scene so no eval image is trained on."""
     from dopd_vl.data import image_parts, load_records
 
@@ -88,7 +88,7 @@ def _split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
     return paths["train"], paths["eval"]
 
 
-def _accuracy(model_path: Path | str, data: Path, config: "DemoConfig", privileged: bool = False) -> dict:
+def heldout_accuracy(model_path: Path | str, data: Path, config: "DemoConfig", privileged: bool = False) -> dict:
     from dopd_vl.data import load_records
     from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
     from dopd_vl.models import eos_token_ids, load_model, load_processing, never_sampled_token_ids
@@ -102,7 +102,7 @@ def _accuracy(model_path: Path | str, data: Path, config: "DemoConfig", privileg
     return {"accuracy": report["accuracy"], "per_type": {k: v["accuracy"] for k, v in report["per_type"].items()}, "count": report["count"]}
 
 
-def _finetune(folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config: "DemoConfig") -> None:
+def finetune_model(folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config: "DemoConfig") -> None:
     """Fine-tune a built tiny model on the answers, in place (views in turn, one per step)."""
     from dopd_vl.data import load_records
     from dopd_vl.modality import make_adapter
@@ -148,7 +148,7 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
 
     print(f"[1/6] dataset: {config.num_images} generated scenes -> COCO JSON -> dopd build grounding")
     data = make_demo_dataset(out / "data", config.num_images, config.seed)
-    train, evaluation = _split_by_image(data, config.eval_images)
+    train, evaluation = split_by_image(data, config.eval_images)
     counts = {name: sum(1 for _ in open(p, encoding="utf-8")) for name, p in (("train", train), ("eval", evaluation))}
     print(f"      {data} ({counts['train']} train / {counts['eval']} eval questions)")
 
@@ -160,21 +160,21 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
         student_path = str(build_tiny_qwen3_vl(out / "models" / "student", tokenizer=tokenizer, seed=config.seed))
         if config.student_sft_steps:
             print(f"      warming up the tiny student on answers, mostly without boxes ({config.student_sft_steps} supervised steps)")
-            _finetune(Path(student_path), train, config.student_sft_steps, config.student_sft_views, config.seed, config)
+            finetune_model(Path(student_path), train, config.student_sft_steps, config.student_sft_views, config.seed, config)
     if teacher:
         teacher_path = teacher
     else:
         teacher_path = str(build_tiny_qwen3_vl(out / "models" / "teacher", tokenizer=tokenizer, hidden_size=96, num_layers=3, num_heads=6,
                                                intermediate_size=192, seed=config.seed + 1))
         print(f"      teaching the tiny teacher to read the boxes ({config.teacher_sft_steps} supervised steps)")
-        _finetune(Path(teacher_path), train, config.teacher_sft_steps, config.teacher_sft_views, config.seed + 1, config)
+        finetune_model(Path(teacher_path), train, config.teacher_sft_steps, config.teacher_sft_views, config.seed + 1, config)
     print(f"      student {student_path}\n      teacher {teacher_path}")
 
     print("[3/6] accuracy before training (held-out scenes)")
     before = {
-        "student": _accuracy(student_path, evaluation, config),
-        "teacher_with_boxes": _accuracy(teacher_path, evaluation, config, privileged=True),
-        "teacher_without_boxes": _accuracy(teacher_path, evaluation, config),
+        "student": heldout_accuracy(student_path, evaluation, config),
+        "teacher_with_boxes": heldout_accuracy(teacher_path, evaluation, config, privileged=True),
+        "teacher_without_boxes": heldout_accuracy(teacher_path, evaluation, config),
     }
     for name, report in before.items():
         print(f"      {name:22s} {report['accuracy']:.2f}  {report['per_type']}")
@@ -193,7 +193,7 @@ def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | Non
     shutil.copytree(final, student_out)
 
     print("[5/6] accuracy after training")
-    after = {"student": _accuracy(student_out, evaluation, config)}
+    after = {"student": heldout_accuracy(student_out, evaluation, config)}
     print(f"      student                {after['student']['accuracy']:.2f}  {after['student']['per_type']}")
 
     print("[6/6] plots, routing view, summary")

@@ -3,8 +3,8 @@
 The torch path of `chunked_objective_loss` differentiates each chunk with autograd, which holds
 about seven [chunk, V] fp32 buffers (logits, log-softmax, target log-softmax, their exps, the
 gradient). Here the same loss and gradient come from kernels that stream over the vocabulary in
-blocks and keep three: the student's logits (in the head's dtype, e.g. bf16), one target's logits
-for the rows routed to it, and the fp32 gradient. Math is fp32 (float64 inputs stay float64, as
+blocks and keep the student's logits (in the head's dtype, e.g. bf16), one target's logits for the
+rows routed to it, the fp32 gradient and, for top-K routes, a copy of the routed rows for the tail. Math is fp32 (float64 inputs stay float64, as
 `divergences.upcast` does, which lets the tests compare with the float64 reference tightly).
 
 Per route, by support:

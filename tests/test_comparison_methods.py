@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import REPO
 
 from dopd_vl.objectives import DOPDConfig, build_objective, objective_loss
 
@@ -181,7 +182,6 @@ def test_config_errors_name_the_field():
 
 
 # ------------------------------------------------------------------------- recipes, tiny models
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 TINY = {
     "text": ["student.name_or_path=tiny:qwen3", "teacher.name_or_path=tiny:qwen3:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
              f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"],

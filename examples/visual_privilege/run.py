@@ -39,7 +39,7 @@ sys.path.insert(0, str(HERE.parents[1]))  # the repository root
 from data_builders.grounding import build_grounding, load_annotations  # noqa: E402
 from data_builders.synthetic import write_shape_scenes  # noqa: E402
 from dopd_vl.config import load_config  # noqa: E402
-from dopd_vl.demo import DemoConfig, _accuracy, _finetune, _split_by_image  # noqa: E402
+from dopd_vl.demo import DemoConfig, heldout_accuracy, finetune_model, split_by_image  # noqa: E402
 from dopd_vl.data import load_records  # noqa: E402
 from dopd_vl.modality import make_adapter  # noqa: E402
 from dopd_vl.models import build_tiny_qwen3_vl, final_hidden_states, load_model, load_processing, load_tokenizer, output_embedding_weight  # noqa: E402
@@ -95,7 +95,7 @@ def answer_likelihood(model_dir: Path | str, data: Path) -> dict:
 
 
 def _report(model_dir: Path | str, data: Path, demo: DemoConfig, privileged: bool = False) -> dict:
-    report = _accuracy(model_dir, data, demo, privileged)
+    report = heldout_accuracy(model_dir, data, demo, privileged)
     if not privileged:
         report.update(answer_likelihood(model_dir, data))
     return report
@@ -116,14 +116,14 @@ def prepare(out: Path, size: Size, seed: int, reuse: bool = False) -> dict:
     for name, fmt in (("boxes", "qwen3vl_grounding"), ("crop", "crop")):
         path = out / name / "data.jsonl"
         build_grounding(load_annotations("coco", images, annotations), path, seed=seed, privileged_format=fmt)
-        data[name] = dict(zip(("train", "eval"), _split_by_image(path, size.eval_images)))
+        data[name] = dict(zip(("train", "eval"), split_by_image(path, size.eval_images)))
     demo = DemoConfig(seed=seed, device="cpu", dtype="float32")
     tokenizer = load_tokenizer()
     teacher = build_tiny_qwen3_vl(out / "models" / "teacher", tokenizer=tokenizer, hidden_size=96, num_layers=3, num_heads=6, intermediate_size=192, seed=seed + 1)
     student = build_tiny_qwen3_vl(out / "models" / "student", tokenizer=tokenizer, seed=seed)
     print(f"seed {seed}: teacher {size.teacher_sft_steps} supervised steps (with and without boxes), student {size.student_sft_steps}", flush=True)
-    _finetune(teacher, data["boxes"]["train"], size.teacher_sft_steps, ("teacher_priv", "teacher_plain"), seed + 1, demo)
-    _finetune(student, data["boxes"]["train"], size.student_sft_steps, demo.student_sft_views, seed, demo)
+    finetune_model(teacher, data["boxes"]["train"], size.teacher_sft_steps, ("teacher_priv", "teacher_plain"), seed + 1, demo)
+    finetune_model(student, data["boxes"]["train"], size.student_sft_steps, demo.student_sft_views, seed, demo)
     heldout = data["boxes"]["eval"]
     reports = {
         "student_start": _report(student, heldout, demo),

@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true", help="check the recipe and overrides, print the resolved config, load nothing")
     train.set_defaults(run=_train)
 
+    diagnose = commands.add_parser("diagnose", help="preflight: what DOPD's routing will do on your data (rollouts and scoring, no update)")
+    diagnose.add_argument("config", help="YAML recipe (configs/*.yaml)")
+    diagnose.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
+    diagnose.add_argument("--steps", type=int, default=4, help="steps of rollouts to score (default 4; the run's first steps, never trained on)")
+    diagnose.add_argument("--out", help="folder for diagnose.json, diagnose.png and diagnose_rollouts.jsonl (default OUTPUT_DIR/diagnose)")
+    diagnose.add_argument("--device", choices=("auto", "cpu"), help="auto (the GPU when present) or cpu; default: the recipe's")
+    diagnose.set_defaults(run=_diagnose)
+
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
@@ -300,6 +308,19 @@ def _train(args) -> int:
         return 0
     final = Trainer(config).train(resume=args.resume)
     print(f"trained student saved to {final}")
+    return 0
+
+
+def _diagnose(args) -> int:
+    from dopd_vl.config import load_config
+    from dopd_vl.diagnosis import diagnose
+
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    config = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path(config.output_dir) / "diagnose"
+    result = diagnose(config, steps=args.steps, out=out)
+    print("\n".join(result["reading"]))
+    print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}")
     return 0
 
 

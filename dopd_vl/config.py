@@ -108,6 +108,11 @@ class TrainConfig:
     `stop` after a clean checkpoint, or `off` [ours]."""
     collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
     """The guard's reference window and thresholds [ours]."""
+    diagnostics: bool = False
+    """Also score every view `dopd diagnose` reads (teacher with and without the context, the
+    privileged student) at each step and log `diag/*` metrics: DOPD's regime shares with and
+    without the edge check, the teacher's endorsement rate, the information edge. Costs up to
+    three extra scoring passes; training is unchanged [ours]."""
 
     def __post_init__(self) -> None:
         if self.loss_chunk_size != "auto" and not (isinstance(self.loss_chunk_size, int) and self.loss_chunk_size >= 1):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dopd_vl.divergences import DIVERGENCES, SUPPORTS, token_divergence, upcast
-from dopd_vl.routing import REGIME_NAMES, Regime, TokenSignals, assign_regimes, compute_thresholds, token_signals, trimmed_mean
+from dopd_vl.routing import REGIME_NAMES, Regime, TokenSignals, assign_regimes, compute_thresholds, information_edge, token_signals, trimmed_mean
 
 __all__ = [
     "OBJECTIVES",
@@ -273,7 +273,7 @@ class Objective:
             return token_signals(token_logprob["teacher_priv"], token_logprob["student_priv"], plain)
         if self.split_on == "teacher_entropy":
             return TokenSignals(teacher_entropy=entropy[self.routes[0].target].detach().double())
-        return TokenSignals(visual_advantage=(token_logprob["teacher_priv"].detach().double() - token_logprob["teacher_plain"].detach().double()))
+        return TokenSignals(visual_advantage=information_edge(token_logprob["teacher_priv"], token_logprob["teacher_plain"]))
 
     def step_statistics(self, signals: TokenSignals | None, prune_keys: Tensor | None = None) -> dict[str, float]:
         """Statistics over all valid tokens of the step: thresholds, the prune cut-off, the split

@@ -21,6 +21,7 @@ __all__ = [
     "TokenSignals",
     "trimmed_mean",
     "token_signals",
+    "information_edge",
     "compute_thresholds",
     "assign_regimes",
     "route_tokens",
@@ -100,6 +101,12 @@ def token_signals(teacher_logprob: Tensor, student_priv_logprob: Tensor, teacher
     l_s = student_priv_logprob.detach().double()
     q_plain = teacher_plain_logprob.detach().double().exp() if teacher_plain_logprob is not None else None
     return TokenSignals(advantage_gap=(l_t - l_s).abs(), q_teacher=l_t.exp(), q_student=l_s.exp(), q_teacher_plain=q_plain)
+
+
+def information_edge(teacher_priv_logprob: Tensor, teacher_plain_logprob: Tensor) -> Tensor:
+    """What the privileged context adds to the teacher on a token, l_T(y|x,p) - l_T(y|x), in float64
+    without gradient: VA-OPD's visual advantage, and the information edge `dopd diagnose` reports."""
+    return teacher_priv_logprob.detach().double() - teacher_plain_logprob.detach().double()
 
 
 def compute_thresholds(signals: TokenSignals, outlier_fraction: float = 0.05) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,8 +48,11 @@ def answer_ids(tokenizer, record: dict, target: str = "answer") -> torch.Tensor:
     return torch.tensor([*ids, tokenizer.eos_token_id], dtype=torch.long)
 
 
-def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_size: int, config: SFTConfig) -> list[float]:
-    """Train `model` in place on (view prompt -> answer) pairs; returns the loss per step."""
+def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_size: int, config: SFTConfig,
+                        on_step: Callable[[int], None] | None = None) -> list[float]:
+    """Train `model` in place on (view prompt -> answer) pairs; returns the loss per step.
+    `on_step(n)` is called after the n-th update (e.g. to evaluate a warm-up curve: the constant
+    learning rate makes step n of a longer run the same model as an n-step run)."""
     key = config.target.removeprefix("meta.")
     usable = [r for r in records if ((r.get("meta") or {}) if config.target.startswith("meta.") else r).get(key) is not None]
     if not usable:
@@ -73,6 +77,8 @@ def supervised_finetune(model: nn.Module, adapter, records: list[dict], vocab_si
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     logger.info("sft on %s: loss %.3f -> %.3f over %d steps", "+".join(config.views), losses[0], losses[-1], len(losses))
     return losses

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict
 from dopd_vl.data import load_records, records_root
+from dopd_vl.diagnosis import DIAGNOSTIC_VIEWS, summarise_diagnostics, token_diagnostics
 from dopd_vl.errors import ConfigError, DatasetError, DopdError
 from dopd_vl.answers import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
@@ -44,7 +45,7 @@ from dopd_vl.models import (
     tokenizer_of,
 )
 from dopd_vl.modality import TEACHER_VIEWS, make_adapter
-from dopd_vl.objectives import TargetStates, auto_chunk_size, build_objective, chunked_objective_loss
+from dopd_vl.objectives import SCORING_VIEWS, TargetStates, auto_chunk_size, build_objective, chunked_objective_loss
 from dopd_vl.rollout import Rollout, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
@@ -52,7 +53,7 @@ from dopd_vl.views import ViewBatch, build_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "StudentLoss"]
+__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "StudentLoss", "rollout_metrics"]
 
 
 class TrainingError(DopdError):
@@ -106,6 +107,9 @@ class Trainer:
         self.device = self.accelerator.device
         self.objective = build_objective(c.objective)
         self.output_dir = Path(c.output_dir)
+        # The views scored each step: the objective's, plus every view the diagnostics read (§1.11).
+        wanted = set(self.objective.views) | (set(DIAGNOSTIC_VIEWS) if c.diagnostics else set())
+        self.scored_views = tuple(v for v in SCORING_VIEWS if v in wanted)
 
         # Models: the student is trained; the teacher is frozen, in its own dtype, never in the optimizer.
         # Objectives without a teacher view (self_distill, vision_opd) do not load its weights.
@@ -115,9 +119,10 @@ class Trainer:
         teacher_processing = self.student_processing
         if c.teacher.name_or_path:
             teacher_processing = load_processing(c.teacher.name_or_path, c.teacher.trust_remote_code)
-        if TEACHER_VIEWS & set(self.objective.views):
+        if TEACHER_VIEWS & set(self.scored_views):
             if not c.teacher.name_or_path:
-                raise ConfigError(f"objective {self.objective.name!r} scores teacher views {sorted(TEACHER_VIEWS & set(self.objective.views))}: set teacher.name_or_path")
+                needs = f"objective {self.objective.name!r}" if TEACHER_VIEWS & set(self.objective.views) else "diagnostics (dopd diagnose)"
+                raise ConfigError(f"{needs} scores teacher views {sorted(TEACHER_VIEWS & set(self.scored_views))}: set teacher.name_or_path")
             self.teacher = load_model(c.teacher.name_or_path, resolve_dtype(c.teacher.dtype, self.device), c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
         elif c.teacher.name_or_path:
             logger.info("objective %s uses no teacher view: the teacher's weights are not loaded", self.objective.name)
@@ -165,14 +170,13 @@ class Trainer:
             self.accelerator.init_trackers("dopd", config=_flat(config_to_dict(c)))
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.objective.name}", disable=not self.accelerator.is_main_process)
         while self.step < c.max_steps:
-            self._seed_step()
             started = time.perf_counter()
-            micro_batches = [self.rollout(indices) for indices in self._step_prompt_indices()]
+            micro_batches = self.sample()
             rollout_time = time.perf_counter() - started
             metrics = self.train_step(micro_batches)
             metrics["time/rollout"] = rollout_time
             metrics["tokens_per_s"] = metrics.pop("_tokens") / (time.perf_counter() - started)
-            metrics.update(_rollout_metrics(micro_batches, self.tokenizer, self.accelerator))
+            metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.accelerator))
             alarm = self.guard.update(metrics) if c.collapse_action != "off" else None
             metrics["collapse_alarm"] = int(alarm is not None)
             self._log(metrics)
@@ -187,6 +191,11 @@ class Trainer:
         if c.report_to:
             self.accelerator.end_training()
         return final
+
+    def sample(self) -> list[MicroBatch]:
+        """This process's micro-batches of the current step, with rollouts seeded by (seed, step, process)."""
+        self._seed_step()
+        return [self.rollout(indices) for indices in self._step_prompt_indices()]
 
     def rollout(self, record_indices: list[int]) -> MicroBatch:
         """Sample `num_generations` responses per record from the student on the plain view."""
@@ -210,16 +219,16 @@ class Trainer:
         # Step statistics over every valid token of the step, on every process (docs/design.md §1.3).
         num_sequences = self._sum(sum(int(s.student_view.response_mask.any(-1).sum()) for s in scored))
         num_tokens = self._sum(sum(int(s.student_view.response_mask.sum()) for s in scored))
-        global_stats = self._step_statistics(scored)
+        global_stats = self.step_statistics(scored)
 
         # Loss and backward per micro-batch; each loss is a share of the step's loss.
         self.loss_module.train()
         step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         diagnostics = []
         for i, s in enumerate(scored):
-            stats = global_stats if c.objective.threshold_scope == "global" else self.objective.step_statistics(s.signals, s.prune_keys)
+            stats = self.statistics_for(s, global_stats)
             mask = s.student_view.response_mask
-            route = self.objective.assign_routes(torch.ones(int(mask.sum()), dtype=torch.bool, device=self.device), s.signals, stats, s.prune_keys)
+            route = self.routes(s, stats)
             route_bt = torch.full(mask.shape, -1, dtype=torch.long, device=self.device).masked_scatter(mask, route)
             weight = self.objective.token_weights(mask, route_bt, stats, s.signals, s.groups, num_sequences, num_tokens)[mask]
             is_last = i == len(scored) - 1
@@ -238,6 +247,10 @@ class Trainer:
         metrics = {"step": self.step + 1, "loss": self._sum(step_loss)}
         metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher", "teacher_entropy", "visual_advantage")})
         metrics.update(self._token_metrics(diagnostics))
+        if c.diagnostics:  # what DOPD's routing would see on this step, whatever the objective (§1.11)
+            logprob = {v: self.gather(torch.cat([s.targets[v].token_logprob for s in scored]).double()) for v in DIAGNOSTIC_VIEWS}
+            per_token, _ = token_diagnostics(logprob, c.objective.outlier_fraction)
+            metrics.update({f"diag/{k}": v for k, v in summarise_diagnostics(per_token).items()})
         metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": num_tokens})
         return metrics
 
@@ -264,7 +277,7 @@ class Trainer:
         """Build the views the objective needs and score the target views without gradient."""
         responses = mb.rollout.responses
         records = [mb.records[i] for i in mb.rollout.record_index]
-        views = build_views(self.adapters, ("student", *self.objective.views), records, responses)
+        views = build_views(self.adapters, ("student", *self.scored_views), records, responses)
         views = {k: v.to(self.device) for k, v in views.items()}
         targets = self._score_targets(views)
         signals = self.objective.token_signals({v: t.token_logprob for v, t in targets.items()}, {v: t.entropy for v, t in targets.items()})
@@ -332,25 +345,35 @@ class Trainer:
         for ema_p, p in zip(self.privileged_student.parameters(), self.student.parameters()):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
 
-    def _step_statistics(self, scored: list[_Scored]) -> dict[str, float]:
+    def statistics_for(self, s: _Scored, step_stats: dict[str, float]) -> dict[str, float]:
+        """The statistics a micro-batch is routed with: the step's, or its own (`threshold_scope: local`)."""
+        return step_stats if self.config.objective.threshold_scope == "global" else self.objective.step_statistics(s.signals, s.prune_keys)
+
+    def routes(self, s: _Scored, stats: dict[str, float]) -> Tensor:
+        """The route index of each valid token of a scored micro-batch, flattened ([N]; -1: no loss)."""
+        valid = torch.ones(int(s.student_view.response_mask.sum()), dtype=torch.bool, device=self.device)
+        return self.objective.assign_routes(valid, s.signals, stats, s.prune_keys)
+
+    def step_statistics(self, scored: list[_Scored]) -> dict[str, float]:
+        """Thresholds and counts over every valid token of the step, on every process (§1.3)."""
         if not self.objective.needs_signals and self.objective.router != "prune":
             return {}
         parts = [s.signals for s in scored]
-        gathered = parts[0].map(lambda name, _: self._gather_1d(torch.cat([getattr(p, name) for p in parts]))) if parts[0] is not None else None
-        keys = self._gather_1d(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
+        gathered = parts[0].map(lambda name, _: self.gather(torch.cat([getattr(p, name) for p in parts]))) if parts[0] is not None else None
+        keys = self.gather(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
         return self.objective.step_statistics(gathered, keys)
 
     def _token_metrics(self, diagnostics) -> dict:
         """Regime fractions, per-regime loss and A, entropies: over the step's tokens, all processes."""
-        token_loss = self._gather_1d(torch.cat([d[0] for d in diagnostics]).double())
-        entropy = self._gather_1d(torch.cat([d[1] for d in diagnostics]).double())
+        token_loss = self.gather(torch.cat([d[0] for d in diagnostics]).double())
+        entropy = self.gather(torch.cat([d[1] for d in diagnostics]).double())
         metrics = {"entropy/student": entropy.mean().item()}
         teacher_entropy = [d[3].targets["teacher_priv"].entropy for d in diagnostics if "teacher_priv" in d[3].targets]
         if teacher_entropy:
-            metrics["entropy/teacher_priv"] = self._gather_1d(torch.cat(teacher_entropy).double()).mean().item()
+            metrics["entropy/teacher_priv"] = self.gather(torch.cat(teacher_entropy).double()).mean().item()
         if diagnostics[0][2] is not None:
-            regime = self._gather_1d(torch.cat([d[2] for d in diagnostics]).double())
-            gap = self._gather_1d(torch.cat([d[3].signals.advantage_gap for d in diagnostics]).double())
+            regime = self.gather(torch.cat([d[2] for d in diagnostics]).double())
+            gap = self.gather(torch.cat([d[3].signals.advantage_gap for d in diagnostics]).double())
             for code, name in enumerate(REGIME_NAMES):
                 sel = regime == code
                 count = int(sel.sum())
@@ -358,7 +381,7 @@ class Trainer:
                 metrics[f"loss/{name}"] = token_loss[sel].mean().item() if count else 0.0
                 metrics[f"A/{name}"] = gap[sel].mean().item() if count else 0.0
         elif self.objective.router == "split":  # EOPD / VA-OPD: the share of tokens at or above the split threshold
-            route = self._gather_1d(torch.cat([d[4] for d in diagnostics]).double())
+            route = self.gather(torch.cat([d[4] for d in diagnostics]).double())
             metrics[f"frac/high_{self.objective.split_on}"] = (route == 1).double().mean().item()
         return metrics
 
@@ -385,7 +408,7 @@ class Trainer:
         torch.manual_seed(seed)
         random.seed(seed)
 
-    def _gather_1d(self, values: Tensor) -> Tensor:
+    def gather(self, values: Tensor) -> Tensor:
         """Concatenate a variable-length 1-D tensor over processes (exact, no sampling)."""
         if self.accelerator.num_processes == 1:
             return values
@@ -466,7 +489,7 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _rollout_metrics(micro_batches: list[MicroBatch], tokenizer, accelerator) -> dict:
+def rollout_metrics(micro_batches: list[MicroBatch], tokenizer, accelerator) -> dict:
     lengths = [r.numel() for mb in micro_batches for r in mb.rollout.responses]
     clipped = [reason == "length" for mb in micro_batches for reason in mb.rollout.stop_reasons]
     eos_only = [r.numel() == 1 and reason == "eos" for mb in micro_batches for r, reason in zip(mb.rollout.responses, mb.rollout.stop_reasons)]

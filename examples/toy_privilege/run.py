@@ -14,7 +14,8 @@ weak) and the distillation. From that seed's student, every method trains for th
 through the package's Trainer and config.yaml; everything is evaluated without privileged context
 on held-out problems through `dopd eval`.
 
-Studies (`--study`): `main` (the methods and ablations, every seed), `prune` (pruned_opd dropping
+Studies (`--study`; `calibrate` and `strength`, the student-strength study, are described in
+strength.py): `main` (the methods and ablations, every seed), `prune` (pruned_opd dropping
 20% of tokens by largest A / random / smallest A, every seed), `lr` (dopd live, dopd with the
 initial privileged student and vanilla OPD at learning rates 1e-4 and 1e-3, seed 0; 3e-4 is the
 main runs'), `comparison` (EOPD and ExOPD, with the privileged and the plain teacher, beside
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -179,37 +181,61 @@ class Prepared:
     reports: dict  # teacher plain / privileged, student start
 
 
-def prepare(out: Path, task_name: str, size: Size, seed: int, device: str = "auto") -> tuple[Path, Path, Path, Path]:
-    """Seed `seed`'s data, teacher (trained with and without the context) and warmed-up student.
-    Seed 0 of add_hidden reproduces the first version of this experiment's preparation."""
-    task = TASKS[task_name]
-    tokenizer = build_char_tokenizer()
+def write_data(out: Path, task_name: str, size: Size, seed: int) -> tuple[Path, Path]:
+    """Seed `seed`'s training and held-out problems."""
     train = write_split(out / "data" / "train.jsonl", size.train_problems, seed=1000 + seed, task=task_name, split_seed=seed)
     heldout = write_split(out / "data" / "heldout.jsonl", size.heldout_problems, seed=2000 + seed, task=task_name, split_seed=seed, split="heldout")
-    adapter = make_adapter(tokenizer)
-    records = load_records(train)
-    teacher = build_tiny_qwen3(out / "models" / "teacher", tokenizer=tokenizer, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                               intermediate_size=512, lm_head_rows=0, seed=1 + 100 * seed)
-    student = build_tiny_qwen3(out / "models" / "student", tokenizer=tokenizer, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                               intermediate_size=256, lm_head_rows=0, seed=2 + 100 * seed)
-    for folder, config in (
-        (teacher, SFTConfig(steps=size.teacher_sft_steps, batch_size=64, lr=1e-3, views=("teacher_priv", "teacher_plain"), seed=1 + 100 * seed, target=task.sft_target)),
-        (student, SFTConfig(steps=size.student_sft_steps, batch_size=64, lr=1e-3, views=("student", "student_priv"), seed=2 + 100 * seed, target=task.sft_target)),
-    ):
-        model = load_model(folder, device=device)
-        print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
-        supervised_finetune(model, adapter, records, len(tokenizer), config)
-        model.save_pretrained(folder, safe_serialization=True)
+    return train, heldout
+
+
+def train_model(folder: Path, role: str, task_name: str, train: Path, seed: int, steps: int, device: str = "auto", on_step=None) -> Path:
+    """Build seed `seed`'s teacher (4 layers x 128, trained with and without the context) or student
+    (2 layers x 64, warmed up briefly: capable but weak) and train it on the reference responses.
+    `on_step(n, model)` is called after every update (the strength study's warm-up curve)."""
+    tokenizer = build_char_tokenizer()
+    shape = dict(hidden_size=128, num_layers=4, intermediate_size=512) if role == "teacher" else dict(hidden_size=64, num_layers=2, intermediate_size=256)
+    model_seed = (1 if role == "teacher" else 2) + 100 * seed
+    build_tiny_qwen3(folder, tokenizer=tokenizer, num_heads=4, num_kv_heads=2, lm_head_rows=0, seed=model_seed, **shape)
+    views = ("teacher_priv", "teacher_plain") if role == "teacher" else ("student", "student_priv")
+    config = SFTConfig(steps=steps, batch_size=64, lr=1e-3, views=views, seed=model_seed, target=TASKS[task_name].sft_target)
+    model = load_model(folder, device=device)
+    print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
+    callback = (lambda n: on_step(n, model)) if on_step is not None else None
+    supervised_finetune(model, make_adapter(tokenizer), load_records(train), len(tokenizer), config, on_step=callback)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prepare(out: Path, task_name: str, size: Size, seed: int, device: str = "auto", teacher_cache: Path | None = None) -> tuple[Path, Path, Path, Path]:
+    """Seed `seed`'s data, teacher and warmed-up student (`size.student_sft_steps`). Seed 0 of
+    add_hidden reproduces the first version of this experiment's preparation. `teacher_cache`:
+    a folder of seed{S} teachers trained once and copied (the strength study's students share them)."""
+    train, heldout = write_data(out, task_name, size, seed)
+    teacher = prepare_teacher(out, task_name, size, seed, train, device, teacher_cache)
+    student = train_model(out / "models" / "student", "student", task_name, train, seed, size.student_sft_steps, device)
     return train, heldout, teacher, student
 
 
-def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool, device: str = "auto") -> Prepared:
+def prepare_teacher(out: Path, task_name: str, size: Size, seed: int, train: Path, device: str = "auto", teacher_cache: Path | None = None) -> Path:
+    """Seed `seed`'s teacher in OUT/models/teacher: copied from `teacher_cache/seed{S}` when there, else trained (and cached)."""
+    teacher = out / "models" / "teacher"
+    cached = teacher_cache / f"seed{seed}" if teacher_cache is not None else None
+    if cached is not None and (cached / "config.json").exists():
+        shutil.copytree(cached, teacher, dirs_exist_ok=True)
+        return teacher
+    train_model(teacher, "teacher", task_name, train, seed, size.teacher_sft_steps, device)
+    if cached is not None:
+        shutil.copytree(teacher, cached, dirs_exist_ok=True)
+    return teacher
+
+
+def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool, device: str = "auto", teacher_cache: Path | None = None) -> Prepared:
     base = out / f"seed{seed}"
     if reuse and (base / "eval" / "student_start.json").exists():
         paths = base / "data" / "train.jsonl", base / "data" / "heldout.jsonl", base / "models" / "teacher", base / "models" / "student"
         reports = json.loads((base / "eval" / "reports.json").read_text())
         return Prepared(*paths, reports)
-    train, heldout, teacher, student = prepare(base, task_name, size, seed, device)
+    train, heldout, teacher, student = prepare(base, task_name, size, seed, device, teacher_cache)
     task, evals = TASKS[task_name], base / "eval"
     evals.mkdir(parents=True, exist_ok=True)
     reports = {
@@ -257,6 +283,9 @@ def training_summary(run_dir: Path) -> dict:
     for regime in ("LH", "LL", "HT", "HS"):
         if f"frac/{regime}" in rows[0]:
             summary[f"frac/{regime}"] = statistics.mean(r[f"frac/{regime}"] for r in rows)
+    for key in (k for k in rows[0] if k.startswith("diag/")):  # `diagnostics: true` runs: the first step and the mean over training
+        summary[f"first/{key}"] = rows[0][key]
+        summary[f"mean/{key}"] = statistics.mean(r[key] for r in rows)
     return summary
 
 
@@ -368,14 +397,15 @@ def plot_curves(out: Path, results: dict) -> Path:
     return path
 
 
-def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False, device: str = "auto") -> dict:
+def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False, device: str = "auto",
+        teacher_cache: Path | None = None) -> dict:
     started = time.perf_counter()
     task = TASKS[task_name]
     out.mkdir(parents=True, exist_ok=True)
     seeds = sorted({s for _, only in specs for s in (only or size.seeds) if s in size.seeds} or set(size.seeds))
     prepared = {}
     for seed in seeds:
-        prepared[seed] = p = prepared_seed(out, task_name, size, seed, reuse, device)
+        prepared[seed] = p = prepared_seed(out, task_name, size, seed, reuse, device, teacher_cache)
         r = p.reports
         print(f"seed {seed}: teacher {r['teacher_priv']['accuracy']:.3f} with context, {r['teacher_plain']['accuracy']:.3f} without; "
               f"student {r['student_start']['accuracy']:.3f} ({r['student_priv']['accuracy']:.3f} with context)", flush=True)
@@ -416,8 +446,9 @@ def cli() -> None:
     parser.add_argument("--out", help="default runs/toy_privilege/TASK")
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and methods (<= 10 min)")
     parser.add_argument("--size", choices=["full", "quick", "smoke"], help=argparse.SUPPRESS)
-    parser.add_argument("--study", choices=["main", "prune", "lr", "comparison", "all"], default="main",
-                        help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, privileged and DOPD (initial)")
+    parser.add_argument("--study", choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength"], default="main",
+                        help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, privileged and DOPD (initial); "
+                             "calibrate / strength = the student-strength study (strength.py): the warm-up curve, then 3 strengths x 3 seeds x 5 methods")
     parser.add_argument("--methods", nargs="+", help="instead of --study: methods; an ablation is LABEL=METHOD;key=value;... "
                                                      "e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda[:N]; models stay float32 (tiny)")
@@ -426,6 +457,15 @@ def cli() -> None:
     logging.basicConfig(level=logging.WARNING)
     task = TASKS[args.task]
     size_name = args.size or ("quick" if args.quick else "full")
+    if args.study in ("calibrate", "strength"):
+        from examples.toy_privilege import strength
+
+        out = Path(args.out or f"runs/toy_privilege/strength/{args.task}")
+        if args.study == "calibrate":
+            strength.calibrate(out, args.task, task.sizes[size_name], args.device)
+        else:
+            strength.run_study(out, args.task, task.sizes[size_name], args.device, args.reuse)
+        return
     specs = [(m, None) for m in args.methods] if args.methods else study_methods(args.study, task, quick=size_name != "full")
     run(Path(args.out or f"runs/toy_privilege/{args.task}"), args.task, task.sizes[size_name], specs, reuse=args.reuse, device=args.device)
 

@@ -1,0 +1,173 @@
+"""`dopd diagnose` and the `diag/*` training metrics: hand-checked statistics, the CLI's numbers
+against a full-vocabulary recomputation from the same rollouts, weights never touched, the reading."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import REPO
+from dopd_vl.cli import main as dopd
+from dopd_vl.config import load_config
+from dopd_vl.diagnosis import diagnose_trainer, reading, summarise_diagnostics, token_diagnostics
+
+
+def test_token_diagnostics_hand_checked_case():
+    # Five tokens. l_T with the context, l_S (privileged student), l_T without the context.
+    l_t = torch.log(torch.tensor([0.9, 0.2, 0.5, 0.05, 0.6], dtype=torch.float64))
+    l_s = torch.log(torch.tensor([0.8, 0.6, 0.5, 0.5, 0.1], dtype=torch.float64))
+    l_p = torch.log(torch.tensor([0.9, 0.7, 0.5, 0.01, 0.05], dtype=torch.float64))
+    per_token, thresholds = token_diagnostics({"teacher_priv": l_t, "student_priv": l_s, "teacher_plain": l_p}, outlier_fraction=0.0)
+    a = (l_t - l_s).abs()
+    assert thresholds["A"] == pytest.approx(float(a.mean()))  # 0.805: tokens 1, 3 and 4 are high-gap
+    assert thresholds["q_teacher"] + thresholds["q_student"] == pytest.approx((2.25 + 2.5) / 5)  # 0.95
+    # Token 0: low gap, q sum 1.7 >= 0.95 -> LH. Token 2: A = 0, sum 1.0 -> LH.
+    # Token 1: A = ln 3 high, q_T < q_S -> HS; without the context the teacher (0.7) would beat the
+    # student (0.6): the verdict flips (information) -> HS under the edge check too.
+    # Token 3: A = ln 10 high, q_T < q_S -> HS; plain 0.01 < 0.5, the same verdict (capability) -> HT under the edge check.
+    # Token 4: A = ln 6 high, q_T > q_S -> HT; plain 0.05 < 0.1 flips -> HS under the edge check.
+    assert per_token["regime"].tolist() == [0, 3, 0, 3, 2]
+    assert per_token["regime_edge_check"].tolist() == [0, 3, 0, 2, 3]
+    summary = summarise_diagnostics(per_token)
+    assert summary["endorsement"] == pytest.approx(3 / 5)  # q_T >= q_S: tokens 0, 2 (equal), 4
+    assert summary["frac/HT"] == pytest.approx(0.2) and summary["frac/HS"] == pytest.approx(0.4) and summary["frac/LL"] == 0
+    assert summary["edge_check/frac/HT"] == pytest.approx(0.2) and summary["edge_check/frac/HS"] == pytest.approx(0.4)
+    edge = [math.log(0.9 / 0.9), math.log(0.2 / 0.7), 0.0, math.log(0.05 / 0.01), math.log(0.6 / 0.05)]
+    assert summary["information_edge/mean"] == pytest.approx(sum(edge) / 5)
+    assert summary["information_edge/above_1nat"] == pytest.approx(2 / 5)  # ln 5 and ln 12
+
+
+def _independent_statistics(rollouts, config, steps):
+    """Per-step thresholds, regimes and edges from full-vocabulary logits of plain HF forwards."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from dopd_vl.data import load_records, records_root
+    from dopd_vl.models import load_processing, resolve_model_path
+    from dopd_vl.modality import make_adapter
+    from dopd_vl.views import build_views
+
+    records = {r["id"]: r for r in load_records(config.data.train)}
+    models = {}
+    for role in ("student", "teacher"):
+        path = resolve_model_path(getattr(config, role).name_or_path)
+        processing = load_processing(path)
+        auto = AutoModelForImageTextToText if hasattr(processing, "image_processor") else AutoModelForCausalLM
+        models[role] = (auto.from_pretrained(path, dtype=torch.float64).eval(), make_adapter(processing, image_root=records_root(config.data.train)))
+    vocab = len(models["student"][1].tokenizer)
+    out = []
+    for step in range(1, steps + 1):
+        rows = [r for r in rollouts if r["step"] == step]
+        logp = {v: [] for v in ("student", "teacher_priv", "student_priv", "teacher_plain")}
+        for row in rows:
+            response = torch.tensor(row["response_ids"])
+            for view in logp:
+                model, adapter = models["teacher" if view.startswith("teacher") else "student"]
+                batch = build_views({"student": models["student"][1], "teacher": models["teacher"][1]}, (view,), [records[row["id"]]], [response])[view]
+                with torch.no_grad():
+                    logits = model(**batch.inputs).logits[0, :, :vocab].double().log_softmax(-1)
+                positions = batch.response_positions[0][batch.response_mask[0]]
+                logp[view] += logits[positions].gather(-1, response[:, None]).squeeze(-1).tolist()
+        t, s, p, own = (torch.tensor(logp[v], dtype=torch.float64) for v in ("teacher_priv", "student_priv", "teacher_plain", "student"))
+        a, q_t, q_s = (t - s).abs(), t.exp(), s.exp()
+
+        def trimmed(v):  # mean of the N - floor(0.05 N) smallest
+            return v.sort().values[: len(v) - math.floor(0.05 * len(v))].mean()
+
+        high, confident = a >= trimmed(a), (q_t + q_s) >= trimmed(q_t) + trimmed(q_s)
+        paper = [(2 if qt >= qs else 3) if h else (0 if c else 1) for h, c, qt, qs in zip(high, confident, q_t, q_s)]
+        edge = [(2 if (qt >= qs) == (qp >= qs) else 3) if h else (0 if c else 1) for h, c, qt, qs, qp in zip(high, confident, q_t, q_s, p.exp())]
+        out.append({"paper": paper, "edge": edge, "endorsement": float((q_t >= q_s).double().mean()), "information_edge": t - p, "capability": p - own})
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["tiny_text", "tiny_vlm"])
+def test_diagnose_cli_equals_an_independent_full_vocabulary_computation(tmp_path, recipe):
+    out = tmp_path / "diag"
+    overrides = ["objective.top_k=16"]
+    assert dopd(["diagnose", str(REPO / "configs" / f"{recipe}.yaml"), *overrides, "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "diagnose.json").read_text())
+    assert (out / "diagnose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]
+    config = load_config(REPO / "configs" / f"{recipe}.yaml", overrides)
+    assert len(rollouts) == 2 * config.optim.batch_size * config.rollout.num_generations
+    independent = _independent_statistics(rollouts, config, steps=2)
+    for row, ref in zip(result["steps"], independent):
+        n = len(ref["paper"])
+        assert row["tokens"] == n
+        for code, name in enumerate(("LH", "LL", "HT", "HS")):
+            assert row[f"frac/{name}"] == pytest.approx(ref["paper"].count(code) / n, abs=1e-12)
+            assert row[f"edge_check/frac/{name}"] == pytest.approx(ref["edge"].count(code) / n, abs=1e-12)
+            assert row[f"route/{name}"] == row[f"frac/{name}"]  # the recipe is dopd without the edge check
+        assert row["endorsement"] == pytest.approx(ref["endorsement"], abs=1e-12)
+        assert row["information_edge/mean"] == pytest.approx(float(ref["information_edge"].mean()), abs=1e-5)
+        assert row["information_edge/above_1nat"] == pytest.approx(float((ref["information_edge"] > 1).double().mean()), abs=1e-12)
+        assert row["capability_edge/mean"] == pytest.approx(float(ref["capability"].mean()), abs=1e-5)
+    assert result["student_weights_unchanged"] is True
+    assert "teacher endorsement" in "\n".join(result["reading"])
+
+
+def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):
+    from dopd_vl.trainer import Trainer
+
+    config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / 'run'}", "objective.privileged_student=live", "diagnostics=true"])
+    trainer = Trainer(config)
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    result = diagnose_trainer(trainer, steps=2, progress=False)
+    after = trainer.student.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not trainer.optimizer.state and trainer.step == 0 and not (tmp_path / "run").exists()
+    assert result["recipe"]["privileged_student"] == "live" and len(result["steps"]) == 2
+
+
+def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_path):
+    from dopd_vl.trainer import Trainer
+
+    losses = {}
+    for diagnostics in (False, True):
+        config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / str(diagnostics)}", "objective.name=vanilla_opd",
+                                                                     "max_steps=2", "save_steps=100", f"diagnostics={str(diagnostics).lower()}"])
+        Trainer(config).train()
+        rows = [json.loads(line) for line in (tmp_path / str(diagnostics) / "metrics.jsonl").read_text().splitlines()]
+        losses[diagnostics] = [(r["loss"], r["grad_norm"]) for r in rows]
+        diag = [k for k in rows[0] if k.startswith("diag/")]
+        if diagnostics:
+            assert {"diag/endorsement", "diag/frac/HT", "diag/edge_check/frac/HT", "diag/information_edge/mean", "diag/information_edge/above_1nat"} <= set(diag)
+            assert sum(rows[0][f"diag/frac/{g}"] for g in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
+        else:
+            assert diag == []
+    assert losses[True] == losses[False]
+
+
+def test_the_python_api_is_dopd_vl_diagnose():
+    import dopd_vl
+    from dopd_vl.diagnosis import diagnose
+
+    assert dopd_vl.diagnose is diagnose
+
+
+STUDY = {
+    "source": "a study", "scope": "two cells", "caveat": "tiny models.",
+    "variants": {"dopd_initial": "DOPD, initial"},
+    "cells": [
+        {"task": "t", "strength": "low", "start_relative": [0.2, 0.3], "first_step": {"endorsement": [0.30, 0.40], "frac/HT": [0.01, 0.02]},
+         "gain_over_vanilla": {"dopd_initial": [-0.2, -0.1]}},
+        {"task": "t", "strength": "high", "start_relative": [0.7, 0.8], "first_step": {"endorsement": [0.70, 0.80], "frac/HT": [0.05, 0.06]},
+         "gain_over_vanilla": {"dopd_initial": [0.05, -0.05]}},
+    ],
+    "beats_vanilla": [],
+}
+
+
+@pytest.mark.parametrize("endorsement, inside, nearest", [(0.33, True, "low"), (0.72, True, "high"), (0.95, False, "high"), (0.1, False, "low")])
+def test_reading_places_the_numbers_among_the_measured_cells(endorsement, inside, nearest):
+    summary = {"endorsement": endorsement, "frac/HT": 0.03, "response_length": 3.0, "clipped_frac": 0.0, "eos_only_frac": 0.0,
+               "information_edge/mean": 0.1, "information_edge/above_1nat": 0.0, "capability_edge/mean": -0.5, "advantage_gap/mean": 0.4,
+               **{f"{p}/{g}": 0.25 for p in ("frac", "edge_check/frac", "route") for g in ("LH", "LL", "HS")}, "edge_check/frac/HT": 0.25, "route/HT": 0.03}
+    result = {"summary": summary, "tokens": 10, "route_names": ["LH", "LL", "HT", "HS"],
+              "recipe": {"steps": 1, "responses_per_step": 4, "student": "s", "data": "d", "teacher": "t", "objective": "dopd", "privileged_student": "initial", "max_new_tokens": 4}}
+    text = "\n".join(reading(result, STUDY))
+    assert (f"Yours ({endorsement:.3f}) is inside that range" in text) == inside
+    assert (f"Yours ({endorsement:.3f}) is outside anything measured" in text) == (not inside)
+    assert f"t / {nearest} student" in text
+    assert "In no measured cell did a DOPD configuration beat vanilla OPD" in text and "tiny models." in text

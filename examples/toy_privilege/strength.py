@@ -38,8 +38,10 @@ CALIBRATION_GRID = {
     "add_hidden": (5, 10, 15, 20, 30, 40, 50, 60, 80, 100, 130, 160, 200, 250, 300, 400),
     "two_step": (50, 100, 150, 200, 250, 300, 350, 400, 450, 500, 600, 700, 800, 1000),
 }
-WARMUP_STEPS: dict[str, tuple[int, int, int]] = {}
-"""Warm-up steps for the low / middle / high student, from `--study calibrate` (calibration.md)."""
+WARMUP_STEPS = {"add_hidden": (80, 130, 200), "two_step": (300, 400, 450)}
+"""Warm-up steps for the low / middle / high student, chosen by `--study calibrate` before any
+distillation of this study (results/strength/TASK/calibration.md: mean dev ratios 0.23 / 0.55 /
+0.85 and 0.33 / 0.52 / 0.76)."""
 DIAG = "diagnostics=true"
 METHODS = (
     f"vanilla_opd=vanilla_opd;{DIAG}",

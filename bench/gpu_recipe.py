@@ -126,10 +126,9 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            trainer._seed_step()
-            micro_batches = [trainer.rollout(ix) for ix in trainer._step_prompt_indices()]
+            micro_batches = trainer.sample()
             rollout = time.perf_counter() - start
-            metrics = trainer.accumulate_gradients(micro_batches)
+            metrics = trainer.train_step(micro_batches, update=False)
             update_start = time.perf_counter()
             metrics.update(trainer.apply_update(metrics["loss"]))
             if cuda:

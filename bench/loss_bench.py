@@ -58,7 +58,8 @@ def worker(method: str, h: int, t: int) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from dopd_vl.objectives import DOPDConfig, build_objective, chunked_objective_loss, dopd_loss, target_states, token_weights
+    from dopd_vl.loss import chunked_objective_loss, dopd_loss, target_states
+    from dopd_vl.objectives import DOPDConfig, build_objective, token_weights
     from dopd_vl.routing import token_signals
 
     student_w, teacher_w, student_h, teacher_h, spriv_h, ids = _inputs(h, t)
@@ -163,8 +164,9 @@ def gpu_case(method: str, h: int, t: int, device, dtype, vocab: int = VOCAB, row
     (routing signals given, as the trainer's scoring provides them)."""
     import torch
 
-    from dopd_vl.kernels import triton_available
-    from dopd_vl.objectives import DOPDConfig, auto_chunk_size, build_objective, chunked_objective_loss, dopd_loss, target_states, token_weights
+    from dopd_vl.loss.kernels import triton_available
+    from dopd_vl.loss import auto_chunk_size, chunked_objective_loss, dopd_loss, target_states
+    from dopd_vl.objectives import DOPDConfig, build_objective, token_weights
 
     g = torch.Generator(device=device).manual_seed(0)
     student_w = (torch.randn(rows, h, generator=g, device=device) / h**0.5).to(dtype).requires_grad_()

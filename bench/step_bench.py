@@ -68,8 +68,7 @@ def run_ours(objective: str, args, work: Path) -> list[float]:
     times, parts = [], []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
-        trainer._seed_step()
-        micro_batches = [trainer.rollout(ix) for ix in trainer._step_prompt_indices()]
+        micro_batches = trainer.sample()
         rollout = time.perf_counter() - start
         metrics = trainer.train_step(micro_batches)
         times.append(time.perf_counter() - start)

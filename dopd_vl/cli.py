@@ -275,7 +275,6 @@ def _build_grounding(args) -> int:
 
 
 def _build_hints(args) -> int:
-    from data_builders.formats import get_format
     from data_builders.hints import build_hints
 
     generator = None

@@ -94,7 +94,7 @@ class TrainConfig:
     an integer, or `auto` (64 on CPU, where small chunks were fastest; on a GPU the largest chunk
     whose intermediates fit a budget of min(4 GiB, 10% of free memory), 64..2048) [ours]."""
     loss_backend: str = "auto"
-    """Routed loss per chunk: `torch` (autograd), `triton` (fused kernels, dopd_vl/kernels.py) or
+    """Routed loss per chunk: `torch` (autograd), `triton` (fused kernels, dopd_vl/loss/kernels.py) or
     `auto` (triton on CUDA when Triton is installed, else torch) [ours]."""
     max_consecutive_skips: int = 5
     """Non-finite steps in a row before training stops."""

@@ -125,7 +125,7 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
     """The diagnosis with an already built Trainer (its config must have `diagnostics: true`): the
     first `steps` steps of its run, sampled and scored but never trained on. Nothing is updated:
     no backward, no optimizer step; the student's weights are fingerprinted before and after."""
-    from dopd_vl.objectives import chunked_token_logprobs
+    from dopd_vl.loss import chunked_token_logprobs
     from dopd_vl.models import output_embedding_weight
     from dopd_vl.scoring import valid_response_states
     from dopd_vl.trainer import rollout_metrics

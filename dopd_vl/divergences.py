@@ -21,6 +21,7 @@ __all__ = [
     "DIVERGENCES",
     "SUPPORTS",
     "upcast",
+    "entropy",
     "kl",
     "reverse_kl",
     "forward_kl",
@@ -38,6 +39,11 @@ SUPPORTS = ("full", "topk", "sampled")
 def upcast(x: Tensor) -> Tensor:
     """fp32 for half types, float64 kept as is."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def entropy(logp: Tensor) -> Tensor:
+    """H(p) = -sum_v p_v log p_v over the last dim, from log-probabilities."""
+    return -(logp.exp() * logp).sum(-1)
 
 
 def kl(p_logp: Tensor, q_logp: Tensor) -> Tensor:

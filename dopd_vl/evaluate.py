@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from dopd_vl.divergences import reverse_kl
 from dopd_vl.answers import answer_kind, is_correct
 from dopd_vl.models import output_embedding_weight
-from dopd_vl.objectives import chunk_logits
+from dopd_vl.loss import chunk_logits
 from dopd_vl.rollout import RolloutConfig, sample_responses
 from dopd_vl.scoring import valid_response_states
 from dopd_vl.views import build_views

@@ -1,15 +1,10 @@
-"""Objectives: a router plus a table of routes (docs/design.md §1.6, §1.7).
+"""Objectives: a router plus a table of routes (docs/design.md §1.6, §1.7), their configuration and registry.
 
 A route says, for the tokens sent to it, which view is the target, which divergence and support
-to use, and the weight. DOPD routes by the four regimes; the baselines are configurations of the
-same engine so that comparisons run on identical code.
-
-Two paths compute the same loss:
-
-* `objective_loss` / `dopd_loss`: the readable reference over given [B, T, V] logits.
-* `chunked_objective_loss`: what the trainer uses. It takes final hidden states and output
-  embeddings, works on token chunks, never holds [tokens, vocab] for more than one chunk, and
-  computes the student gradient inside the forward (Liger / TRL style) so backward is a scale.
+to use, and the weight. DOPD routes by the four regimes; the baselines and the paper's comparison
+methods are configurations of the same engine so that comparisons run on identical code. How the
+loss is computed from a route table lives in `dopd_vl.loss` (the reference path over logits, the
+chunked path over hidden states and its kernels); its public names stay importable from here.
 """
 
 from __future__ import annotations
@@ -22,7 +17,7 @@ import torch
 from torch import Tensor
 
 from dopd_vl.divergences import DIVERGENCES, SUPPORTS, token_divergence, upcast
-from dopd_vl.routing import REGIME_NAMES, Regime, TokenSignals, assign_regimes, compute_thresholds, information_edge, token_signals, trimmed_mean
+from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes, compute_thresholds, information_edge, token_signals, trimmed_mean
 
 __all__ = [
     "OBJECTIVES",
@@ -30,20 +25,14 @@ __all__ = [
     "DOPDConfig",
     "Route",
     "Objective",
-    "LossOutput",
-    "TargetStates",
-    "ChunkedLossOutput",
     "build_objective",
     "route_divergence",
     "register_objective",
     "token_weights",
-    "objective_loss",
-    "dopd_loss",
-    "chunked_objective_loss",
-    "chunked_token_logprobs",
-    "auto_chunk_size",
-    "target_states",
 ]
+# Loss names that lived here before dopd_vl.loss; still importable from this module (docs/design.md §5).
+_LOSS_NAMES = ("LossOutput", "objective_loss", "dopd_loss", "TargetStates", "ChunkedLossOutput", "chunked_objective_loss",
+               "chunked_token_logprobs", "target_states", "chunk_logits", "auto_chunk_size")
 
 OBJECTIVES = ("dopd", "vanilla_opd", "privileged_opd", "self_distill", "uniform", "pruned_opd", "eopd", "exopd", "va_opd", "vision_opd")
 _REGISTERED: dict[str, Callable[["DOPDConfig"], "Objective"]] = {}  # register_objective (CONTRIBUTING.md)
@@ -430,15 +419,6 @@ def _import_builder(spec: str) -> Callable[[DOPDConfig], Objective]:
         raise ValueError(f"objective.name {spec!r}: cannot import the builder: {err}") from err
 
 
-@dataclass
-class LossOutput:
-    loss: Tensor  # scalar, gradient to the student only
-    token_loss: Tensor  # route-weighted per-token divergence, 0 where masked (detached)
-    regime: Tensor  # DOPD regime per token (-1 masked) when the privileged views exist, else route index
-    route: Tensor  # route index per token (-1: masked or dropped)
-    thresholds: dict[str, float]
-
-
 def token_weights(mask: Tensor, normalization: str, num_sequences: int | None = None, num_tokens: int | None = None) -> Tensor:
     """Per-token factors that turn a sum of token losses into Eq. 1.6's normalised loss.
 
@@ -459,298 +439,10 @@ def token_weights(mask: Tensor, normalization: str, num_sequences: int | None = 
     return torch.where(mask, weights.expand_as(mask), 0.0)
 
 
-def _checked_vocab(logits: dict[str, Tensor], vocab_size: int | None) -> int:
-    sizes = {name: t.shape[-1] for name, t in logits.items()}
-    if vocab_size is None:
-        if len(set(sizes.values())) != 1:
-            raise ValueError(
-                f"logits have different vocabulary sizes {sizes}; pass vocab_size (the tokenizer's size) "
-                "so that padded lm-head rows are dropped"
-            )
-        return next(iter(sizes.values()))
-    too_small = {k: v for k, v in sizes.items() if v < vocab_size}
-    if too_small:
-        raise ValueError(f"logits {too_small} have fewer entries than the tokenizer's {vocab_size}: models do not share a tokenizer")
-    return vocab_size
+def __getattr__(name: str):
+    # Lazy, because dopd_vl.loss imports this module.
+    if name in _LOSS_NAMES:
+        import dopd_vl.loss
 
-
-def objective_loss(
-    objective: Objective,
-    student_logits: Tensor,
-    view_logits: dict[str, Tensor],
-    response_ids: Tensor,
-    mask: Tensor,
-    *,
-    thresholds: dict[str, float] | None = None,
-    vocab_size: int | None = None,
-    num_sequences: int | None = None,
-    num_tokens: int | None = None,
-    prune_generator: torch.Generator | None = None,
-    groups: Tensor | None = None,
-) -> LossOutput:
-    """Reference path: the objective over full [B, T, V] logits at response positions.
-
-    `thresholds` (and `num_sequences` / `num_tokens`) default to this batch's own; pass the whole
-    batch's to compute a share of a larger batch. `groups` (VA-OPD's rollout weights): the prompt
-    index of each response; None puts every response in one group.
-    """
-    c = objective.config
-    mask = mask.bool()
-    missing = [v for v in objective.views if v not in view_logits]
-    if missing:
-        raise ValueError(f"objective {objective.name!r} needs logits of views {missing}")
-    vocab = _checked_vocab({"student": student_logits, **view_logits}, vocab_size)
-
-    def log_probs(logits: Tensor) -> Tensor:
-        # Masked slots may hold inf/nan: zero them before the softmax so nothing leaks.
-        logits = torch.where(mask[..., None], upcast(logits[..., :vocab]), 0.0)
-        return logits.log_softmax(-1)
-
-    student_logp = log_probs(student_logits)
-    target_logp = {v: log_probs(view_logits[v].detach()) for v in objective.views}
-    ids = torch.where(mask, response_ids, 0)
-    token_logprob = {v: lp.gather(-1, ids[..., None]).squeeze(-1) for v, lp in target_logp.items()}
-
-    signals = objective.token_signals(token_logprob, {v: _entropy(lp) for v, lp in target_logp.items()})
-    prune_keys = objective.prune_keys(signals, prune_generator) if objective.router == "prune" else None
-    if thresholds is None:
-        valid_signals = signals.map(lambda _, x: x[mask]) if signals is not None else None
-        thresholds = objective.step_statistics(valid_signals, prune_keys[mask] if prune_keys is not None else None)
-    route = objective.assign_routes(mask, signals, thresholds, prune_keys)
-    routed_by_regime = signals is not None and signals.advantage_gap is not None
-    regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if routed_by_regime else route
-
-    token_loss = torch.zeros(mask.shape, dtype=student_logp.dtype, device=mask.device)
-    for r, spec in enumerate(objective.routes):
-        if spec is None:
-            continue
-        d = route_divergence(
-            spec, c, student_logp.flatten(0, 1), target_logp[spec.target].flatten(0, 1), ids.flatten(),
-            {v: token_logprob[v].flatten() for v in spec.views},
-        ).view(mask.shape)
-        token_loss = torch.where(route == r, d, token_loss)
-    weights = objective.token_weights(mask, route, thresholds, signals, groups, num_sequences, num_tokens).to(token_loss.dtype)
-    loss = (token_loss * weights).sum()
-    return LossOutput(loss=loss, token_loss=token_loss.detach(), regime=regime, route=route, thresholds=thresholds)
-
-
-def dopd_loss(
-    student_logits: Tensor,
-    teacher_priv_logits: Tensor,
-    student_priv_logits: Tensor,
-    response_ids: Tensor,
-    mask: Tensor,
-    config: DOPDConfig | None = None,
-    *,
-    thresholds: dict[str, float] | None = None,
-    num_sequences: int | None = None,
-    num_tokens: int | None = None,
-) -> LossOutput:
-    """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); docs/design.md §5."""
-    config = config or DOPDConfig()
-    if config.name != "dopd":
-        raise ValueError(f"dopd_loss computes the 'dopd' objective; use objective_loss for {config.name!r}")
-    return objective_loss(
-        build_objective(config), student_logits,
-        {"teacher_priv": teacher_priv_logits, "student_priv": student_priv_logits.detach()},
-        response_ids, mask, thresholds=thresholds, num_sequences=num_sequences, num_tokens=num_tokens,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Chunked path
-
-
-@dataclass
-class TargetStates:
-    """What scoring keeps of one target view, over the valid tokens (flattened, [N, ...]).
-
-    Final hidden states (not logits) plus the sampled token's log-prob: O(N*H) memory, and target
-    logits are recomputed chunk by chunk only for tokens routed to this view.
-    """
-
-    hidden: Tensor  # [N, H], no grad
-    head_weight: Tensor  # [V_rows, H] output embedding of the model that produced `hidden`
-    token_logprob: Tensor  # [N] log-prob of the sampled token (routing signal, sampled support)
-    entropy: Tensor | None = None  # [N] entropy of the view's distribution (metrics only)
-
-
-@dataclass
-class ChunkedLossOutput:
-    loss: Tensor  # scalar; gradient to the student's hidden states and output embedding
-    token_loss: Tensor  # [N] route-weighted divergence per token (detached)
-    student_entropy: Tensor  # [N] entropy of the student's distribution per token (detached)
-
-
-def auto_chunk_size(device: torch.device, vocab_size: int, free_bytes: int | None = None, backend: str = "torch") -> int:
-    """Tokens per chunk of the routed loss for a device (`loss_chunk_size: auto`).
-
-    CPU: 64 (measured fastest there). CUDA: big chunks keep the GPU busy (at V = 151,936 on an H200
-    a chunk of 2048 ran 2.7-4.5x faster than 64 in bf16), so the largest multiple of 64 up to 2048 whose
-    intermediates fit min(4 GiB, 10% of the free memory): ~7 fp32 [chunk, V] buffers for the torch
-    backend, ~12 bytes per vocabulary entry for the Triton kernels (bf16 logits of the student and a
-    target, a bf16 copy for the top-K tail, the fp32 gradient).
-    """
-    if device.type != "cuda":
-        return 64
-    if free_bytes is None:
-        free_bytes, _ = torch.cuda.mem_get_info(device)
-    budget = min(4 * 2**30, free_bytes // 10)
-    per_token = (7 * 4 if backend == "torch" else 12) * vocab_size
-    return int(max(64, min(2048, (budget // per_token) // 64 * 64)))
-
-
-def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor:
-    """Logits of a chunk over the tokenizer's vocabulary: matmul in the weight's dtype, then fp32."""
-    return upcast(hidden.to(head_weight.dtype) @ head_weight[:vocab_size].T)
-
-
-@torch.no_grad()
-def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(log p(token), entropy) for N tokens from hidden states [N, H], one [chunk, V] block at a time."""
-    dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    logprob = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
-    entropy = torch.empty_like(logprob)
-    for start in range(0, hidden.shape[0], chunk_size):
-        sl = slice(start, start + chunk_size)
-        logp = chunk_logits(hidden[sl], head_weight, vocab_size).log_softmax(-1)
-        logprob[sl] = logp.gather(-1, token_ids[sl, None]).squeeze(-1)
-        entropy[sl] = _entropy(logp)
-    return logprob, entropy
-
-
-def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> TargetStates:
-    """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs."""
-    hidden = hidden.detach()
-    logprob, entropy = chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size)
-    return TargetStates(hidden, head_weight.detach(), logprob, entropy)
-
-
-def _entropy(logp: Tensor) -> Tensor:
-    return -(logp.exp() * logp).sum(-1)
-
-
-class _ChunkedRoutedLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, student_hidden, head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend):
-        c = objective.config
-        n_tokens = student_hidden.shape[0]
-        want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(student_hidden) if want_grad_hidden else None
-        # The output embedding's gradient: fp32 for the torch backend; the head's own dtype for the
-        # kernels (each chunk's matmul accumulates in fp32; no fp32 [V, H] buffer beside the weight).
-        grad_weight_dtype = head_weight.dtype if backend == "triton" else upcast(head_weight[:0]).dtype
-        grad_weight = torch.zeros(head_weight.shape, dtype=grad_weight_dtype, device=head_weight.device) if want_grad_weight else None
-        token_loss = torch.zeros(n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device)
-        entropy = torch.zeros_like(token_loss)
-        total = token_loss.new_zeros(())
-        for start in range(0, n_tokens, chunk_size):
-            sl = slice(start, min(start + chunk_size, n_tokens))
-            route_c, ids_c = route[sl], response_ids[sl]
-            if backend == "triton":  # fused kernels (dopd_vl/kernels.py): same loss and gradient, fewer buffers
-                grad_logits, chunk_loss, chunk_entropy = _triton_chunk(objective, student_hidden[sl], head_weight, route_c, ids_c, token_weight[sl], targets, sl, vocab_size)
-                weighted = (chunk_loss.to(token_loss.dtype) * token_weight[sl].to(token_loss.dtype)).sum()
-                token_loss[sl], entropy[sl] = chunk_loss.to(token_loss.dtype), chunk_entropy.to(entropy.dtype)
-                total = total + weighted
-                _add_chunk_gradient(grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight)
-                continue
-            with torch.enable_grad():
-                logits = chunk_logits(student_hidden[sl].detach(), head_weight.detach(), vocab_size).requires_grad_()
-                student_logp = logits.log_softmax(-1)
-                chunk_loss = logits.new_zeros(route_c.shape)
-                for r, spec in enumerate(objective.routes):
-                    sel = (route_c == r).nonzero().squeeze(-1)
-                    if spec is None or sel.numel() == 0:
-                        continue
-                    view = targets[spec.target]
-                    target_logp = None
-                    if spec.support != "sampled":  # full-vocabulary target work only where a route needs it
-                        with torch.no_grad():
-                            target_logp = chunk_logits(view.hidden[sl][sel], view.head_weight, vocab_size).log_softmax(-1)
-                    d = route_divergence(spec, c, student_logp[sel], target_logp, ids_c[sel], {v: targets[v].token_logprob[sl][sel] for v in spec.views})
-                    chunk_loss = chunk_loss.index_put((sel,), d)
-                weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
-                grad_logits = None  # stays None when every token of the chunk is on a switched-off route
-                if (want_grad_hidden or want_grad_weight) and weighted.requires_grad:
-                    (grad_logits,) = torch.autograd.grad(weighted, logits)
-            token_loss[sl] = chunk_loss.detach()
-            entropy[sl] = _entropy(student_logp.detach())
-            total = total + weighted.detach()
-            if grad_logits is not None:
-                _add_chunk_gradient(grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight)
-        ctx.weight_dtype = head_weight.dtype
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(token_loss, entropy)
-        return total, token_loss, entropy
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_token_loss, _grad_entropy):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        gh = grad_hidden * grad_total.to(grad_hidden.dtype) if grad_hidden is not None else None
-        gw = (grad_weight * grad_total).to(ctx.weight_dtype) if grad_weight is not None else None
-        return gh, gw, None, None, None, None, None, None, None, None
-
-
-def _add_chunk_gradient(grad_logits: Tensor, head_weight: Tensor, hidden: Tensor, vocab_size: int, sl: slice,
-                        grad_hidden: Tensor | None, grad_weight: Tensor | None) -> None:
-    """Chain a chunk's logit gradient through logits = hidden @ W^T into the hidden states and W."""
-    grad_logits = grad_logits.to(head_weight.dtype)
-    if grad_hidden is not None:
-        grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)
-    if grad_weight is not None:
-        grad_weight[:vocab_size] += (grad_logits.T @ hidden.to(head_weight.dtype)).to(grad_weight.dtype)
-
-
-def _triton_chunk(objective, hidden, head_weight, route_c, ids_c, token_weight_c, targets, sl, vocab_size):
-    """One chunk through the fused kernels: logits stay in the head's dtype (bf16 on GPUs)."""
-    from dopd_vl.kernels import routed_chunk_loss
-
-    logits = hidden.detach().to(head_weight.dtype) @ head_weight.detach()[:vocab_size].T
-
-    def target_logits(view: str, sel: Tensor) -> Tensor:
-        v = targets[view]
-        return v.hidden[sl][sel].to(v.head_weight.dtype) @ v.head_weight[:vocab_size].T
-
-    def token_logprob(view: str, sel: Tensor) -> Tensor:
-        return targets[view].token_logprob[sl][sel]
-
-    loss, grad, entropy = routed_chunk_loss(objective, logits, route_c, ids_c, token_weight_c, target_logits, token_logprob)
-    return grad, loss, entropy
-
-
-def chunked_objective_loss(
-    objective: Objective,
-    student_hidden: Tensor,
-    student_head_weight: Tensor,
-    response_ids: Tensor,
-    route: Tensor,
-    token_weight: Tensor,
-    targets: dict[str, TargetStates],
-    vocab_size: int,
-    chunk_size: int = 64,
-    backend: str = "torch",
-) -> ChunkedLossOutput:
-    """Routed loss over N valid tokens from hidden states.
-
-    `route` comes from `Objective.assign_routes` (step-wide statistics), `token_weight` from
-    `token_weights` with step totals. Student logits exist for one chunk at a time; target logits
-    are computed only for the tokens of the chunk routed to a non-sampled route of that target.
-    At V = 152k a chunk of 64 tokens keeps each [chunk, V] fp32 intermediate near 39 MB; larger
-    chunks were no faster on CPU (bench/loss_bench.py) and cost proportionally more memory.
-    `backend`: `torch` (autograd per chunk, everywhere) or `triton` (dopd_vl/kernels.py: CUDA, or
-    the interpreter on CPU); both compute the same loss and gradient.
-    """
-    missing = {v for spec in objective.routes if spec is not None for v in spec.views} - set(targets)
-    if missing:
-        raise ValueError(f"objective {objective.name!r} needs target states of views {sorted(missing)}")
-    for name, view in targets.items():
-        if view.head_weight.shape[0] < vocab_size or view.head_weight.shape[1] != view.hidden.shape[-1]:
-            raise ValueError(f"view {name!r}: output embedding {tuple(view.head_weight.shape)} does not fit vocab {vocab_size} / hidden {view.hidden.shape[-1]}")
-    if student_head_weight.shape[0] < vocab_size:
-        raise ValueError(f"student output embedding has {student_head_weight.shape[0]} rows, fewer than the tokenizer's {vocab_size}")
-    if backend not in ("torch", "triton"):
-        raise ValueError(f"backend must be torch or triton, got {backend!r}")
-    loss, token_loss, entropy = _ChunkedRoutedLoss.apply(
-        student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend
-    )
-    return ChunkedLossOutput(loss, token_loss, entropy)
+        return getattr(dopd_vl.loss, name)
+    raise AttributeError(f"module 'dopd_vl.objectives' has no attribute {name!r}")

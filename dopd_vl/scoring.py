@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dopd_vl.models import output_embedding_weight
-from dopd_vl.objectives import TargetStates, target_states
+from dopd_vl.loss import TargetStates, target_states
 from dopd_vl.modality import TEACHER_VIEWS
 from dopd_vl.views import ViewBatch, response_hidden_states
 

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dopd_vl.models import output_embedding_weight
-from dopd_vl.objectives import chunk_logits
+from dopd_vl.loss import chunk_logits
 from dopd_vl.scoring import valid_response_states
 from dopd_vl.views import build_view
 

@@ -32,7 +32,6 @@ from dopd_vl.diagnosis import DIAGNOSTIC_VIEWS, summarise_diagnostics, token_dia
 from dopd_vl.errors import ConfigError, DatasetError, DopdError
 from dopd_vl.answers import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
-from dopd_vl.kernels import resolve_loss_backend
 from dopd_vl.models import (
     check_same_tokenizer,
     eos_token_ids,
@@ -45,7 +44,8 @@ from dopd_vl.models import (
     tokenizer_of,
 )
 from dopd_vl.modality import TEACHER_VIEWS, make_adapter
-from dopd_vl.objectives import SCORING_VIEWS, TargetStates, auto_chunk_size, build_objective, chunked_objective_loss
+from dopd_vl.loss import TargetStates, auto_chunk_size, chunked_objective_loss, resolve_loss_backend
+from dopd_vl.objectives import SCORING_VIEWS, build_objective
 from dopd_vl.rollout import Rollout, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
@@ -79,6 +79,17 @@ class _Scored:
     signals: TokenSignals | None  # over the valid tokens, flattened
     prune_keys: Tensor | None
     groups: Tensor  # [B] the prompt (record) index of each response: VA-OPD's rollout groups
+
+
+@dataclass
+class _Share:
+    """One micro-batch's share of the step's loss, after its backward."""
+
+    loss: float
+    token_loss: Tensor  # [N] route-weighted divergence per valid token (detached)
+    entropy: Tensor  # [N] the student's entropy per valid token
+    regime: Tensor | None  # [N] DOPD regime when the objective has DOPD's signals
+    route: Tensor  # [N] route index (-1: no loss)
 
 
 class StudentLoss(nn.Module):
@@ -203,56 +214,43 @@ class Trainer:
         rollout = sample_responses(self.student, self.adapters["student"], records, self.config.rollout, self.eos_token_ids, self.suppress_ids)
         return MicroBatch(records, rollout)
 
-    def train_step(self, micro_batches: list[MicroBatch]) -> dict:
-        """One optimizer step over this process's micro-batches; returns the step's metrics."""
-        metrics = self.accumulate_gradients(micro_batches)
-        metrics.update(self.apply_update(metrics["loss"]))
-        return metrics
-
-    def accumulate_gradients(self, micro_batches: list[MicroBatch]) -> dict:
-        """Score, route with step-wide statistics, and backpropagate every micro-batch's share."""
-        c = self.config
+    def train_step(self, micro_batches: list[MicroBatch], update: bool = True) -> dict:
+        """One optimizer step on this process's rollouts (docs/design.md §4), in the method's order:
+        score the views -> step statistics -> each micro-batch's share of the loss and its backward ->
+        update -> metrics. `update=False` stops with the step's gradients in `.grad`."""
         t0 = time.perf_counter()
-        scored = [self.score(mb) for mb in micro_batches]  # no gradient
+        scored = [self.score(mb) for mb in micro_batches]  # §4.2: the target views, without gradient
         t1 = time.perf_counter()
-
-        # Step statistics over every valid token of the step, on every process (docs/design.md §1.3).
-        num_sequences = self._sum(sum(int(s.student_view.response_mask.any(-1).sum()) for s in scored))
-        num_tokens = self._sum(sum(int(s.student_view.response_mask.sum()) for s in scored))
-        global_stats = self.step_statistics(scored)
-
-        # Loss and backward per micro-batch; each loss is a share of the step's loss.
+        stats = self.step_statistics(scored)  # §4.3: thresholds over every token of the step, all processes
+        masks = [s.student_view.response_mask for s in scored]
+        totals = (self._sum(sum(int(m.any(-1).sum()) for m in masks)), self._sum(sum(int(m.sum()) for m in masks)))  # §1.6
         self.loss_module.train()
-        step_loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        diagnostics = []
-        for i, s in enumerate(scored):
-            stats = self.statistics_for(s, global_stats)
-            mask = s.student_view.response_mask
-            route = self.routes(s, stats)
-            route_bt = torch.full(mask.shape, -1, dtype=torch.long, device=self.device).masked_scatter(mask, route)
-            weight = self.objective.token_weights(mask, route_bt, stats, s.signals, s.groups, num_sequences, num_tokens)[mask]
-            is_last = i == len(scored) - 1
-            with self.accelerator.no_sync(self.loss_module) if not is_last else contextlib.nullcontext():
-                loss, token_loss, entropy = self.loss_module(
-                    s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
-                    s.targets, self.objective, self.vocab_size, self.loss_chunk_size, self.loss_backend,
-                )
-                # DDP / FSDP average gradients over processes; the shares must add up instead.
-                self.accelerator.backward(loss * self.accelerator.num_processes)
-            step_loss += loss.detach().double()
-            regime = assign_regimes(s.signals, stats) if s.signals is not None and s.signals.advantage_gap is not None else None
-            diagnostics.append((token_loss, entropy, regime, s, route))
+        shares = [self.backward_share(s, stats, totals, last=i == len(scored) - 1) for i, s in enumerate(scored)]  # §4.4
         t2 = time.perf_counter()
-
-        metrics = {"step": self.step + 1, "loss": self._sum(step_loss)}
-        metrics.update({f"threshold/{k}": v for k, v in global_stats.items() if k in ("A", "q_student", "q_teacher", "teacher_entropy", "visual_advantage")})
-        metrics.update(self._token_metrics(diagnostics))
-        if c.diagnostics:  # what DOPD's routing would see on this step, whatever the objective (§1.11)
-            logprob = {v: self.gather(torch.cat([s.targets[v].token_logprob for s in scored]).double()) for v in DIAGNOSTIC_VIEWS}
-            per_token, _ = token_diagnostics(logprob, c.objective.outlier_fraction)
-            metrics.update({f"diag/{k}": v for k, v in summarise_diagnostics(per_token).items()})
-        metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": num_tokens})
+        metrics = {"step": self.step + 1, "loss": self._sum(sum(share.loss for share in shares))}
+        if update:
+            metrics.update(self.apply_update(metrics["loss"]))  # clip, AdamW, EMA; a non-finite step is skipped
+        metrics.update(self.step_metrics(scored, shares, stats))  # §4.5
+        metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1, "_tokens": totals[1]})
         return metrics
+
+    def backward_share(self, s: _Scored, step_stats: dict[str, float], totals: tuple[float, float], last: bool) -> _Share:
+        """Route a micro-batch's tokens, weight them by the step's totals (§1.6) and backpropagate
+        its share of the step's loss; gradients are synchronised across processes at the last one."""
+        stats = self.statistics_for(s, step_stats)
+        mask = s.student_view.response_mask
+        route = self.routes(s, stats)
+        route_bt = torch.full(mask.shape, -1, dtype=torch.long, device=self.device).masked_scatter(mask, route)
+        weight = self.objective.token_weights(mask, route_bt, stats, s.signals, s.groups, *totals)[mask]
+        with self.accelerator.no_sync(self.loss_module) if not last else contextlib.nullcontext():
+            loss, token_loss, entropy = self.loss_module(
+                s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
+                s.targets, self.objective, self.vocab_size, self.loss_chunk_size, self.loss_backend,
+            )
+            # DDP / FSDP average gradients over processes; the shares must add up instead.
+            self.accelerator.backward(loss * self.accelerator.num_processes)
+        routed_by_regime = s.signals is not None and s.signals.advantage_gap is not None
+        return _Share(float(loss.detach().double()), token_loss, entropy, assign_regimes(s.signals, stats) if routed_by_regime else None, route)
 
     def apply_update(self, loss: float) -> dict:
         """Clip and step, unless the loss or the gradient is not finite (then the step is skipped)."""
@@ -363,17 +361,17 @@ class Trainer:
         keys = self.gather(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
         return self.objective.step_statistics(gathered, keys)
 
-    def _token_metrics(self, diagnostics) -> dict:
-        """Regime fractions, per-regime loss and A, entropies: over the step's tokens, all processes."""
-        token_loss = self.gather(torch.cat([d[0] for d in diagnostics]).double())
-        entropy = self.gather(torch.cat([d[1] for d in diagnostics]).double())
-        metrics = {"entropy/student": entropy.mean().item()}
-        teacher_entropy = [d[3].targets["teacher_priv"].entropy for d in diagnostics if "teacher_priv" in d[3].targets]
-        if teacher_entropy:
-            metrics["entropy/teacher_priv"] = self.gather(torch.cat(teacher_entropy).double()).mean().item()
-        if diagnostics[0][2] is not None:
-            regime = self.gather(torch.cat([d[2] for d in diagnostics]).double())
-            gap = self.gather(torch.cat([d[3].signals.advantage_gap for d in diagnostics]).double())
+    def step_metrics(self, scored: list[_Scored], shares: list[_Share], stats: dict[str, float]) -> dict:
+        """Thresholds, regime fractions, per-regime loss and A, entropies (and with `diagnostics`,
+        the diag/* figures, §1.11): over the step's tokens, all processes (§4.5)."""
+        metrics = {f"threshold/{k}": v for k, v in stats.items() if k in ("A", "q_student", "q_teacher", "teacher_entropy", "visual_advantage")}
+        token_loss = self.gather(torch.cat([share.token_loss for share in shares]).double())
+        metrics["entropy/student"] = self.gather(torch.cat([share.entropy for share in shares]).double()).mean().item()
+        if "teacher_priv" in scored[0].targets:
+            metrics["entropy/teacher_priv"] = self.gather(torch.cat([s.targets["teacher_priv"].entropy for s in scored]).double()).mean().item()
+        if shares[0].regime is not None:
+            regime = self.gather(torch.cat([share.regime for share in shares]).double())
+            gap = self.gather(torch.cat([s.signals.advantage_gap for s in scored]).double())
             for code, name in enumerate(REGIME_NAMES):
                 sel = regime == code
                 count = int(sel.sum())
@@ -381,8 +379,12 @@ class Trainer:
                 metrics[f"loss/{name}"] = token_loss[sel].mean().item() if count else 0.0
                 metrics[f"A/{name}"] = gap[sel].mean().item() if count else 0.0
         elif self.objective.router == "split":  # EOPD / VA-OPD: the share of tokens at or above the split threshold
-            route = self.gather(torch.cat([d[4] for d in diagnostics]).double())
+            route = self.gather(torch.cat([share.route for share in shares]).double())
             metrics[f"frac/high_{self.objective.split_on}"] = (route == 1).double().mean().item()
+        if self.config.diagnostics:  # what DOPD's routing would see on this step, whatever the objective
+            logprob = {v: self.gather(torch.cat([s.targets[v].token_logprob for s in scored]).double()) for v in DIAGNOSTIC_VIEWS}
+            per_token, _ = token_diagnostics(logprob, self.config.objective.outlier_fraction)
+            metrics.update({f"diag/{k}": v for k, v in summarise_diagnostics(per_token).items()})
         return metrics
 
     def _step_prompt_indices(self) -> list[list[int]]:

@@ -1,4 +1,4 @@
-"""The fused Triton kernels of the routed loss (dopd_vl/kernels.py) against the float64 reference
+"""The fused Triton kernels of the routed loss (dopd_vl/loss/kernels.py) against the float64 reference
 path, under Triton's interpreter on CPU (conftest sets TRITON_INTERPRET=1): every route, support,
 weight override and normalisation, masked tokens, switched-off routes, tied and untied heads."""
 
@@ -8,11 +8,12 @@ import os
 import pytest
 import torch
 
-from dopd_vl.objectives import DOPDConfig, build_objective, chunked_objective_loss, objective_loss, target_states
+from dopd_vl.loss import chunked_objective_loss, objective_loss, target_states
+from dopd_vl.objectives import DOPDConfig, build_objective
 
 pytest.importorskip("triton")
 
-from dopd_vl.kernels import BLOCK_V, resolve_loss_backend, triton_available  # noqa: E402
+from dopd_vl.loss.kernels import BLOCK_V, resolve_loss_backend, triton_available  # noqa: E402
 
 VOCAB, ROWS, H = 2 * BLOCK_V + 37, 2 * BLOCK_V + 64, 8  # partial last block, padded lm-head rows
 # The compiled kernels on a GPU when the interpreter is switched off (bench/gpu_check.sh), else the CPU.

@@ -68,7 +68,7 @@ def main() -> None:
     results = {}
     for normalization in normalizations:
         trainer.config.objective.normalization = normalization
-        metrics = trainer.accumulate_gradients([micro_batch(rows) for rows in mine])
+        metrics = trainer.train_step([micro_batch(rows) for rows in mine], update=False)
         grads = {n: p.grad.detach().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
         trainer.optimizer.zero_grad(set_to_none=True)
         results[normalization] = {"metrics": metrics, "grads": grads}

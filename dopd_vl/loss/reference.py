@@ -1,0 +1,126 @@
+"""The reference path of the routed loss: the objective over full [B, T, V] logits (docs/design.md §1.6, §5).
+
+Readable and exact: every view's log-probabilities are materialised, so it serves small batches,
+the tests and users who hold logits already. The trainer uses the chunked path (chunked.py),
+which computes the same loss and gradient from hidden states (tested against this one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from dopd_vl.divergences import entropy, upcast
+from dopd_vl.objectives import DOPDConfig, Objective, build_objective, route_divergence
+from dopd_vl.routing import assign_regimes
+
+__all__ = ["LossOutput", "objective_loss", "dopd_loss"]
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # scalar, gradient to the student only
+    token_loss: Tensor  # route-weighted per-token divergence, 0 where masked (detached)
+    regime: Tensor  # DOPD regime per token (-1 masked) when the privileged views exist, else route index
+    route: Tensor  # route index per token (-1: masked or dropped)
+    thresholds: dict[str, float]
+
+
+def objective_loss(
+    objective: Objective,
+    student_logits: Tensor,
+    view_logits: dict[str, Tensor],
+    response_ids: Tensor,
+    mask: Tensor,
+    *,
+    thresholds: dict[str, float] | None = None,
+    vocab_size: int | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+    prune_generator: torch.Generator | None = None,
+    groups: Tensor | None = None,
+) -> LossOutput:
+    """Reference path: the objective over full [B, T, V] logits at response positions.
+
+    `thresholds` (and `num_sequences` / `num_tokens`) default to this batch's own; pass the whole
+    batch's to compute a share of a larger batch. `groups` (VA-OPD's rollout weights): the prompt
+    index of each response; None puts every response in one group.
+    """
+    c = objective.config
+    mask = mask.bool()
+    missing = [v for v in objective.views if v not in view_logits]
+    if missing:
+        raise ValueError(f"objective {objective.name!r} needs logits of views {missing}")
+    vocab = _checked_vocab({"student": student_logits, **view_logits}, vocab_size)
+
+    def log_probs(logits: Tensor) -> Tensor:
+        # Masked slots may hold inf/nan: zero them before the softmax so nothing leaks.
+        logits = torch.where(mask[..., None], upcast(logits[..., :vocab]), 0.0)
+        return logits.log_softmax(-1)
+
+    student_logp = log_probs(student_logits)
+    target_logp = {v: log_probs(view_logits[v].detach()) for v in objective.views}
+    ids = torch.where(mask, response_ids, 0)
+    token_logprob = {v: lp.gather(-1, ids[..., None]).squeeze(-1) for v, lp in target_logp.items()}
+
+    signals = objective.token_signals(token_logprob, {v: entropy(lp) for v, lp in target_logp.items()})
+    prune_keys = objective.prune_keys(signals, prune_generator) if objective.router == "prune" else None
+    if thresholds is None:
+        valid_signals = signals.map(lambda _, x: x[mask]) if signals is not None else None
+        thresholds = objective.step_statistics(valid_signals, prune_keys[mask] if prune_keys is not None else None)
+    route = objective.assign_routes(mask, signals, thresholds, prune_keys)
+    routed_by_regime = signals is not None and signals.advantage_gap is not None
+    regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if routed_by_regime else route
+
+    token_loss = torch.zeros(mask.shape, dtype=student_logp.dtype, device=mask.device)
+    for r, spec in enumerate(objective.routes):
+        if spec is None:
+            continue
+        d = route_divergence(
+            spec, c, student_logp.flatten(0, 1), target_logp[spec.target].flatten(0, 1), ids.flatten(),
+            {v: token_logprob[v].flatten() for v in spec.views},
+        ).view(mask.shape)
+        token_loss = torch.where(route == r, d, token_loss)
+    weights = objective.token_weights(mask, route, thresholds, signals, groups, num_sequences, num_tokens).to(token_loss.dtype)
+    loss = (token_loss * weights).sum()
+    return LossOutput(loss=loss, token_loss=token_loss.detach(), regime=regime, route=route, thresholds=thresholds)
+
+
+def dopd_loss(
+    student_logits: Tensor,
+    teacher_priv_logits: Tensor,
+    student_priv_logits: Tensor,
+    response_ids: Tensor,
+    mask: Tensor,
+    config: DOPDConfig | None = None,
+    *,
+    thresholds: dict[str, float] | None = None,
+    num_sequences: int | None = None,
+    num_tokens: int | None = None,
+) -> LossOutput:
+    """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); docs/design.md §5."""
+    config = config or DOPDConfig()
+    if config.name != "dopd":
+        raise ValueError(f"dopd_loss computes the 'dopd' objective; use objective_loss for {config.name!r}")
+    return objective_loss(
+        build_objective(config), student_logits,
+        {"teacher_priv": teacher_priv_logits, "student_priv": student_priv_logits.detach()},
+        response_ids, mask, thresholds=thresholds, num_sequences=num_sequences, num_tokens=num_tokens,
+    )
+
+
+def _checked_vocab(logits: dict[str, Tensor], vocab_size: int | None) -> int:
+    sizes = {name: t.shape[-1] for name, t in logits.items()}
+    if vocab_size is None:
+        if len(set(sizes.values())) != 1:
+            raise ValueError(
+                f"logits have different vocabulary sizes {sizes}; pass vocab_size (the tokenizer's size) "
+                "so that padded lm-head rows are dropped"
+            )
+        return next(iter(sizes.values()))
+    too_small = {k: v for k, v in sizes.items() if v < vocab_size}
+    if too_small:
+        raise ValueError(f"logits {too_small} have fewer entries than the tokenizer's {vocab_size}: models do not share a tokenizer")
+    return vocab_size

@@ -237,6 +237,11 @@ class Objective:
         return ()
 
     @property
+    def entropy_views(self) -> tuple[str, ...]:
+        """Views whose per-token entropy a signal reads (EOPD's split on its target's entropy)."""
+        return (self.routes[0].target,) if self.split_on == "teacher_entropy" else ()
+
+    @property
     def needs_signals(self) -> bool:
         return bool(self.signal_names)
 

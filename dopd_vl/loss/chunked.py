@@ -73,23 +73,31 @@ def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor
 
 
 @torch.no_grad()
-def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> tuple[Tensor, Tensor]:
-    """(log p(token), entropy) for N tokens from hidden states [N, H], one [chunk, V] block at a time."""
+def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256,
+                           with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+    """(log p(token), entropy or None) for N tokens from hidden states [N, H], one [chunk, V] block
+    at a time. Without the entropy, log p(token) = z_token - logsumexp(z): no [chunk, V] log-softmax."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprob = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
-    ent = torch.empty_like(logprob)
+    ent = torch.empty_like(logprob) if with_entropy else None
     for start in range(0, hidden.shape[0], chunk_size):
         sl = slice(start, start + chunk_size)
-        logp = chunk_logits(hidden[sl], head_weight, vocab_size).log_softmax(-1)
-        logprob[sl] = logp.gather(-1, token_ids[sl, None]).squeeze(-1)
-        ent[sl] = entropy(logp)
+        logits = chunk_logits(hidden[sl], head_weight, vocab_size)
+        if with_entropy:
+            logp = logits.log_softmax(-1)
+            logprob[sl] = logp.gather(-1, token_ids[sl, None]).squeeze(-1)
+            ent[sl] = entropy(logp)
+        else:
+            logprob[sl] = logits.gather(-1, token_ids[sl, None]).squeeze(-1) - logits.logsumexp(-1)
     return logprob, ent
 
 
-def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256) -> TargetStates:
-    """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs."""
+def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256,
+                  with_entropy: bool = True) -> TargetStates:
+    """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs
+    (+ the entropy, where a signal or a metric reads it)."""
     hidden = hidden.detach()
-    logprob, ent = chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size)
+    logprob, ent = chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size, with_entropy)
     return TargetStates(hidden, head_weight.detach(), logprob, ent)
 
 
@@ -125,13 +133,15 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                     sel = (route_c == r).nonzero().squeeze(-1)
                     if spec is None or sel.numel() == 0:
                         continue
+                    # A route that holds the whole chunk (single-route objectives) needs no [chunk, V] row copies.
+                    rows = slice(None) if sel.numel() == route_c.numel() else sel
                     view = targets[spec.target]
                     target_logp = None
                     if spec.support != "sampled":  # full-vocabulary target work only where a route needs it
                         with torch.no_grad():
-                            target_logp = chunk_logits(view.hidden[sl][sel], view.head_weight, vocab_size).log_softmax(-1)
-                    d = route_divergence(spec, c, student_logp[sel], target_logp, ids_c[sel], {v: targets[v].token_logprob[sl][sel] for v in spec.views})
-                    chunk_loss = chunk_loss.index_put((sel,), d)
+                            target_logp = chunk_logits(view.hidden[sl][rows], view.head_weight, vocab_size).log_softmax(-1)
+                    d = route_divergence(spec, c, student_logp[rows], target_logp, ids_c[rows], {v: targets[v].token_logprob[sl][rows] for v in spec.views})
+                    chunk_loss = d if isinstance(rows, slice) else chunk_loss.index_put((sel,), d)
                 weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
                 grad_logits = None  # stays None when every token of the chunk is on a switched-off route
                 if (want_grad_hidden or want_grad_weight) and weighted.requires_grad:
@@ -161,7 +171,10 @@ def _add_chunk_gradient(grad_logits: Tensor, head_weight: Tensor, hidden: Tensor
     if grad_hidden is not None:
         grad_hidden[sl] = (grad_logits @ head_weight[:vocab_size]).to(grad_hidden.dtype)
     if grad_weight is not None:
-        grad_weight[:vocab_size] += (grad_logits.T @ hidden.to(head_weight.dtype)).to(grad_weight.dtype)
+        if grad_weight.dtype == head_weight.dtype:  # accumulate in place: no [V, H] temporary
+            grad_weight[:vocab_size].addmm_(grad_logits.T, hidden.to(head_weight.dtype))
+        else:
+            grad_weight[:vocab_size] += (grad_logits.T @ hidden.to(head_weight.dtype)).to(grad_weight.dtype)
 
 
 def _triton_chunk(objective, hidden, head_weight, route_c, ids_c, token_weight_c, targets, sl, vocab_size):

@@ -16,7 +16,10 @@ clock on CPU. Methods:
                prompts to give the same number of responses per step.
 
 Prints one JSON line per method and, last,
-`{"step_dopd_over_vanilla": ..., "step_dopd_over_trl": ..., ...}`.
+`{"step_dopd_over_vanilla": ..., "step_dopd_over_trl": ..., "step_vanilla_over_trl": ..., ...}`.
+`--before REV` also times this engine's two methods as they were at git revision REV (checked out
+into a temporary worktree and run with that revision's own benchmark worker), so the ratios before
+and after a change come from one run on one machine.
 """
 
 from __future__ import annotations
@@ -133,29 +136,47 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--generations", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--before", metavar="REV", help="also time dopd and vanilla_opd at git revision REV, beside the current code")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)
         return
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("DOPD_TINY_CACHE", tempfile.mkdtemp(prefix="dopd-bench-tiny-"))
-    results = {}
-    for method in METHODS:
-        argv = [sys.executable, __file__, "--worker", method, "--steps", str(args.steps), "--hidden", str(args.hidden), "--prompts", str(args.prompts),
-                "--generations", str(args.generations), "--new-tokens", str(args.new_tokens)]
-        done = subprocess.run(argv, env=env, capture_output=True, text=True)
-        lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-        if done.returncode != 0 or not lines:
-            result = {"method": method, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-        else:
-            result = json.loads(lines[-1][len("RESULT "):])
-        results[method] = result
-        print(json.dumps(result), flush=True)
+    runs = [(method, method, REPO) for method in METHODS]
+    with tempfile.TemporaryDirectory(prefix="dopd-bench-before-") as before_dir:
+        if args.before:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", before_dir, args.before], check=True, capture_output=True)
+            runs += [(f"{method}_before", method, Path(before_dir)) for method in ("dopd", "vanilla_opd")]
+        try:
+            results = {label: _run_worker(method, args, tree, env) for label, method, tree in runs}
+        finally:
+            if args.before:
+                subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", before_dir], capture_output=True)
     med = {m: r.get("step_s_median") for m, r in results.items()}
     ratio = lambda a, b: round(med[a] / med[b], 3) if med.get(a) and med.get(b) else None  # noqa: E731
-    print(json.dumps({"step_dopd_over_vanilla": ratio("dopd", "vanilla_opd"), "step_dopd_over_trl": ratio("dopd", "trl"),
-                      "step_vanilla_over_trl": ratio("vanilla_opd", "trl"), "targets": {"step_dopd_over_vanilla": 1.4, "step_dopd_over_trl": 1.0}}))
+    summary = {"step_dopd_over_vanilla": ratio("dopd", "vanilla_opd"), "step_dopd_over_trl": ratio("dopd", "trl"),
+               "step_vanilla_over_trl": ratio("vanilla_opd", "trl")}
+    if args.before:
+        summary.update({"before": args.before, "step_vanilla_over_trl_before": ratio("vanilla_opd_before", "trl"),
+                        "step_dopd_over_trl_before": ratio("dopd_before", "trl")})
+    print(json.dumps({**summary, "targets": {"step_vanilla_over_trl": 1.0, "step_dopd_over_trl": 1.2}}))
+
+
+def _run_worker(method: str, args, tree: Path, env: dict) -> dict:
+    """One method in a fresh process, with the package of `tree` (this checkout or an older revision)."""
+    argv = [sys.executable, str(tree / "bench" / "step_bench.py"), "--worker", method, "--steps", str(args.steps), "--hidden", str(args.hidden),
+            "--prompts", str(args.prompts), "--generations", str(args.generations), "--new-tokens", str(args.new_tokens)]
+    done = subprocess.run(argv, env={**env, "PYTHONPATH": str(tree)}, capture_output=True, text=True)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode != 0 or not lines:
+        result = {"method": method, "error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
+    else:
+        result = json.loads(lines[-1][len("RESULT "):])
+    result["code"] = "current" if tree == REPO else f"revision {args.before}"
+    print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":

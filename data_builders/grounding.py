@@ -14,7 +14,6 @@ the given labels, else all objects) unless `objects="all"`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -29,6 +28,7 @@ from data_builders.hf import load_hf_detections
 from data_builders.output import BuildReport, check_on_error, finish_build
 from data_builders.voc import load_voc
 from data_builders.yolo import load_yolo
+from dopd_vl.data import json_lines
 from dopd_vl.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -209,15 +209,11 @@ def _read_questions(path: Path, root: Path | None, by_path: dict[Path, Annotated
     if not path.is_file():
         raise DatasetError("questions file not found", file=str(path))
     items, seen = [], set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, q in json_lines(path):
         where, rid = f"{path}:{n}", f"line {n}"
         try:
-            try:
-                q = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"invalid JSON: {err.msg}", file=where, record=rid, field=f"column {err.colno}") from err
+            if isinstance(q, DatasetError):
+                raise q
             rid = str(q.get("id") or f"q{n}") if isinstance(q, dict) else rid
             if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(q.get("image"), str):
                 raise DatasetError("each line needs string 'image' and 'question'", file=where, record=rid, field="question")

@@ -23,7 +23,6 @@ output goes through the same check.
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Protocol, runtime_checkable
 
 from data_builders.formats import get_format
 from data_builders.output import BuildReport, check_on_error, finish_build
+from dopd_vl.data import json_lines
 from dopd_vl.errors import DatasetError
 from dopd_vl.numbers import find_numbers, parse_number, same_number
 
@@ -109,15 +109,11 @@ def build_hints(
     if not path.is_file():
         raise DatasetError("input file not found", file=str(path))
     report = BuildReport()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for n, row in json_lines(path):
         where, rid = f"{path}:{n}", f"line {n}"
         try:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"invalid JSON: {err.msg}", file=where, record=rid, field=f"column {err.colno}") from err
+            if isinstance(row, DatasetError):
+                raise row
             rid = str(row.get("id") or f"{path.stem}-{n:05d}") if isinstance(row, dict) else rid
             record, leaks = _record(row, rid, where, style, fmt, generator, report.counts)
         except DatasetError as err:

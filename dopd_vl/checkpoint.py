@@ -28,10 +28,16 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_checkpoint_state", "rng_state", "set_rng_state"]
+from dopd_vl.errors import DopdError
+
+__all__ = ["CheckpointError", "save_checkpoint", "latest_checkpoint", "load_checkpoint_state", "load_student_weights", "rng_state", "set_rng_state"]
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(DopdError):
+    """A checkpoint that cannot be loaded into this run."""
 
 
 def rng_state() -> dict:
@@ -113,6 +119,25 @@ def load_checkpoint_state(path: str | Path, optimizer, scheduler) -> tuple[dict,
     set_rng_state(torch.load(path / "rng.pt", weights_only=True))
     extra = load_file(str(path / "extra.safetensors")) if (path / "extra.safetensors").exists() else {}
     return json.loads((path / "state.json").read_text()), extra
+
+
+def load_student_weights(model, checkpoint: str | Path, lora: bool = False) -> None:
+    """The checkpoint's student weights into `model` (a peft adapter under LoRA); tied output
+    embeddings may be absent from the file. A mismatch is a CheckpointError naming the checkpoint."""
+    checkpoint = Path(checkpoint)
+    weights = {}
+    for file in sorted((checkpoint / "model").glob("*.safetensors")):
+        weights.update(load_file(str(file)))
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights)
+        return
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"{checkpoint}: weights do not match the student (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
 
 
 def _checkpoints(output_dir: Path) -> list[int]:

@@ -24,7 +24,7 @@ from dopd_vl.rollout import RolloutConfig
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "LoRAConfig", "TrainConfig", "load_config", "apply_overrides", "config_to_dict"]
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "LoRAConfig", "TrainConfig", "load_config", "apply_overrides", "config_to_dict", "flat_config"]
 
 
 @dataclass
@@ -165,6 +165,22 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 
 def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
+
+
+def flat_config(config) -> dict:
+    """`section.key` -> scalar, the form experiment trackers take."""
+    return _flat(config_to_dict(config))
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
 
 
 def _build(cls, raw: Any, where: str):

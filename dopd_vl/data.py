@@ -27,7 +27,7 @@ import io
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from dopd_vl.errors import DatasetError
 
@@ -215,23 +215,33 @@ class DatasetRecords(Sequence):
         return record
 
 
-def _load_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise DatasetError("file not found", file=str(path))
-    records, seen = [], {}
-    with path.open(encoding="utf-8") as f:
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file; a line that is not JSON gives,
+    instead of its value, the DatasetError naming `path:n`, the line and the column, for the caller
+    to raise (or, in a builder's skip mode, to list and go on)."""
+    with Path(path).open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                value = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DatasetError(f"invalid JSON: {err.msg}", file=f"{path}:{line_no}", record=f"line {line_no}", field=f"column {err.colno}") from err
-            validate_record(record, file=f"{path}:{line_no}", index=len(records))
-            if record["id"] in seen:
-                raise DatasetError(f"duplicate id (first on line {seen[record['id']]})", file=f"{path}:{line_no}", record=record["id"], field="id")
-            seen[record["id"]] = line_no
-            records.append(record)
+                value = DatasetError(f"invalid JSON: {err.msg}", file=f"{path}:{line_no}", record=f"line {line_no}", field=f"column {err.colno}")
+            yield line_no, value
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DatasetError("file not found", file=str(path))
+    records, seen = [], {}
+    for line_no, record in json_lines(path):
+        if isinstance(record, DatasetError):
+            raise record
+        validate_record(record, file=f"{path}:{line_no}", index=len(records))
+        if record["id"] in seen:
+            raise DatasetError(f"duplicate id (first on line {seen[record['id']]})", file=f"{path}:{line_no}", record=record["id"], field="id")
+        seen[record["id"]] = line_no
+        records.append(record)
     if not records:
         raise DatasetError("the dataset is empty", file=str(path))
     return records

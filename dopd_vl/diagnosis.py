@@ -128,7 +128,7 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
     from dopd_vl.loss import chunked_token_logprobs
     from dopd_vl.models import output_embedding_weight
     from dopd_vl.scoring import valid_response_states
-    from dopd_vl.trainer import rollout_metrics
+    from dopd_vl.rollout import rollout_metrics
 
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -159,7 +159,7 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
             row = {"step": k + 1, "tokens": int(per_token["regime"].numel()), **summarise_diagnostics(per_token),
                    **_route_shares(per_token["route"], names), "teacher_entropy/mean": float(per_token["teacher_entropy"].mean()),
                    **{f"threshold/{key}": value for key, value in thresholds.items()},
-                   **rollout_metrics(micro_batches, trainer.tokenizer, trainer.accelerator)}
+                   **rollout_metrics(micro_batches, trainer.tokenizer, trainer.reduce_sum)}
             step_rows.append(row)
             for mb in micro_batches:
                 for i, response in zip(mb.rollout.record_index, mb.rollout.responses):

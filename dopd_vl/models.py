@@ -43,6 +43,7 @@ __all__ = [
     "vision_token_ids",
     "never_sampled_token_ids",
     "eos_token_ids",
+    "with_lora",
 ]
 
 
@@ -382,3 +383,13 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     return getattr(model, "module", model)
+
+
+def with_lora(model: nn.Module, lora) -> nn.Module:
+    """The model wrapped with LoRA adapters from a recipe's `lora` section (peft, an optional extra)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as err:
+        raise ModelError("lora.enabled needs peft: pip install 'dopd-vl[peft]'") from err
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dopd_vl.answers import is_correct
 from dopd_vl.modality import pad_batch
 
-__all__ = ["RolloutConfig", "Rollout", "sample_responses"]
+__all__ = ["RolloutConfig", "Rollout", "MicroBatch", "sample_responses", "rollout_metrics"]
 
 
 @dataclass
@@ -47,6 +48,14 @@ class Rollout:
     @property
     def lengths(self) -> Tensor:
         return torch.tensor([r.numel() for r in self.responses], dtype=torch.long)
+
+
+@dataclass
+class MicroBatch:
+    """Records and the student's responses to them (one row per response)."""
+
+    records: list[dict]
+    rollout: Rollout
 
 
 @torch.no_grad()
@@ -116,3 +125,25 @@ def _generate(model: nn.Module, adapter, prompts: list, config: RolloutConfig, e
         else:
             out.append((row.clone(), "length"))
     return out
+
+
+def rollout_metrics(micro_batches: list[MicroBatch], tokenizer, reduce_sum=None) -> dict:
+    """Mean response length, the shares cut at max_new_tokens and made of the end token alone, and
+    the rollout accuracy where records carry answers; `reduce_sum` sums the counts over processes."""
+    lengths = [r.numel() for mb in micro_batches for r in mb.rollout.responses]
+    clipped = [reason == "length" for mb in micro_batches for reason in mb.rollout.stop_reasons]
+    eos_only = [r.numel() == 1 and reason == "eos" for mb in micro_batches for r, reason in zip(mb.rollout.responses, mb.rollout.stop_reasons)]
+    correct = []
+    for mb in micro_batches:
+        for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
+            answer = mb.records[i].get("answer")
+            if answer is not None:
+                correct.append(is_correct(tokenizer.decode(response, skip_special_tokens=True), answer))
+    values = torch.tensor([sum(lengths), len(lengths), sum(clipped), sum(eos_only), sum(correct), len(correct)], dtype=torch.float64)
+    if reduce_sum is not None:
+        values = reduce_sum(values)
+    total, n, n_clipped, n_eos_only, n_correct, n_answered = values.tolist()
+    metrics = {"response_length": total / max(n, 1), "clipped_frac": n_clipped / max(n, 1), "eos_only_frac": n_eos_only / max(n, 1)}
+    if n_answered:
+        metrics["accuracy"] = n_correct / n_answered
+    return metrics

@@ -7,6 +7,9 @@ use the step's total sequence / token counts, thresholds use all the step's toke
 micro-batches and processes), and the DDP/FSDP gradient average over processes is undone by
 scaling with the number of processes. So the step's value and gradient do not depend on how the
 batch is split into micro-batches or processes.
+
+The file is one class a little over 450 lines: its setup, the step (`train_step`, one screen) and
+the phases it calls, and the checkpoint hooks; splitting it further would scatter the step.
 """
 
 from __future__ import annotations
@@ -25,35 +28,33 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
-from dopd_vl.config import TrainConfig, config_to_dict
+from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
+from dopd_vl.config import TrainConfig, config_to_dict, flat_config
 from dopd_vl.data import load_records, records_root
 from dopd_vl.diagnosis import DIAGNOSTIC_VIEWS, summarise_diagnostics, token_diagnostics
 from dopd_vl.errors import ConfigError, DatasetError, DopdError
-from dopd_vl.answers import is_correct
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
 from dopd_vl.models import (
     check_same_tokenizer,
     eos_token_ids,
-    final_hidden_states,
     load_model,
     load_processing,
     never_sampled_token_ids,
-    output_embedding_weight,
     resolve_dtype,
     tokenizer_of,
+    with_lora,
 )
 from dopd_vl.modality import TEACHER_VIEWS, make_adapter
-from dopd_vl.loss import TargetStates, auto_chunk_size, chunked_objective_loss, resolve_loss_backend
+from dopd_vl.loss import StudentLoss, TargetStates, auto_chunk_size, resolve_loss_backend
 from dopd_vl.objectives import SCORING_VIEWS, build_objective
-from dopd_vl.rollout import Rollout, sample_responses
+from dopd_vl.rollout import MicroBatch, rollout_metrics, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
 from dopd_vl.views import ViewBatch, build_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "StudentLoss", "rollout_metrics"]
+__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "StudentLoss"]
 
 
 class TrainingError(DopdError):
@@ -62,14 +63,6 @@ class TrainingError(DopdError):
 
 class CollapseDetected(TrainingError):
     """The collapse guard stopped the run (`collapse_action: stop`); a checkpoint was written first."""
-
-
-@dataclass
-class MicroBatch:
-    """Records and the student's responses to them (one row per response)."""
-
-    records: list[dict]
-    rollout: Rollout
 
 
 @dataclass
@@ -90,22 +83,6 @@ class _Share:
     entropy: Tensor  # [N] the student's entropy per valid token
     regime: Tensor | None  # [N] DOPD regime when the objective has DOPD's signals
     route: Tensor  # [N] route index (-1: no loss)
-
-
-class StudentLoss(nn.Module):
-    """The student plus its routed loss, so that DDP / FSDP / DeepSpeed wrap one module whose
-    forward returns the loss: the output embedding is then used inside the wrapped forward."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):
-        hidden = final_hidden_states(self.model, inputs)
-        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
-        ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
-        out = chunked_objective_loss(objective, hidden, output_embedding_weight(self.model), ids, route, token_weight, targets, vocab_size, chunk_size, backend)
-        return out.loss, out.token_loss, out.student_entropy
 
 
 class Trainer:
@@ -142,7 +119,7 @@ class Trainer:
         if c.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         if c.lora.enabled:
-            self.student = _with_lora(self.student, c.lora)
+            self.student = with_lora(self.student, c.lora)
         self.privileged_student = self._make_privileged_student()
         self.reference_model = self._make_reference_model()
 
@@ -178,7 +155,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         if c.report_to:
-            self.accelerator.init_trackers("dopd", config=_flat(config_to_dict(c)))
+            self.accelerator.init_trackers("dopd", config=flat_config(c))
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.objective.name}", disable=not self.accelerator.is_main_process)
         while self.step < c.max_steps:
             started = time.perf_counter()
@@ -187,7 +164,7 @@ class Trainer:
             metrics = self.train_step(micro_batches)
             metrics["time/rollout"] = rollout_time
             metrics["tokens_per_s"] = metrics.pop("_tokens") / (time.perf_counter() - started)
-            metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.accelerator))
+            metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.reduce_sum))
             alarm = self.guard.update(metrics) if c.collapse_action != "off" else None
             metrics["collapse_alarm"] = int(alarm is not None)
             self._log(metrics)
@@ -423,6 +400,11 @@ class Trainer:
         rows = self.accelerator.gather(padded[None]).reshape(len(lengths), -1)
         return torch.cat([row[: int(n)] for row, n in zip(rows, lengths)])
 
+    def reduce_sum(self, values: Tensor) -> Tensor:
+        """Element-wise sum of a tensor over processes."""
+        values = values.to(self.device)
+        return self.accelerator.reduce(values, "sum") if self.accelerator.num_processes > 1 else values
+
     def _sum(self, value) -> float:
         t = torch.as_tensor(value, dtype=torch.float64, device=self.device)
         return float(self.accelerator.reduce(t, "sum")) if self.accelerator.num_processes > 1 else float(t)
@@ -461,26 +443,11 @@ class Trainer:
         return final
 
     def _resume(self) -> None:
-        from safetensors.torch import load_file
-
         checkpoint = latest_checkpoint(self.output_dir)
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", self.output_dir)
             return
-        model = self.accelerator.unwrap_model(self.loss_module).model
-        weights = {}
-        for file in sorted((checkpoint / "model").glob("*.safetensors")):
-            weights.update(load_file(str(file)))
-        if self.config.lora.enabled:
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model, weights)
-        else:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-            tied = {k for k in missing if "lm_head" in k and getattr(model.config, "tie_word_embeddings", False)}
-            if set(missing) - tied or unexpected:
-                raise TrainingError(f"{checkpoint}: weights do not match the student (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]})")
-            model.tie_weights()
+        load_student_weights(self.accelerator.unwrap_model(self.loss_module).model, checkpoint, lora=self.config.lora.enabled)
         state, extra = load_checkpoint_state(checkpoint, self.optimizer, self.scheduler)
         if extra:
             self.privileged_student.load_state_dict({k.removeprefix("ema."): v for k, v in extra.items()})
@@ -494,26 +461,6 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------------------- helpers
-def rollout_metrics(micro_batches: list[MicroBatch], tokenizer, accelerator) -> dict:
-    lengths = [r.numel() for mb in micro_batches for r in mb.rollout.responses]
-    clipped = [reason == "length" for mb in micro_batches for reason in mb.rollout.stop_reasons]
-    eos_only = [r.numel() == 1 and reason == "eos" for mb in micro_batches for r, reason in zip(mb.rollout.responses, mb.rollout.stop_reasons)]
-    correct = []
-    for mb in micro_batches:
-        for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
-            answer = mb.records[i].get("answer")
-            if answer is not None:
-                correct.append(is_correct(tokenizer.decode(response, skip_special_tokens=True), answer))
-    values = torch.tensor([sum(lengths), len(lengths), sum(clipped), sum(eos_only), sum(correct), len(correct)], dtype=torch.float64, device=accelerator.device)
-    if accelerator.num_processes > 1:
-        values = accelerator.reduce(values, "sum")
-    total, n, n_clipped, n_eos_only, n_correct, n_answered = values.tolist()
-    metrics = {"response_length": total / max(n, 1), "clipped_frac": n_clipped / max(n, 1), "eos_only_frac": n_eos_only / max(n, 1)}
-    if n_answered:
-        metrics["accuracy"] = n_correct / n_answered
-    return metrics
-
-
 def _check_image_context(records, source: str) -> None:
     """vision_opd needs an image (e.g. the `crop` format's evidence crop) in the privileged context."""
     record = records[0]
@@ -521,23 +468,3 @@ def _check_image_context(records, source: str) -> None:
     if not (isinstance(context, list) and any(part.get("type") == "image" for part in context)):
         raise DatasetError("objective vision_opd needs an image in the privileged context; build the data with "
                            "`dopd build grounding ... --privileged-format crop`", file=source, record=record.get("id", "?"), field="privileged_context")
-
-
-def _with_lora(model: nn.Module, lora) -> nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:
-        raise DopdError("lora.enabled needs peft: pip install 'dopd-vl[peft]'") from err
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out

@@ -101,3 +101,22 @@ def test_visual_comparison_pipeline_smoke(tmp_path):
     assert set(payload["results"]) == {"va_opd", "vision_opd_initial"}
     crop_record = json.loads(open(payload["prepared"][0]["data"]["crop"]["train"]).readline())
     assert crop_record["privileged_context"][1]["type"] == "image"
+
+
+def test_diagnose_reads_a_toy_recipe_through_the_cli(tmp_path):
+    """`dopd diagnose` on the toy's own recipe and models (smoke size): outputs written, the reading
+    quotes the installed strength study, and the student's weights on disk are untouched."""
+    from dopd_vl.cli import main as dopd
+
+    size = toy.TASKS["two_step"].sizes["smoke"]
+    train, _, teacher, student = toy.prepare(tmp_path, "two_step", size, seed=0, device="cpu")
+    weights = (student / "model.safetensors").read_bytes()
+    out = tmp_path / "diag"
+    argv = ["diagnose", str(REPO / "examples" / "toy_privilege" / "config.yaml"), f"student.name_or_path={student}", f"teacher.name_or_path={teacher}",
+            f"data.train={train}", "rollout.max_new_tokens=12", "optim.batch_size=4", "--steps", "2", "--out", str(out), "--device", "cpu"]
+    assert dopd(argv) == 0
+    result = json.loads((out / "diagnose.json").read_text())
+    assert result["recipe"]["responses_per_step"] == 16 and len(result["steps"]) == 2
+    assert 0.0 <= result["summary"]["endorsement"] <= 1.0
+    assert any("What the measured study says" in line for line in result["reading"])
+    assert (student / "model.safetensors").read_bytes() == weights

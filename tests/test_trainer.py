@@ -183,10 +183,11 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monke
 
 # ----------------------------------------------------------------------------- non-finite steps
 def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch):
+    import dopd_vl.loss.chunked as loss_module  # StudentLoss calls the chunked loss from here
     import dopd_vl.trainer as trainer_module
 
     trainer = trainer_module.Trainer(text_config(tmp_path / "run", "max_steps=3"))
-    real_loss = trainer_module.chunked_objective_loss
+    real_loss = loss_module.chunked_objective_loss
 
     def poisoned(*args, **kwargs):
         out = real_loss(*args, **kwargs)
@@ -194,7 +195,7 @@ def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch)
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(trainer_module, "chunked_objective_loss", poisoned)
+    monkeypatch.setattr(loss_module, "chunked_objective_loss", poisoned)
     snapshots = [{k: v.clone() for k, v in trainer.student.state_dict().items()}]
     metrics = []
     for _ in range(3):
@@ -206,7 +207,7 @@ def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch)
     assert math.isnan(metrics[1]["loss"]) and math.isfinite(metrics[2]["loss"])
     # Too many in a row stops training with a clear message.
     trainer.config.max_consecutive_skips = 0
-    monkeypatch.setattr(trainer_module, "chunked_objective_loss", lambda *a, **k: _nan(real_loss(*a, **k)))
+    monkeypatch.setattr(loss_module, "chunked_objective_loss", lambda *a, **k: _nan(real_loss(*a, **k)))
     with pytest.raises(trainer_module.TrainingError, match="non-finite steps in a row"):
         run_steps(trainer, 1)
 

@@ -10,6 +10,7 @@ What the routes are (targets, divergences, supports, weights) is the objective's
 
 from dopd_vl.loss.chunked import (
     ChunkedLossOutput,
+    StudentLoss,
     TargetStates,
     auto_chunk_size,
     chunk_logits,
@@ -32,4 +33,5 @@ __all__ = [
     "chunk_logits",
     "auto_chunk_size",
     "resolve_loss_backend",
+    "StudentLoss",
 ]

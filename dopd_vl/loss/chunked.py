@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from dopd_vl.divergences import entropy, upcast
+from dopd_vl.models import final_hidden_states, output_embedding_weight
 from dopd_vl.objectives import Objective, route_divergence
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "target_states",
     "chunk_logits",
     "auto_chunk_size",
+    "StudentLoss",
 ]
 
 
@@ -230,3 +232,19 @@ def chunked_objective_loss(
         student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend
     )
     return ChunkedLossOutput(loss, token_loss, student_entropy)
+
+
+class StudentLoss(nn.Module):
+    """The student plus its routed loss, so that DDP / FSDP / DeepSpeed wrap one module whose
+    forward returns (loss, token_loss, entropy): the output embedding is used inside the wrapped forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):
+        hidden = final_hidden_states(self.model, inputs)
+        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
+        ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
+        out = chunked_objective_loss(objective, hidden, output_embedding_weight(self.model), ids, route, token_weight, targets, vocab_size, chunk_size, backend)
+        return out.loss, out.token_loss, out.student_entropy

@@ -14,6 +14,7 @@ the given labels, else all objects) unless `objects="all"`.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -21,11 +22,13 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from PIL import Image
+
 from data_builders.annotations import DEGENERATE, AnnotatedImage, AnnotationLoader, annotated_image_from_detections, confined, finish_load
 from data_builders.coco import load_coco
 from data_builders.formats import get_format
 from data_builders.hf import load_hf_detections
-from data_builders.output import BuildReport, check_on_error, finish_build
+from data_builders.output import BuildReport, check_on_error, finish_build, portable_source
 from data_builders.voc import load_voc
 from data_builders.yolo import load_yolo
 from dopd_vl.data import json_lines
@@ -158,9 +161,13 @@ def build_grounding(
     images_root: str | Path | None = None,
     report: BuildReport | None = None,
     embed_images: bool = False,
+    images_dir: str | None = None,
 ) -> BuildReport:
-    """Records for every question about `images`, written atomically to `out` (JSONL).
-    `report` may carry the loader's skips and counts (see `load_annotations`)."""
+    """Records for every question about `images`, written atomically to `out` (JSONL, Parquet or a
+    dataset folder). `report` may carry the loader's skips and counts (see `load_annotations`).
+    Images that exist only as bytes (datasets sources) are embedded in Parquet and folder outputs;
+    beside a JSONL output they are written into `images_dir` (a folder name relative to the
+    output's folder, default `<out stem>_images`), together with the JSONL or not at all."""
     check_on_error(on_error)
     if objects not in ("query", "all"):
         raise ValueError(f"objects must be 'query' or 'all', got {objects!r}")
@@ -170,6 +177,9 @@ def build_grounding(
     by_path = {img.image: img for img in images}
     all_labels = sorted({o["label"] for img in images for o in img.objects})
     report = report if report is not None else BuildReport()
+    jsonl = out.suffix == ".jsonl"
+    images_dir = _images_dir(images_dir, out) if jsonl else None
+    written: dict[int, str] = {}  # id(AnnotatedImage) -> its file beside the JSONL
     if questions is not None:
         items = _read_questions(Path(questions), Path(images_root) if images_root else None, by_path, on_error, report)
     else:
@@ -184,24 +194,51 @@ def build_grounding(
         related = [o for o in img.objects if o["label"] in labels] if objects == "query" else []
         attached = related or img.objects
         privileged = {"format": fmt.name, "image_size": list(img.image_size), "objects": attached}
-        image_part = {"type": "image"} if img.data is not None else {"type": "image", "image": os.path.relpath(img.image, out_dir)}
+        if img.data is None:
+            image_part = {"type": "image", "image": os.path.relpath(img.image, out_dir)}
+        elif jsonl:  # no local file: written beside the JSONL
+            if id(img) not in written:
+                written[id(img)] = _image_file(img, images_dir, report.files)
+            image_part = {"type": "image", "image": written[id(img)]}
+        else:
+            image_part = {"type": "image"}
         record = {
             "id": rid,
             "prompt": [{"role": "user", "content": [image_part, {"type": "text", "text": q["question"]}]}],
             "privileged_context": fmt.render(privileged),
             "privileged": privileged,
-            "meta": {"source": img.source, "image_size": list(img.image_size), "question_type": q.get("type", "given")},
+            "meta": {"source": portable_source(img.source, out), "image_size": list(img.image_size), "question_type": q.get("type", "given")},
         }
         if q.get("answer") is not None:
             record["answer"] = str(q["answer"])
-        if img.data is not None:  # no local file: the image travels inside the record
-            if Path(out).suffix == ".jsonl":
-                raise DatasetError(f"image {img.image.name} has no local file: write a .parquet file or a dataset folder (--out) to embed it", file=img.source, record=rid, field="image")
+        if img.data is not None and not jsonl:  # no local file: the image travels inside the record
             record["images"] = [{"bytes": img.data, "path": img.image.name}]
         report.records.append(record)
         report.counts[f"questions/{q.get('type', 'given')}"] += 1
         report.counts["objects attached"] += len(attached)
     return finish_build(report, out, embed_images)
+
+
+def _images_dir(name: str | None, out: Path) -> str:
+    """The folder beside a JSONL output for images without a local file: one plain relative name."""
+    name = name if name is not None else f"{out.stem}_images"
+    parts = Path(name).parts
+    if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
+        raise DatasetError(f"--images-dir {name!r} must be a folder name inside the output's folder", file=str(out), field="images_dir")
+    return Path(*parts).as_posix()
+
+
+def _image_file(img: AnnotatedImage, images_dir: str, files: dict[str, bytes]) -> str:
+    """Register an image's bytes as a file in `images_dir`, named by its image id (and its format's
+    suffix), de-duplicated; returns its path relative to the output's folder."""
+    with Image.open(io.BytesIO(img.data)) as decoded:
+        suffix = {"JPEG": ".jpg"}.get(decoded.format, f".{(decoded.format or 'png').lower()}")
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", img.key) or "image"
+    name, k = f"{images_dir}/{stem}{suffix}", 1
+    while name in files:
+        name, k = f"{images_dir}/{stem}-{k}{suffix}", k + 1
+    files[name] = img.data
+    return name
 
 
 def _read_questions(path: Path, root: Path | None, by_path: dict[Path, AnnotatedImage], on_error: str, report: BuildReport):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from data_builders.formats import get_format
-from data_builders.output import BuildReport, check_on_error, finish_build
+from data_builders.output import BuildReport, check_on_error, finish_build, portable_source
 from dopd_vl.data import json_lines
 from dopd_vl.errors import DatasetError
 from dopd_vl.numbers import find_numbers, parse_number, same_number
@@ -115,7 +115,7 @@ def build_hints(
             if isinstance(row, DatasetError):
                 raise row
             rid = str(row.get("id") or f"{path.stem}-{n:05d}") if isinstance(row, dict) else rid
-            record, leaks = _record(row, rid, where, style, fmt, generator, report.counts)
+            record, leaks = _record(row, rid, where, style, fmt, generator, report.counts, source=f"{portable_source(str(path), out)}:{n}")
         except DatasetError as err:
             if on_error == "fail":
                 raise
@@ -129,7 +129,7 @@ def build_hints(
     return finish_build(report, out, embed_images)
 
 
-def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None, counts: Counter) -> tuple[dict, list[int]]:
+def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None, counts: Counter, source: str) -> tuple[dict, list[int]]:
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
         raise DatasetError("each line needs a non-empty string 'question'", file=where, record=rid, field="question")
     question = row["question"]
@@ -162,7 +162,7 @@ def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator
         "prompt": [{"role": "user", "content": question}],
         "privileged_context": fmt.render(privileged),
         "privileged": privileged,
-        "meta": {"source": where},
+        "meta": {"source": source},  # the input line, relative to the output's folder
     }
     if final is not None:
         record["answer"] = final

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dopd_vl.data import validate_record
+from dopd_vl.files import created_mode
 from dopd_vl.errors import DatasetError
 
-__all__ = ["BuildReport", "write_jsonl_atomic", "write_dataset_atomic", "finish_build", "check_on_error"]
+__all__ = ["BuildReport", "write_jsonl_atomic", "write_dataset_atomic", "finish_build", "check_on_error", "created_mode", "portable_source"]
 
 
 @dataclass
@@ -29,6 +30,7 @@ class BuildReport:
     skipped: list[dict] = field(default_factory=list)  # {"id", "file", "reason"}
     counts: Counter = field(default_factory=Counter)  # e.g. questions per type, objects, leaks
     leaks: list[dict] = field(default_factory=list)  # hint builders: {"id", "hints": [indices], "answer"}
+    files: dict[str, bytes] = field(default_factory=dict)  # written beside a JSONL output (relative path -> bytes)
 
     def summary(self) -> str:
         extra = ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()))
@@ -40,10 +42,17 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
 
 
-def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
-    """Write to a temporary file beside `path`, then rename: never a partial file at `path`."""
+def write_jsonl_atomic(path: str | Path, rows: list[dict], files: dict[str, bytes] | None = None) -> None:
+    """Write to a temporary file beside `path`, then rename: never a partial file at `path`.
+
+    `files` (relative path -> bytes, all inside one folder beside `path`, e.g. the images of a
+    dataset that had them only as bytes) are staged in a temporary folder and put in place with
+    the JSONL: a failure leaves neither behind, and a previous folder of that name is replaced.
+    Outputs get the mode a file created normally gets (0644 under umask 022), not mkstemp's 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    folder, staging, old = _stage_files(path.parent, files) if files else (None, None, None)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -51,10 +60,57 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict]) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, created_mode())
+        if folder is not None:
+            if folder.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=path.parent))
+                os.replace(folder, old / folder.name)
+            os.replace(staging, folder)
+            staging = None
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        if staging is None and folder is not None:  # the new folder went in, the JSONL did not
+            shutil.rmtree(folder, ignore_errors=True)
+        if old is not None and folder is not None and (old / folder.name).exists():
+            os.replace(old / folder.name, folder)
         raise
+    finally:
+        for leftover in (staging, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _stage_files(parent: Path, files: dict[str, bytes]) -> tuple[Path, Path, None]:
+    """Write `files` into a temporary sibling of the one folder they name; (folder, staging, None)."""
+    tops = {Path(rel).parts[0] for rel in files}
+    if len(tops) != 1 or any(Path(rel).is_absolute() or ".." in Path(rel).parts or len(Path(rel).parts) < 2 for rel in files):
+        raise ValueError(f"files must lie in one folder beside the output, got {sorted(files)[:3]}")
+    folder = parent / tops.pop()
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
+    try:
+        for rel, data in files.items():
+            target = staging.joinpath(*Path(rel).parts[1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        os.chmod(staging, created_mode(directory=True))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder, staging, None
+
+
+def portable_source(source: str, out: str | Path) -> str:
+    """Where a record came from, without the builder's machine in it: a local path relative to the
+    output's folder (as image paths are), its file name if no relative path exists, else as given
+    (a dataset id)."""
+    path = Path(source)
+    if not path.is_absolute() and not path.exists():
+        return source
+    try:
+        return os.path.relpath(path.resolve(), Path(out).resolve().parent)
+    except ValueError:  # another drive: no relative path
+        return path.name
 
 
 def write_dataset_atomic(path: str | Path, records: list[dict], embed_images: bool = False) -> None:
@@ -128,7 +184,7 @@ def finish_build(report: BuildReport, out: str | Path, embed_images: bool = Fals
     if report.skipped:
         write_jsonl_atomic(skipped_path, report.skipped)
     if Path(out).suffix == ".jsonl":
-        write_jsonl_atomic(out, report.records)
+        write_jsonl_atomic(out, report.records, report.files)
     else:
         write_dataset_atomic(out, report.records, embed_images)
     return report

@@ -29,6 +29,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dopd_vl.errors import DopdError
+from dopd_vl.models import save_model_folder
 
 __all__ = ["CheckpointError", "save_checkpoint", "latest_checkpoint", "load_checkpoint_state", "load_student_weights", "rng_state", "set_rng_state"]
 
@@ -80,8 +81,7 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    processing.save_pretrained(tmp / "model")
+    save_model_folder(model, processing, tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")

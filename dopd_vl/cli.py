@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     grounding.add_argument("--coords", choices=("qwen3vl", "qwen25vl"), default="qwen3vl", help="built-in box format")
     grounding.add_argument("--degenerate", choices=("drop", "keep", "fail"), default="drop",
                            help="boxes of zero width or height: drop them (counted in the summary), keep them, or fail")
+    grounding.add_argument("--images-dir", help="a .jsonl --out from a dataset whose images are only bytes: the folder beside it, "
+                           "relative to its folder, that the images are written to (default OUT_STEM_images)")
     _add_build_options(grounding)
     grounding.set_defaults(run=_build_grounding)
 
@@ -269,6 +271,7 @@ def _build_grounding(args) -> int:
     report = build_grounding(
         images, args.out, questions=args.questions, objects=args.objects, privileged_format=fmt,
         seed=args.seed, on_error=args.on_error, images_root=args.images, report=report, embed_images=args.embed_images,
+        images_dir=args.images_dir,
     )
     _print_report(report, args.out)
     return 0

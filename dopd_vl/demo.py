@@ -106,14 +106,14 @@ def finetune_model(folder: Path, train: Path, steps: int, views: tuple[str, ...]
     """Fine-tune a built tiny model on the answers, in place (views in turn, one per step)."""
     from dopd_vl.data import load_records
     from dopd_vl.modality import make_adapter
-    from dopd_vl.models import load_model, load_processing, vocab_size
+    from dopd_vl.models import load_model, load_processing, save_model_folder, vocab_size
     from dopd_vl.sft import SFTConfig, supervised_finetune
 
     # Trained in float32 wherever it runs (a few steps from random weights), saved as float32.
     model, processing = load_model(folder, "float32", device=config.device), load_processing(folder)
     sft = SFTConfig(steps=steps, views=views, seed=seed)
     supervised_finetune(model, make_adapter(processing, image_root=train.parent), load_records(train), vocab_size(processing), sft)
-    model.save_pretrained(folder, safe_serialization=True)
+    save_model_folder(model, None, folder)
 
 
 def run_demo(out_dir: str | Path = "demo_out", seed: int = 0, student: str | None = None, teacher: str | None = None,

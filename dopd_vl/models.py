@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from dopd_vl.errors import ModelError
+from dopd_vl.files import give_created_modes
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ __all__ = [
     "never_sampled_token_ids",
     "eos_token_ids",
     "with_lora",
+    "save_model_folder",
 ]
 
 
@@ -362,8 +364,7 @@ def _set_generation_defaults(model, tokenizer) -> None:
 def _save(model, processing, out_dir) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    processing.save_pretrained(out)
+    save_model_folder(model, processing, out)
     logger.info("saved %s (%.2f M parameters) to %s", type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, out)
     return out
 
@@ -393,3 +394,13 @@ def with_lora(model: nn.Module, lora) -> nn.Module:
         raise ModelError("lora.enabled needs peft: pip install 'dopd-vl[peft]'") from err
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
+
+
+def save_model_folder(model: nn.Module, processing, folder: str | Path) -> Path:
+    """`save_pretrained` of a model (safetensors) and its tokenizer or processor into `folder`,
+    whose files then get the mode a created file would (the shards arrive as 0600)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if processing is not None:
+        processing.save_pretrained(folder)
+    give_created_modes(folder)
+    return Path(folder)

@@ -114,7 +114,7 @@ def write_routing_html(path: str | Path, routed: list[RoutedResponse], threshold
             f'style="background:{REGIME_COLORS[r]}" title="{r}: A={a:.3f}  q_S={qs:.3f}  q_T={qt:.3f}">{html.escape(t) or "&#8203;"}</span>'
             for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher)
         )
-        images = "".join(f'<img src="{_data_uri(load_image(ref, image_root, str(item.record.get("id", ""))))}" alt="image">' for ref in image_parts(item.record))
+        images = "".join(_image_html(item.record, k, load_image(ref, image_root, str(item.record.get("id", "")))) for k, ref in enumerate(image_parts(item.record)))
         answer = f"<p><b>Reference answer:</b> {html.escape(str(item.record['answer']))}</p>" if item.record.get("answer") is not None else ""
         extra = "".join(f"<p><b>{html.escape(k)}:</b> {html.escape(str(v))}</p>" for k, v in item.extra.items())
         sections.append(
@@ -127,6 +127,7 @@ def write_routing_html(path: str | Path, routed: list[RoutedResponse], threshold
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
 body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
 .row {{ display: flex; gap: 1.5em; }} .images img {{ max-width: 320px; image-rendering: pixelated; border: 1px solid #ccc; }}
+.box-label {{ padding-left: 4px; margin-right: 6px; font-size: 90%; }} figure {{ margin: 0; }}
 .tok, .legend {{ padding: 1px 2px; margin: 0 1px; border-radius: 3px; font-family: monospace; white-space: pre-wrap; }}
 pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} section {{ border-top: 1px solid #ddd; padding: 1em 0; }}
 </style></head><body><h1>{html.escape(title)}</h1>
@@ -135,6 +136,38 @@ pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} section {{ 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def _image_html(record: dict, index: int, image) -> str:
+    """An inlined image; a grounding record's first image with its privileged boxes and labels drawn
+    (supervision's annotators), and a legend of the labels in the boxes' colours."""
+    privileged = record.get("privileged") if isinstance(record.get("privileged"), dict) else {}
+    objects = [o for o in privileged.get("objects") or [] if isinstance(o, dict) and isinstance(o.get("bbox_px"), list)]
+    if index != 0 or not objects:
+        return f'<img src="{_data_uri(image)}" alt="image">'
+    import numpy as np
+
+    sv = _supervision()
+    labels = sorted({str(o.get("label", "")) for o in objects})
+    palette = sv.ColorPalette.DEFAULT
+    detections = sv.Detections(xyxy=np.array([o["bbox_px"] for o in objects], dtype=float).reshape(-1, 4),
+                               class_id=np.array([labels.index(str(o.get("label", ""))) for o in objects]))
+    drawn = sv.BoxAnnotator(color=palette, thickness=2).annotate(image.convert("RGB"), detections)
+    drawn = sv.LabelAnnotator(color=palette, text_scale=0.4).annotate(drawn, detections, labels=[str(o.get("label", "")) for o in objects])
+    legend = "".join(f'<span class="box-label" style="border-left: 12px solid {palette.by_idx(k).as_hex()}">{html.escape(label)}</span> '
+                     for k, label in enumerate(labels))
+    return f'<figure><img src="{_data_uri(drawn)}" alt="image with the privileged boxes"><figcaption>privileged boxes: {legend}</figcaption></figure>'
+
+
+def _supervision():
+    """supervision warns at import that OpenCV is absent; its Pillow path is what we use."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*OpenCV.*")
+        import supervision
+
+    return supervision
 
 
 def _question(record: dict) -> str:

@@ -41,6 +41,7 @@ from dopd_vl.models import (
     load_processing,
     never_sampled_token_ids,
     resolve_dtype,
+    save_model_folder,
     tokenizer_of,
     with_lora,
 )
@@ -437,8 +438,7 @@ class Trainer:
             model = self.accelerator.unwrap_model(self.loss_module).model
             if self.config.lora.enabled:
                 model = copy.deepcopy(model).merge_and_unload()
-            model.save_pretrained(final, safe_serialization=True)
-            self.student_processing.save_pretrained(final)
+            save_model_folder(model, self.student_processing, final)
         self.accelerator.wait_for_everyone()
         return final
 

@@ -90,6 +90,36 @@ def test_demo_artifact_routing_html_and_cli_inspect_routing(demo_dir, capsys):
     assert 2 <= len(spans) <= 8 and all(s[0] in REGIME_NAMES for s in spans)
 
 
+def test_routing_page_draws_the_privileged_boxes_and_their_labels(demo_dir):
+    import base64
+    import io
+
+    from dopd_vl.data import load_records
+
+    page = (demo_dir / "routing.html").read_text()
+    records = {r["id"]: r for r in load_records(demo_dir / "data" / "eval.jsonl")}
+    sections = re.findall(r'<section class="record" data-id="([^"]+)">.*?<img src="data:image/png;base64,([^"]+)"(.*?)</section>', page, re.S)
+    assert sections
+    for record_id, data, rest in sections:
+        record = records[html.unescape(record_id)]
+        drawn = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        image_path = demo_dir / "data" / record["prompt"][0]["content"][0]["image"]
+        original = Image.open(image_path).convert("RGB")
+        assert drawn.size == original.size
+        for obj in record["privileged"]["objects"]:
+            x1, y1, x2, y2 = (round(v) for v in obj["bbox_px"])
+            border = [(x, y) for x in range(x1, min(x2, original.width)) for y in (y1, min(y2, original.height - 1))]
+            assert any(drawn.getpixel(p) != original.getpixel(p) for p in border), (record_id, obj)
+            assert f">{html.escape(obj['label'])}</span>" in rest  # the legend names every label, in the boxes' colours
+
+
+def test_every_file_the_demo_writes_has_the_mode_a_created_file_gets(demo_dir):
+    from data_builders.output import created_mode
+
+    wrong = {str(p.relative_to(demo_dir)): oct(p.stat().st_mode & 0o777) for p in demo_dir.rglob("*") if p.is_file() and p.stat().st_mode & 0o777 != created_mode()}
+    assert wrong == {}
+
+
 def test_dopd_eval_reports_accuracy_per_question_type(demo_dir, capsys):
     data = demo_dir / "data" / "eval.jsonl"
     assert main(["eval", "--model", str(demo_dir / "models" / "teacher"), "--data", str(data), "--privileged", "--max-new-tokens", "4"]) == 0

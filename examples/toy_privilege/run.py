@@ -48,7 +48,7 @@ from dopd_vl.config import load_config  # noqa: E402
 from dopd_vl.data import load_records  # noqa: E402
 from dopd_vl.guard import CollapseGuard  # noqa: E402
 from dopd_vl.modality import make_adapter  # noqa: E402
-from dopd_vl.models import build_tiny_qwen3, final_hidden_states, load_model, output_embedding_weight  # noqa: E402
+from dopd_vl.models import build_tiny_qwen3, final_hidden_states, load_model, output_embedding_weight, save_model_folder  # noqa: E402
 from dopd_vl.plots import read_metrics  # noqa: E402
 from dopd_vl.sft import SFTConfig, answer_ids, supervised_finetune  # noqa: E402
 from dopd_vl.trainer import Trainer  # noqa: E402
@@ -202,7 +202,7 @@ def train_model(folder: Path, role: str, task_name: str, train: Path, seed: int,
     print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
     callback = (lambda n: on_step(n, model)) if on_step is not None else None
     supervised_finetune(model, make_adapter(tokenizer), load_records(train), len(tokenizer), config, on_step=callback)
-    model.save_pretrained(folder, safe_serialization=True)
+    save_model_folder(model, None, folder)
     return folder
 
 

@@ -40,7 +40,7 @@ try:  # Triton ships with CUDA builds of torch; CPU installs may lack it
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
-__all__ = ["triton_available", "resolve_loss_backend", "routed_chunk_loss", "BLOCK_V"]
+__all__ = ["triton_available", "resolve_loss_backend", "routed_chunk_loss", "compile_variants", "BLOCK_V"]
 
 BLOCK_V = 1024
 _KINDS = {"rkl": 0, "fkl": 1, "js": 2}
@@ -164,6 +164,25 @@ if triton is not None:
             g = tl.where(live, a * tl.exp(zl - b) + c * tl.exp(zl - d), 0.0)
             ptrs = grad_ptr + g_row * g_stride + cols
             tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + g, mask=ok)
+
+
+def compile_variants(logits_dtype: str) -> dict[str, list[tuple[dict[str, str], dict]]]:
+    """Every kernel's (signature, constexprs) as the launches below pass them, for logits of
+    `logits_dtype` ("bf16", "fp16", "fp32"): what an ahead-of-time compile for a GPU target needs
+    (tests/test_kernel_compile.py). Rows are int32, statistics and gradients fp32."""
+    z, f32, i32 = f"*{logits_dtype}", "*fp32", "i32"
+    constexpr = {"ACC": tl.float32, "BLOCK": BLOCK_V}
+    sig = lambda **kinds: {**kinds, **{name: "constexpr" for name in constexpr}}  # noqa: E731
+    return {
+        "_lse_entropy_kernel": [(sig(z_ptr=z, rows_ptr="*i32", lse_ptr=f32, ent_ptr=f32, n_cols=i32, stride=i32), constexpr)],
+        "_full_divergence_kernel": [
+            ({**sig(s_ptr=z, t_ptr=z, s_rows_ptr="*i32", s_lse_ptr=f32, t_lse_ptr=f32, scale_ptr=f32, value_ptr=f32, grad_ptr=f32, n_cols=i32,
+                    s_stride=i32, t_stride=i32, g_stride=i32, log_beta="fp32", log_1m_beta="fp32", beta="fp32"), "KIND": "constexpr"}, {**constexpr, "KIND": kind})
+            for kind in _KINDS.values()
+        ],
+        "_exp_combination_kernel": [(sig(z_ptr=z, z_rows_ptr="*i32", g_rows_ptr="*i32", a_ptr=f32, b_ptr=f32, c_ptr=f32, d_ptr=f32, grad_ptr=f32,
+                                         n_cols=i32, stride=i32, g_stride=i32), constexpr)],
+    }
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from dopd_vl.answers import is_correct
 from dopd_vl.modality import pad_batch
 
-__all__ = ["RolloutConfig", "Rollout", "MicroBatch", "sample_responses", "rollout_metrics"]
+__all__ = ["RolloutConfig", "Rollout", "MicroBatch", "resolve_generation", "sample_responses", "rollout_metrics"]
 
 
 @dataclass
@@ -27,14 +27,16 @@ class RolloutConfig:
     generation: str = "eager"
     """`eager`: Hugging Face generate with a dynamic KV cache; `compiled`: a static KV cache with the
     forward compiled by torch.compile (transformers' compiled generation; the first call compiles,
-    later calls of the same shapes reuse it). Same tokens for greedy decoding (tested) [ours]."""
+    later calls of the same shapes reuse it). Same tokens for greedy decoding (tested). `auto`:
+    compiled on a GPU, eager on CPU; a compile failure falls back to eager with one warning
+    (`compiled` raises it instead) [ours]."""
     generation_batch_size: int = 0
     """Responses per `generate` call (0: the whole micro-batch at once). With a limit, prompts are
     sorted by length first, so each call pads less; results come back in the original order."""
 
     def __post_init__(self) -> None:
-        if self.generation not in ("eager", "compiled"):
-            raise ValueError(f"rollout.generation must be eager or compiled, got {self.generation!r}")
+        if self.generation not in ("eager", "compiled", "auto"):
+            raise ValueError(f"rollout.generation must be eager, compiled or auto, got {self.generation!r}")
         if self.generation_batch_size < 0:
             raise ValueError(f"rollout.generation_batch_size must be >= 0, got {self.generation_batch_size}")
 
@@ -56,6 +58,13 @@ class MicroBatch:
 
     records: list[dict]
     rollout: Rollout
+
+
+def resolve_generation(generation: str, device: torch.device) -> str:
+    """`auto`: compiled generation on a GPU (where it pays), eager elsewhere; other modes as given."""
+    if generation != "auto":
+        return generation
+    return "compiled" if torch.device(device).type == "cuda" else "eager"
 
 
 @torch.no_grad()
@@ -101,7 +110,7 @@ def _generate(model: nn.Module, adapter, prompts: list, config: RolloutConfig, e
     inputs = {k: v.to(device) for k, v in pad_batch(prompts, None, adapter.pad_token_id, padding_side="left").items()}
     greedy = config.temperature == 0
     sampling = {} if greedy else {"temperature": config.temperature, "top_p": config.top_p, "top_k": 0}  # top_k 0: the full distribution
-    if config.generation == "compiled":
+    if resolve_generation(config.generation, device) == "compiled":
         from transformers.generation.configuration_utils import CompileConfig
 
         compile_config = CompileConfig(fullgraph=False)

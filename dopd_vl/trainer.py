@@ -8,14 +8,16 @@ micro-batches and processes), and the DDP/FSDP gradient average over processes i
 scaling with the number of processes. So the step's value and gradient do not depend on how the
 batch is split into micro-batches or processes.
 
-The file is one class a little over 450 lines: its setup, the step (`train_step`, one screen) and
-the phases it calls, and the checkpoint hooks; splitting it further would scatter the step.
+The file is one class of about 530 lines: its setup (models, data, the backend self-check), the
+step (`train_step`, one screen) and the phases it calls, the run's metadata and the checkpoint
+hooks; splitting it further would scatter the step across files.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +42,7 @@ from dopd_vl.models import (
     load_model,
     load_processing,
     never_sampled_token_ids,
+    output_embedding_weight,
     resolve_dtype,
     save_model_folder,
     tokenizer_of,
@@ -47,8 +50,9 @@ from dopd_vl.models import (
 )
 from dopd_vl.modality import TEACHER_VIEWS, make_adapter
 from dopd_vl.loss import StudentLoss, TargetStates, auto_chunk_size, resolve_loss_backend
+from dopd_vl.loss.selfcheck import checked_triton_backend
 from dopd_vl.objectives import SCORING_VIEWS, build_objective
-from dopd_vl.rollout import MicroBatch, rollout_metrics, sample_responses
+from dopd_vl.rollout import MicroBatch, resolve_generation, rollout_metrics, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
 from dopd_vl.views import ViewBatch, build_views
@@ -146,7 +150,15 @@ class Trainer:
         self.consecutive_skips = 0
         self.guard = CollapseGuard(c.collapse_guard)
         self.loss_backend = resolve_loss_backend(c.loss_backend, self.device)
+        self.backend_check = None
+        if self.loss_backend == "triton":  # §2: the kernels check themselves first; `auto` may fall back to torch
+            heads = {v: output_embedding_weight(self._scoring_model(v)) for v in self.objective.views}
+            self.loss_backend, self.backend_check = checked_triton_backend(
+                c.loss_backend, self.objective, output_embedding_weight(self.student), heads, self.vocab_size, seed=c.seed,
+                any_failed=lambda failed: self._sum(float(failed)) > 0)
         self.loss_chunk_size = auto_chunk_size(self.device, self.vocab_size, backend=self.loss_backend) if c.loss_chunk_size == "auto" else c.loss_chunk_size
+        self.rollout_config = dataclasses.replace(c.rollout, generation=resolve_generation(c.rollout.generation, self.device))
+        self.generation_error: str | None = None  # why `auto` fell back to eager generation, if it did
 
     # ------------------------------------------------------------------------------- the loop
     def train(self, resume: bool = False) -> Path:
@@ -155,6 +167,8 @@ class Trainer:
             self._resume()
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._write_run_info()
+        first_line = True
         if c.report_to:
             self.accelerator.init_trackers("dopd", config=flat_config(c))
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.objective.name}", disable=not self.accelerator.is_main_process)
@@ -168,6 +182,9 @@ class Trainer:
             metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.reduce_sum))
             alarm = self.guard.update(metrics) if c.collapse_action != "off" else None
             metrics["collapse_alarm"] = int(alarm is not None)
+            if first_line:  # how this run computes, on the first line it logs (also in run.json)
+                metrics.update(self._backend_metrics())
+                first_line = False
             self._log(metrics)
             if alarm is not None:
                 self._on_collapse(alarm)
@@ -189,7 +206,18 @@ class Trainer:
     def rollout(self, record_indices: list[int]) -> MicroBatch:
         """Sample `num_generations` responses per record from the student on the plain view."""
         records = [self.records[i] for i in record_indices]
-        rollout = sample_responses(self.student, self.adapters["student"], records, self.config.rollout, self.eos_token_ids, self.suppress_ids)
+        try:
+            rollout = sample_responses(self.student, self.adapters["student"], records, self.rollout_config, self.eos_token_ids, self.suppress_ids)
+        except DopdError:
+            raise
+        except Exception as err:  # noqa: BLE001 - `auto` falls back from a failed compile; anything else raises again, eagerly
+            if not (self.config.rollout.generation == "auto" and self.rollout_config.generation == "compiled"):
+                raise
+            self.generation_error = f"{type(err).__name__}: {err}"[:500]
+            logger.warning("rollout.generation auto: compiled generation failed (%s); this run generates eagerly", self.generation_error)
+            self.rollout_config = dataclasses.replace(self.rollout_config, generation="eager")
+            self._write_run_info()
+            rollout = sample_responses(self.student, self.adapters["student"], records, self.rollout_config, self.eos_token_ids, self.suppress_ids)
         return MicroBatch(records, rollout)
 
     def train_step(self, micro_batches: list[MicroBatch], update: bool = True) -> dict:
@@ -295,6 +323,40 @@ class Trainer:
                                            entropy_views=entropy_views))
         self.student.train(was_training)
         return targets
+
+    def _scoring_model(self, view: str) -> nn.Module:
+        """The model that scores a view (for its output embedding): the teacher, the privileged
+        student or the reference, each defaulting to the student itself."""
+        if view in TEACHER_VIEWS:
+            return self.teacher
+        if view == "reference":
+            return self.reference_model or self.student
+        return self.privileged_student or self.student
+
+    def run_info(self) -> dict:
+        """What this run used where a setting left the choice open: written to output_dir/run.json."""
+        import transformers
+
+        from dopd_vl import __version__
+
+        check = self.backend_check.to_dict() if self.backend_check is not None else None
+        return {
+            "versions": {"dopd_vl": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+            "device": str(self.device), "processes": self.accelerator.num_processes,
+            "loss_backend": {"requested": self.config.loss_backend, "used": self.loss_backend, "self_check": check},
+            "loss_chunk_size": self.loss_chunk_size,
+            "rollout_generation": {"requested": self.config.rollout.generation, "used": self.rollout_config.generation, "fallback_reason": self.generation_error},
+        }
+
+    def _backend_metrics(self) -> dict:
+        check = self.backend_check
+        return {"loss_backend/triton": float(self.loss_backend == "triton"), "rollout/compiled": float(self.rollout_config.generation == "compiled"),
+                **({"loss_backend/self_check_passed": float(check.passed)} if check else {}),
+                **({"loss_backend/self_check_rel_error": check.max_rel_error} if check and check.max_rel_error is not None else {})}
+
+    def _write_run_info(self) -> None:
+        if self.accelerator.is_main_process and self.output_dir.is_dir():
+            (self.output_dir / "run.json").write_text(json.dumps(self.run_info(), indent=2) + "\n", encoding="utf-8")
 
     def _base_weights(self):
         """The student's initial weights under LoRA: the adapter switched off [ours]."""

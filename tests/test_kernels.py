@@ -130,3 +130,46 @@ def test_a_training_step_is_the_same_with_either_backend(tmp_path):
     # fp32 cannot resolve to better than ~1%; in float64 both backends agree to rounding.
     for key in ("loss", "grad_norm", "entropy/student", "frac/HT"):
         assert results["triton"][key] == pytest.approx(results["torch"][key], rel=1e-7), key
+
+
+def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_backend(tmp_path, monkeypatch, caplog):
+    """At first use the kernels are checked against the torch path on the run's real output
+    embeddings (interpreter here): correct kernels pass without a word; a sign error in their
+    gradient makes `auto` fall back to torch with one warning (and `triton` raise), and the run's
+    loss is then the torch backend's."""
+    import json
+    import logging
+
+    import dopd_vl.loss.kernels as kernels
+    import dopd_vl.trainer as trainer_module
+    from conftest import REPO
+    from dopd_vl.config import load_config
+    from dopd_vl.loss.selfcheck import BackendCheckError
+
+    def config(name, *extra):
+        return load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / name}", "max_steps=1", "save_steps=10", "optim.batch_size=1",
+                                                                "rollout.max_new_tokens=3", "objective.top_k=16", *extra])
+
+    vanilla = "objective.name=vanilla_opd"  # one route (DOPD's four: test_a_training_step_is_the_same_with_either_backend)
+    with caplog.at_level(logging.WARNING):
+        trainer = trainer_module.Trainer(config("ok", "loss_backend=triton", vanilla))
+    assert trainer.loss_backend == "triton" and trainer.backend_check.passed and trainer.backend_check.rows == 1
+    assert trainer.backend_check.max_rel_error < 1e-5 and [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+    real = kernels.routed_chunk_loss
+    monkeypatch.setattr(kernels, "routed_chunk_loss", lambda *a, **k: (lambda loss, grad, ent: (loss, -grad, ent))(*real(*a, **k)))
+    with pytest.raises(BackendCheckError, match="differ from the torch path"):
+        trainer_module.Trainer(config("explicit", "loss_backend=triton", vanilla))
+    monkeypatch.setattr(trainer_module, "resolve_loss_backend", lambda backend, device: "triton" if backend == "auto" else backend)  # as on a GPU
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        fallback = trainer_module.Trainer(config("fallback", "loss_backend=auto", vanilla))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "uses the torch backend" in warnings[0] and fallback.loss_backend == "torch"
+    fallback.train()
+    torch_run = trainer_module.Trainer(config("torch", "loss_backend=torch", vanilla))
+    torch_run.train()
+    first = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("fallback", "torch")]
+    assert first[0]["loss"] == first[1]["loss"] and first[0]["loss_backend/self_check_passed"] == 0.0 and first[0]["loss_backend/triton"] == 0.0
+    info = json.loads((tmp_path / "fallback" / "run.json").read_text())
+    assert info["loss_backend"]["requested"] == "auto" and info["loss_backend"]["used"] == "torch" and info["loss_backend"]["self_check"]["passed"] is False

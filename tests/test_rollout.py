@@ -134,3 +134,31 @@ def test_generation_option_is_checked():
     assert load_config(None, ["rollout.generation=compiled", "rollout.generation_batch_size=16"]).rollout.generation == "compiled"
     with pytest.raises(ConfigError, match="rollout.generation must be"):
         load_config(None, ["rollout.generation=vllm"])
+
+
+def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monkeypatch, caplog):
+    """`rollout.generation: auto` compiles where that pays (a GPU; forced here): a compile that
+    fails makes the run generate eagerly with one warning; an explicit `compiled` keeps raising."""
+    import logging
+
+    import dopd_vl.trainer as trainer_module
+    from conftest import REPO
+    from dopd_vl.config import load_config
+
+    def failing_compile(*args, **kwargs):
+        raise RuntimeError("deliberately failing compile")
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    monkeypatch.setattr(trainer_module, "resolve_generation", lambda mode, device: "compiled" if mode == "auto" else mode)  # as on a GPU
+    overrides = [f"output_dir={tmp_path / 'run'}", "rollout.max_new_tokens=3", "optim.batch_size=1"]
+    trainer = trainer_module.Trainer(load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=auto"]))
+    assert trainer.rollout_config.generation == "compiled"
+    with caplog.at_level(logging.WARNING):
+        first, second = trainer.sample(), trainer.sample()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "deliberately failing compile" in warnings[0]
+    assert trainer.rollout_config.generation == "eager" and first[0].rollout.responses and second[0].rollout.responses
+    assert trainer.run_info()["rollout_generation"] == {"requested": "auto", "used": "eager", "fallback_reason": "RuntimeError: deliberately failing compile"}
+    explicit = trainer_module.Trainer(load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=compiled"]))
+    with pytest.raises(RuntimeError, match="deliberately failing compile"):
+        explicit.sample()

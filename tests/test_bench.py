@@ -13,6 +13,7 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 import gpu_recipe  # noqa: E402
+import gpu_tables  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("name,total,non_embedding", [("Qwen/Qwen3-1.7B", 1.7e9, 1.4e9), ("Qwen/Qwen3-8B", 8.2e9, 6.95e9),
@@ -55,3 +56,44 @@ def test_loss_bench_gpu_mode_runs_end_to_end_on_cpu():
     assert all(r["seconds"] > 0 for r in rows if r["method"] != "trl")
     assert rows[1]["backend"] == "triton" and rows[2]["backend"] == "torch"
     assert {"gpu_time_dopd_over_trl", "gpu_time_vanilla_over_trl", "gpu_memory_dopd_over_trl"} <= set(summary)
+
+
+def test_gpu_tables_are_written_from_a_result_file_and_the_readme_holds_the_recorded_one(tmp_path):
+    """bench/gpu_tables.py: the README's GPU block is exactly the recorded H200 result's rendering;
+    a result gathered from gpu_check.sh's parts (written here as the scripts print them) fills
+    every table; whatever a result lacks reads "not measured"."""
+    import gpu_tables
+
+    recorded = json.loads((REPO / "bench" / "recorded" / "gpu_result_h200_2026-11-28.json").read_text())
+    text = gpu_tables.render(recorded)
+    assert "**NVIDIA H200**, 2026-11-28" in text and "| chunked DOPD, torch backend | 0.114 s, 8.62 GB (chunk 2048) |" in text
+    assert "| chunked DOPD, Triton kernels | not measured | not measured | not measured |" in text
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert gpu_tables.rewrite(readme, recorded) == readme
+
+    out = tmp_path / "results"
+    (out / "demo_out").mkdir(parents=True)
+    (out / "gpu.txt").write_text("NVIDIA H100 80GB HBM3, 81559 MiB\n")
+    (out / "date.txt").write_text("2026-12-01\n")
+    (out / "kernel_tests.log").write_text("........ [100%]\n41 passed, 3 deselected in 50.1s\n")
+    loss = list(recorded["loss"])
+    loss.append({"method": "dopd", "H": 4096, "T": 16384, "backend": "triton", "chunk": 2048, "seconds": 0.51, "peak_extra_gb": 4.2})
+    summary = {"at": {"H": 4096, "T": 16384, "V": 151936}, "device": "NVIDIA H100", "gpu_time_dopd_over_trl": 1.13, "gpu_time_vanilla_over_trl": 0.98,
+               "gpu_memory_dopd_over_trl": 1.13, "gpu_memory_vanilla_over_trl": 0.9, "gpu_time_dopd_torch_over_trl": 2.2}
+    (out / "loss_gpu.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*loss, summary]))
+    step = {"step": 2, "step_s": 21.5, "rollout_s": 14.2, "scoring_s": 1.1, "loss_backward_s": 5.3, "update_s": 0.9, "peak_memory_gb": 61.2, "responses": 32,
+            "mean_response_tokens": 256.0, "loss": 0.01}
+    recipe_summary = {"recipe": "configs/qwen3_8b_to_1.7b.yaml", "peak_memory_gb": 61.2, "step_s_last": 21.5}
+    (out / "recipe_qwen3_8b_to_1.7b_eager.jsonl").write_text(json.dumps(step) + "\n" + json.dumps(recipe_summary) + "\n")
+    (out / "demo_out" / "summary.json").write_text(json.dumps({"accuracy_before": {"student": {"accuracy": 0.42}}, "accuracy_after": {"student": {"accuracy": 0.53}}}))
+    (out / "demo_seconds.txt").write_text("41\n")
+    result = gpu_tables.collect(out)
+    text = gpu_tables.render(result)
+    assert "**NVIDIA H100 80GB HBM3, 81559 MiB**, 2026-12-01" in text
+    assert "| qwen3_8b_to_1.7b.yaml | eager | 61.2 GB | 21.5 s | 14.2 s | 1.1 s | 5.3 s | 0.9 s |" in text
+    assert "gpu_time_dopd_over_trl 1.13" in text and "41 passed, 0 failed" in text and "41 s, held-out accuracy 0.42 → 0.53" in text
+    assert "0.51 s, 4.2 GB (chunk 2048)" in text
+    rewritten = gpu_tables.rewrite(readme, result)
+    assert rewritten != readme and gpu_tables.rewrite(rewritten, result) == rewritten and rewritten.count(gpu_tables.START) == 1
+    with pytest.raises(ValueError, match="gpu-tables"):
+        gpu_tables.rewrite("# no block here", result)

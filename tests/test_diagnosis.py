@@ -39,7 +39,8 @@ def test_token_diagnostics_hand_checked_case():
 
 
 def _independent_statistics(rollouts, config, steps):
-    """Per-step thresholds, regimes and edges from full-vocabulary logits of plain HF forwards."""
+    """Per-step thresholds, regimes and edges from full-vocabulary logits of plain HF forwards
+    (one batched forward per view and step), log-softmax in float64, routing written out here."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     from dopd_vl.data import load_records, records_root
@@ -48,27 +49,25 @@ def _independent_statistics(rollouts, config, steps):
     from dopd_vl.views import build_views
 
     records = {r["id"]: r for r in load_records(config.data.train)}
-    models = {}
+    models, adapters = {}, {}
     for role in ("student", "teacher"):
         path = resolve_model_path(getattr(config, role).name_or_path)
         processing = load_processing(path)
         auto = AutoModelForImageTextToText if hasattr(processing, "image_processor") else AutoModelForCausalLM
-        models[role] = (auto.from_pretrained(path, dtype=torch.float64).eval(), make_adapter(processing, image_root=records_root(config.data.train)))
-    vocab = len(models["student"][1].tokenizer)
+        models[role], adapters[role] = auto.from_pretrained(path).eval(), make_adapter(processing, image_root=records_root(config.data.train))
+    vocab = len(adapters["student"].tokenizer)
     out = []
     for step in range(1, steps + 1):
         rows = [r for r in rollouts if r["step"] == step]
-        logp = {v: [] for v in ("student", "teacher_priv", "student_priv", "teacher_plain")}
-        for row in rows:
-            response = torch.tensor(row["response_ids"])
-            for view in logp:
-                model, adapter = models["teacher" if view.startswith("teacher") else "student"]
-                batch = build_views({"student": models["student"][1], "teacher": models["teacher"][1]}, (view,), [records[row["id"]]], [response])[view]
-                with torch.no_grad():
-                    logits = model(**batch.inputs).logits[0, :, :vocab].double().log_softmax(-1)
-                positions = batch.response_positions[0][batch.response_mask[0]]
-                logp[view] += logits[positions].gather(-1, response[:, None]).squeeze(-1).tolist()
-        t, s, p, own = (torch.tensor(logp[v], dtype=torch.float64) for v in ("teacher_priv", "student_priv", "teacher_plain", "student"))
+        responses = [torch.tensor(r["response_ids"]) for r in rows]
+        views = build_views(adapters, ("student", "teacher_priv", "student_priv", "teacher_plain"), [records[r["id"]] for r in rows], responses)
+        logp = {}
+        for view, batch in views.items():
+            with torch.no_grad():
+                logits = models["teacher" if view.startswith("teacher") else "student"](**batch.inputs).logits
+            picked = logits.gather(1, batch.response_positions[..., None].expand(-1, -1, logits.shape[-1]))[batch.response_mask]
+            logp[view] = picked[:, :vocab].double().log_softmax(-1).gather(-1, batch.response_ids[batch.response_mask][:, None]).squeeze(-1)
+        t, s, p, own = (logp[v] for v in ("teacher_priv", "student_priv", "teacher_plain", "student"))
         a, q_t, q_s = (t - s).abs(), t.exp(), s.exp()
 
         def trimmed(v):  # mean of the N - floor(0.05 N) smallest
@@ -126,9 +125,9 @@ def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_
     losses = {}
     for diagnostics in (False, True):
         config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / str(diagnostics)}", "objective.name=vanilla_opd",
-                                                                     "max_steps=2", "save_steps=100", f"diagnostics={str(diagnostics).lower()}"])
-        Trainer(config).train()
-        rows = [json.loads(line) for line in (tmp_path / str(diagnostics) / "metrics.jsonl").read_text().splitlines()]
+                                                                     "max_steps=2", f"diagnostics={str(diagnostics).lower()}"])
+        trainer = Trainer(config)
+        rows = [trainer.train_step(trainer.sample()) for _ in range(2)]  # the loop's step, without saving
         losses[diagnostics] = [(r["loss"], r["grad_norm"]) for r in rows]
         diag = [k for k in rows[0] if k.startswith("diag/")]
         if diagnostics:

@@ -237,6 +237,18 @@ class Objective:
         return ()
 
     @property
+    def logprob_views(self) -> tuple[str, ...]:
+        """Views whose sampled-token log-probs the objective reads (its signals, sampled routes);
+        the others need only hidden states from scoring (top-K and full routes recompute logits)."""
+        needed = {v for r in self.routes if r is not None and r.support == "sampled" for v in r.views}
+        signals = set(self.signal_names)
+        if signals & set(_GAP_SIGNALS):
+            needed |= {"teacher_priv", "student_priv"}
+        if signals & {"q_teacher_plain", "visual_advantage"}:
+            needed |= {"teacher_priv", "teacher_plain"}
+        return tuple(v for v in SCORING_VIEWS if v in needed)
+
+    @property
     def entropy_views(self) -> tuple[str, ...]:
         """Views whose per-token entropy a signal reads (EOPD's split on its target's entropy)."""
         return (self.routes[0].target,) if self.split_on == "teacher_entropy" else ()

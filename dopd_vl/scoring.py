@@ -32,10 +32,12 @@ def score_views(
     chunk_size: int = 256,
     reference: nn.Module | None = None,
     entropy_views: set[str] | None = None,
+    logprob_views: set[str] | None = None,
 ) -> dict[str, TargetStates]:
     """TargetStates of every scoring view in `batches` (teacher views by the teacher, student_priv by
     the privileged student: the live student in eval mode, a frozen copy or an EMA; `reference`
-    by the reference model, ExOPD's initial student). Entropies only for `entropy_views` (None: all)."""
+    by the reference model, ExOPD's initial student). Entropies only for `entropy_views`, sampled-token
+    log-probs only for `logprob_views` (None: every view)."""
     states = {}
     for name, batch in batches.items():
         if name == "student":
@@ -45,5 +47,6 @@ def score_views(
             raise ValueError(f"view {name!r} needs a model to score it, but none was given")
         hidden, ids = valid_response_states(model, batch)
         with_entropy = entropy_views is None or name in entropy_views
-        states[name] = target_states(hidden, output_embedding_weight(model), ids, vocab_size, chunk_size, with_entropy)
+        with_logprob = logprob_views is None or name in logprob_views
+        states[name] = target_states(hidden, output_embedding_weight(model), ids, vocab_size, chunk_size, with_entropy, with_logprob)
     return states

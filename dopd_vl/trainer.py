@@ -313,14 +313,16 @@ class Trainer:
         was_training = self.student.training
         self.student.eval()
         scored = {k: v for k, v in views.items() if k != "reference"}
-        # Entropies cost a pass over [tokens, V]: only the teacher's (a metric) and the objective's signal's.
+        # Log-probs and entropies cost a pass over [tokens, V]: only for the views something reads
+        # them from (signals, sampled routes, the teacher's entropy metric, the diagnostics).
         entropy_views = {"teacher_priv", *self.objective.entropy_views}
+        logprob_views = {*self.objective.logprob_views, *(DIAGNOSTIC_VIEWS if self.config.diagnostics else ())}
         with self._base_weights() if self.config.objective.privileged_student == "initial" and self.config.lora.enabled else contextlib.nullcontext():
-            targets = score_views(scored, self.teacher, student, self.vocab_size, entropy_views=entropy_views)
+            targets = score_views(scored, self.teacher, student, self.vocab_size, entropy_views=entropy_views, logprob_views=logprob_views)
         if "reference" in views:  # the initial student: a frozen copy, or the base weights under LoRA
             with self._base_weights() if self.reference_model is None else contextlib.nullcontext():
                 targets.update(score_views({"reference": views["reference"]}, None, None, self.vocab_size, reference=self.reference_model or self.student,
-                                           entropy_views=entropy_views))
+                                           entropy_views=entropy_views, logprob_views=logprob_views))
         self.student.train(was_training)
         return targets
 

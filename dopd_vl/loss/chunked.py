@@ -40,7 +40,7 @@ class TargetStates:
 
     hidden: Tensor  # [N, H], no grad
     head_weight: Tensor  # [V_rows, H] output embedding of the model that produced `hidden`
-    token_logprob: Tensor  # [N] log-prob of the sampled token (routing signal, sampled support)
+    token_logprob: Tensor | None  # [N] log-prob of the sampled token (routing signal, sampled support); None where nothing reads it
     entropy: Tensor | None = None  # [N] entropy of the view's distribution (metrics only)
 
 
@@ -95,10 +95,13 @@ def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tenso
 
 
 def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256,
-                  with_entropy: bool = True) -> TargetStates:
+                  with_entropy: bool = True, with_logprob: bool = True) -> TargetStates:
     """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs
-    (+ the entropy, where a signal or a metric reads it)."""
+    (+ the entropy, where a signal or a metric reads it). Without either, no pass over the
+    vocabulary happens here at all: the loss recomputes the logits it needs per chunk."""
     hidden = hidden.detach()
+    if not (with_logprob or with_entropy):
+        return TargetStates(hidden, head_weight.detach(), None, None)
     logprob, ent = chunked_token_logprobs(hidden, head_weight.detach(), token_ids, vocab_size, chunk_size, with_entropy)
     return TargetStates(hidden, head_weight.detach(), logprob, ent)
 
@@ -142,7 +145,8 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                     if spec.support != "sampled":  # full-vocabulary target work only where a route needs it
                         with torch.no_grad():
                             target_logp = chunk_logits(view.hidden[sl][rows], view.head_weight, vocab_size).log_softmax(-1)
-                    d = route_divergence(spec, c, student_logp[rows], target_logp, ids_c[rows], {v: targets[v].token_logprob[sl][rows] for v in spec.views})
+                    token_logprob = {v: targets[v].token_logprob[sl][rows] for v in spec.views} if spec.support == "sampled" else {}
+                    d = route_divergence(spec, c, student_logp[rows], target_logp, ids_c[rows], token_logprob)
                     chunk_loss = d if isinstance(rows, slice) else chunk_loss.index_put((sel,), d)
                 weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
                 grad_logits = None  # stays None when every token of the chunk is on a switched-off route

@@ -242,26 +242,31 @@ def reading(result: dict, study: dict | None = None) -> list[str]:
     study = study if study is not None else strength_study()
     if not study:
         return lines + ["(no measured study is installed to compare with)"]
-    return lines + ["", *_study_reading(s, study)]
+    return lines + ["", *_study_reading(result["steps"][0], study)]
 
 
 def _study_reading(s: dict, study: dict) -> list[str]:
-    """Compare the endorsement rate and HT share with the study's measured first steps; quote the
-    nearest measured cell's DOPD - vanilla accuracy differences. No thresholds of our own."""
+    """Compare the first step's endorsement rate and HT share (`s`: the diagnosis's first step, the
+    very step a run starts with) with the study's measured first steps; quote the nearest measured
+    cell's DOPD - vanilla accuracy differences and every cell's. No thresholds of our own."""
     cells = study["cells"]
     endorse = [e for cell in cells for e in cell["first_step"]["endorsement"]]
     ht = [h for cell in cells for h in cell["first_step"]["frac/HT"]]
     lines = [f"What the measured study says ({study['source']}; {study['scope']}):"]
     inside = min(endorse) <= s["endorsement"] <= max(endorse)
-    lines.append(f"- Endorsement rates measured at the first step: {min(endorse):.3f} to {max(endorse):.3f}. Yours ({s['endorsement']:.3f}) is "
+    lines.append(f"- Endorsement rates measured at the first step: {min(endorse):.3f} to {max(endorse):.3f}. Yours, at your first step ({s['endorsement']:.3f}), is "
                  + ("inside that range." if inside else "outside anything measured: the study says nothing about what DOPD does here."))
-    lines.append(f"- HT shares measured at the first step: {min(ht):.3f} to {max(ht):.3f}. Yours ({s['frac/HT']:.3f}) is "
+    lines.append(f"- HT shares measured at the first step: {min(ht):.3f} to {max(ht):.3f}. Yours, at your first step ({s['frac/HT']:.3f}), is "
                  + ("inside that range." if min(ht) <= s["frac/HT"] <= max(ht) else "outside that range."))
     nearest = min(cells, key=lambda cell: abs(statistics.fmean(cell["first_step"]["endorsement"]) - s["endorsement"]))
     gains = "; ".join(f"{label} {_mean_std(nearest['gain_over_vanilla'][key])}" for key, label in study["variants"].items())
     lines.append(f"- The measured cell nearest by endorsement is {nearest['task']} / {nearest['strength']} student (endorsement "
                  f"{_mean_std(nearest['first_step']['endorsement'])}, start at {_mean_std(nearest['start_relative'])} of the teacher's accuracy): "
                  f"held-out accuracy minus vanilla OPD's, over {len(nearest['start_relative'])} seeds: {gains}.")
+    lines.append("- Every measured cell, by first-step endorsement: " + "; ".join(
+        f"{cell['task']} / {cell['strength']} {statistics.fmean(cell['first_step']['endorsement']):.2f}: "
+        + ", ".join(f"{key} {statistics.fmean(values):+.2f}" for key, values in cell["gain_over_vanilla"].items())
+        for cell in sorted(cells, key=lambda cell: statistics.fmean(cell["first_step"]["endorsement"]))) + " (accuracy minus vanilla OPD's, mean over seeds).")
     wins = study.get("beats_vanilla") or []
     if wins:
         for win in wins:

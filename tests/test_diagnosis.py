@@ -3,11 +3,14 @@ against a full-vocabulary recomputation from the same rollouts, weights never to
 
 import json
 import math
+import sys
 
 import pytest
 import torch
 
 from conftest import REPO
+
+sys.path.insert(0, str(REPO))  # examples.toy_privilege
 from dopd_vl.cli import main as dopd
 from dopd_vl.config import load_config
 from dopd_vl.diagnosis import diagnose_trainer, reading, summarise_diagnostics, token_diagnostics
@@ -163,10 +166,23 @@ def test_reading_places_the_numbers_among_the_measured_cells(endorsement, inside
     summary = {"endorsement": endorsement, "frac/HT": 0.03, "response_length": 3.0, "clipped_frac": 0.0, "eos_only_frac": 0.0,
                "information_edge/mean": 0.1, "information_edge/above_1nat": 0.0, "capability_edge/mean": -0.5, "advantage_gap/mean": 0.4,
                **{f"{p}/{g}": 0.25 for p in ("frac", "edge_check/frac", "route") for g in ("LH", "LL", "HS")}, "edge_check/frac/HT": 0.25, "route/HT": 0.03}
-    result = {"summary": summary, "tokens": 10, "route_names": ["LH", "LL", "HT", "HS"],
+    result = {"summary": summary, "steps": [summary], "tokens": 10, "route_names": ["LH", "LL", "HT", "HS"],
               "recipe": {"steps": 1, "responses_per_step": 4, "student": "s", "data": "d", "teacher": "t", "objective": "dopd", "privileged_student": "initial", "max_new_tokens": 4}}
     text = "\n".join(reading(result, STUDY))
-    assert (f"Yours ({endorsement:.3f}) is inside that range" in text) == inside
-    assert (f"Yours ({endorsement:.3f}) is outside anything measured" in text) == (not inside)
+    assert (f"Yours, at your first step ({endorsement:.3f}), is inside that range" in text) == inside
+    assert (f"Yours, at your first step ({endorsement:.3f}), is outside anything measured" in text) == (not inside)
     assert f"t / {nearest} student" in text
     assert "In no measured cell did a DOPD configuration beat vanilla OPD" in text and "tiny models." in text
+
+
+def test_the_installed_study_is_the_committed_strength_study():
+    """dopd diagnose quotes dopd_vl/assets/strength_study.json: exactly the measured points the
+    strength study wrote (examples/toy_privilege/results/strength), nothing edited by hand."""
+    from dopd_vl.diagnosis import strength_study
+
+    committed = json.loads((REPO / "examples" / "toy_privilege" / "results" / "strength" / "strength_study.json").read_text())
+    assert strength_study() == committed
+    payloads = [json.loads((REPO / "examples" / "toy_privilege" / "results" / "strength" / t / "results.json").read_text()) for t in ("add_hidden", "two_step")]
+    from examples.toy_privilege import strength  # noqa: E402 - the study's own summary of its results
+
+    assert [cell for payload in payloads for cell in strength.study_cells(payload)] == committed["cells"]

@@ -120,3 +120,22 @@ def test_diagnose_reads_a_toy_recipe_through_the_cli(tmp_path):
     assert 0.0 <= result["summary"]["endorsement"] <= 1.0
     assert any("What the measured study says" in line for line in result["reading"])
     assert (student / "model.safetensors").read_bytes() == weights
+
+
+def test_strength_study_pipeline_smoke(tmp_path):
+    """The student-strength study at its smallest size: the warm-up calibration, three students
+    sharing one teacher, every method with diagnostics, the longer run, the tables, the figure and
+    the measured points that `dopd diagnose` quotes."""
+    from examples.toy_privilege import strength
+
+    size = toy.TASKS["add_hidden"].sizes["smoke"]
+    calibration = strength.calibrate(tmp_path / "add_hidden", "add_hidden", size, "cpu", grid=(1, 2))
+    assert set(calibration["chosen"]) <= {1, 2} and (tmp_path / "add_hidden" / "calibration.md").is_file()
+    payload = strength.run_study(tmp_path / "add_hidden", "add_hidden", size, "cpu", warmup=(1, 2, 2),
+                                 methods=strength.METHODS[:1] + strength.METHODS[3:4])
+    assert set(payload["levels"]) == {"low", "middle", "high"} and set(payload["long_run"]["heldout_accuracy"]) == set(strength.LONG_LABELS)
+    text = (tmp_path / "add_hidden" / "results.md").read_text()
+    assert "The students at the first step" in text and "| low | dopd_initial |" in text and "The longer run" in text
+    study = json.loads((tmp_path / "strength_study.json").read_text())
+    assert [c["strength"] for c in study["cells"]] == ["low", "middle", "high"] and set(study["cells"][0]["gain_over_vanilla"]) == {"dopd_initial"}
+    assert (tmp_path / "strength.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -361,7 +361,7 @@ def summarise(task: Task, results: dict, prepared: dict[int, Prepared]) -> tuple
     return text, numbers
 
 
-def plot_curves(out: Path, results: dict) -> Path:
+def plot_curves(out: Path, results: dict, name: str = "curves.png") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -391,14 +391,15 @@ def plot_curves(out: Path, results: dict) -> Path:
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path = out / "curves.png"
+    path = out / name
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False, device: str = "auto",
-        teacher_cache: Path | None = None) -> dict:
+        teacher_cache: Path | None = None, report_name: str = "results") -> dict:
+    """Prepare the seeds, train and evaluate every spec, write OUT/REPORT_NAME.{md,json} and the curves."""
     started = time.perf_counter()
     task = TASKS[task_name]
     out.mkdir(parents=True, exist_ok=True)
@@ -427,15 +428,15 @@ def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int,
             results.setdefault(label, {})[seed] = report
             print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
     table, numbers = summarise(task, results, prepared)
-    curves = plot_curves(out, results)
+    curves = plot_curves(out, results, "curves.png" if report_name == "results" else f"{report_name}_curves.png")
     minutes = (time.perf_counter() - started) / 60
     text = (f"# Toy experiment `{task_name}`\n\n{len(seeds)} seed(s) (each: data, teacher, student warm-up, distillation), "
             f"{size.distill_steps} distillation steps per method, {size.heldout_problems} held-out problems, greedy, no privileged context; "
             f"{minutes:.1f} min this invocation.\nGap recovered = (method − student) / (teacher without context − student), exact-match accuracy, per seed.\n\n" + table)
-    (out / "results.md").write_text(text, encoding="utf-8")
+    (out / f"{report_name}.md").write_text(text, encoding="utf-8")
     payload = {"task": task_name, "size": size.__dict__, "prepared": {s: p.reports for s, p in prepared.items()},
                "results": results, "table": numbers, "minutes": minutes, "curves": str(curves)}
-    (out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
+    (out / f"{report_name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     print("\n" + text)
     return payload
 

@@ -140,7 +140,7 @@ def long_runs(out: Path, task_name: str, size: toy.Size, device: str, reuse: boo
     if not reuse:  # the level's preparation is reused below; its earlier long runs are not
         for stale in [*level_dir.glob("runs/long_*"), *level_dir.glob("seed0/eval/long_*")]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    results = toy.run(level_dir, task_name, size, specs, reuse=True, device=device, teacher_cache=out / "teachers")
+    results = toy.run(level_dir, task_name, size, specs, reuse=True, device=device, teacher_cache=out / "teachers", report_name="long_results")
     task, prepared = toy.TASKS[task_name], level_dir / "seed0"
     curves = {}
     for label in LONG_LABELS:
@@ -218,6 +218,15 @@ def strength_tables(payload: dict) -> str:
     return text
 
 
+def study_cells(payload: dict) -> list[dict]:
+    """A task's measured points, one per student strength: the first-step diagnostics and each
+    DOPD variant's held-out accuracy minus vanilla OPD's, per seed."""
+    return [{"task": payload["task"], "strength": level, "warmup_steps": payload["warmup_steps"][level], "start_relative": start_relative(data),
+             "first_step": {k: first_step(data, k) for k in ("endorsement", "frac/HT", "edge_check/frac/HT", "information_edge/mean", "information_edge/above_1nat")},
+             "gain_over_vanilla": {v: gains(data, v) for v in VARIANTS if v in data["results"]}}
+            for level, data in payload["levels"].items()]
+
+
 def combine(root: Path) -> dict | None:
     """strength.png over every task's results.json under `root`, and strength_study.json: the
     measured points `dopd diagnose` quotes (per task and level: first-step diagnostics and each
@@ -225,16 +234,10 @@ def combine(root: Path) -> dict | None:
     payloads = [payload for payload in (json.loads(p.read_text()) for p in sorted(root.glob("*/results.json"))) if "levels" in payload]
     if not payloads:
         return None
-    cells, wins = [], []
-    for payload in payloads:
-        for level, data in payload["levels"].items():
-            cell = {"task": payload["task"], "strength": level, "warmup_steps": payload["warmup_steps"][level], "start_relative": start_relative(data),
-                    "first_step": {k: first_step(data, k) for k in ("endorsement", "frac/HT", "edge_check/frac/HT", "information_edge/mean", "information_edge/above_1nat")},
-                    "gain_over_vanilla": {v: gains(data, v) for v in VARIANTS if v in data["results"]}}
-            cells.append(cell)
-            for variant, values in cell["gain_over_vanilla"].items():
-                if len(values) > 1 and statistics.mean(values) > statistics.stdev(values):
-                    wins.append({"task": cell["task"], "strength": level, "variant": VARIANTS[variant], "gain": values, "endorsement": cell["first_step"]["endorsement"]})
+    cells = [cell for payload in payloads for cell in study_cells(payload)]
+    wins = [{"task": cell["task"], "strength": cell["strength"], "variant": VARIANTS[variant], "gain": values, "endorsement": cell["first_step"]["endorsement"]}
+            for cell in cells for variant, values in cell["gain_over_vanilla"].items()
+            if len(values) > 1 and statistics.mean(values) > statistics.stdev(values)]
     study = {
         "source": "examples/toy_privilege/RESULTS.md, the student-strength study",
         "scope": f"{len(payloads)} toy task(s) x {len(LEVELS)} student strengths x 3 seeds; tiny Qwen3 models on CPU, lr 3e-4",

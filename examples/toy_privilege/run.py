@@ -3,6 +3,7 @@
     python examples/toy_privilege/run.py --task add_hidden              # 3 seeds, main table (<= 60 min, 2 cores)
     python examples/toy_privilege/run.py --task two_step --study all    # + pruning and learning-rate studies
     python examples/toy_privilege/run.py --quick                        # 1 seed, fewer steps (<= 10 min)
+    python examples/toy_privilege/run.py --task two_step --study strength   # the student-strength study (strength.py)
 
 Tasks (task.py): `add_hidden`, single-digit addition whose second operand may be hidden (the
 context reveals it: information no student can infer); `two_step`, `a*b+c=` answered with a

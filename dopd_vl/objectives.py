@@ -240,12 +240,7 @@ class Objective:
     def logprob_views(self) -> tuple[str, ...]:
         """Views whose sampled-token log-probs the objective reads (its signals, sampled routes);
         the others need only hidden states from scoring (top-K and full routes recompute logits)."""
-        needed = {v for r in self.routes if r is not None and r.support == "sampled" for v in r.views}
-        signals = set(self.signal_names)
-        if signals & set(_GAP_SIGNALS):
-            needed |= {"teacher_priv", "student_priv"}
-        if signals & {"q_teacher_plain", "visual_advantage"}:
-            needed |= {"teacher_priv", "teacher_plain"}
+        needed = {v for r in self.routes if r is not None and r.support == "sampled" for v in r.views} | self._signal_views()
         return tuple(v for v in SCORING_VIEWS if v in needed)
 
     @property
@@ -260,13 +255,17 @@ class Objective:
     @property
     def views(self) -> tuple[str, ...]:
         """Scoring views this objective needs, in SCORING_VIEWS order; only these are computed."""
-        needed = {v for r in self.routes if r is not None for v in r.views}
-        signals = set(self.signal_names)
+        needed = {v for r in self.routes if r is not None for v in r.views} | self._signal_views()
+        return tuple(v for v in SCORING_VIEWS if v in needed)
+
+    def _signal_views(self) -> set[str]:
+        """The views whose sampled-token log-probs the routing signals are made of."""
+        signals, needed = set(self.signal_names), set()
         if signals & set(_GAP_SIGNALS):
             needed |= {"teacher_priv", "student_priv"}
         if signals & {"q_teacher_plain", "visual_advantage"}:
             needed |= {"teacher_priv", "teacher_plain"}
-        return tuple(v for v in SCORING_VIEWS if v in needed)
+        return needed
 
     def token_signals(self, token_logprob: dict[str, Tensor], entropy: dict[str, Tensor] | None = None) -> TokenSignals | None:
         """Routing signals from the scoring views' sampled-token log-probs (and, for EOPD, the

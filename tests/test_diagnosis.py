@@ -186,3 +186,19 @@ def test_the_installed_study_is_the_committed_strength_study():
     from examples.toy_privilege import strength  # noqa: E402 - the study's own summary of its results
 
     assert [cell for payload in payloads for cell in strength.study_cells(payload)] == committed["cells"]
+
+
+@pytest.mark.parametrize("objective", ["vanilla_opd", "eopd", "pruned_opd"])
+def test_diagnose_reads_every_objective_and_reports_its_routes(tmp_path, objective):
+    """Objectives that route otherwise (one route, a split on the teacher's entropy, pruning) are
+    diagnosed too: their own route shares beside DOPD's regimes, which they do not use."""
+    from dopd_vl.trainer import Trainer
+
+    config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path}", f"objective.name={objective}", "diagnostics=true", "objective.top_k=16"])
+    result = diagnose_trainer(Trainer(config), steps=1, progress=False)
+    routes = {k: v for k, v in result["summary"].items() if k.startswith("route/")}
+    names = {"vanilla_opd": {"route/vanilla_opd"}, "eopd": {"route/low_teacher_entropy", "route/high_teacher_entropy"},
+             "pruned_opd": {"route/pruned_opd", "route/dropped"}}[objective]
+    assert set(routes) == names and sum(routes.values()) == pytest.approx(1.0)
+    assert sum(result["summary"][f"frac/{g}"] for g in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
+    assert result["recipe"]["objective"] == objective and f"routes of {objective}" in "\n".join(result["reading"])

@@ -99,12 +99,13 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint; partial `.tmp-*` folders are removed."""
+def latest_checkpoint(output_dir: str | Path, clean: bool = True) -> Path | None:
+    """The newest complete checkpoint; partial `.tmp-*` folders are removed when `clean` (a reader
+    of a run that may still be training, such as `dopd export`, passes False)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return None
-    for partial in output_dir.glob(".tmp-checkpoint-*"):
+    for partial in output_dir.glob(".tmp-checkpoint-*") if clean else ():
         logger.warning("removing the partial checkpoint %s left by an interrupted save", partial)
         shutil.rmtree(partial, ignore_errors=True)
     steps = _checkpoints(output_dir)

@@ -35,14 +35,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device_options(inspect)
     inspect.set_defaults(run=_inspect)
 
-    evaluate = commands.add_parser("eval", help="greedy answers and accuracy per question type")
-    evaluate.add_argument("--model", required=True, help="model folder or hub id")
-    evaluate.add_argument("--data", required=True, help="dataset with `answer`: JSONL, Parquet / Arrow file, dataset folder or id")
+    evaluate = commands.add_parser("eval", help="greedy answers and accuracy per question type, or a harness (lm-eval, lmms-eval)")
+    evaluate.add_argument("--model", required=True, help="model folder, hub id, or (with --harness) a run folder: its final student")
+    evaluate.add_argument("--data", help="dataset with `answer`: JSONL, Parquet / Arrow file, dataset folder or id "
+                          "(with --harness lm-eval: run as a local harness task, no download)")
+    evaluate.add_argument("--harness", choices=("lm-eval", "lmms-eval"), help="evaluate through lm-evaluation-harness (text students) "
+                          "or lmms-eval (vision students) instead (extra: pip install 'dopd-vl[eval]')")
+    evaluate.add_argument("--tasks", help="--harness: comma-separated benchmark tasks, e.g. gsm8k or mmmu_val (their data is downloaded)")
+    evaluate.add_argument("--apply-chat-template", action="store_true", help="--harness lm-eval --tasks: prompt through the chat template")
     _add_data_options(evaluate)
     evaluate.add_argument("--privileged", action="store_true", help="answer with the privileged context in the prompt")
-    evaluate.add_argument("--out", help="write the JSON report here instead of stdout")
+    evaluate.add_argument("--out", help="write the JSON report here instead of stdout (--harness: the results folder, default harness_out)")
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
-    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--batch-size", type=int, default=8, help="records per generate call (--harness: the harness's batch size)")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")
     _add_device_options(evaluate)
     evaluate.set_defaults(run=_eval)
@@ -96,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--out", help="folder for diagnose.json, diagnose.png and diagnose_rollouts.jsonl (default OUTPUT_DIR/diagnose)")
     diagnose.add_argument("--device", choices=("auto", "cpu"), help="auto (the GPU when present) or cpu; default: the recipe's")
     diagnose.set_defaults(run=_diagnose)
+
+    export = commands.add_parser("export", help="a Hugging Face model folder with a model card from a run's student")
+    export.add_argument("run_dir", help="run folder (output_dir of `dopd train`)")
+    export.add_argument("--out", required=True, help="new folder for the model (must not exist or be empty)")
+    export.add_argument("--checkpoint", type=int, help="export checkpoint-N instead of the final student")
+    export.add_argument("--adapter", action="store_true", help="keep the LoRA adapter (peft folder) instead of merging it (newest checkpoint by default)")
+    export.add_argument("--eval-data", help="records with `answer`: greedy accuracy of the base student and of the export goes into the card")
+    export.add_argument("--eval-limit", type=int, help="evaluate the first N records only")
+    export.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap for --eval-data")
+    export.set_defaults(run=_export)
 
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
@@ -189,6 +204,11 @@ def _eval(args) -> int:
     from dopd_vl.data import load_records, records_root
     from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
 
+    if args.harness:
+        return _eval_harness(args)
+    if not args.data:
+        raise ConfigError("dopd eval needs --data (or --harness with --tasks)")
+
     records = load_records(args.data, split=args.split, columns=_columns(args.column))[: args.limit]
     model, _, adapter, eos, never = _load_for_generation(args.model, records_root(args.data), args.device, args.dtype)
     answers = generate_answers(model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never)
@@ -202,6 +222,27 @@ def _eval(args) -> int:
         print(f"accuracy {report['accuracy']} over {report['count']} records; report in {args.out}")
     else:
         print(text)
+    return 0
+
+
+def _eval_harness(args) -> int:
+    from dopd_vl.harness import run_lm_eval, run_lmms_eval, summary_table
+    from dopd_vl.models import resolve_device, resolve_dtype
+
+    tasks = [t for t in (args.tasks or "").split(",") if t]
+    out = Path(args.out) if args.out else Path("harness_out")
+    device = resolve_device(args.device)
+    if args.harness == "lm-eval":
+        metrics = run_lm_eval(args.model, out, tasks=tasks or None, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, device=str(device), dtype=resolve_dtype(args.dtype, device),
+                              apply_chat_template=args.apply_chat_template, split=args.split)
+    else:
+        metrics = run_lmms_eval(args.model, out, tasks=tasks or None, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, device=str(device), split=args.split)
+    table = summary_table(metrics, args.harness, args.model)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.md").write_text(table, encoding="utf-8")
+    print(table + f"\nharness results in {out}")
     return 0
 
 
@@ -323,6 +364,15 @@ def _diagnose(args) -> int:
     result = diagnose(config, steps=args.steps, out=out)
     print("\n".join(result["reading"]))
     print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}")
+    return 0
+
+
+def _export(args) -> int:
+    from dopd_vl.export import export_student
+
+    out = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, adapter=args.adapter, eval_data=args.eval_data,
+                         eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens)
+    print(f"exported to {out} (model card: {out / 'README.md'})")
     return 0
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+import yaml
 
 from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict, flat_config
@@ -348,6 +349,7 @@ class Trainer:
             "loss_backend": {"requested": self.config.loss_backend, "used": self.loss_backend, "self_check": check},
             "loss_chunk_size": self.loss_chunk_size,
             "rollout_generation": {"requested": self.config.rollout.generation, "used": self.rollout_config.generation, "fallback_reason": self.generation_error},
+            "data": {"train": self.config.data.train, "train_records": len(self.records)},
         }
 
     def _backend_metrics(self) -> dict:
@@ -357,8 +359,10 @@ class Trainer:
                 **({"loss_backend/self_check_rel_error": check.max_rel_error} if check and check.max_rel_error is not None else {})}
 
     def _write_run_info(self) -> None:
+        """run.json and the recipe as trained (config.yaml), which `dopd export` puts in the card."""
         if self.accelerator.is_main_process and self.output_dir.is_dir():
             (self.output_dir / "run.json").write_text(json.dumps(self.run_info(), indent=2) + "\n", encoding="utf-8")
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False), encoding="utf-8")
 
     def _base_weights(self):
         """The student's initial weights under LoRA: the adapter switched off [ours]."""

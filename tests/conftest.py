@@ -20,7 +20,8 @@ os.environ["DOPD_TINY_CACHE"] = tempfile.mkdtemp(prefix="dopd-tiny-")
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# `make test` runs two pytest-xdist workers on the 2 cores: one thread each (alone: both cores).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -16,6 +16,7 @@ from conftest import REPO
 from dopd_vl.cli import main
 from dopd_vl.config import load_config
 from dopd_vl.errors import DopdError
+from dopd_vl.files import created_mode
 from dopd_vl.trainer import Trainer
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -70,13 +71,7 @@ def test_exported_student_answers_in_plain_transformers_as_in_the_run(tmp_path, 
     assert recipe_saved["data"]["train"] == data.name and recipe_saved["objective"]["name"] == "dopd"
     generation = json.loads((export / "generation_config.json").read_text())
     assert set(generation["eos_token_id"]) >= {151645, 151643} and generation["suppress_tokens"]  # <|im_end|>, <|endoftext|>; padding rows
-    assert oct((export / "README.md").stat().st_mode & 0o777) == oct(0o666 & ~_umask()) and (export.stat().st_mode & 0o777) == 0o777 & ~_umask()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    assert (export / "README.md").stat().st_mode & 0o777 == created_mode() and export.stat().st_mode & 0o777 == created_mode(directory=True)
 
 
 def test_adapter_export_loads_with_peft_and_answers_as_the_merged_export(tmp_path):

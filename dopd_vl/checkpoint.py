@@ -78,18 +78,24 @@ def save_checkpoint(
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_model_folder(model, processing, tmp / "model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
-    if extra_tensors:
-        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
-    _fsync_tree(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model_folder(model, processing, tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        if extra_tensors:
+            save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step}))
+        _fsync_tree(tmp)
+    except Exception as err:  # a full disk (ENOSPC), a failing filesystem (EIO); torch.save reports them as RuntimeError
+        # Stop rather than rotate old checkpoints to make room: rotation could delete the last good one.
+        # (A programming error lands here too; the chained cause keeps its traceback.)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(_write_failure(output_dir, final, err)) from err
     if final.exists():  # re-saving the same step (e.g. the final save after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -97,6 +103,18 @@ def save_checkpoint(
         shutil.rmtree(output_dir / f"checkpoint-{old}", ignore_errors=True)
     logger.info("saved %s", final)
     return final
+
+
+def _write_failure(output_dir: Path, target: Path, err: Exception) -> str:
+    """What a failed checkpoint write says: the path, why, the free space, and what is still safe."""
+    try:
+        free = f"{shutil.disk_usage(output_dir).free / 2**30:.2f} GiB free on {output_dir}"
+    except OSError:
+        free = f"the free space on {output_dir} could not be read"
+    previous = latest_checkpoint(output_dir, clean=False)
+    kept = f"the previous checkpoint {previous} is intact (resume from it with --resume)" if previous else "no earlier checkpoint exists"
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+    return f"writing {target} failed: {reason} ({free}); {kept}; free space or move output_dir, then resume"
 
 
 def latest_checkpoint(output_dir: str | Path, clean: bool = True) -> Path | None:

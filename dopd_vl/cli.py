@@ -1,4 +1,5 @@
-"""The `dopd` command. Errors of the DopdError family print one line and exit with status 1."""
+"""The `dopd` command. Errors of the DopdError family print one line and exit with status 1; a run
+stopped by SIGTERM / SIGINT after its checkpoint exits with 75 (dopd_vl/preemption.py)."""
 
 from __future__ import annotations
 
@@ -137,8 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except DopdError as err:
-        print(f"dopd {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        code = getattr(err, "exit_code", 1)  # a preempted run is not an error: it says so and exits 75
+        print(f"dopd {args.command}: {'error: ' if code == 1 else ''}{err}", file=sys.stderr)
+        return code
 
 
 def _inspect(args) -> int:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 import yaml
 
-from dopd_vl.checkpoint import latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
+from dopd_vl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict, flat_config
 from dopd_vl.data import load_records, records_root
 from dopd_vl.diagnosis import DIAGNOSTIC_VIEWS, summarise_diagnostics, token_diagnostics
@@ -53,6 +53,7 @@ from dopd_vl.modality import TEACHER_VIEWS, make_adapter
 from dopd_vl.loss import StudentLoss, TargetStates, auto_chunk_size, resolve_loss_backend
 from dopd_vl.loss.selfcheck import checked_triton_backend
 from dopd_vl.objectives import SCORING_VIEWS, build_objective
+from dopd_vl.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from dopd_vl.rollout import MicroBatch, resolve_generation, rollout_metrics, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
@@ -60,7 +61,7 @@ from dopd_vl.views import ViewBatch, build_views
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "StudentLoss"]
+__all__ = ["Trainer", "MicroBatch", "TrainingError", "CollapseDetected", "Preempted", "StudentLoss"]
 
 
 class TrainingError(DopdError):
@@ -69,6 +70,13 @@ class TrainingError(DopdError):
 
 class CollapseDetected(TrainingError):
     """The collapse guard stopped the run (`collapse_action: stop`); a checkpoint was written first."""
+
+
+class Preempted(TrainingError):
+    """SIGTERM / SIGINT: the run finished its step, wrote a checkpoint and stopped; `--resume`
+    continues it exactly. The CLI exits with `PREEMPTED_EXIT_CODE` (75)."""
+
+    exit_code = PREEMPTED_EXIT_CODE
 
 
 @dataclass
@@ -169,10 +177,20 @@ class Trainer:
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_info()
-        first_line = True
         if c.report_to:
             self.accelerator.init_trackers("dopd", config=flat_config(c))
         bar = tqdm(total=c.max_steps, initial=self.step, desc=f"{self.objective.name}", disable=not self.accelerator.is_main_process)
+        with StopSignals() as stop:
+            self._train_steps(bar, stop)
+        bar.close()
+        final = self.export_final()
+        if c.report_to:
+            self.accelerator.end_training()
+        return final
+
+    def _train_steps(self, bar, stop: StopSignals) -> None:
+        """Steps until max_steps; a stop signal ends the loop at a step boundary, after a checkpoint."""
+        c, first_line = self.config, True
         while self.step < c.max_steps:
             started = time.perf_counter()
             micro_batches = self.sample()
@@ -191,13 +209,14 @@ class Trainer:
                 self._on_collapse(alarm)
             bar.update(1)
             bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", *(f"frac/{r}" for r in REGIME_NAMES)) if k in metrics})
-            if self.step % c.save_steps == 0 or self.step == c.max_steps:
+            # Every process must stop at the same step: one signalled process stops them all.
+            stopping = self._sum(float(stop.received is not None)) > 0
+            if self.step % c.save_steps == 0 or self.step == c.max_steps or stopping:
                 self.save()
-        bar.close()
-        final = self.export_final()
-        if c.report_to:
-            self.accelerator.end_training()
-        return final
+            if stopping and self.step < c.max_steps:
+                bar.close()
+                raise Preempted(f"stopped by a signal after step {self.step} of {c.max_steps}: checkpoint-{self.step} written in "
+                                f"{self.output_dir}; continue with `dopd train ... --resume`")
 
     def sample(self) -> list[MicroBatch]:
         """This process's micro-batches of the current step, with rollouts seeded by (seed, step, process)."""
@@ -487,16 +506,22 @@ class Trainer:
                 f.write(json.dumps(metrics) + "\n")
 
     def save(self) -> None:
+        """checkpoint-N from the main process; a failed write (a full disk) stops every process."""
         self.accelerator.wait_for_everyone()
+        failure = None
         if self.accelerator.is_main_process:
             extra = {f"ema.{k}": v for k, v in self.privileged_student.state_dict().items()} if self.config.objective.privileged_student == "ema" else None
-            save_checkpoint(
-                self.output_dir, self.step, model=self.accelerator.unwrap_model(self.loss_module).model,
-                processing=self.student_processing, optimizer=self.optimizer, scheduler=self.scheduler,
-                state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips, "guard": self.guard.state_dict()},
-                config=config_to_dict(self.config), extra_tensors=extra, keep=self.config.save_total_limit,
-            )
-        self.accelerator.wait_for_everyone()
+            try:
+                save_checkpoint(
+                    self.output_dir, self.step, model=self.accelerator.unwrap_model(self.loss_module).model,
+                    processing=self.student_processing, optimizer=self.optimizer, scheduler=self.scheduler,
+                    state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips, "guard": self.guard.state_dict()},
+                    config=config_to_dict(self.config), extra_tensors=extra, keep=self.config.save_total_limit,
+                )
+            except CheckpointError as err:
+                failure = err
+        if self._sum(float(failure is not None)) > 0:  # also a barrier: the other processes learn of the failure
+            raise failure or CheckpointError(f"the main process could not write checkpoint-{self.step} (its message says why)")
 
     def export_final(self) -> Path:
         """The trained student as a plain model folder (LoRA merged), loadable with from_pretrained."""

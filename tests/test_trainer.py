@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from conftest import REPO
 from dopd_vl.config import load_config
 from dopd_vl.errors import ConfigError
+from dopd_vl.checkpoint import latest_checkpoint
+from dopd_vl.preemption import PREEMPTED_EXIT_CODE
 from dopd_vl.routing import REGIME_NAMES
 
 ARITH = REPO / "configs" / "data" / "arith" / "data.jsonl"
@@ -145,11 +147,94 @@ def test_resume_after_kill_reproduces_the_straight_run(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stderr
 
-    a, b = read_metrics(straight), read_metrics(resumed)
-    assert [m["step"] for m in b] == [1, 2, 3, 4, 5, 6]
+    assert_same_run(straight, resumed)
+
+    # SIGTERM (a scheduler's preemption): the step in progress finishes, a checkpoint is written, exit 75.
+    preempted = tmp_path / "preempted"
+    proc = subprocess.Popen(_train_cmd(recipe, *common, f"output_dir={preempted}", "save_steps=100"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_logged_steps(proc, preempted, 1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
+    step = int(latest_checkpoint(preempted).name.split("-")[1])
+    assert 1 <= step < 6 and f"stopped by a signal after step {step} of 6" in err and not (preempted / "final").exists()
+    assert [m["step"] for m in read_metrics(preempted)] == list(range(1, step + 1)) and not list(preempted.glob(".tmp-*"))
+    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={preempted}", "save_steps=100", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(straight, preempted)
+
+
+def wait_for_logged_steps(proc, run: Path, steps: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not ((run / "metrics.jsonl").exists() and len(read_metrics(run)) >= steps):
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before logging step {steps}"
+        time.sleep(0.05)
+
+
+def assert_same_run(straight: Path, other: Path) -> None:
+    """Same steps, same losses, same final weights."""
+    a, b = read_metrics(straight), read_metrics(other)
+    assert [m["step"] for m in b] == [m["step"] for m in a]
     assert [m["loss"] for m in a] == [m["loss"] for m in b]
-    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    wa, wb = load_file(straight / "final" / "model.safetensors"), load_file(other / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigterm_stops_two_processes_at_the_same_step_and_resume_is_exact(tmp_path):
+    """torchrun, 2 gloo processes; SIGTERM to the whole job (as a scheduler sends it), which torchrun
+    also forwards to its workers: one preemption, received twice, stops both at one step boundary."""
+    recipe = REPO / "configs" / "tiny_text.yaml"
+    common = [f"data.train={ARITH}", "max_steps=4", "save_steps=100", "optim.lr=1e-3", "optim.batch_size=1"]
+    env = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out: Path, port: int, *extra: str) -> list[str]:
+        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "dopd_vl.cli", "train",
+                str(recipe), *common, f"output_dir={out}", *extra]
+
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    done = subprocess.run(torchrun(straight, 29651), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(torchrun(preempted, 29652), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for_logged_steps(proc, preempted, 1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert err.count("stopped by a signal after step") == 2, err[-3000:]  # both workers, the same step
+    step = int(latest_checkpoint(preempted).name.split("-")[1])
+    assert 1 <= step < 4 and f"after step {step} of 4" in err and not (preempted / "final").exists()
+    done = subprocess.run(torchrun(preempted, 29653, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_run(straight, preempted)
+
+
+def test_a_checkpoint_write_that_fails_for_lack_of_space_keeps_the_previous_one(tmp_path, monkeypatch):
+    import errno
+
+    from dopd_vl.checkpoint import CheckpointError, load_checkpoint_state, load_student_weights
+    from dopd_vl.models import load_model
+    from dopd_vl.trainer import Trainer
+
+    real_save = torch.save
+
+    def disk_full_at_step_2(obj, path, *args, **kwargs):
+        if ".tmp-checkpoint-2" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
+    out = tmp_path / "run"
+    trainer = Trainer(text_config(out, "max_steps=3", "save_steps=1", "save_total_limit=1"))
+    with pytest.raises(CheckpointError) as caught:
+        trainer.train()
+    message = str(caught.value)
+    assert str(out / "checkpoint-2") in message and "No space left on device" in message and "GiB free" in message
+    assert f"{out / 'checkpoint-1'} is intact" in message
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial folder, not rotated away
+    monkeypatch.setattr(torch, "save", real_save)
+    model = load_model(out / "checkpoint-1" / "model")
+    load_student_weights(model, out / "checkpoint-1")
+    state, _ = load_checkpoint_state(out / "checkpoint-1", trainer.optimizer, trainer.scheduler)
+    assert state["step"] == 1
 
 
 # ---------------------------------------------------------------------- crash while checkpointing

@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/dopd demo --out demo_out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 tests  # two workers for the two cores (pytest-xdist)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests  # two workers for the two cores (pytest-xdist)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,bench]"

@@ -113,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap for --eval-data")
     export.set_defaults(run=_export)
 
+    check = commands.add_parser("check-data", help="check every record of a recipe's data before training (images, boxes, contexts, prompt lengths)")
+    check.add_argument("config", help="YAML recipe (configs/*.yaml)")
+    check.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
+    check.add_argument("--mode", choices=("quick", "full"), default="full", help="full (default): decode every image; quick: open it and check its end marker")
+    check.add_argument("--out", help="JSON report (default OUTPUT_DIR/data_check.json)")
+    check.add_argument("--workers", type=int, default=8, help="threads checking images")
+    check.set_defaults(run=_check_data)
+
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
     demo.add_argument("--seed", type=int, default=0)
@@ -376,6 +384,35 @@ def _export(args) -> int:
                          eval_limit=args.eval_limit, max_new_tokens=args.max_new_tokens)
     print(f"exported to {out} (model card: {out / 'README.md'})")
     return 0
+
+
+def _check_data(args) -> int:
+    from dopd_vl.config import load_config
+    from dopd_vl.data import records_root
+    from dopd_vl.modality import PRIVILEGED_VIEWS, make_adapter
+    from dopd_vl.models import load_processing
+    from dopd_vl.objectives import build_objective
+    from dopd_vl.preflight import check_data
+
+    config = load_config(args.config, args.overrides)
+    processing = load_processing(config.student.name_or_path, config.student.trust_remote_code)  # the processor only: no weights
+    privileged = bool(PRIVILEGED_VIEWS & set(build_objective(config.objective).views)) or config.diagnostics
+    reports, faults = [], 0
+    for split_name, source in (("train", config.data.train), ("eval", config.data.eval)):
+        if not source:
+            continue
+        adapter = make_adapter(processing, config.data.prompt, image_root=records_root(source))
+        _, report, _ = check_data(source, adapter, split=config.data.split, columns=config.data.columns, mode=args.mode,
+                                  max_prompt_length=config.rollout.max_prompt_length, privileged=privileged and split_name == "train",
+                                  workers=args.workers)
+        print(report.summary())
+        reports.append({"split": split_name, **report.to_dict()})
+        faults += len(report.faults)
+    out = Path(args.out) if args.out else Path(config.output_dir) / "data_check.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"reports": reports}, indent=2) + "\n", encoding="utf-8")
+    print(f"report in {out}")
+    return 1 if faults else 0
 
 
 def _demo(args) -> int:

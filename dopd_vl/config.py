@@ -49,6 +49,20 @@ class DataConfig:
     eval: str | None = None
     """Optional held-out records for `dopd eval`."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    preflight: str = "quick"
+    """Check every training record before the first step (dopd_vl/preflight.py): `quick` (images
+    opened and checked for completeness by their end marker), `full` (images fully decoded) or
+    `off` [ours]."""
+    on_error: str = "fail"
+    """A faulty record: `fail` stops (before the first step, or when a file vanishes mid-run) naming
+    the file, record and field; `skip` trains on the rest and lists the skipped ones in
+    output_dir/skipped.jsonl (`data/skipped_records` in the metrics) [ours]."""
+
+    def __post_init__(self) -> None:
+        if self.preflight not in ("quick", "full", "off"):
+            raise ValueError(f"data.preflight must be quick, full or off, got {self.preflight!r}")
+        if self.on_error not in ("fail", "skip"):
+            raise ValueError(f"data.on_error must be fail or skip, got {self.on_error!r}")
 
 
 @dataclass

@@ -153,7 +153,7 @@ class DatasetRecords(Sequence):
     """Records over a `datasets.Dataset`: every row is validated once on load, then converted to
     a record when accessed; embedded images stay undecoded until a model needs them."""
 
-    def __init__(self, dataset, columns: dict[str, str], name: str):
+    def __init__(self, dataset, columns: dict[str, str], name: str, validate: bool = True):
         self.columns = {field: columns.get(field, field) for field in RECORD_FIELDS}
         unknown = sorted(set(columns) - set(RECORD_FIELDS))
         if unknown:
@@ -164,12 +164,27 @@ class DatasetRecords(Sequence):
         self.dataset, self.name = _undecoded_images(dataset, self.columns["images"]), name
         if len(self.dataset) == 0:
             raise DatasetError("the dataset is empty", file=name)
+        if not validate:  # the preflight validates row by row and keeps going (dopd_vl/preflight.py)
+            return
         seen: dict[str, int] = {}
         for i in range(len(self.dataset)):
             record = self[i]
             if record["id"] in seen:
                 raise DatasetError(f"duplicate id (first in row {seen[record['id']]})", file=f"{name} row {i}", record=record["id"], field="id")
             seen[record["id"]] = i
+
+    @classmethod
+    def unvalidated(cls, source: str | Path, split: str, columns: dict[str, str]) -> "DatasetRecords":
+        """The rows of a datasets source, not yet validated: `record(i)` converts without checking."""
+        return cls(_open_dataset(source, split), columns, str(source), validate=False)
+
+    def subset(self, indices: list[int]) -> "DatasetRecords":
+        """The rows at `indices` (still memory-mapped: `Dataset.select` keeps an index map)."""
+        return DatasetRecords(self.dataset.select(indices), {f: c for f, c in self.columns.items() if c != f}, self.name, validate=False)
+
+    def record(self, index: int) -> dict:
+        """Row `index` as a record, without validation."""
+        return self._record(self.dataset[index], index)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -224,7 +239,7 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                value = json.loads(line)
+                value = json.loads(line.rstrip("\r\n"))  # without the newline, so an error's column is on this line
             except json.JSONDecodeError as err:
                 value = DatasetError(f"invalid JSON: {err.msg}", file=f"{path}:{line_no}", record=f"line {line_no}", field=f"column {err.colno}")
             yield line_no, value

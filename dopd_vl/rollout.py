@@ -30,6 +30,10 @@ class RolloutConfig:
     later calls of the same shapes reuse it). Same tokens for greedy decoding (tested). `auto`:
     compiled on a GPU, eager on CPU; a compile failure falls back to eager with one warning
     (`compiled` raises it instead) [ours]."""
+    max_prompt_length: int = 0
+    """Longest prompt (any view, image tokens included) the data preflight accepts; 0: no limit.
+    Prompts are never truncated (a cut could split an image's tokens): a longer one is a fault
+    (`data.on_error`) [ours]."""
     generation_batch_size: int = 0
     """Responses per `generate` call (0: the whole micro-batch at once). With a limit, prompts are
     sorted by length first, so each call pads less; results come back in the original order."""
@@ -37,6 +41,8 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.generation not in ("eager", "compiled", "auto"):
             raise ValueError(f"rollout.generation must be eager, compiled or auto, got {self.generation!r}")
+        if self.max_prompt_length < 0:
+            raise ValueError(f"rollout.max_prompt_length must be >= 0 (0: no limit), got {self.max_prompt_length}")
         if self.generation_batch_size < 0:
             raise ValueError(f"rollout.generation_batch_size must be >= 0, got {self.generation_batch_size}")
 

@@ -8,9 +8,10 @@ micro-batches and processes), and the DDP/FSDP gradient average over processes i
 scaling with the number of processes. So the step's value and gradient do not depend on how the
 batch is split into micro-batches or processes.
 
-The file is one class of about 530 lines: its setup (models, data, the backend self-check), the
-step (`train_step`, one screen) and the phases it calls, the run's metadata and the checkpoint
-hooks; splitting it further would scatter the step across files.
+The file is one class of about 590 lines: its setup (models, data, the backend self-check), the
+step (`train_step`, one screen) and the phases it calls, the run's metadata and the checkpoint,
+preemption and skipped-record hooks; what is not the trainer's own lives with its concept
+(preflight, preemption, checkpoint, loss); splitting the class further would scatter the step.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import yaml
 
 from dopd_vl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict, flat_config
-from dopd_vl.data import load_records, records_root
+from dopd_vl.data import records_root
 from dopd_vl.diagnosis import DIAGNOSTIC_VIEWS, summarise_diagnostics, token_diagnostics
 from dopd_vl.errors import ConfigError, DatasetError, DopdError
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
@@ -49,11 +50,12 @@ from dopd_vl.models import (
     tokenizer_of,
     with_lora,
 )
-from dopd_vl.modality import TEACHER_VIEWS, make_adapter
+from dopd_vl.modality import PRIVILEGED_VIEWS, TEACHER_VIEWS, make_adapter
 from dopd_vl.loss import StudentLoss, TargetStates, auto_chunk_size, resolve_loss_backend
 from dopd_vl.loss.selfcheck import checked_triton_backend
 from dopd_vl.objectives import SCORING_VIEWS, build_objective
 from dopd_vl.preemption import PREEMPTED_EXIT_CODE, StopSignals
+from dopd_vl.preflight import RecordPicker, preflight_records
 from dopd_vl.rollout import MicroBatch, resolve_generation, rollout_metrics, sample_responses
 from dopd_vl.routing import REGIME_NAMES, TokenSignals, assign_regimes
 from dopd_vl.scoring import score_views
@@ -137,14 +139,19 @@ class Trainer:
         self.privileged_student = self._make_privileged_student()
         self.reference_model = self._make_reference_model()
 
-        self.records = load_records(c.data.train, split=c.data.split, columns=c.data.columns)
-        if self.objective.name == "vision_opd":
-            _check_image_context(self.records, c.data.train)
         root = records_root(c.data.train)
         self.adapters = {
             "student": make_adapter(self.student_processing, c.data.prompt, image_root=root),
             "teacher": make_adapter(teacher_processing, c.data.prompt, image_root=root),
         }
+        d = c.data
+        self.records, self.skipped_records = preflight_records(  # §3.1: faulty records stop here (fail) or are left out (skip)
+            d, self.adapters["student"], max_prompt_length=c.rollout.max_prompt_length, privileged=bool(PRIVILEGED_VIEWS & set(self.scored_views)),
+            progress=self.accelerator.is_main_process)
+        self.preflight_skipped = len(self.skipped_records)
+        self.picker = RecordPicker(self.records, root, d.train, d.on_error)
+        if self.objective.name == "vision_opd":
+            _check_image_context(self.records, c.data.train)
         self.eos_token_ids = eos_token_ids(self.student_processing, self.student)
         self.suppress_ids = never_sampled_token_ids(self.student_processing, self.student)
 
@@ -201,6 +208,7 @@ class Trainer:
             metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.reduce_sum))
             alarm = self.guard.update(metrics) if c.collapse_action != "off" else None
             metrics["collapse_alarm"] = int(alarm is not None)
+            metrics["data/skipped_records"] = self.preflight_skipped + self._sum(len(self.skipped_records) - self.preflight_skipped)
             if first_line:  # how this run computes, on the first line it logs (also in run.json)
                 metrics.update(self._backend_metrics())
                 first_line = False
@@ -225,7 +233,7 @@ class Trainer:
 
     def rollout(self, record_indices: list[int]) -> MicroBatch:
         """Sample `num_generations` responses per record from the student on the plain view."""
-        records = [self.records[i] for i in record_indices]
+        records = [self._present_record(i) for i in record_indices]
         try:
             rollout = sample_responses(self.student, self.adapters["student"], records, self.rollout_config, self.eos_token_ids, self.suppress_ids)
         except DopdError:
@@ -355,6 +363,21 @@ class Trainer:
             return self.reference_model or self.student
         return self.privileged_student or self.student
 
+    # ---------------------------------------------------------------------------------- data
+    def _present_record(self, index: int) -> dict:
+        """Record `index`, or under `skip` the next one whose image files are still all there."""
+        record, found = self.picker.pick(index, self.step + 1)
+        if found:
+            self.skipped_records += found
+            self._write_skipped()
+        return record
+
+    def _write_skipped(self) -> None:
+        """output_dir/skipped.jsonl: every record this process left out, and why."""
+        if self.skipped_records and self.output_dir.is_dir():
+            name = "skipped.jsonl" if self.accelerator.is_main_process else f"skipped.rank{self.accelerator.process_index}.jsonl"
+            (self.output_dir / name).write_text("".join(json.dumps(r) + "\n" for r in self.skipped_records), encoding="utf-8")
+
     def run_info(self) -> dict:
         """What this run used where a setting left the choice open: written to output_dir/run.json."""
         import transformers
@@ -368,7 +391,8 @@ class Trainer:
             "loss_backend": {"requested": self.config.loss_backend, "used": self.loss_backend, "self_check": check},
             "loss_chunk_size": self.loss_chunk_size,
             "rollout_generation": {"requested": self.config.rollout.generation, "used": self.rollout_config.generation, "fallback_reason": self.generation_error},
-            "data": {"train": self.config.data.train, "train_records": len(self.records)},
+            "data": {"train": self.config.data.train, "train_records": len(self.records), "preflight": self.config.data.preflight,
+                     "skipped_records": self.preflight_skipped},
         }
 
     def _backend_metrics(self) -> dict:
@@ -382,6 +406,7 @@ class Trainer:
         if self.accelerator.is_main_process and self.output_dir.is_dir():
             (self.output_dir / "run.json").write_text(json.dumps(self.run_info(), indent=2) + "\n", encoding="utf-8")
             (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(self.config), sort_keys=False), encoding="utf-8")
+        self._write_skipped()
 
     def _base_weights(self):
         """The student's initial weights under LoRA: the adapter switched off [ours]."""

@@ -97,3 +97,12 @@ def test_gpu_tables_are_written_from_a_result_file_and_the_readme_holds_the_reco
     assert rewritten != readme and gpu_tables.rewrite(rewritten, result) == rewritten and rewritten.count(gpu_tables.START) == 1
     with pytest.raises(ValueError, match="gpu-tables"):
         gpu_tables.rewrite("# no block here", result)
+
+
+def test_check_data_bench_checks_both_sources_without_faults():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "check_data_bench.py"), "--records", "300"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [line["source"] for line in lines] == ["jsonl", "parquet"]
+    assert all(line["records"] == line["valid"] == 300 and line["faults"] == 0 and line["records_per_s"] > 0 for line in lines)

@@ -24,6 +24,9 @@ SHAPES = REPO / "configs" / "data" / "shapes"
 IMAGE_PAD = "<|image_pad|>"
 
 
+pytestmark = pytest.mark.xdist_group("crop_dataset")  # its module fixture is built once, on one worker
+
+
 @pytest.fixture(scope="module")
 def crop_dataset(tmp_path_factory):
     """The shipped generated scenes built again with `--privileged-format crop`."""

@@ -15,6 +15,9 @@ from dopd_vl.cli import main
 from dopd_vl.data import load_records, records_root
 from dopd_vl.errors import DatasetError
 
+pytestmark = pytest.mark.xdist_group("data_sources")  # its module fixture is built once, on one worker
+
+
 def error_line(stderr: str) -> str:
     """The CLI's error message: exactly one line (progress bars of datasets / transformers aside)."""
     lines = [line for line in stderr.splitlines() if line.startswith("dopd ") and ": error: " in line]

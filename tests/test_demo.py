@@ -17,6 +17,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPAN = re.compile(r'<span class="tok" data-regime="(\w+)" data-a="([-\d.e]+)" data-q-student="([-\d.e]+)" data-q-teacher="([-\d.e]+)"')
 
 
+pytestmark = pytest.mark.xdist_group("demo")  # its module fixture is built once, on one worker
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     from dopd_vl.demo import DemoConfig, run_demo

@@ -21,7 +21,8 @@ IMAGES = COCO128 / "images" / "train2017"
 LABELS = COCO128 / "labels" / "train2017"
 CLASSES = (COCO128 / "classes.txt").read_text().split("\n")
 
-pytestmark = pytest.mark.skipif(not IMAGES.is_dir(), reason="../shared/data/coco128 is not beside the clone")
+pytestmark = [pytest.mark.skipif(not IMAGES.is_dir(), reason="../shared/data/coco128 is not beside the clone"),
+              pytest.mark.xdist_group("coco128")]  # the module fixture is built once, on one worker
 
 
 def _yolo_boxes_px(stem):

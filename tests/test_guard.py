@@ -13,6 +13,9 @@ from dopd_vl.guard import CollapseGuard, CollapseGuardConfig
 SMALL = CollapseGuardConfig(baseline_steps=4, window=4, patience=2)
 
 
+pytestmark = pytest.mark.xdist_group("guard_toy_models")  # its module fixture is built once, on one worker
+
+
 def feed(guard, rows):
     alarms = []
     for step, row in enumerate(rows, start=1):

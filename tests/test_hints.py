@@ -11,7 +11,8 @@ from dopd_vl.cli import main
 from dopd_vl.data import load_records
 
 TEST = GSM8K / "test.jsonl"
-pytestmark = pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone")
+pytestmark = [pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone"),
+              pytest.mark.xdist_group("gsm8k_steps")]  # the module fixture is built once, on one worker
 
 
 _WORD_VALUES = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "

@@ -207,13 +207,20 @@ def test_sigterm_stops_two_processes_at_the_same_step_and_resume_is_exact(tmp_pa
     assert_same_run(straight, preempted)
 
 
-def test_a_checkpoint_write_that_fails_for_lack_of_space_keeps_the_previous_one(tmp_path, monkeypatch):
+# ---------------------------------------------------------------------- crash while checkpointing
+def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resumes(tmp_path, monkeypatch):
+    """A full disk while writing checkpoint-2: the run stops naming the path and the free space,
+    checkpoint-1 stays (not rotated away by save_total_limit=1, loadable), no partial folder is left,
+    and --resume continues from it."""
     import errno
 
-    from dopd_vl.checkpoint import CheckpointError, load_checkpoint_state, load_student_weights
-    from dopd_vl.models import load_model
+    import dopd_vl.checkpoint as checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from dopd_vl.checkpoint import CheckpointError
     from dopd_vl.trainer import Trainer
 
+    run = tmp_path / "run"
     real_save = torch.save
 
     def disk_full_at_step_2(obj, path, *args, **kwargs):
@@ -221,48 +228,19 @@ def test_a_checkpoint_write_that_fails_for_lack_of_space_keeps_the_previous_one(
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(torch, "save", disk_full_at_step_2)
-    out = tmp_path / "run"
-    trainer = Trainer(text_config(out, "max_steps=3", "save_steps=1", "save_total_limit=1"))
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_step_2)
     with pytest.raises(CheckpointError) as caught:
-        trainer.train()
-    message = str(caught.value)
-    assert str(out / "checkpoint-2") in message and "No space left on device" in message and "GiB free" in message
-    assert f"{out / 'checkpoint-1'} is intact" in message
-    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial folder, not rotated away
-    monkeypatch.setattr(torch, "save", real_save)
-    model = load_model(out / "checkpoint-1" / "model")
-    load_student_weights(model, out / "checkpoint-1")
-    state, _ = load_checkpoint_state(out / "checkpoint-1", trainer.optimizer, trainer.scheduler)
-    assert state["step"] == 1
-
-
-# ---------------------------------------------------------------------- crash while checkpointing
-def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    import dopd_vl.checkpoint as checkpoint
-    from transformers import AutoModelForCausalLM
-
-    from dopd_vl.trainer import Trainer
-
-    run = tmp_path / "run"
-    real_save = torch.save
-
-    def failing_save(obj, path, *args, **kwargs):
-        if ".tmp-checkpoint-2" in str(path):
-            raise OSError("disk full (injected)")
-        return real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
-    with pytest.raises(OSError, match="injected"):
-        Trainer(text_config(run, "max_steps=3", "save_steps=1")).train()
+        Trainer(text_config(run, "max_steps=3", "save_steps=1", "save_total_limit=1")).train()
     monkeypatch.setattr(checkpoint.torch, "save", real_save)
-    assert (run / "checkpoint-1").is_dir() and not (run / "checkpoint-2").exists() and (run / ".tmp-checkpoint-2").exists()
-    AutoModelForCausalLM.from_pretrained(run / "checkpoint-1" / "model")  # the previous checkpoint is intact
+    message = str(caught.value)
+    assert f"writing {run / 'checkpoint-2'} failed: No space left on device" in message and "GiB free on" in message
+    assert f"the previous checkpoint {run / 'checkpoint-1'} is intact" in message
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial folder, not rotated away
+    AutoModelForCausalLM.from_pretrained(run / "checkpoint-1" / "model")
 
-    trainer = Trainer(text_config(run, "max_steps=3", "save_steps=1"))
+    trainer = Trainer(text_config(run, "max_steps=3", "save_steps=1", "save_total_limit=1"))
     trainer.train(resume=True)
-    assert trainer.step == 3
-    assert not (run / ".tmp-checkpoint-2").exists() and (run / "checkpoint-3").is_dir()
+    assert trainer.step == 3 and (run / "checkpoint-3").is_dir()
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
 
 

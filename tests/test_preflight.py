@@ -1,0 +1,129 @@
+"""The data preflight (`dopd check-data`, `data.preflight` / `data.on_error` in training;
+docs/design.md §3.1) on a corpus of real faulty files, and files that vanish mid-run."""
+
+import json
+import shutil
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from dopd_vl.cli import main
+from dopd_vl.config import load_config
+from dopd_vl.errors import DatasetError
+from dopd_vl.preflight import check_image
+
+SHAPES = REPO / "configs" / "data" / "shapes"
+RECIPE = REPO / "configs" / "tiny_vlm.yaml"
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose IHDR claims width x height (valid CRCs) with one empty IDAT: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+@pytest.fixture()
+def corpus(tmp_path) -> Path:
+    """The shapes data plus one record per fault kind; returns the JSONL path."""
+    root = tmp_path / "corpus"
+    shutil.copytree(SHAPES / "images", root / "images")
+    good = [json.loads(line) for line in (SHAPES / "data.jsonl").read_text().splitlines()[:4]]
+    png = (root / "images" / "scene_000.png").read_bytes()
+    (root / "images" / "truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "images" / "empty.png").write_bytes(b"")
+    (root / "images" / "bomb.png").write_bytes(png_header_only(20000, 20000))
+
+    def variant(rid: str, image: str | None = None, **changes) -> dict:
+        record = json.loads(json.dumps(good[0]))
+        record["id"] = rid
+        if image is not None:
+            record["prompt"][0]["content"][0]["image"] = image
+        record.update(changes)
+        return record
+
+    long_question = "How many blue circles are in the image? " * 40
+    faulty = [
+        variant("missing", "images/nowhere.png"),
+        variant("truncated", "images/truncated.png"),
+        variant("empty", "images/empty.png"),
+        variant("bomb", "images/bomb.png"),
+        variant("overlong", prompt=[{"role": "user", "content": [{"type": "image", "image": "images/scene_000.png"}, {"type": "text", "text": long_question}]}]),
+        variant("box_out", privileged={**good[0]["privileged"], "objects": [{"label": "blue circle", "bbox_px": [150.0, 100.0, 400.0, 300.0]}]}),
+        variant("no_context", privileged_context="   "),
+    ]
+    lines = [json.dumps(r) for r in good[:2]] + [json.dumps(r) for r in faulty] + ['{"id": "broken json", '] + [json.dumps({"id": "no_prompt"})] + [json.dumps(r) for r in good[2:]]
+    path = root / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+EXPECTED = {"missing": ("image_missing", "prompt.image[0]"), "truncated": ("image_truncated", "prompt.image[0]"),
+            "empty": ("image_unreadable", "prompt.image[0]"), "bomb": ("image_too_large", "prompt.image[0]"),
+            "overlong": ("prompt_too_long", "prompt"), "box_out": ("box_outside_image", "privileged.objects[0].bbox_px"),
+            "no_context": ("context_unrenderable", "privileged_context"), "line 10": ("invalid_json", "column 23"), "no_prompt": ("schema", "prompt")}
+
+
+@pytest.mark.parametrize("mode", ["full", "quick"])
+def test_check_data_reports_every_fault_with_its_line_record_and_field(corpus, tmp_path, mode, capsys):
+    out = tmp_path / f"report-{mode}.json"
+    code = main(["check-data", str(RECIPE), f"data.train={corpus}", "rollout.max_prompt_length=300", f"output_dir={tmp_path / 'run'}",
+                 "--mode", mode, "--out", str(out)])
+    assert code == 1
+    (report,) = json.loads(out.read_text())["reports"]
+    found = {f["record"]: (f["kind"], f["field"]) for f in report["faults"]}
+    assert found == EXPECTED
+    lines = {f["record"]: f["where"] for f in report["faults"]}
+    assert lines["missing"] == f"{corpus}:3" and lines["no_prompt"] == f"{corpus}:11" and lines["line 10"] == f"{corpus}:10"
+    assert report["records"] == 13 and report["faulty_records"] == 9 and report["counts"]["image_truncated"] == 1
+    printed = capsys.readouterr().out
+    assert "9 of 13 records have faults" in printed and f"{corpus}:3: record missing, field prompt.image[0]: image_missing" in printed
+
+
+def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_under_skip(corpus, tmp_path, capsys):
+    common = [f"data.train={corpus}", "rollout.max_prompt_length=300", "max_steps=1", "save_steps=1"]
+    assert main(["train", str(RECIPE), *common, f"output_dir={tmp_path / 'fail'}"]) == 1
+    err = capsys.readouterr().err
+    assert "the data preflight found faults" in err and "record truncated, field prompt.image[0]: image_truncated" in err
+    assert not (tmp_path / "fail" / "metrics.jsonl").exists()  # stopped before any step
+
+    run = tmp_path / "skip"
+    assert main(["train", str(RECIPE), *common, "data.on_error=skip", f"output_dir={run}"]) == 0
+    skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
+    assert {s["id"] for s in skipped} == set(EXPECTED) and all(s["step"] == 0 and s["where"].startswith(str(corpus)) for s in skipped)
+    (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["data/skipped_records"] == 9 and json.loads((run / "run.json").read_text())["data"]["train_records"] == 4
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_an_image_that_vanishes_mid_run(tmp_path, on_error):
+    from dopd_vl.trainer import Trainer
+
+    shutil.copytree(SHAPES, tmp_path / "shapes")
+    data = tmp_path / "shapes" / "data.jsonl"
+    config = load_config(RECIPE, [f"data.train={data}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "save_steps=2", f"data.on_error={on_error}"])
+    trainer = Trainer(config)  # the preflight passes: every image is there
+    for image in (tmp_path / "shapes" / "images").glob("*.png"):
+        if image.name != "scene_001.png":
+            image.unlink()
+    if on_error == "fail":
+        with pytest.raises(DatasetError, match=r"image not found: .*scene_\d+\.png \(it was there when the run started\)") as caught:
+            trainer.train()
+        assert caught.value.field == "prompt.image" and caught.value.record.startswith("scene_")
+        return
+    trainer.train()
+    skipped = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    assert skipped and all(s["kind"] == "image_missing" and s["step"] >= 1 and "vanished mid-run" in s["message"] for s in skipped)
+    assert all(r["id"].startswith("scene_001") for mb in trainer.sample() for r in mb.records)  # only the survivor's records are used
+
+
+def test_check_image_quick_and_full_on_real_files(tmp_path):
+    png = (SHAPES / "images" / "scene_000.png").read_bytes()
+    (tmp_path / "ok.png").write_bytes(png)
+    (tmp_path / "cut.png").write_bytes(png[:-20])  # decodes in part; the end marker is gone
+    assert check_image("ok.png", tmp_path, "quick") == (None, (160, 120)) == check_image("ok.png", tmp_path, "full")
+    assert check_image("cut.png", tmp_path, "quick")[0] == "image_truncated"
+    assert check_image({"bytes": png, "path": None}, None, "full") == (None, (160, 120))

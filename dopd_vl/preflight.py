@@ -147,22 +147,30 @@ def check_data(source: str | Path, adapter, *, split: str = "train", columns: di
             else:
                 _add(report, records[i], i, places, kind, f"prompt.image[{k}]", detail)
 
-    lengths = []
+    # The longest view (the privileged one when the objective reads it) rendered as training will.
+    view = "student_priv" if privileged else "student"
+    lengths, pending = [], []
     for i, record in tqdm(records.items(), desc="records", disable=not progress, leave=False):
         if any((i, k) in refs and (i, k) not in sizes for k in range(len(list(image_parts(record))))):
             continue  # its image is already a fault; rendering would only repeat it
         _check_boxes(report, record, i, places, [sizes[(i, k)] for k in range(len(list(image_parts(record))))])
-        views = ["student_priv"] if privileged and record.get("privileged_context") is not None else ["student"]
         if privileged and record.get("privileged_context") is None:
             _add(report, record, i, places, "context_unrenderable", "privileged_context", "the record has no privileged context for the privileged views")
             continue
-        for view in views:
-            try:
-                n = int(adapter.prompt(record, view).input_ids.numel())
-            except DatasetError as err:
-                _add(report, record, i, places, "context_unrenderable" if view != "student" else "schema", err.field or "privileged_context",
-                     str(err).split(": ", 1)[-1])
-                continue
+        try:
+            # Text adapters render here and tokenise in batches below (one tokenizer call per 1,024 records).
+            rendered = adapter.prompt_text(record, view) if hasattr(adapter, "prompt_text") else int(adapter.prompt(record, view).input_ids.numel())
+        except DatasetError as err:
+            _add(report, record, i, places, "context_unrenderable" if view != "student" else "schema", err.field or "privileged_context",
+                 str(err).split(": ", 1)[-1])
+            continue
+        pending.append((i, record, rendered))
+    for start in range(0, len(pending), 1024):
+        batch = pending[start : start + 1024]
+        texts = [r for _, _, r in batch if isinstance(r, str)]
+        counted = iter(len(ids) for ids in adapter.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        for i, record, rendered in batch:
+            n = next(counted) if isinstance(rendered, str) else rendered
             lengths.append(n)
             if max_prompt_length and n > max_prompt_length:
                 _add(report, record, i, places, "prompt_too_long", "prompt", f"{view} prompt is {n} tokens, over rollout.max_prompt_length {max_prompt_length}")

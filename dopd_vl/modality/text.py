@@ -17,12 +17,14 @@ class TextAdapter:
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
     def prompt(self, record: dict, view: str) -> PromptInputs:
-        messages = [_flatten_text(m, record) for m in prompt_messages(record, view, self.config.privileged_template)]
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=self.config.enable_thinking
-        )
+        text = self.prompt_text(record, view)
         ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
         return PromptInputs(input_ids=ids.long(), text=text)
+
+    def prompt_text(self, record: dict, view: str) -> str:
+        """The view's rendered chat text (what `prompt` tokenizes; the preflight tokenizes many at once)."""
+        messages = [_flatten_text(m, record) for m in prompt_messages(record, view, self.config.privileged_template)]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=self.config.enable_thinking)
 
 
 def _flatten_text(message: dict, record: dict) -> dict:

@@ -151,15 +151,16 @@ def check_data(source: str | Path, adapter, *, split: str = "train", columns: di
     view = "student_priv" if privileged else "student"
     lengths, pending = [], []
     for i, record in tqdm(records.items(), desc="records", disable=not progress, leave=False):
-        if any((i, k) in refs and (i, k) not in sizes for k in range(len(list(image_parts(record))))):
+        n_images = len(list(image_parts(record)))
+        if any((i, k) not in sizes for k in range(n_images)):
             continue  # its image is already a fault; rendering would only repeat it
-        _check_boxes(report, record, i, places, [sizes[(i, k)] for k in range(len(list(image_parts(record))))])
+        record_sizes = [sizes[(i, k)] for k in range(n_images)]
+        _check_boxes(report, record, i, places, record_sizes)
         if privileged and record.get("privileged_context") is None:
             _add(report, record, i, places, "context_unrenderable", "privileged_context", "the record has no privileged context for the privileged views")
             continue
         try:
-            # Text adapters render here and tokenise in batches below (one tokenizer call per 1,024 records).
-            rendered = adapter.prompt_text(record, view) if hasattr(adapter, "prompt_text") else int(adapter.prompt(record, view).input_ids.numel())
+            rendered = _rendered(adapter, record, view, record_sizes, mode)
         except DatasetError as err:
             _add(report, record, i, places, "context_unrenderable" if view != "student" else "schema", err.field or "privileged_context",
                  str(err).split(": ", 1)[-1])
@@ -179,6 +180,19 @@ def check_data(source: str | Path, adapter, *, split: str = "train", columns: di
     report.faults.sort(key=lambda f: (f.index if f.index is not None else -1, FAULT_KINDS.index(f.kind)))
     valid = [i for i in range(len(rows)) if i not in report.bad_indices]
     return valid, report, rows
+
+
+def _rendered(adapter, record: dict, view: str, image_sizes: list[tuple[int, int]], mode: str) -> str | int:
+    """The view's rendered text (text adapters: tokenised in batches by the caller) or its length.
+    `quick` counts a vision prompt's tokens from the image sizes without decoding them; `full`
+    renders it through the processor, images decoded, as training does."""
+    if hasattr(adapter, "prompt_text"):
+        return adapter.prompt_text(record, view)
+    if mode == "quick" and hasattr(adapter, "prompt_length"):
+        counted = adapter.prompt_length(record, view, image_sizes)
+        if counted is not None:
+            return counted
+    return int(adapter.prompt(record, view).input_ids.numel())
 
 
 def _read(source, split: str, columns: dict | None, report: DataReport) -> tuple[Any, dict[int, dict], dict[int, str]]:

@@ -127,3 +127,25 @@ def test_check_image_quick_and_full_on_real_files(tmp_path):
     assert check_image("ok.png", tmp_path, "quick") == (None, (160, 120)) == check_image("ok.png", tmp_path, "full")
     assert check_image("cut.png", tmp_path, "quick")[0] == "image_truncated"
     assert check_image({"bytes": png, "path": None}, None, "full") == (None, (160, 120))
+
+
+def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_does(tmp_path):
+    from PIL import Image
+
+    from dopd_vl.data import image_parts, load_records
+    from dopd_vl.modality import make_adapter
+    from dopd_vl.models import load_processing
+
+    adapter = make_adapter(load_processing("tiny:qwen3-vl"), image_root=SHAPES)
+    for n, record in enumerate(load_records(SHAPES / "data.jsonl")[:12]):
+        (ref,) = image_parts(record)
+        size = Image.open(SHAPES / ref).size
+        for view in ("student", "student_priv"):
+            assert adapter.prompt_length(record, view, [size]) == adapter.prompt(record, view).input_ids.numel()
+        big = (size[0] * (n + 2), size[1] * (n % 3 + 2))  # other sizes: the count follows the processor's resize
+        Image.open(SHAPES / ref).resize(big).save(tmp_path / f"big{n}.png")
+        enlarged = json.loads(json.dumps(record))
+        enlarged["prompt"][0]["content"][0]["image"] = str(tmp_path / f"big{n}.png")
+        assert adapter.prompt_length(enlarged, "student", [big]) == adapter.prompt(enlarged, "student").input_ids.numel()
+    cropped = {**record, "privileged_context": [{"type": "image", "crop": [0, 0, 40, 40]}]}
+    assert adapter.prompt_length(cropped, "student_priv", [size]) is None  # a crop's size depends on its geometry: rendered instead

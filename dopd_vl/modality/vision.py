@@ -35,6 +35,27 @@ class VisionAdapter:
             extras["image_grid_thw"] = encoded["image_grid_thw"]
         return PromptInputs(input_ids=encoded["input_ids"][0].long(), text=text, extras=extras)
 
+    def prompt_length(self, record: dict, view: str, image_sizes: list[tuple[int, int]]) -> int | None:
+        """The view's prompt length in tokens from its images' (width, height) alone, without
+        decoding them: the template's text, each image's one placeholder expanded to the patches
+        the processor will make (Qwen-VL's smart resize). None when the view holds a crop or the
+        processor is not a Qwen-VL one: then `prompt` must render it."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        messages = prompt_messages(record, view, self.config.privileged_template)
+        images = self.processor.image_processor
+        patch, merge, size = getattr(images, "patch_size", None), getattr(images, "merge_size", None), getattr(images, "size", None)
+        pixels = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)) if size is not None and not isinstance(size, dict) else \
+            ((size or {}).get("shortest_edge"), (size or {}).get("longest_edge"))
+        if not (patch and merge and all(pixels)) or any("crop" in part for m in messages if isinstance(m["content"], list) for part in m["content"]):
+            return None
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        for width, height in image_sizes:
+            h, w = smart_resize(height, width, factor=patch * merge, min_pixels=pixels[0], max_pixels=pixels[1])
+            count += (h // patch) * (w // patch) // merge**2 - 1  # the placeholder becomes this many tokens
+        return count
+
     def view_images(self, record: dict, messages: list[dict]) -> list[Image.Image]:
         """The images of a view's messages in order: the prompt's, then privileged crops of them."""
         prompt_images = [self.load_image(record, ref) for ref in image_parts(record)]

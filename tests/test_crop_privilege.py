@@ -24,10 +24,10 @@ SHAPES = REPO / "configs" / "data" / "shapes"
 IMAGE_PAD = "<|image_pad|>"
 
 
-pytestmark = pytest.mark.xdist_group("crop_dataset")  # its module fixture is built once, on one worker
+pytestmark = pytest.mark.xdist_group("crop_dataset")  # with --dist loadgroup: one worker builds its fixture
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def crop_dataset(tmp_path_factory):
     """The shipped generated scenes built again with `--privileged-format crop`."""
     out = tmp_path_factory.mktemp("crop") / "data.jsonl"

@@ -15,7 +15,7 @@ from dopd_vl.cli import main
 from dopd_vl.data import load_records, records_root
 from dopd_vl.errors import DatasetError
 
-pytestmark = pytest.mark.xdist_group("data_sources")  # its module fixture is built once, on one worker
+pytestmark = pytest.mark.xdist_group("data_sources")  # with --dist loadgroup: one worker builds its fixture
 
 
 def error_line(stderr: str) -> str:
@@ -27,7 +27,7 @@ def error_line(stderr: str) -> str:
 SHAPES = REPO / "configs" / "data" / "shapes"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def grounding_sources(tmp_path_factory):
     """One grounding dataset, built four ways by `dopd build grounding`."""
     root = tmp_path_factory.mktemp("sources")

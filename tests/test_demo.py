@@ -17,10 +17,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SPAN = re.compile(r'<span class="tok" data-regime="(\w+)" data-a="([-\d.e]+)" data-q-student="([-\d.e]+)" data-q-teacher="([-\d.e]+)"')
 
 
-pytestmark = pytest.mark.xdist_group("demo")  # its module fixture is built once, on one worker
+pytestmark = pytest.mark.xdist_group("demo")  # with --dist loadgroup: one worker builds its fixture
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def demo_dir(tmp_path_factory):
     from dopd_vl.demo import DemoConfig, run_demo
 

@@ -22,7 +22,7 @@ LABELS = COCO128 / "labels" / "train2017"
 CLASSES = (COCO128 / "classes.txt").read_text().split("\n")
 
 pytestmark = [pytest.mark.skipif(not IMAGES.is_dir(), reason="../shared/data/coco128 is not beside the clone"),
-              pytest.mark.xdist_group("coco128")]  # the module fixture is built once, on one worker
+              pytest.mark.xdist_group("coco128")]  # with --dist loadgroup: one worker builds its fixture
 
 
 def _yolo_boxes_px(stem):
@@ -37,7 +37,7 @@ def _yolo_boxes_px(stem):
     return out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def coco128_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("g") / "coco128.jsonl"
     assert main(["build", "grounding", "--format", "yolo", "--images", str(IMAGES), "--annotations", str(LABELS), "--classes", str(COCO128 / "coco128.yaml"), "--out", str(out), "--objects", "all"]) == 0

@@ -13,7 +13,7 @@ from dopd_vl.guard import CollapseGuard, CollapseGuardConfig
 SMALL = CollapseGuardConfig(baseline_steps=4, window=4, patience=2)
 
 
-pytestmark = pytest.mark.xdist_group("guard_toy_models")  # its module fixture is built once, on one worker
+pytestmark = pytest.mark.xdist_group("guard_toy_models")  # with --dist loadgroup: one worker builds its fixture
 
 
 def feed(guard, rows):
@@ -98,7 +98,7 @@ def test_invalid_guard_settings_are_config_errors():
 
 
 # ------------------------------------------------------------------ real runs through the Trainer
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def toy_models(tmp_path_factory):
     """The toy task's char tokenizer; a student trained to answer (confident, 2-3 token answers),
     a teacher trained the same way, a teacher that answers with the end token only, and a teacher

@@ -12,7 +12,7 @@ from dopd_vl.data import load_records
 
 TEST = GSM8K / "test.jsonl"
 pytestmark = [pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone"),
-              pytest.mark.xdist_group("gsm8k_steps")]  # the module fixture is built once, on one worker
+              pytest.mark.xdist_group("gsm8k_steps")]  # with --dist loadgroup: one worker builds its fixture
 
 
 _WORD_VALUES = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
@@ -33,7 +33,7 @@ def _numbers(text):
     return values
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def steps_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("h") / "gsm8k_steps.jsonl"
     assert main(["build", "hints", "--input", str(TEST), "--out", str(out)]) == 0

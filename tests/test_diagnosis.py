@@ -93,7 +93,16 @@ def test_diagnose_cli_equals_an_independent_full_vocabulary_computation(tmp_path
     rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]
     config = load_config(REPO / "configs" / f"{recipe}.yaml", overrides)
     assert len(rollouts) == 2 * config.optim.batch_size * config.rollout.num_generations
-    independent = _independent_statistics(rollouts, config, steps=2)
+    assert_equals_independent_statistics(result, rollouts, config, steps=2)
+    assert result["student_weights_unchanged"] is True
+    assert "teacher endorsement" in "\n".join(result["reading"])
+
+
+def assert_equals_independent_statistics(result: dict, rollouts: list[dict], config, steps: int) -> None:
+    """Every step's regime shares (paper's rule and edge check), endorsement and edges in
+    `dopd diagnose`'s result equal `_independent_statistics` on the same rollouts."""
+    independent = _independent_statistics(rollouts, config, steps=steps)
+    assert len(result["steps"]) == len(independent) == steps
     for row, ref in zip(result["steps"], independent):
         n = len(ref["paper"])
         assert row["tokens"] == n
@@ -105,8 +114,6 @@ def test_diagnose_cli_equals_an_independent_full_vocabulary_computation(tmp_path
         assert row["information_edge/mean"] == pytest.approx(float(ref["information_edge"].mean()), abs=1e-5)
         assert row["information_edge/above_1nat"] == pytest.approx(float((ref["information_edge"] > 1).double().mean()), abs=1e-12)
         assert row["capability_edge/mean"] == pytest.approx(float(ref["capability"].mean()), abs=1e-5)
-    assert result["student_weights_unchanged"] is True
-    assert "teacher endorsement" in "\n".join(result["reading"])
 
 
 def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):

@@ -112,14 +112,21 @@ def test_diagnose_reads_a_toy_recipe_through_the_cli(tmp_path):
     train, _, teacher, student = toy.prepare(tmp_path, "two_step", size, seed=0, device="cpu")
     weights = (student / "model.safetensors").read_bytes()
     out = tmp_path / "diag"
-    argv = ["diagnose", str(REPO / "examples" / "toy_privilege" / "config.yaml"), f"student.name_or_path={student}", f"teacher.name_or_path={teacher}",
-            f"data.train={train}", "rollout.max_new_tokens=12", "optim.batch_size=4", "--steps", "2", "--out", str(out), "--device", "cpu"]
+    overrides = [f"student.name_or_path={student}", f"teacher.name_or_path={teacher}", f"data.train={train}", "rollout.max_new_tokens=12", "optim.batch_size=4"]
+    argv = ["diagnose", str(REPO / "examples" / "toy_privilege" / "config.yaml"), *overrides, "--steps", "2", "--out", str(out), "--device", "cpu"]
     assert dopd(argv) == 0
     result = json.loads((out / "diagnose.json").read_text())
     assert result["recipe"]["responses_per_step"] == 16 and len(result["steps"]) == 2
     assert 0.0 <= result["summary"]["endorsement"] <= 1.0
     assert any("What the measured study says" in line for line in result["reading"])
     assert (student / "model.safetensors").read_bytes() == weights
+    # The same figures computed independently from the same rollouts (full-vocabulary forwards).
+    from dopd_vl.config import load_config
+    from test_diagnosis import assert_equals_independent_statistics
+
+    config = load_config(REPO / "examples" / "toy_privilege" / "config.yaml", overrides)
+    rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]
+    assert_equals_independent_statistics(result, rollouts, config, steps=2)
 
 
 def test_strength_study_pipeline_smoke(tmp_path):

@@ -73,6 +73,8 @@ def resolve_model_path(name_or_path: str | Path) -> str:
 
     cache = Path(os.environ.get("DOPD_TINY_CACHE", Path.home() / ".cache" / "dopd-vl" / "tiny"))
     folder = cache / f"{kind}-{hashlib.sha1(repr(sorted(kwargs.items())).encode()).hexdigest()[:12]}"
+    if not (folder / "config.json").exists() and _distributed_rank() > 0:
+        return str(_wait_for_build(folder, name))
     if not (folder / "config.json").exists():
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache))
@@ -83,12 +85,31 @@ def resolve_model_path(name_or_path: str | Path) -> str:
             if isinstance(err, TypeError):
                 raise ModelError(f"{name!r}: {err}") from err
             raise
-        if (folder / "config.json").exists():  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+        try:  # a folder appears whole (renamed); never delete one, another process may be loading it
             os.replace(tmp, folder)
+        except OSError:  # another process (e.g. the other rank of a torchrun job) finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return str(folder)
+
+
+def _distributed_rank() -> int:
+    """This process's rank in an initialized process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _wait_for_build(folder: Path, name: str, timeout_s: float = 600.0) -> Path:
+    """Inside a process group transformers' save_pretrained writes on rank 0 only, so rank 0 builds a
+    tiny model and the other ranks wait for its folder (renamed into place whole)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not (folder / "config.json").exists():
+        if time.monotonic() > deadline:
+            raise ModelError(f"{name!r}: rank {_distributed_rank()} waited {timeout_s:.0f} s for rank 0 to build {folder}")
+        time.sleep(0.2)
+    return folder
 
 
 def load_tokenizer(name_or_path: str | Path | None = None, trust_remote_code: bool = False):

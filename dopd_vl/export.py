@@ -289,9 +289,11 @@ def model_card(summary: dict, adapter: bool = False) -> str:
         lines += ["The run used local models or data; the recipe names them by folder or file name only: point those keys at your copies.", ""]
     lines += ["## Use", "", "```python"]
     if adapter:
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM" if not vision else "from transformers import AutoModelForImageTextToText",
-                  f"base = {'AutoModelForImageTextToText' if vision else 'AutoModelForCausalLM'}.from_pretrained({student!r})",
-                  "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')"]
+        auto = "AutoModelForImageTextToText" if vision else "AutoModelForCausalLM"
+        lines += ["from peft import PeftModel", f"from transformers import {auto}, GenerationConfig",
+                  f"base = {auto}.from_pretrained({student!r})",
+                  "model = PeftModel.from_pretrained(base, 'THIS_FOLDER')",
+                  "generation_config = GenerationConfig.from_pretrained('THIS_FOLDER')  # the chat template's stop tokens; pass it to generate"]
     elif vision:
         lines += ["from transformers import AutoModelForImageTextToText, AutoProcessor",
                   "model = AutoModelForImageTextToText.from_pretrained('THIS_FOLDER')", "processor = AutoProcessor.from_pretrained('THIS_FOLDER')"]

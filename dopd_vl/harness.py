@@ -118,14 +118,17 @@ def lmms_records_task(data: str | Path, model: str, out: Path, max_new_tokens: i
     from lmms_eval.api.task import ConfigurableMessagesTask
 
     from dopd_vl.answers import is_correct
-    from dopd_vl.data import load_records, records_root
+    from dopd_vl.data import image_parts, load_records, records_root
     from dopd_vl.modality import make_adapter
     from dopd_vl.models import load_processing
 
     records = [r for r in list(load_records(data, split=split))[:limit] if r.get("answer") is not None]
     if not records:
         raise ConfigError(f"{data}: no record has an `answer` to evaluate against")
-    adapter = make_adapter(load_processing(model), image_root=records_root(data))
+    processing = load_processing(model)
+    if not hasattr(processing, "image_processor"):
+        raise HarnessError("lmms-eval evaluates vision students; a text student's records go through --harness lm-eval")
+    adapter = make_adapter(processing, image_root=records_root(data))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "records_task.jsonl"
     path.write_text("".join(json.dumps({"index": i, "id": str(r.get("id", i)), "answer": str(r["answer"])}) + "\n" for i, r in enumerate(records)),
@@ -133,11 +136,12 @@ def lmms_records_task(data: str | Path, model: str, out: Path, max_new_tokens: i
 
     def messages(doc: dict) -> list[dict]:
         record = records[doc["index"]]
-        if not hasattr(adapter, "load_image"):
-            return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else m["content"]}
-                    for m in record["prompt"]]
-        return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else
-                 [{"type": "image", "url": adapter.load_image(record, part["image"])} if part["type"] == "image" else part for part in m["content"]]}
+        refs = iter(image_parts(record))  # paths and embedded images, in prompt order
+
+        def part_of(part: dict) -> dict:
+            return {"type": "image", "url": adapter.load_image(record, next(refs))} if part["type"] == "image" else part
+
+        return [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}] if isinstance(m["content"], str) else [part_of(q) for q in m["content"]]}
                 for m in record["prompt"]]
 
     return ConfigurableMessagesTask(config={

@@ -88,7 +88,9 @@ def test_adapter_export_loads_with_peft_and_answers_as_the_merged_export(tmp_pat
     assert "| exported from | checkpoint-2 (LoRA merged) |" in (tmp_path / "checkpoint" / "README.md").read_text()
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "adapter" / "model.safetensors").exists()
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny:qwen3"
-    assert front_matter((tmp_path / "adapter" / "README.md").read_text())["library_name"] == "peft" and local_paths(tmp_path / "adapter") == []
+    adapter_card = (tmp_path / "adapter" / "README.md").read_text()
+    assert front_matter(adapter_card)["library_name"] == "peft" and local_paths(tmp_path / "adapter") == []
+    assert "GenerationConfig.from_pretrained('THIS_FOLDER')" in adapter_card  # what the test below does to match the merged export
 
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     prompts = [json.loads(line)["prompt"] for line in data.read_text().splitlines()[:3]]

@@ -17,11 +17,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dopd_vl.data import validate_record
+from dopd_vl.data import image_parts, validate_record
+from dopd_vl.image_roots import trust_image_roots
 from dopd_vl.files import created_mode
 from dopd_vl.errors import DatasetError
 
-__all__ = ["BuildReport", "write_jsonl_atomic", "write_dataset_atomic", "finish_build", "check_on_error", "created_mode", "portable_source"]
+__all__ = ["BuildReport", "write_jsonl_atomic", "write_dataset_atomic", "finish_build", "trust_image_folders", "check_on_error", "created_mode",
+           "portable_source"]
 
 
 @dataclass
@@ -187,4 +189,23 @@ def finish_build(report: BuildReport, out: str | Path, embed_images: bool = Fals
         write_jsonl_atomic(out, report.records, report.files)
     else:
         write_dataset_atomic(out, report.records, embed_images)
+    if not embed_images:
+        trust_image_folders(report.records, out)
     return report
+
+
+def trust_image_folders(records: list[dict], out: str | Path) -> list[Path]:
+    """Record the image folders the output points into outside its own folder in the user's
+    trusted roots (`dopd_vl.image_roots`), so training on it needs no `data.image_roots`. Only
+    folders this builder read images from (already confined to its --images root) are added."""
+    out = Path(out)
+    base = (out.parent if out.suffix in (".jsonl", ".parquet") else out).resolve()
+    folders = set()
+    for record in records:
+        for ref in image_parts(record):
+            if isinstance(ref, str):
+                image = Path(ref) if Path(ref).is_absolute() else out.parent / ref
+                folder = image.resolve().parent
+                if folder != base and base not in folder.parents:
+                    folders.add(folder)
+    return trust_image_roots(folders)

@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args) -> int:
-    from dopd_vl.data import load_records, records_root
+    from dopd_vl.data import load_records
     from dopd_vl.models import check_same_tokenizer, load_processing
     from dopd_vl.modality import PRIVILEGED_VIEWS, TEACHER_VIEWS, VIEWS, make_adapter
     from dopd_vl.errors import DatasetError
@@ -161,7 +161,7 @@ def _inspect(args) -> int:
     if not 0 <= args.index < len(records):
         raise DatasetError(f"--index {args.index} is out of range (the file has {len(records)} records)", file=args.data)
     record = records[args.index]
-    root = records_root(args.data)
+    root = _data_image_roots(args)
     student = make_adapter(load_processing(args.student), image_root=root)
     teacher = make_adapter(load_processing(args.teacher), image_root=root) if args.teacher else student
     check_same_tokenizer(student.tokenizer, teacher.tokenizer)
@@ -181,7 +181,7 @@ def _inspect(args) -> int:
     return 0
 
 
-def _load_for_generation(name_or_path: str, root: Path, device: str = "auto", dtype: str = "auto"):
+def _load_for_generation(name_or_path: str, root, device: str = "auto", dtype: str = "auto"):
     """Model (placed on `device` in `dtype`), processing, plain-view adapter, EOS ids and never-sampled ids."""
     from dopd_vl.models import eos_token_ids, load_model, load_processing, never_sampled_token_ids
     from dopd_vl.modality import make_adapter
@@ -191,7 +191,7 @@ def _load_for_generation(name_or_path: str, root: Path, device: str = "auto", dt
     return model, processing, make_adapter(processing, image_root=root), eos_token_ids(processing, model), never_sampled_token_ids(processing, model)
 
 
-def _write_routing(args, records: list[dict], root: Path) -> int:
+def _write_routing(args, records: list[dict], root) -> int:
     import torch
 
     from dopd_vl.models import check_same_tokenizer
@@ -211,7 +211,7 @@ def _write_routing(args, records: list[dict], root: Path) -> int:
 
 
 def _eval(args) -> int:
-    from dopd_vl.data import load_records, records_root
+    from dopd_vl.data import load_records
     from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
 
     if args.harness:
@@ -220,7 +220,7 @@ def _eval(args) -> int:
         raise ConfigError("dopd eval needs --data (or --harness with --tasks)")
 
     records = load_records(args.data, split=args.split, columns=_columns(args.column))[: args.limit]
-    model, _, adapter, eos, never = _load_for_generation(args.model, records_root(args.data), args.device, args.dtype)
+    model, _, adapter, eos, never = _load_for_generation(args.model, _data_image_roots(args), args.device, args.dtype)
     answers = generate_answers(model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never)
     placed = next(model.parameters())
     report = {"model": str(args.model), "data": str(args.data), "privileged": args.privileged, "device": str(placed.device),
@@ -248,7 +248,7 @@ def _eval_harness(args) -> int:
                               apply_chat_template=args.apply_chat_template, split=args.split)
     else:
         metrics = run_lmms_eval(args.model, out, tasks=tasks or None, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                                batch_size=args.batch_size, device=str(device), split=args.split)
+                                batch_size=args.batch_size, device=str(device), split=args.split, image_roots=args.image_root)
     table = summary_table(metrics, args.harness, args.model)
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(table, encoding="utf-8")
@@ -273,6 +273,16 @@ def _add_data_options(parser) -> None:
     parser.add_argument("--split", default="train", help="split of a datasets source (default train)")
     parser.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
                         help="read a record field from another column, e.g. --column prompt=question (repeatable)")
+    parser.add_argument("--image-root", action="append", default=[], metavar="DIR",
+                        help="a folder image paths may also lead into, besides the dataset's folder and the trusted roots (repeatable)")
+
+
+def _data_image_roots(args):
+    """Where the --data records' image paths may lead (docs/design.md §3.1)."""
+    from dopd_vl.data import records_root
+    from dopd_vl.image_roots import image_roots
+
+    return image_roots(records_root(args.data), args.image_root)
 
 
 def _columns(items: list[str]) -> dict[str, str]:
@@ -389,6 +399,7 @@ def _export(args) -> int:
 def _check_data(args) -> int:
     from dopd_vl.config import load_config
     from dopd_vl.data import records_root
+    from dopd_vl.image_roots import image_roots
     from dopd_vl.modality import PRIVILEGED_VIEWS, make_adapter
     from dopd_vl.models import load_processing
     from dopd_vl.objectives import build_objective
@@ -401,10 +412,10 @@ def _check_data(args) -> int:
     for split_name, source in (("train", config.data.train), ("eval", config.data.eval)):
         if not source:
             continue
-        adapter = make_adapter(processing, config.data.prompt, image_root=records_root(source))
+        adapter = make_adapter(processing, config.data.prompt, image_root=image_roots(records_root(source), config.data.image_roots))
         _, report, _ = check_data(source, adapter, split=config.data.split, columns=config.data.columns, mode=args.mode,
                                   max_prompt_length=config.rollout.max_prompt_length, privileged=privileged and split_name == "train",
-                                  workers=args.workers)
+                                  workers=args.workers, image_roots_extra=config.data.image_roots)
         print(report.summary())
         reports.append({"split": split_name, **report.to_dict()})
         faults += len(report.faults)

@@ -35,6 +35,9 @@ class ModelConfig:
     """float32 | bfloat16 | float16, or auto (bfloat16 on GPUs that support it, else float32)."""
     trust_remote_code: bool = False
     """Off by default (security); turn on only for models you trust."""
+    shard: bool | None = None
+    """Under `parallel: fsdp`: shard this model's weights over the processes (the default) or keep
+    a whole copy on each (`false`; the teacher only: the student is always sharded) [ours]."""
 
 
 @dataclass
@@ -49,6 +52,9 @@ class DataConfig:
     eval: str | None = None
     """Optional held-out records for `dopd eval`."""
     prompt: PromptConfig = field(default_factory=PromptConfig)
+    image_roots: list[str] = field(default_factory=list)
+    """Folders image paths may also lead into, besides the dataset's own folder and the trusted
+    roots the builders record (docs/design.md §3.1); a path outside all of them is an error [ours]."""
     preflight: str = "quick"
     """Check every training record before the first step (dopd_vl/preflight.py): `quick` (images
     opened and checked for completeness by their end marker), `full` (images fully decoded) or
@@ -117,6 +123,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     device: str = "auto"
     """auto: accelerate's choice (the GPU of this process when present); cpu forces the CPU."""
+    parallel: str = "ddp"
+    """Several processes: `ddp` (a whole student per process, gradients all-reduced) or `fsdp`
+    (PyTorch FSDP2: student, frozen copies and, unless teacher.shard=false, the teacher sharded per
+    transformer block; docs/design.md §4.6) [ours]."""
     collapse_action: str = "warn"
     """What the collapse guard does when the student collapses (dopd_vl/guard.py): `warn` once,
     `stop` after a clean checkpoint, or `off` [ours]."""
@@ -135,6 +145,12 @@ class TrainConfig:
             raise ValueError(f"loss_backend must be auto, torch or triton, got {self.loss_backend!r}")
         if self.device not in ("auto", "cpu"):
             raise ValueError(f"device must be auto or cpu (accelerate places each process on its GPU), got {self.device!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.student.shard is False:
+            raise ValueError("parallel: fsdp always shards the student; student.shard=false is only for parallel: ddp (where it changes nothing)")
+        if self.parallel == "fsdp" and self.lora.enabled:
+            raise ValueError("parallel: fsdp with LoRA is not supported (not built or tested yet); LoRA runs use parallel: ddp")
         if self.collapse_action not in ("warn", "stop", "off"):
             raise ValueError(f"collapse_action must be warn, stop or off, got {self.collapse_action!r}")
 

@@ -110,15 +110,18 @@ def run_lm_eval(model: str | Path, out: str | Path, *, tasks: list[str] | None =
     return _metrics(results)
 
 
-def lmms_records_task(data: str | Path, model: str, out: Path, max_new_tokens: int, limit: int | None = None, split: str = "train"):
+def lmms_records_task(data: str | Path, model: str, out: Path, max_new_tokens: int, limit: int | None = None, split: str = "train",
+                      image_roots: list | tuple = ()):
     """An lmms-eval messages task over our records: the plain view's messages with their images
     (loaded as our adapter loads them), greedy, scored by `dopd_vl.answers`. lmms-eval's Qwen3-VL
     model adds its own system message and resizes images itself (qwen-vl-utils), so its prompts,
-    unlike lm-eval's local task, are the harness's own, not `dopd eval`'s."""
+    unlike lm-eval's local task, are the harness's own, not `dopd eval`'s. `image_roots`: folders
+    image paths may also lead into (docs/design.md §3.1)."""
     from lmms_eval.api.task import ConfigurableMessagesTask
 
     from dopd_vl.answers import is_correct
     from dopd_vl.data import image_parts, load_records, records_root
+    from dopd_vl.image_roots import image_roots as allowed_roots
     from dopd_vl.modality import make_adapter
     from dopd_vl.models import load_processing
 
@@ -128,7 +131,7 @@ def lmms_records_task(data: str | Path, model: str, out: Path, max_new_tokens: i
     processing = load_processing(model)
     if not hasattr(processing, "image_processor"):
         raise HarnessError("lmms-eval evaluates vision students; a text student's records go through --harness lm-eval")
-    adapter = make_adapter(processing, image_root=records_root(data))
+    adapter = make_adapter(processing, image_root=allowed_roots(records_root(data), image_roots))
     out.mkdir(parents=True, exist_ok=True)
     path = out / "records_task.jsonl"
     path.write_text("".join(json.dumps({"index": i, "id": str(r.get("id", i)), "answer": str(r["answer"])}) + "\n" for i, r in enumerate(records)),
@@ -154,7 +157,7 @@ def lmms_records_task(data: str | Path, model: str, out: Path, max_new_tokens: i
 
 
 def run_lmms_eval(model: str | Path, out: str | Path, *, tasks: list[str] | None = None, data: str | Path | None = None, limit: int | None = None,
-                  max_new_tokens: int = 32, batch_size: int = 1, device: str = "cpu", split: str = "train") -> dict:
+                  max_new_tokens: int = 32, batch_size: int = 1, device: str = "cpu", split: str = "train", image_roots: list | tuple = ()) -> dict:
     """lmms-eval on a vision student with its `qwen3_vl` model: benchmark `tasks`, or our records as
     a local task (`data`); images are resized within the student's own processor limits. Writes
     OUT/lmms_eval_results.json and returns {task: {metric: value}}."""
@@ -173,7 +176,7 @@ def run_lmms_eval(model: str | Path, out: str | Path, *, tasks: list[str] | None
         edge = (lambda key: size.get(key)) if isinstance(size, dict) else (lambda key: getattr(size, key, None))
         pixels = {"min_pixels": edge("shortest_edge"), "max_pixels": edge("longest_edge")}
     model_args = ",".join(f"{k}={v}" for k, v in {"pretrained": folder, "device": device, "device_map": device, **pixels}.items() if v)  # a string: lmms-eval parses no dict
-    task_list: list = list(tasks) if tasks else [lmms_records_task(data, folder, out, max_new_tokens, limit, split)]
+    task_list: list = list(tasks) if tasks else [lmms_records_task(data, folder, out, max_new_tokens, limit, split, image_roots)]
     results = evaluator.simple_evaluate(model="qwen3_vl", model_args=model_args, tasks=task_list, batch_size=batch_size,
                                         limit=limit if tasks else None, log_samples=True, bootstrap_iters=0)
     if results is None:

@@ -24,15 +24,16 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from dopd_vl.data import DatasetRecords, image_parts, json_lines, load_records, record_id, records_root, resolve_image_path, validate_record
+from dopd_vl.data import DatasetRecords, image_parts, json_lines, load_records, record_id, records_root, validate_record
 from dopd_vl.errors import DatasetError
+from dopd_vl.image_roots import ImageOutsideRoots, ImageRoots, image_roots
 
 __all__ = ["FAULT_KINDS", "Fault", "DataReport", "check_data", "check_image", "preflight_records", "RecordPicker"]
 
 logger = logging.getLogger(__name__)
 
-FAULT_KINDS = ("invalid_json", "schema", "duplicate_id", "image_missing", "image_unreadable", "image_truncated", "image_too_large",
-               "box_outside_image", "context_unrenderable", "prompt_too_long")
+FAULT_KINDS = ("invalid_json", "schema", "duplicate_id", "image_missing", "image_outside_roots", "image_unreadable", "image_truncated",
+               "image_too_large", "box_outside_image", "context_unrenderable", "prompt_too_long")
 _END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
 
 
@@ -82,9 +83,9 @@ class DataReport:
         return "\n".join(lines)
 
 
-def check_image(ref: Any, root: Path | None, mode: str = "quick") -> tuple[str, str] | tuple[None, tuple[int, int]]:
-    """(fault kind, message), or (None, (width, height)) for a sound image. `ref` is a path (under
-    `root`) or an embedded {bytes, path}; nothing is raised."""
+def check_image(ref: Any, root: ImageRoots | Path | None, mode: str = "quick") -> tuple[str, str] | tuple[None, tuple[int, int]]:
+    """(fault kind, message), or (None, (width, height)) for a sound image. `ref` is a path (confined
+    to `root`, see `dopd_vl.image_roots`) or an embedded {bytes, path}; nothing is raised."""
     import io
 
     from PIL import Image
@@ -94,7 +95,9 @@ def check_image(ref: Any, root: Path | None, mode: str = "quick") -> tuple[str, 
         opener, tail = (lambda: io.BytesIO(data)), data[-16:]
     else:
         try:
-            path = resolve_image_path(root, ref["path"] if isinstance(ref, dict) else ref, "?")
+            path = image_roots(root).resolve(ref["path"] if isinstance(ref, dict) else ref, "?")
+        except ImageOutsideRoots as err:
+            return "image_outside_roots", str(err).split(": ", 1)[-1]
         except DatasetError as err:
             return "image_missing", str(err).split(": ", 1)[-1]
         if not path.is_file():
@@ -124,15 +127,17 @@ def check_image(ref: Any, root: Path | None, mode: str = "quick") -> tuple[str, 
 
 
 def check_data(source: str | Path, adapter, *, split: str = "train", columns: dict | None = None, mode: str = "quick",
-               max_prompt_length: int = 0, privileged: bool = True, workers: int = 8, progress: bool = True) -> tuple[list[int], DataReport, Any]:
-    """Check every record of `source` (see the module docstring) with the student's `adapter`.
+               max_prompt_length: int = 0, privileged: bool = True, workers: int = 8, progress: bool = True,
+               image_roots_extra: list | tuple = ()) -> tuple[list[int], DataReport, Any]:
+    """Check every record of `source` (see the module docstring) with the student's `adapter`;
+    `image_roots_extra` is the recipe's `data.image_roots`.
 
     Returns (valid record positions, report, rows): `rows` is the list of records (JSONL) or the
     unvalidated `DatasetRecords`; a record with any fault is not among the valid ones."""
     if mode not in ("quick", "full"):
         raise ValueError(f"preflight mode must be quick or full, got {mode!r}")
     report = DataReport(str(source), mode, max_prompt_length=max_prompt_length)
-    root = records_root(source)
+    root = image_roots(records_root(source), image_roots_extra)
     rows, records, places = _read(source, split, columns, report)
     report.records = len(rows)
 
@@ -216,12 +221,10 @@ def _read(source, split: str, columns: dict | None, report: DataReport) -> tuple
             _schema(report, value, i, where, seen, records)
         return rows, records, places
     rows = DatasetRecords.unvalidated(source, split, columns or {})
-    for i in range(len(rows)):
+    for i, record in rows.iter_records():
         where = places[i] = f"{source} row {i}"
-        try:
-            record = rows.record(i)
-        except DatasetError as err:
-            report.faults.append(Fault("schema", where, err.record or f"row-{i}", err.field or "", str(err).split(": ", 1)[-1], i))
+        if isinstance(record, DatasetError):
+            report.faults.append(Fault("schema", where, record.record or f"row-{i}", record.field or "", str(record).split(": ", 1)[-1], i))
             continue
         _schema(report, record, i, where, seen, records)
     return rows, records, places
@@ -275,7 +278,8 @@ def preflight_records(data, adapter, *, max_prompt_length: int = 0, privileged: 
     if data.preflight == "off":
         return load_records(data.train, split=data.split, columns=data.columns), []
     valid, report, rows = check_data(data.train, adapter, split=data.split, columns=data.columns, mode=data.preflight,
-                                     max_prompt_length=max_prompt_length, privileged=privileged, progress=progress)
+                                     max_prompt_length=max_prompt_length, privileged=privileged, progress=progress,
+                                     image_roots_extra=data.image_roots)
     if report.faults and data.on_error == "fail":
         raise DatasetError("the data preflight found faults (data.on_error=skip trains on the rest; `dopd check-data` lists every one):\n"
                            + report.summary())
@@ -292,8 +296,8 @@ class RecordPicker:
     DatasetError naming it; under `skip` the next record whose images are all there takes its place
     (deterministic, so a resumed run replaces the same way and batch sizes hold)."""
 
-    def __init__(self, records, root: Path | None, source: str, on_error: str):
-        self.records, self.root, self.source, self.on_error = records, root, source, on_error
+    def __init__(self, records, root: ImageRoots | Path | None, source: str, on_error: str):
+        self.records, self.root, self.source, self.on_error = records, image_roots(root), source, on_error
         self.vanished: set[int] = set()
 
     def pick(self, index: int, step: int) -> tuple[dict, list[dict]]:
@@ -304,7 +308,7 @@ class RecordPicker:
             if i in self.vanished:
                 continue
             record = self.records[i]
-            paths = [resolve_image_path(self.root, ref, record["id"]) for ref in image_parts(record) if isinstance(ref, str)]
+            paths = [self.root.resolve(ref, record["id"]) for ref in image_parts(record) if isinstance(ref, str)]
             missing = next((p for p in paths if not p.is_file()), None)
             if missing is None:
                 return record, skipped

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from dopd_vl.data import context_text, image_parts, load_image
+from dopd_vl.image_roots import ImageRoots, image_roots
 from dopd_vl.objectives import DOPDConfig, build_objective
 from dopd_vl.routing import REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.scoring import score_views
@@ -97,11 +98,14 @@ def route_records(
     return out, {k: float(v) for k, v in stats.items() if k in ("A", "q_student", "q_teacher")}
 
 
-def write_routing_html(path: str | Path, routed: list[RoutedResponse], thresholds: dict[str, float], image_root: str | Path | None = None,
+def write_routing_html(path: str | Path, routed: list[RoutedResponse], thresholds: dict[str, float], image_root: str | Path | ImageRoots | None = None,
                        title: str = "DOPD token routing", objective_config: DOPDConfig | None = None) -> Path:
     """One HTML page: per record the image, question, privileged context and the coloured response.
-    The legend is derived from the objective (pass the config used for `route_records`)."""
+    The legend is derived from the objective (pass the config used for `route_records`). Images are
+    inlined only from inside `image_root`'s allowed roots (docs/design.md §3.1): the page is meant to
+    be shared, so a record's path must not pull another local file into it."""
     path = Path(path)
+    roots = image_roots(image_root)
     meaning = regime_legend(objective_config)
     legend = "".join(
         f'<span class="legend" style="background:{REGIME_COLORS[name]}">{name}</span> {html.escape(meaning[name])}<br>'
@@ -114,7 +118,7 @@ def write_routing_html(path: str | Path, routed: list[RoutedResponse], threshold
             f'style="background:{REGIME_COLORS[r]}" title="{r}: A={a:.3f}  q_S={qs:.3f}  q_T={qt:.3f}">{html.escape(t) or "&#8203;"}</span>'
             for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher)
         )
-        images = "".join(_image_html(item.record, k, load_image(ref, image_root, str(item.record.get("id", "")))) for k, ref in enumerate(image_parts(item.record)))
+        images = "".join(_image_html(item.record, k, load_image(ref, roots, str(item.record.get("id", "")))) for k, ref in enumerate(image_parts(item.record)))
         answer = f"<p><b>Reference answer:</b> {html.escape(str(item.record['answer']))}</p>" if item.record.get("answer") is not None else ""
         extra = "".join(f"<p><b>{html.escape(k)}:</b> {html.escape(str(v))}</p>" for k, v in item.extra.items())
         sections.append(

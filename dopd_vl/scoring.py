@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from dopd_vl.models import output_embedding_weight
 from dopd_vl.loss import TargetStates, target_states
 from dopd_vl.modality import TEACHER_VIEWS
+from dopd_vl.parallel import call_model
 from dopd_vl.views import ViewBatch, response_hidden_states
 
 __all__ = ["valid_response_states", "score_views"]
@@ -37,7 +38,8 @@ def score_views(
     """TargetStates of every scoring view in `batches` (teacher views by the teacher, student_priv by
     the privileged student: the live student in eval mode, a frozen copy or an EMA; `reference`
     by the reference model, ExOPD's initial student). Entropies only for `entropy_views`, sampled-token
-    log-probs only for `logprob_views` (None: every view)."""
+    log-probs only for `logprob_views` (None: every view). A sharded model (a `ModelCall` under FSDP)
+    is run through its wrapper, which gathers its output embedding for the step (dopd_vl/parallel.py)."""
     states = {}
     for name, batch in batches.items():
         if name == "student":
@@ -45,8 +47,8 @@ def score_views(
         model = teacher if name in TEACHER_VIEWS else reference if name == "reference" else privileged_student
         if model is None:
             raise ValueError(f"view {name!r} needs a model to score it, but none was given")
-        hidden, ids = valid_response_states(model, batch)
+        hidden, ids, head = call_model(model, lambda m: (*valid_response_states(m, batch), output_embedding_weight(m)))
         with_entropy = entropy_views is None or name in entropy_views
         with_logprob = logprob_views is None or name in logprob_views
-        states[name] = target_states(hidden, output_embedding_weight(model), ids, vocab_size, chunk_size, with_entropy, with_logprob)
+        states[name] = target_states(hidden, head, ids, vocab_size, chunk_size, with_entropy, with_logprob)
     return states

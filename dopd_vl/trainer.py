@@ -35,6 +35,7 @@ import yaml
 from dopd_vl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
 from dopd_vl.config import TrainConfig, config_to_dict, flat_config
 from dopd_vl.data import records_root
+from dopd_vl.image_roots import image_roots
 from dopd_vl.diagnosis import DIAGNOSTIC_VIEWS, summarise_diagnostics, token_diagnostics
 from dopd_vl.errors import ConfigError, DatasetError, DopdError
 from dopd_vl.guard import CollapseAlarm, CollapseGuard
@@ -51,9 +52,10 @@ from dopd_vl.models import (
     with_lora,
 )
 from dopd_vl.modality import PRIVILEGED_VIEWS, TEACHER_VIEWS, make_adapter
-from dopd_vl.loss import StudentLoss, TargetStates, auto_chunk_size, resolve_loss_backend
+from dopd_vl.loss import StudentLoss, TargetStates, auto_chunk_size, resolve_loss_backend, student_loss
 from dopd_vl.loss.selfcheck import checked_triton_backend
 from dopd_vl.objectives import SCORING_VIEWS, build_objective
+from dopd_vl.parallel import ModelCall, call_model, full_state_dict, generate_with_full_weights, is_sharded, release, shard_model
 from dopd_vl.preemption import PREEMPTED_EXIT_CODE, StopSignals
 from dopd_vl.preflight import RecordPicker, preflight_records
 from dopd_vl.rollout import MicroBatch, resolve_generation, rollout_metrics, sample_responses
@@ -127,7 +129,7 @@ class Trainer:
             if not c.teacher.name_or_path:
                 needs = f"objective {self.objective.name!r}" if TEACHER_VIEWS & set(self.objective.views) else "diagnostics (dopd diagnose)"
                 raise ConfigError(f"{needs} scores teacher views {sorted(TEACHER_VIEWS & set(self.scored_views))}: set teacher.name_or_path")
-            self.teacher = load_model(c.teacher.name_or_path, resolve_dtype(c.teacher.dtype, self.device), c.teacher.trust_remote_code).to(self.device).eval().requires_grad_(False)
+            self.teacher = load_model(c.teacher.name_or_path, resolve_dtype(c.teacher.dtype, self.device), c.teacher.trust_remote_code).eval().requires_grad_(False)
         elif c.teacher.name_or_path:
             logger.info("objective %s uses no teacher view: the teacher's weights are not loaded", self.objective.name)
         self.vocab_size = check_same_tokenizer(self.student_processing, teacher_processing, self.student, self.teacher)
@@ -139,7 +141,7 @@ class Trainer:
         self.privileged_student = self._make_privileged_student()
         self.reference_model = self._make_reference_model()
 
-        root = records_root(c.data.train)
+        root = image_roots(records_root(c.data.train), c.data.image_roots)  # where image paths may lead (§3.1)
         self.adapters = {
             "student": make_adapter(self.student_processing, c.data.prompt, image_root=root),
             "teacher": make_adapter(teacher_processing, c.data.prompt, image_root=root),
@@ -155,12 +157,22 @@ class Trainer:
         self.eos_token_ids = eos_token_ids(self.student_processing, self.student)
         self.suppress_ids = never_sampled_token_ids(self.student_processing, self.student)
 
-        params = [p for p in self.student.parameters() if p.requires_grad]
+        self.sharded = c.parallel == "fsdp"
+        if self.sharded:  # §4.6: ours, not accelerate's: every model behind a wrapper whose forward FSDP hooks
+            self.loss_module = self._shard(StudentLoss(self.student))
+            self.teacher = self._shard(ModelCall(self.teacher)) if self.teacher is not None and c.teacher.shard is not False else self.teacher
+            frozen = {id(m): m for m in (self.privileged_student, self.reference_model) if m is not None}
+            sharded = {key: self._shard(ModelCall(m)) for key, m in frozen.items()}
+            self.privileged_student = sharded.get(id(self.privileged_student))
+            self.reference_model = sharded.get(id(self.reference_model))
+        params = [p for p in self.student.parameters() if p.requires_grad]  # after sharding: FSDP replaces them
         self.optimizer = torch.optim.AdamW(params, lr=c.optim.lr, weight_decay=c.optim.weight_decay, betas=tuple(c.optim.adam_betas))
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, c.optim.warmup_steps, c.max_steps)
-        self.loss_module, self.optimizer = self.accelerator.prepare(StudentLoss(self.student), self.optimizer)
-        for frozen in {id(m): m for m in (self.privileged_student, self.reference_model) if m is not None}.values():
-            frozen.to(self.device)
+        if not self.sharded:
+            self.loss_module, self.optimizer = self.accelerator.prepare(StudentLoss(self.student), self.optimizer)
+        for model in {id(m): m for m in (self.teacher, self.privileged_student, self.reference_model) if m is not None}.values():
+            if not is_sharded(model):
+                model.to(self.device)
         self.step = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -168,10 +180,12 @@ class Trainer:
         self.loss_backend = resolve_loss_backend(c.loss_backend, self.device)
         self.backend_check = None
         if self.loss_backend == "triton":  # §2: the kernels check themselves first; `auto` may fall back to torch
-            heads = {v: output_embedding_weight(self._scoring_model(v)) for v in self.objective.views}
+            heads = {v: call_model(self._scoring_model(v), output_embedding_weight) for v in self.objective.views}
             self.loss_backend, self.backend_check = checked_triton_backend(
-                c.loss_backend, self.objective, output_embedding_weight(self.student), heads, self.vocab_size, seed=c.seed,
+                c.loss_backend, self.objective, call_model(self._live_student(), output_embedding_weight), heads, self.vocab_size, seed=c.seed,
                 any_failed=lambda failed: self._sum(float(failed)) > 0)
+            for model in (self.loss_module, self.teacher, self.privileged_student, self.reference_model):
+                release(model)
         self.loss_chunk_size = auto_chunk_size(self.device, self.vocab_size, backend=self.loss_backend) if c.loss_chunk_size == "auto" else c.loss_chunk_size
         self.rollout_config = dataclasses.replace(c.rollout, generation=resolve_generation(c.rollout.generation, self.device))
         self.generation_error: str | None = None  # why `auto` fell back to eager generation, if it did
@@ -235,7 +249,7 @@ class Trainer:
         """Sample `num_generations` responses per record from the student on the plain view."""
         records = [self._present_record(i) for i in record_indices]
         try:
-            rollout = sample_responses(self.student, self.adapters["student"], records, self.rollout_config, self.eos_token_ids, self.suppress_ids)
+            rollout = self._sample(records)
         except DopdError:
             raise
         except Exception as err:  # noqa: BLE001 - `auto` falls back from a failed compile; anything else raises again, eagerly
@@ -245,8 +259,14 @@ class Trainer:
             logger.warning("rollout.generation auto: compiled generation failed (%s); this run generates eagerly", self.generation_error)
             self.rollout_config = dataclasses.replace(self.rollout_config, generation="eager")
             self._write_run_info()
-            rollout = sample_responses(self.student, self.adapters["student"], records, self.rollout_config, self.eos_token_ids, self.suppress_ids)
+            rollout = self._sample(records)
         return MicroBatch(records, rollout)
+
+    def _sample(self, records: list[dict]):
+        """The student's responses; a sharded student is gathered whole once for the rollout (§4.6)."""
+        def sample(model: nn.Module):
+            return sample_responses(model, self.adapters["student"], records, self.rollout_config, self.eos_token_ids, self.suppress_ids)
+        return generate_with_full_weights(self.loss_module, sample) if self.sharded else sample(self.student)
 
     def train_step(self, micro_batches: list[MicroBatch], update: bool = True) -> dict:
         """One optimizer step on this process's rollouts (docs/design.md §4), in the method's order:
@@ -260,6 +280,8 @@ class Trainer:
         totals = (self._sum(sum(int(m.any(-1).sum()) for m in masks)), self._sum(sum(int(m.sum()) for m in masks)))  # §1.6
         self.loss_module.train()
         shares = [self.backward_share(s, stats, totals, last=i == len(scored) - 1) for i, s in enumerate(scored)]  # §4.4
+        for frozen in (self.teacher, self.privileged_student, self.reference_model):
+            release(frozen)  # FSDP: the frozen models' output embeddings, gathered for the step, are sharded again
         t2 = time.perf_counter()
         metrics = {"step": self.step + 1, "loss": self._sum(sum(share.loss for share in shares))}
         if update:
@@ -276,9 +298,10 @@ class Trainer:
         route = self.routes(s, stats)
         route_bt = torch.full(mask.shape, -1, dtype=torch.long, device=self.device).masked_scatter(mask, route)
         weight = self.objective.token_weights(mask, route_bt, stats, s.signals, s.groups, *totals)[mask]
-        with self.accelerator.no_sync(self.loss_module) if not last else contextlib.nullcontext():
+        # DDP all-reduces at the last micro-batch; FSDP reduce-scatters each (no unsharded gradients kept).
+        with self.accelerator.no_sync(self.loss_module) if not (last or self.sharded) else contextlib.nullcontext():
             loss, token_loss, entropy = self.loss_module(
-                s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
+                student_loss, s.student_view.inputs, s.student_view.response_positions, mask, route, weight,
                 s.targets, self.objective, self.vocab_size, self.loss_chunk_size, self.loss_backend,
             )
             # DDP / FSDP average gradients over processes; the shares must add up instead.
@@ -289,7 +312,12 @@ class Trainer:
     def apply_update(self, loss: float) -> dict:
         """Clip and step, unless the loss or the gradient is not finite (then the step is skipped)."""
         c = self.config
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.loss_module.parameters(), c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else math.inf))
+        max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else math.inf
+        if self.sharded:  # DTensor gradients: torch's clip takes them; the norm is reduced over the shards
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], max_norm)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        else:
+            grad_norm = float(self.accelerator.clip_grad_norm_(self.loss_module.parameters(), max_norm))
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -337,7 +365,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- components
     def _score_targets(self, views: dict[str, ViewBatch]) -> dict[str, TargetStates]:
-        student = self.privileged_student or self.student
+        student = self._scoring_model("student_priv")
         was_training = self.student.training
         self.student.eval()
         scored = {k: v for k, v in views.items() if k != "reference"}
@@ -349,7 +377,7 @@ class Trainer:
             targets = score_views(scored, self.teacher, student, self.vocab_size, entropy_views=entropy_views, logprob_views=logprob_views)
         if "reference" in views:  # the initial student: a frozen copy, or the base weights under LoRA
             with self._base_weights() if self.reference_model is None else contextlib.nullcontext():
-                targets.update(score_views({"reference": views["reference"]}, None, None, self.vocab_size, reference=self.reference_model or self.student,
+                targets.update(score_views({"reference": views["reference"]}, None, None, self.vocab_size, reference=self._scoring_model("reference"),
                                            entropy_views=entropy_views, logprob_views=logprob_views))
         self.student.train(was_training)
         return targets
@@ -360,8 +388,15 @@ class Trainer:
         if view in TEACHER_VIEWS:
             return self.teacher
         if view == "reference":
-            return self.reference_model or self.student
-        return self.privileged_student or self.student
+            return self.reference_model or self._live_student()
+        return self.privileged_student or self._live_student()
+
+    def _live_student(self) -> nn.Module:
+        """The student as a scorer calls it: under FSDP through its root wrapper (dopd_vl/parallel.py)."""
+        return self.loss_module if self.sharded else self.student
+
+    def _shard(self, wrapper: ModelCall) -> ModelCall:
+        return shard_model(wrapper, next(wrapper.parameters()).dtype, self.device)
 
     # ---------------------------------------------------------------------------------- data
     def _present_record(self, index: int) -> dict:

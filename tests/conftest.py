@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # `tiny:` models are built once per test session into a fresh folder, shared with subprocesses.
 os.environ["DOPD_TINY_CACHE"] = tempfile.mkdtemp(prefix="dopd-tiny-")
+# The trusted image roots the builders record (dopd_vl/image_roots.py) go to a fresh folder, never
+# the user's ~/.config; subprocesses share it.
+os.environ["DOPD_VL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="dopd-config-")
 
 import pytest
 import torch

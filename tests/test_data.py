@@ -260,3 +260,21 @@ def test_builder_outputs_are_atomic_and_embedding_needs_a_dataset_output(tmp_pat
     assert main(base + ["--out", str(folder), "--embed-images"]) == 0  # replaces the folder whole
     assert sorted(p.name for p in folder.iterdir()) == first and isinstance(load_records(folder)[0]["images"][0]["bytes"], bytes)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_trusted_image_roots_file_lists_folders_once_and_ignores_what_it_cannot_use(tmp_path, monkeypatch, caplog):
+    from dopd_vl.image_roots import image_roots, trust_image_roots, trusted_image_roots, trusted_roots_file
+
+    monkeypatch.setenv("DOPD_VL_CONFIG_DIR", str(tmp_path / "config"))
+    assert trusted_image_roots() == [] and trusted_roots_file() == tmp_path / "config" / "image_roots.txt"
+    (tmp_path / "coco" / "train").mkdir(parents=True)
+    assert trust_image_roots([tmp_path / "coco", tmp_path / "coco" / "train"]) == [tmp_path / "coco"]  # the inner folder is covered
+    assert trust_image_roots([tmp_path / "coco" / "train"]) == []
+    with trusted_roots_file().open("a") as f:
+        f.write("relative/images  # not absolute: ignored with a warning\n")
+    assert trusted_image_roots() == [tmp_path / "coco"] and "not an absolute path" in caplog.text
+    roots = image_roots(tmp_path / "data", [tmp_path / "extra"])
+    assert roots.allowed == (tmp_path / "data", tmp_path / "extra", tmp_path / "coco")
+    assert roots.resolve("../coco/train/a.png", "r1") == tmp_path / "coco" / "train" / "a.png"
+    with pytest.raises(DatasetError, match=r"record r2, field prompt.image: image path '/etc/passwd' resolves to /etc/passwd, outside"):
+        roots.resolve("/etc/passwd", "r2")

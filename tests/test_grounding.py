@@ -91,6 +91,20 @@ def test_records_validate_and_load_with_datasets(coco128_records):
         assert r["answer"] in ("yes", "no") or r["answer"].isdigit()
 
 
+def test_the_builder_trusts_its_image_folder_so_its_output_needs_no_configuration(coco128_records, tmp_path, monkeypatch):
+    from dopd_vl.data import image_parts, load_image, records_root
+    from dopd_vl.image_roots import ImageOutsideRoots, image_roots, trusted_image_roots
+
+    out, records = coco128_records  # the output lies in a temporary folder, its images in ../shared
+    assert IMAGES.resolve() in trusted_image_roots()
+    (ref,) = image_parts(records[0])
+    assert load_image(ref, image_roots(records_root(out)), records[0]["id"]).size == Image.open(IMAGES / Path(ref).name).size
+    monkeypatch.setenv("DOPD_VL_CONFIG_DIR", str(tmp_path / "another_user"))  # the same files on a machine whose builder never read them
+    with pytest.raises(ImageOutsideRoots, match=rf"record {records[0]['id']}, field prompt.image: .*data.image_roots"):
+        load_image(ref, image_roots(records_root(out)), records[0]["id"])
+    assert load_image(ref, image_roots(records_root(out), [IMAGES]), records[0]["id"])  # the recipe's data.image_roots
+
+
 def test_query_related_objects_by_default(tmp_path):
     images = load_annotations("yolo", IMAGES, LABELS, COCO128 / "coco128.yaml")
     report = build_grounding(images[:10], tmp_path / "q.jsonl")

@@ -36,6 +36,9 @@ def corpus(tmp_path) -> Path:
     (root / "images" / "truncated.png").write_bytes(png[: len(png) // 2])
     (root / "images" / "empty.png").write_bytes(b"")
     (root / "images" / "bomb.png").write_bytes(png_header_only(20000, 20000))
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret.png").write_bytes(png)  # a sound image, but not the dataset's
+    (root / "images" / "link.png").symlink_to(tmp_path / "outside" / "secret.png")
 
     def variant(rid: str, image: str | None = None, **changes) -> dict:
         record = json.loads(json.dumps(good[0]))
@@ -54,6 +57,8 @@ def corpus(tmp_path) -> Path:
         variant("overlong", prompt=[{"role": "user", "content": [{"type": "image", "image": "images/scene_000.png"}, {"type": "text", "text": long_question}]}]),
         variant("box_out", privileged={**good[0]["privileged"], "objects": [{"label": "blue circle", "bbox_px": [150.0, 100.0, 400.0, 300.0]}]}),
         variant("no_context", privileged_context="   "),
+        variant("escape_dots", "images/../../outside/secret.png"),
+        variant("escape_link", "images/link.png"),
     ]
     lines = [json.dumps(r) for r in good[:2]] + [json.dumps(r) for r in faulty] + ['{"id": "broken json", '] + [json.dumps({"id": "no_prompt"})] + [json.dumps(r) for r in good[2:]]
     path = root / "data.jsonl"
@@ -64,7 +69,8 @@ def corpus(tmp_path) -> Path:
 EXPECTED = {"missing": ("image_missing", "prompt.image[0]"), "truncated": ("image_truncated", "prompt.image[0]"),
             "empty": ("image_unreadable", "prompt.image[0]"), "bomb": ("image_too_large", "prompt.image[0]"),
             "overlong": ("prompt_too_long", "prompt"), "box_out": ("box_outside_image", "privileged.objects[0].bbox_px"),
-            "no_context": ("context_unrenderable", "privileged_context"), "line 10": ("invalid_json", "column 23"), "no_prompt": ("schema", "prompt")}
+            "no_context": ("context_unrenderable", "privileged_context"), "escape_dots": ("image_outside_roots", "prompt.image[0]"),
+            "escape_link": ("image_outside_roots", "prompt.image[0]"), "line 12": ("invalid_json", "column 23"), "no_prompt": ("schema", "prompt")}
 
 
 @pytest.mark.parametrize("mode", ["full", "quick"])
@@ -77,10 +83,10 @@ def test_check_data_reports_every_fault_with_its_line_record_and_field(corpus, t
     found = {f["record"]: (f["kind"], f["field"]) for f in report["faults"]}
     assert found == EXPECTED
     lines = {f["record"]: f["where"] for f in report["faults"]}
-    assert lines["missing"] == f"{corpus}:3" and lines["no_prompt"] == f"{corpus}:11" and lines["line 10"] == f"{corpus}:10"
-    assert report["records"] == 13 and report["faulty_records"] == 9 and report["counts"]["image_truncated"] == 1
+    assert lines["missing"] == f"{corpus}:3" and lines["no_prompt"] == f"{corpus}:13" and lines["line 12"] == f"{corpus}:12"
+    assert report["records"] == 15 and report["faulty_records"] == 11 and report["counts"]["image_outside_roots"] == 2
     printed = capsys.readouterr().out
-    assert "9 of 13 records have faults" in printed and f"{corpus}:3: record missing, field prompt.image[0]: image_missing" in printed
+    assert "11 of 15 records have faults" in printed and f"{corpus}:3: record missing, field prompt.image[0]: image_missing" in printed
 
 
 def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_under_skip(corpus, tmp_path, capsys):
@@ -95,7 +101,36 @@ def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_
     skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
     assert {s["id"] for s in skipped} == set(EXPECTED) and all(s["step"] == 0 and s["where"].startswith(str(corpus)) for s in skipped)
     (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics["data/skipped_records"] == 9 and json.loads((run / "run.json").read_text())["data"]["train_records"] == 4
+    assert metrics["data/skipped_records"] == 11 and json.loads((run / "run.json").read_text())["data"]["train_records"] == 4
+
+
+def test_data_image_roots_admits_a_folder_the_user_names(corpus, tmp_path):
+    out = tmp_path / "report.json"
+    main(["check-data", str(RECIPE), f"data.train={corpus}", f"data.image_roots=[{tmp_path / 'outside'}]", "rollout.max_prompt_length=300",
+          f"output_dir={tmp_path / 'run'}", "--mode", "quick", "--out", str(out)])
+    found = {f["record"]: f["kind"] for f in json.loads(out.read_text())["reports"][0]["faults"]}
+    assert "escape_dots" not in found and "escape_link" not in found and found["missing"] == "image_missing"
+
+
+def test_the_routing_page_never_inlines_an_image_outside_the_roots(corpus, tmp_path):
+    from dopd_vl.data import load_image
+    from dopd_vl.image_roots import ImageOutsideRoots
+    from dopd_vl.routing_view import RoutedResponse, write_routing_html
+
+    records = {r["id"]: r for r in (json.loads(line) for line in corpus.read_text().splitlines() if line.endswith("}"))}
+
+    def routed(record):
+        return RoutedResponse(record, tokens=["2"], regimes=["LL"], advantage_gap=[0.1], q_student=[0.5], q_teacher=[0.6])
+
+    inside = records["scene_000-count"]
+    page = write_routing_html(tmp_path / "ok.html", [routed(inside)], {"A": 0.1}, image_root=corpus.parent).read_text()
+    assert page.count("data:image/png;base64,") == 1
+    for rid in ("escape_dots", "escape_link"):
+        with pytest.raises(ImageOutsideRoots, match=rf"record {rid}, field prompt.image: .*outside/secret.png, outside the allowed image roots"):
+            write_routing_html(tmp_path / f"{rid}.html", [routed(records[rid])], {"A": 0.1}, image_root=corpus.parent)
+        assert not (tmp_path / f"{rid}.html").exists()
+        with pytest.raises(ImageOutsideRoots):  # nor does any model input read it
+            load_image(records[rid]["prompt"][0]["content"][0]["image"], corpus.parent, rid)
 
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
@@ -136,7 +171,9 @@ def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_doe
     from dopd_vl.modality import make_adapter
     from dopd_vl.models import load_processing
 
-    adapter = make_adapter(load_processing("tiny:qwen3-vl"), image_root=SHAPES)
+    from dopd_vl.image_roots import image_roots
+
+    adapter = make_adapter(load_processing("tiny:qwen3-vl"), image_root=image_roots(SHAPES, [tmp_path]))  # the enlarged copies live in tmp_path
     for n, record in enumerate(load_records(SHAPES / "data.jsonl")[:12]):
         (ref,) = image_parts(record)
         size = Image.open(SHAPES / ref).size

@@ -45,40 +45,54 @@ def read_metrics(run: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------ split invariance
-def test_split_invariance_over_micro_batches_and_processes(tmp_path):
-    """One step on 8 fixed responses as 1x8, 4x2 and 2 processes x 2 x 2 (gloo): same thresholds,
-    loss and gradients, for sequence and token normalisation (float64 models, so rel 1e-5 is
-    about the method, not about float32 matmuls of different padded shapes)."""
+def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
+    """One step on 8 fixed responses as 1x8, 4x2 and 2 processes x 2 x 2 (gloo), the last both with
+    DDP and with FSDP2 (`parallel: fsdp`): same thresholds, loss and gradients, for sequence and
+    token normalisation (float64 models, so rel 1e-5 is about the method, not about float32 matmuls
+    of different padded shapes). FSDP also for an untied head and a vision student (with gradient
+    checkpointing), and AdamW's update applied: the same updated weights (rel 1e-6)."""
     from dopd_vl.models import resolve_model_path
 
-    config = load_config(REPO / "configs" / "tiny_text.yaml")
-    for spec in (config.student.name_or_path, config.teacher.name_or_path):
-        resolve_model_path(spec)  # build once, before two processes race for it
+    from helpers.ddp_step import CASES
+
+    for recipe, overrides in CASES.values():  # build every tiny model once, before two processes race for it
+        config = load_config(REPO / "configs" / recipe, [o for o in overrides if o.startswith("student.")])
+        for spec in (config.student.name_or_path, config.teacher.name_or_path):
+            resolve_model_path(spec)
     helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
-    norms = "sequence,token"
+    norms, every = "sequence,token", ",".join(CASES)
+    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     runs = {
-        "1x8": [PYTHON, helper, "1x8", norms, str(tmp_path / "1x8.pt")],
+        "1x8": [PYTHON, helper, "1x8", norms, str(tmp_path / "1x8.pt"), "--cases", every, "--update"],
         "4x2": [PYTHON, helper, "4x2", norms, str(tmp_path / "4x2.pt")],
-        "2x2x2": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", helper, "2x2x2", norms, str(tmp_path / "2x2x2.pt")],
+        "2x2x2": [*torchrun, "--master_port", "29631", helper, "2x2x2", norms, str(tmp_path / "2x2x2.pt")],
+        "fsdp": [*torchrun, "--master_port", "29632", helper, "2x2x2", norms, str(tmp_path / "fsdp.pt"), "--parallel", "fsdp", "--cases", every, "--update"],
     }
     for name, cmd in runs.items():
-        done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true"}, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
     results = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in runs}
-    for norm in norms.split(","):
-        ref = results["1x8"][norm]
-        assert ref["metrics"]["_tokens"] == 56 and ref["metrics"]["frac/HT"] > 0
-        ref_grad = torch.cat([g.flatten() for g in ref["grads"].values()])
-        assert ref_grad.norm() > 0
-        for name in ("4x2", "2x2x2"):
-            other = results[name][norm]
-            for key in ("loss", "threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES)):
-                assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (norm, name, key)
-            assert other["grads"].keys() == ref["grads"].keys()
-            grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
-            assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-5, (norm, name)
+    for case in CASES:
+        for norm in norms.split(","):
+            ref = results["1x8"][case][norm]
+            assert ref["metrics"]["frac/HT"] > 0
+            ref_grad = torch.cat([g.flatten() for g in ref["grads"].values()])
+            assert ref_grad.norm() > 0
+            for name in ("4x2", "2x2x2", "fsdp") if case == "text" else ("fsdp",):
+                other = results[name][case][norm]
+                for key in ("loss", "threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES)):
+                    assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (case, norm, name, key)
+                assert other["grads"].keys() == ref["grads"].keys()
+                grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
+                assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-5, (case, norm, name)
+        ref, sharded = results["1x8"][case]["update"], results["fsdp"][case]["update"]
+        assert sharded["after"].keys() == ref["after"].keys() and all(torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"])
+        moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])
+        apart = torch.cat([(sharded["after"][k] - ref["after"][k]).flatten() for k in ref["after"]])
+        assert moved.norm() > 0 and apart.norm() <= 1e-6 * moved.norm(), case  # the update itself agrees to rel 1e-6
+    assert results["1x8"]["text"]["sequence"]["metrics"]["_tokens"] == 56
     # The two normalisations are different losses, so the check above compares something real.
-    assert results["1x8"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8"]["token"]["metrics"]["loss"], rel=1e-3)
+    assert results["1x8"]["text"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8"]["text"]["token"]["metrics"]["loss"], rel=1e-3)
 
 
 def test_va_opd_is_split_invariant(tmp_path):
@@ -89,7 +103,7 @@ def test_va_opd_is_split_invariant(tmp_path):
     for mode in ("1x8", "4x2"):
         done = subprocess.run([PYTHON, helper, mode, "sequence", str(tmp_path / f"{mode}.pt"), "va_opd"], env=ENV, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-        results[mode] = torch.load(tmp_path / f"{mode}.pt", weights_only=True)["sequence"]
+        results[mode] = torch.load(tmp_path / f"{mode}.pt", weights_only=True)["text"]["sequence"]
     ref, other = results["1x8"], results["4x2"]
     assert 0 < ref["metrics"]["frac/high_visual_advantage"] < 1
     for key in ("loss", "threshold/visual_advantage", "frac/high_visual_advantage"):

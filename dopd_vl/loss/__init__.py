@@ -16,6 +16,7 @@ from dopd_vl.loss.chunked import (
     chunk_logits,
     chunked_objective_loss,
     chunked_token_logprobs,
+    student_loss,
     target_states,
 )
 from dopd_vl.loss.kernels import resolve_loss_backend
@@ -34,4 +35,5 @@ __all__ = [
     "auto_chunk_size",
     "resolve_loss_backend",
     "StudentLoss",
+    "student_loss",
 ]

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from dopd_vl.divergences import entropy, upcast
 from dopd_vl.models import final_hidden_states, output_embedding_weight
 from dopd_vl.objectives import Objective, route_divergence
+from dopd_vl.parallel import ModelCall
 
 __all__ = [
     "TargetStates",
@@ -27,6 +28,7 @@ __all__ = [
     "chunk_logits",
     "auto_chunk_size",
     "StudentLoss",
+    "student_loss",
 ]
 
 
@@ -238,17 +240,17 @@ def chunked_objective_loss(
     return ChunkedLossOutput(loss, token_loss, student_entropy)
 
 
-class StudentLoss(nn.Module):
-    """The student plus its routed loss, so that DDP / FSDP / DeepSpeed wrap one module whose
-    forward returns (loss, token_loss, entropy): the output embedding is used inside the wrapped forward."""
+class StudentLoss(ModelCall):
+    """The student behind one forward, so that DDP / FSDP wrap one module and their hooks run around
+    every use of it: `loss_module(student_loss, inputs, ...)` for the routed loss (the output
+    embedding is read inside the wrapped forward), and under FSDP also the rollout
+    (dopd_vl/parallel.py)."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):
-        hidden = final_hidden_states(self.model, inputs)
-        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
-        ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
-        out = chunked_objective_loss(objective, hidden, output_embedding_weight(self.model), ids, route, token_weight, targets, vocab_size, chunk_size, backend)
-        return out.loss, out.token_loss, out.student_entropy
+def student_loss(model: nn.Module, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):
+    """(loss, per-token loss, student entropy) of the student `model` over a micro-batch's valid tokens."""
+    hidden = final_hidden_states(model, inputs)
+    hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
+    ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
+    out = chunked_objective_loss(objective, hidden, output_embedding_weight(model), ids, route, token_weight, targets, vocab_size, chunk_size, backend)
+    return out.loss, out.token_loss, out.student_entropy

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dopd_vl.errors import DatasetError
+from dopd_vl.image_roots import ImageRoots
 
 __all__ = [
     "VIEWS",
@@ -120,9 +121,10 @@ def register_adapter(name: str, matches, factory) -> None:
     _ADAPTERS.insert(0, (name, matches, factory))
 
 
-def make_adapter(processing, config: PromptConfig | None = None, image_root: str | Path | None = None):
+def make_adapter(processing, config: PromptConfig | None = None, image_root: str | Path | ImageRoots | None = None):
     """The adapter for a tokenizer (text models) or a processor with an image processor (Qwen3-VL),
-    unless a registered adapter claims the processing object first."""
+    unless a registered adapter claims the processing object first. `image_root`: the dataset's
+    folder or its `ImageRoots` (where image paths may lead, docs/design.md §3.1)."""
     config = config or PromptConfig()
     for _, matches, factory in _ADAPTERS:
         if matches(processing):

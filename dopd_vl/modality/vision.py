@@ -11,18 +11,19 @@ from pathlib import Path
 from PIL import Image
 
 from dopd_vl.data import image_parts, load_image
+from dopd_vl.image_roots import ImageRoots, image_roots
 from dopd_vl.modality import PromptConfig, PromptInputs, prompt_messages
 
 
 class VisionAdapter:
     modality = "vision"
 
-    def __init__(self, processor, config: PromptConfig, image_root: str | Path | None = None):
+    def __init__(self, processor, config: PromptConfig, image_root: str | Path | ImageRoots | None = None):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.config = config
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        self.image_root = image_root
+        self.image_root = image_roots(image_root)  # read once: every image path is confined to these (§3.1)
 
     def prompt(self, record: dict, view: str) -> PromptInputs:
         messages = prompt_messages(record, view, self.config.privileged_template)

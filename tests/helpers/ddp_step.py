@@ -1,14 +1,17 @@
-"""One optimizer step's gradient on 8 fixed responses, split as the mode says (split-invariance test).
+"""One optimizer step on 8 fixed responses, split as the mode says (split-invariance tests).
 
     python tests/helpers/ddp_step.py MODE NORMALIZATIONS OUT.pt [OBJECTIVE]  # MODE 1x8 | 4x2
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 \\
         tests/helpers/ddp_step.py 2x2x2 NORMALIZATIONS OUT.pt                 # 2 processes x 2 x 2
+    ... [--parallel fsdp] [--cases text,text_untied,vision] [--update]
 
 Responses are fixed (not sampled) so every split sees exactly the same tokens; the main process
-saves, per normalisation (comma-separated), the step's metrics and the student's gradient
-(summed over processes) to OUT.pt.
+saves, per case and normalisation (comma-separated), the step's metrics and the student's gradient
+(summed over processes; whole, also when sharded) to OUT.pt; with --update AdamW then applies the
+last normalisation's gradient, and the student's whole weights before and after are saved too.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -22,6 +25,12 @@ from dopd_vl.rollout import Rollout  # noqa: E402
 from dopd_vl.trainer import MicroBatch, Trainer  # noqa: E402
 
 NUM_RECORDS, PER_RECORD = 4, 2
+TEXT = [f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"]
+CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a vision student
+    "text": ("tiny_text.yaml", TEXT),
+    "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3"]),
+    "vision": ("tiny_vlm.yaml", [f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}", "gradient_checkpointing=true"]),
+}
 
 
 def fixed_responses(eos: int) -> list[torch.Tensor]:
@@ -36,16 +45,21 @@ def fixed_responses(eos: int) -> list[torch.Tensor]:
     return out
 
 
-def main() -> None:
-    mode, normalizations, out_path = sys.argv[1], sys.argv[2].split(","), Path(sys.argv[3])
-    objective = sys.argv[4] if len(sys.argv) > 4 else "dopd"
-    config = load_config(REPO / "configs" / "tiny_text.yaml", [
-        f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}",
-        f"output_dir={out_path.parent / ('run-' + mode)}",
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
+
+
+def run_case(case: str, args) -> dict:
+    recipe, overrides = CASES[case]
+    config = load_config(REPO / "configs" / recipe, [
+        *overrides,
+        f"output_dir={args.out.parent / ('run-' + args.mode + '-' + case)}",
         "objective.top_k=16",
-        f"objective.name={objective}",
+        f"objective.name={args.objective}",
+        f"parallel={args.parallel}",
         "loss_chunk_size=5",
         "optim.max_grad_norm=0",
+        "optim.lr=1e-3",
         "student.dtype=float64",  # exact comparison: float32 matmuls differ with padding shapes
         "teacher.dtype=float64",
     ])
@@ -60,20 +74,40 @@ def main() -> None:
 
     process, processes = trainer.accelerator.process_index, trainer.accelerator.num_processes
     splits = {"1x8": [list(range(8))], "4x2": [[0, 1], [2, 3], [4, 5], [6, 7]]}
-    if mode == "2x2x2":
+    if args.mode == "2x2x2":
         assert processes == 2, "2x2x2 runs under torchrun with 2 processes"
         mine = [[0, 1], [2, 3]] if process == 0 else [[4, 5], [6, 7]]
     else:
-        mine = splits[mode]
+        mine = splits[args.mode]
     results = {}
-    for normalization in normalizations:
+    before = {n: whole(p) for n, p in trainer.student.named_parameters()}
+    norms = args.normalizations.split(",")
+    for normalization in norms:
         trainer.config.objective.normalization = normalization
         metrics = trainer.train_step([micro_batch(rows) for rows in mine], update=False)
-        grads = {n: p.grad.detach().clone() for n, p in trainer.student.named_parameters() if p.grad is not None}
-        trainer.optimizer.zero_grad(set_to_none=True)
+        grads = {n: whole(p.grad) for n, p in trainer.student.named_parameters() if p.grad is not None}
         results[normalization] = {"metrics": metrics, "grads": grads}
-    if trainer.accelerator.is_main_process:
-        torch.save(results, out_path)
+        if args.update and normalization == norms[-1]:  # AdamW on the last normalisation's gradient
+            trainer.apply_update(metrics["loss"])
+            results["update"] = {"before": before, "after": {n: whole(p) for n, p in trainer.student.named_parameters()}}
+        trainer.optimizer.zero_grad(set_to_none=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=("1x8", "4x2", "2x2x2"))
+    parser.add_argument("normalizations")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("objective", nargs="?", default="dopd")
+    parser.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"))
+    parser.add_argument("--cases", default="text")
+    parser.add_argument("--update", action="store_true")
+    args = parser.parse_args()
+    results = {case: run_case(case, args) for case in args.cases.split(",")}
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    torch.save(results, args.out)
 
 
 if __name__ == "__main__":

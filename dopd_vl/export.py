@@ -132,6 +132,13 @@ def _load_student(config: dict, source: Path):
 
         base = load_model(config["student"]["name_or_path"], config["student"]["dtype"], device="cpu")
         return PeftModel.from_pretrained(base, str(source)), load_processing(config["student"]["name_or_path"])
+    if (source.parent / "sharded").is_dir():  # a `parallel: fsdp` checkpoint: the config here, the weights in shards
+        from dopd_vl.checkpoint import load_student_weights
+        from dopd_vl.models import model_from_config
+
+        model = model_from_config(source, _saved_dtype(source) or "float32")
+        load_student_weights(model, source.parent)
+        return model, load_processing(source)
     return load_model(source, _saved_dtype(source) or "float32"), load_processing(source)
 
 

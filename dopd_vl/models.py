@@ -38,6 +38,7 @@ __all__ = [
     "build_tiny_qwen3_vl",
     "final_hidden_states",
     "output_embedding_weight",
+    "model_from_config",
     "tokenizer_of",
     "vocab_size",
     "check_same_tokenizer",
@@ -191,6 +192,15 @@ def load_model(
     if device is not None:
         model.to(device)
     return model
+
+
+def model_from_config(folder: str | Path, dtype: str = "float32") -> nn.Module:
+    """The model a saved config describes, with freshly initialised weights (for a checkpoint whose
+    weights are elsewhere, e.g. the shards of a `parallel: fsdp` run)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText if _is_vision_config(folder, False) else AutoModelForCausalLM
+    return auto.from_config(AutoConfig.from_pretrained(str(folder)), dtype=_DTYPES[dtype])
 
 
 def is_vision_model(model: nn.Module) -> bool:
@@ -417,10 +427,11 @@ def with_lora(model: nn.Module, lora) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def save_model_folder(model: nn.Module, processing, folder: str | Path) -> Path:
-    """`save_pretrained` of a model (safetensors) and its tokenizer or processor into `folder`,
-    whose files then get the mode a created file would (the shards arrive as 0600)."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_model_folder(model: nn.Module, processing, folder: str | Path, state_dict: dict | None = None) -> Path:
+    """`save_pretrained` of a model (safetensors; `state_dict` instead of the model's own, e.g. a
+    sharded model's gathered weights) and its tokenizer or processor into `folder`, whose files
+    then get the mode a created file would (the shards arrive as 0600)."""
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     if processing is not None:
         processing.save_pretrained(folder)
     give_created_modes(folder)

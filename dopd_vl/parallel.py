@@ -110,7 +110,12 @@ def release(wrapper: nn.Module | None) -> None:
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole state dict of a sharded model, on the CPU of the main process (a collective: every
-    process calls it; the others get an empty dict, so no process holds two copies)."""
+    process calls it; the others get an empty dict, so no process holds two copies), without the
+    output embedding when it is tied to the input embedding."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embedding.weight:  # tied: gathered as two tensors, saved once (as save_pretrained does)
+        state.pop(next(f"{name}.weight" for name, module in model.named_modules() if module is head), None)
+    return state

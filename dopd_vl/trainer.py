@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,16 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 import yaml
 
-from dopd_vl.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint_state, load_student_weights, save_checkpoint
+from dopd_vl.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint_state,
+    load_sharded_state,
+    load_student_weights,
+    new_checkpoint_folder,
+    save_checkpoint,
+    save_sharded_state,
+)
 from dopd_vl.config import TrainConfig, config_to_dict, flat_config
 from dopd_vl.data import records_root
 from dopd_vl.image_roots import image_roots
@@ -111,6 +121,9 @@ class Trainer:
         self.config = c = config
         self.accelerator = accelerator or Accelerator(log_with=c.report_to or None, project_dir=c.output_dir, cpu=c.device == "cpu")
         self.device = self.accelerator.device
+        if self.accelerator.distributed_type.value == "FSDP" and c.parallel == "ddp":  # accelerate's plugin would wrap the student again
+            raise ConfigError("the launch configuration asks accelerate for FSDP; dopd-vl shards the models itself: set parallel: fsdp "
+                              "in the recipe and launch with configs/accelerate/fsdp.yaml (docs/design.md §4.6)")
         self.objective = build_objective(c.objective)
         self.output_dir = Path(c.output_dir)
         # The views scored each step: the objective's, plus every view the diagnostics read (§1.11).
@@ -158,6 +171,8 @@ class Trainer:
         self.suppress_ids = never_sampled_token_ids(self.student_processing, self.student)
 
         self.sharded = c.parallel == "fsdp"
+        if self.sharded and not torch.distributed.is_initialized():  # one process: FSDP still needs a group (of one)
+            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
         if self.sharded:  # §4.6: ours, not accelerate's: every model behind a wrapper whose forward FSDP hooks
             self.loss_module = self._shard(StudentLoss(self.student))
             self.teacher = self._shard(ModelCall(self.teacher)) if self.teacher is not None and c.teacher.shard is not False else self.teacher
@@ -566,32 +581,56 @@ class Trainer:
                 f.write(json.dumps(metrics) + "\n")
 
     def save(self) -> None:
-        """checkpoint-N from the main process; a failed write (a full disk) stops every process."""
+        """checkpoint-N from the main process (under FSDP every process writes its shards first);
+        a failed write (a full disk) stops every process."""
         self.accelerator.wait_for_everyone()
         failure = None
-        if self.accelerator.is_main_process:
-            extra = {f"ema.{k}": v for k, v in self.privileged_student.state_dict().items()} if self.config.objective.privileged_student == "ema" else None
+        if self.sharded:
+            failure = self._save_shards()
+        if self.accelerator.is_main_process and failure is None:
+            ema = self.config.objective.privileged_student == "ema"
+            extra = {f"ema.{k}": v for k, v in self.privileged_student.state_dict().items()} if ema and not self.sharded else None
             try:
                 save_checkpoint(
-                    self.output_dir, self.step, model=self.accelerator.unwrap_model(self.loss_module).model,
+                    self.output_dir, self.step, model=self.student if self.sharded else self.accelerator.unwrap_model(self.loss_module).model,
                     processing=self.student_processing, optimizer=self.optimizer, scheduler=self.scheduler,
-                    state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips, "guard": self.guard.state_dict()},
-                    config=config_to_dict(self.config), extra_tensors=extra, keep=self.config.save_total_limit,
+                    state={"skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips, "guard": self.guard.state_dict(),
+                           "processes": self.accelerator.num_processes, "parallel": self.config.parallel},
+                    config=config_to_dict(self.config), extra_tensors=extra, keep=self.config.save_total_limit, sharded=self.sharded,
                 )
             except CheckpointError as err:
                 failure = err
         if self._sum(float(failure is not None)) > 0:  # also a barrier: the other processes learn of the failure
-            raise failure or CheckpointError(f"the main process could not write checkpoint-{self.step} (its message says why)")
+            raise failure or CheckpointError(f"a process could not write checkpoint-{self.step} (its message says why)")
+
+    def _save_shards(self) -> CheckpointError | None:
+        """Every process's shards into `.tmp-checkpoint-N/sharded` (§4.6); the failure, if any."""
+        if self.accelerator.is_main_process:
+            new_checkpoint_folder(self.output_dir, self.step)
+        self.accelerator.wait_for_everyone()
+        tmp = self.output_dir / f".tmp-checkpoint-{self.step}"
+        try:
+            save_sharded_state(tmp, self.student, self.optimizer, self._sharded_frozen(), main=self.accelerator.is_main_process)
+            return None
+        except Exception as err:  # noqa: BLE001 - a full disk, a failing filesystem; DCP wraps them in its own errors
+            if self.accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return CheckpointError(f"writing the shards of checkpoint-{self.step} into {tmp} failed: {err}")
+
+    def _sharded_frozen(self) -> dict[str, nn.Module]:
+        """Sharded state a checkpoint keeps besides the student: the EMA privileged student."""
+        return {"ema": self.privileged_student.model} if self.config.objective.privileged_student == "ema" else {}
 
     def export_final(self) -> Path:
         """The trained student as a plain model folder (LoRA merged), loadable with from_pretrained."""
         final = self.output_dir / "final"
         self.accelerator.wait_for_everyone()
+        weights = full_state_dict(self.student) if self.sharded else None  # FSDP: gathered onto the main process
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.loss_module).model
+            model = self.student if self.sharded else self.accelerator.unwrap_model(self.loss_module).model
             if self.config.lora.enabled:
                 model = copy.deepcopy(model).merge_and_unload()
-            save_model_folder(model, self.student_processing, final)
+            save_model_folder(model, self.student_processing, final, state_dict=weights)
         self.accelerator.wait_for_everyone()
         return final
 
@@ -600,8 +639,18 @@ class Trainer:
         if checkpoint is None:
             logger.warning("--resume: no checkpoint in %s; starting from step 0", self.output_dir)
             return
-        load_student_weights(self.accelerator.unwrap_model(self.loss_module).model, checkpoint, lora=self.config.lora.enabled)
-        state, extra = load_checkpoint_state(checkpoint, self.optimizer, self.scheduler)
+        state = json.loads((checkpoint / "state.json").read_text())
+        if self.sharded != (checkpoint / "sharded").is_dir():
+            raise CheckpointError(f"{checkpoint} was written with parallel: {state.get('parallel', 'ddp')}; resume it with the same setting")
+        if self.sharded:
+            if state.get("processes") != self.accelerator.num_processes:
+                logger.warning("%s was written by %s processes, this run has %d: the shards are re-cut as they load, but the "
+                               "steps that follow split their data differently from a run that kept %s", checkpoint,
+                               state.get("processes"), self.accelerator.num_processes, state.get("processes"))
+            load_sharded_state(checkpoint, self.student, self.optimizer, self._sharded_frozen())
+        else:
+            load_student_weights(self.accelerator.unwrap_model(self.loss_module).model, checkpoint, lora=self.config.lora.enabled)
+        state, extra = load_checkpoint_state(checkpoint, None if self.sharded else self.optimizer, self.scheduler)
         if extra:
             self.privileged_student.load_state_dict({k.removeprefix("ema."): v for k, v in extra.items()})
         self.step, self.skipped_steps, self.consecutive_skips = state["step"], state["skipped_steps"], state["consecutive_skips"]

@@ -4,6 +4,7 @@ learning, exact resume after a kill, crash-safe checkpoints, non-finite steps, L
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from dopd_vl.cli import main
 from dopd_vl.config import load_config
 from dopd_vl.errors import ConfigError
 from dopd_vl.checkpoint import latest_checkpoint
@@ -85,6 +87,10 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
                 assert other["grads"].keys() == ref["grads"].keys()
                 grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
                 assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-5, (case, norm, name)
+        # Each output embedding is gathered once per micro-batch at most, never per loss chunk (5 tokens
+        # here): the student's for each of its 2 micro-batches, the frozen models' once per step.
+        steps = len(norms.split(","))
+        assert results["fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": steps, "privileged_student": steps}, case
         ref, sharded = results["1x8"][case]["update"], results["fsdp"][case]["update"]
         assert sharded["after"].keys() == ref["after"].keys() and all(torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"])
         moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])
@@ -195,11 +201,15 @@ def assert_same_run(straight: Path, other: Path) -> None:
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sigterm_stops_two_processes_at_the_same_step_and_resume_is_exact(tmp_path):
-    """torchrun, 2 gloo processes; SIGTERM to the whole job (as a scheduler sends it), which torchrun
-    also forwards to its workers: one preemption, received twice, stops both at one step boundary."""
+def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tmp_path):
+    """torchrun, 2 gloo processes, `parallel: fsdp` (sharded checkpoints). SIGTERM to the whole job
+    (as a scheduler sends it; torchrun also forwards it to its workers): one preemption, received
+    twice, stops both at one step boundary. The resumed run is then killed with SIGKILL after its
+    next checkpoint and resumed again: the end equals the uninterrupted run. The sharded checkpoint
+    exports on one process to the same weights as the final student; one process resumes it too."""
     recipe = REPO / "configs" / "tiny_text.yaml"
-    common = [f"data.train={ARITH}", "max_steps=3", "save_steps=100", "optim.lr=1e-3", "optim.batch_size=1", "rollout.max_new_tokens=4"]
+    common = [f"data.train={ARITH}", "max_steps=5", "save_steps=1", "save_total_limit=5", "optim.lr=1e-3", "optim.batch_size=1",
+              "rollout.max_new_tokens=4", "parallel=fsdp"]
     env = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
     def torchrun(out: Path, port: int, *extra: str) -> list[str]:
@@ -215,10 +225,48 @@ def test_sigterm_stops_two_processes_at_the_same_step_and_resume_is_exact(tmp_pa
     _, err = proc.communicate(timeout=240)
     assert err.count("stopped by a signal after step") == 2, err[-3000:]  # both workers, the same step
     step = int(latest_checkpoint(preempted).name.split("-")[1])
-    assert 1 <= step < 3 and f"after step {step} of 3" in err and not (preempted / "final").exists()
-    done = subprocess.run(torchrun(preempted, 29653, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert 1 <= step <= 3 and f"after step {step} of 5" in err and not (preempted / "final").exists()
+
+    proc = subprocess.Popen(torchrun(preempted, 29653, "--resume"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while int(latest_checkpoint(preempted, clean=False).name.split("-")[1]) == step:
+        assert proc.poll() is None and time.time() < deadline, f"the resumed run ended before its next checkpoint:\n{read_metrics(preempted)}"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (preempted / "final").exists()
+    shutil.copytree(preempted, tmp_path / "one_process", ignore=shutil.ignore_patterns(".tmp-*"))
+    done = subprocess.run(torchrun(preempted, 29654, "--resume"), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(straight, preempted)
+
+    # The last sharded checkpoint, read whole on one process by `dopd export`, is the final student.
+    assert main(["export", str(preempted), "--checkpoint", "5", "--out", str(tmp_path / "exported")]) == 0
+    final, exported = load_file(preempted / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(torch.equal(final[k], exported[k]) for k in final)
+    # One process resumes a checkpoint two wrote: the shards are re-cut as they load.
+    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={tmp_path / 'one_process'}", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "written by 2 processes, this run has 1" in done.stderr, done.stderr[-3000:]
+    assert [m["step"] for m in read_metrics(tmp_path / "one_process")] == [1, 2, 3, 4, 5]
+
+
+def test_a_sharded_checkpoint_index_cannot_run_code(tmp_path, tiny_text_dir):
+    """torch.distributed.checkpoint pickles its index (.metadata); ours unpickles only its classes."""
+    import pickle
+
+    from transformers import AutoModelForCausalLM
+
+    from dopd_vl.checkpoint import CheckpointError, load_student_weights
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / "checkpoint-1" / "sharded").mkdir(parents=True)
+    (tmp_path / "checkpoint-1" / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match=r"\.metadata names posix\.system, which a checkpoint index never holds; refused"):
+        load_student_weights(AutoModelForCausalLM.from_pretrained(tiny_text_dir), tmp_path / "checkpoint-1")
+    assert not (tmp_path / "ran").exists()
 
 
 # ---------------------------------------------------------------------- crash while checkpointing

@@ -64,6 +64,7 @@ def run_case(case: str, args) -> dict:
         "teacher.dtype=float64",
     ])
     trainer = Trainer(config)
+    gathers = count_root_gathers(trainer) if args.parallel == "fsdp" else {}
     records = trainer.records[:NUM_RECORDS]
     responses = fixed_responses(trainer.tokenizer.eos_token_id)
     owner = [i // PER_RECORD for i in range(len(responses))]
@@ -91,7 +92,28 @@ def run_case(case: str, args) -> dict:
             trainer.apply_update(metrics["loss"])
             results["update"] = {"before": before, "after": {n: whole(p) for n, p in trainer.student.named_parameters()}}
         trainer.optimizer.zero_grad(set_to_none=True)
+    results["root_gathers"] = dict(gathers)
     return results
+
+
+def count_root_gathers(trainer: Trainer) -> dict[str, int]:
+    """How often each model's root unit (the one holding its output embedding) is gathered: FSDP's
+    FSDPParamGroup.unshard counted when it starts a gather (the group is sharded, none pending)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    roots = {"student": trainer.loss_module, "teacher": trainer.teacher, "privileged_student": trainer.privileged_student}
+    counts = dict.fromkeys(roots, 0)
+    real = FSDPParamGroup.unshard
+
+    def counted(group, *args, **kwargs):
+        if not group.is_unsharded and group._all_gather_result is None:
+            for name, root in roots.items():
+                if any(module is root for module in group.modules):
+                    counts[name] += 1
+        return real(group, *args, **kwargs)
+
+    FSDPParamGroup.unshard = counted
+    return counts
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Every command in the README stays true: `dopd` commands parse with the real CLI parser (and
-their recipes load), `accelerate launch` lines name existing configs, `make` targets exist and
+their recipes load), `accelerate launch` lines name existing configs (and, like `torchrun` lines,
+run a `dopd train` that parses), `make` targets exist and
 example scripts answer --help. The commands' behaviour is tested where they are run for real:
 test_demo (demo, eval, plot, inspect --routing), test_trainer (train, --resume), test_grounding
 and test_hints (build), test_cli (inspect, --version)."""
@@ -48,9 +49,10 @@ def test_readme_command_is_valid(argv):
         args = build_parser().parse_args(argv[1:])
         if args.command == "train":
             load_config(REPO / args.config, args.overrides)
-    elif program == "accelerate":
-        config_file = REPO / argv[argv.index("--config_file") + 1]
-        assert config_file.is_file(), config_file
+    elif program in ("accelerate", "torchrun"):
+        if program == "accelerate":
+            config_file = REPO / argv[argv.index("--config_file") + 1]
+            assert config_file.is_file(), config_file
         rest = argv[argv.index("dopd_vl.cli") + 1 :]
         args = build_parser().parse_args(rest)
         load_config(REPO / args.config, args.overrides)

@@ -26,9 +26,9 @@ from dopd_vl.trainer import MicroBatch, Trainer  # noqa: E402
 
 NUM_RECORDS, PER_RECORD = 4, 2
 TEXT = [f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"]
-CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a vision student
+CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a vision student, a whole teacher under fsdp
     "text": ("tiny_text.yaml", TEXT),
-    "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3"]),
+    "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3", "teacher.shard=false"]),
     "vision": ("tiny_vlm.yaml", [f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}", "gradient_checkpointing=true"]),
 }
 

@@ -148,7 +148,8 @@ class Trainer:
         self.vocab_size = check_same_tokenizer(self.student_processing, teacher_processing, self.student, self.teacher)
         self.tokenizer = tokenizer_of(self.student_processing)
         if c.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
+            # transformers 5 renamed it (the old name warns of removal in v6)
+            getattr(self.student, "activation_checkpointing_enable", self.student.gradient_checkpointing_enable)()
         if c.lora.enabled:
             self.student = with_lora(self.student, c.lora)
         self.privileged_student = self._make_privileged_student()

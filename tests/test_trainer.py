@@ -63,25 +63,25 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
         for spec in (config.student.name_or_path, config.teacher.name_or_path):
             resolve_model_path(spec)
     helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
-    norms, every = "sequence,token", ",".join(CASES)
-    torchrun = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    runs = {
-        "1x8": [PYTHON, helper, "1x8", norms, str(tmp_path / "1x8.pt"), "--cases", every, "--update"],
-        "4x2": [PYTHON, helper, "4x2", norms, str(tmp_path / "4x2.pt")],
-        "2x2x2": [*torchrun, "--master_port", "29631", helper, "2x2x2", norms, str(tmp_path / "2x2x2.pt")],
-        "fsdp": [*torchrun, "--master_port", "29632", helper, "2x2x2", norms, str(tmp_path / "fsdp.pt"), "--parallel", "fsdp", "--cases", every, "--update"],
+    norms, every = "sequence,token", "+".join(CASES)
+    runs = {  # one launch per process count
+        "one": [PYTHON, helper, norms, str(tmp_path / "one.pt"), "--jobs", f"1x8:ddp:{every},4x2:ddp:text", "--update"],
+        "two": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", helper, norms, str(tmp_path / "two.pt"),
+                "--jobs", f"2x2x2:ddp:text,2x2x2:fsdp:{every}", "--update"],
     }
     for name, cmd in runs.items():
         done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
-    results = {name: torch.load(tmp_path / f"{name}.pt", weights_only=True) for name in runs}
+    results = {}
+    for name in runs:
+        results.update(torch.load(tmp_path / f"{name}.pt", weights_only=True))
     for case in CASES:
         for norm in norms.split(","):
-            ref = results["1x8"][case][norm]
+            ref = results["1x8:ddp"][case][norm]
             assert ref["metrics"]["frac/HT"] > 0
             ref_grad = torch.cat([g.flatten() for g in ref["grads"].values()])
             assert ref_grad.norm() > 0
-            for name in ("4x2", "2x2x2", "fsdp") if case == "text" else ("fsdp",):
+            for name in ("4x2:ddp", "2x2x2:ddp", "2x2x2:fsdp") if case == "text" else ("2x2x2:fsdp",):
                 other = results[name][case][norm]
                 for key in ("loss", "threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES)):
                     assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (case, norm, name, key)
@@ -92,27 +92,26 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
         # here): the student's for each of its 2 micro-batches, the frozen models' once per step.
         steps = len(norms.split(","))
         teacher = 0 if case == "text_untied" else steps  # teacher.shard=false there: a whole copy per process, nothing to gather
-        assert results["fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": teacher, "privileged_student": steps}, case
-        ref, sharded = results["1x8"][case]["update"], results["fsdp"][case]["update"]
+        assert results["2x2x2:fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": teacher, "privileged_student": steps}, case
+        ref, sharded = results["1x8:ddp"][case]["update"], results["2x2x2:fsdp"][case]["update"]
         assert sharded["after"].keys() == ref["after"].keys() and all(torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"])
         moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])
         apart = torch.cat([(sharded["after"][k] - ref["after"][k]).flatten() for k in ref["after"]])
         assert moved.norm() > 0 and apart.norm() <= 1e-6 * moved.norm(), case  # the update itself agrees to rel 1e-6
-    assert results["1x8"]["text"]["sequence"]["metrics"]["_tokens"] == 56
+    assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["_tokens"] == 56
     # The two normalisations are different losses, so the check above compares something real.
-    assert results["1x8"]["text"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8"]["text"]["token"]["metrics"]["loss"], rel=1e-3)
+    assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8:ddp"]["text"]["token"]["metrics"]["loss"], rel=1e-3)
 
 
 def test_va_opd_is_split_invariant(tmp_path):
     """VA-OPD's group means use the step's group sizes and its rollout weights the rollouts of one
     prompt (one micro-batch): 1x8 and 4x2 give the same step."""
     helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
-    results = {}
-    for mode in ("1x8", "4x2"):
-        done = subprocess.run([PYTHON, helper, mode, "sequence", str(tmp_path / f"{mode}.pt"), "va_opd"], env=ENV, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        results[mode] = torch.load(tmp_path / f"{mode}.pt", weights_only=True)["text"]["sequence"]
-    ref, other = results["1x8"], results["4x2"]
+    done = subprocess.run([PYTHON, helper, "sequence", str(tmp_path / "va.pt"), "--jobs", "1x8:ddp:text,4x2:ddp:text", "--objective", "va_opd"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = torch.load(tmp_path / "va.pt", weights_only=True)
+    ref, other = results["1x8:ddp"]["text"]["sequence"], results["4x2:ddp"]["text"]["sequence"]
     assert 0 < ref["metrics"]["frac/high_visual_advantage"] < 1
     for key in ("loss", "threshold/visual_advantage", "frac/high_visual_advantage"):
         assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), key
@@ -149,7 +148,10 @@ def _train_cmd(config: Path, *args: str) -> list[str]:
     return [PYTHON, "-m", "dopd_vl.cli", "train", str(config), *args]
 
 
-def test_resume_after_kill_reproduces_the_straight_run(tmp_path):
+def test_resume_after_kill_and_after_sigterm_reproduces_the_straight_run(tmp_path):
+    """One process: killed (SIGKILL) after checkpoint-3, resumed, then preempted (SIGTERM: the step in
+    progress finishes, a checkpoint is written, exit 75), resumed again: the straight run's steps,
+    losses and final weights."""
     common = [f"data.train={ARITH}", "max_steps=6", "save_steps=1", "save_total_limit=2", "optim.lr=1e-3"]
     recipe = REPO / "configs" / "tiny_text.yaml"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
@@ -165,26 +167,22 @@ def test_resume_after_kill_reproduces_the_straight_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (resumed / "final").exists()
-    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resumed from" in done.stderr
+    killed_at = int(latest_checkpoint(resumed, clean=False).name.split("-")[1])
 
-    assert_same_run(straight, resumed)
-
-    # SIGTERM (a scheduler's preemption): the step in progress finishes, a checkpoint is written, exit 75.
-    preempted = tmp_path / "preempted"
-    proc = subprocess.Popen(_train_cmd(recipe, *common, f"output_dir={preempted}", "save_steps=100"), env=ENV,
+    # Resumed, then SIGTERM once it has logged a step of its own.
+    proc = subprocess.Popen(_train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"), env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for_logged_steps(proc, preempted, 1)
+    wait_for_logged_steps(proc, resumed, killed_at + 1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
+    assert "resumed from" in err
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
-    step = int(latest_checkpoint(preempted).name.split("-")[1])
-    assert 1 <= step < 6 and f"stopped by a signal after step {step} of 6" in err and not (preempted / "final").exists()
-    assert [m["step"] for m in read_metrics(preempted)] == list(range(1, step + 1)) and not list(preempted.glob(".tmp-*"))
-    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={preempted}", "save_steps=100", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    step = int(latest_checkpoint(resumed).name.split("-")[1])
+    assert killed_at < step < 6 and f"stopped by a signal after step {step} of 6" in err and not (resumed / "final").exists()
+    assert [m["step"] for m in read_metrics(resumed)] == list(range(1, step + 1)) and not list(resumed.glob(".tmp-*"))
+    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert_same_run(straight, preempted)
+    assert_same_run(straight, resumed)
 
 
 def wait_for_logged_steps(proc, run: Path, steps: int, timeout: float = 240) -> None:

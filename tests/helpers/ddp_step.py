@@ -1,14 +1,15 @@
-"""One optimizer step on 8 fixed responses, split as the mode says (split-invariance tests).
+"""One optimizer step on 8 fixed responses, split as each job says (split-invariance tests).
 
-    python tests/helpers/ddp_step.py MODE NORMALIZATIONS OUT.pt [OBJECTIVE]  # MODE 1x8 | 4x2
-    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 \\
-        tests/helpers/ddp_step.py 2x2x2 NORMALIZATIONS OUT.pt                 # 2 processes x 2 x 2
-    ... [--parallel fsdp] [--cases text,text_untied,vision] [--update]
+    python tests/helpers/ddp_step.py NORMALIZATIONS OUT.pt --jobs 1x8:ddp:text,4x2:ddp:text [--objective O] [--update]
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 tests/helpers/ddp_step.py NORMALIZATIONS OUT.pt \\
+        --jobs 2x2x2:ddp:text,2x2x2:fsdp:text+text_untied+vision                 # 2 processes x 2 x 2
 
-Responses are fixed (not sampled) so every split sees exactly the same tokens; the main process
-saves, per case and normalisation (comma-separated), the step's metrics and the student's gradient
-(summed over processes; whole, also when sharded) to OUT.pt; with --update AdamW then applies the
-last normalisation's gradient, and the student's whole weights before and after are saved too.
+A job is MODE:PARALLEL:CASES: the split (1x8 and 4x2 on one process, 2x2x2 on two), `parallel`
+and the recipes of `CASES` (joined by +). Responses are fixed (not sampled) so every split sees
+exactly the same tokens; the main process saves, per job, case and normalisation (comma-separated),
+the step's metrics and the student's gradient (summed over processes; whole, also when sharded) to
+OUT.pt; with --update AdamW then applies the last normalisation's gradient, and the student's whole
+weights before and after are saved too.
 """
 
 import argparse
@@ -49,14 +50,14 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().clone()
 
 
-def run_case(case: str, args) -> dict:
+def run_case(mode: str, parallel: str, case: str, args) -> dict:
     recipe, overrides = CASES[case]
     config = load_config(REPO / "configs" / recipe, [
         *overrides,
-        f"output_dir={args.out.parent / ('run-' + args.mode + '-' + case)}",
+        f"output_dir={args.out.parent / f'run-{mode}-{parallel}-{case}'}",
         "objective.top_k=16",
         f"objective.name={args.objective}",
-        f"parallel={args.parallel}",
+        f"parallel={parallel}",
         "loss_chunk_size=5",
         "optim.max_grad_norm=0",
         "optim.lr=1e-3",
@@ -64,7 +65,7 @@ def run_case(case: str, args) -> dict:
         "teacher.dtype=float64",
     ])
     trainer = Trainer(config)
-    gathers = count_root_gathers(trainer) if args.parallel == "fsdp" else {}
+    gathers = count_root_gathers(trainer) if parallel == "fsdp" else {}
     records = trainer.records[:NUM_RECORDS]
     responses = fixed_responses(trainer.tokenizer.eos_token_id)
     owner = [i // PER_RECORD for i in range(len(responses))]
@@ -75,11 +76,11 @@ def run_case(case: str, args) -> dict:
 
     process, processes = trainer.accelerator.process_index, trainer.accelerator.num_processes
     splits = {"1x8": [list(range(8))], "4x2": [[0, 1], [2, 3], [4, 5], [6, 7]]}
-    if args.mode == "2x2x2":
+    if mode == "2x2x2":
         assert processes == 2, "2x2x2 runs under torchrun with 2 processes"
         mine = [[0, 1], [2, 3]] if process == 0 else [[4, 5], [6, 7]]
     else:
-        mine = splits[args.mode]
+        mine = splits[mode]
     results = {}
     before = {n: whole(p) for n, p in trainer.student.named_parameters()}
     norms = args.normalizations.split(",")
@@ -118,15 +119,16 @@ def count_root_gathers(trainer: Trainer) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("1x8", "4x2", "2x2x2"))
     parser.add_argument("normalizations")
     parser.add_argument("out", type=Path)
-    parser.add_argument("objective", nargs="?", default="dopd")
-    parser.add_argument("--parallel", default="ddp", choices=("ddp", "fsdp"))
-    parser.add_argument("--cases", default="text")
+    parser.add_argument("--jobs", required=True, help="MODE:PARALLEL:CASE+CASE,...")
+    parser.add_argument("--objective", default="dopd")
     parser.add_argument("--update", action="store_true")
     args = parser.parse_args()
-    results = {case: run_case(case, args) for case in args.cases.split(",")}
+    results = {}
+    for job in args.jobs.split(","):
+        mode, parallel, cases = job.split(":")
+        results[f"{mode}:{parallel}"] = {case: run_case(mode, parallel, case, args) for case in cases.split("+")}
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
     torch.save(results, args.out)

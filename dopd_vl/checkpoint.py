@@ -130,31 +130,39 @@ def new_checkpoint_folder(output_dir: str | Path, step: int) -> Path:
 def save_sharded_state(folder: Path, model, optimizer, frozen: dict | None = None, main: bool = True) -> None:
     """Every process writes its shards of `model` (the student), its optimizer state and the
     `frozen` sharded models (e.g. {"ema": model}) into folder/sharded (a collective); the main
-    process also writes the optimizer's hyperparameters as JSON. Tensors only: nothing pickled."""
+    process also writes the optimizer's hyperparameters as JSON. Only tensors are stored (DCP's own
+    index is a pickle, read back with `_safe_reader`)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state["state"], **{k: get_model_state_dict(m) for k, m in (frozen or {}).items()}}
+    state, groups = _sharded_state(model, optimizer, frozen)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folder / "sharded")))
     if main:
-        (folder / "optimizer_groups.json").write_text(json.dumps(optimizer_state["param_groups"]))
+        (folder / "optimizer_groups.json").write_text(json.dumps(groups))
 
 
 def load_sharded_state(checkpoint: str | Path, model, optimizer, frozen: dict | None = None) -> None:
     """The student's shards, optimizer state and frozen models from checkpoint/sharded into this
     run's sharded models (a collective). torch.distributed.checkpoint reshards as it reads, so the
     number of processes may differ from the run that wrote it."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     checkpoint = Path(checkpoint)
-    model_state, optimizer_state = get_state_dict(model, optimizer)  # fills a fresh optimizer's state to read into
-    state = {"model": model_state, "optimizer": optimizer_state["state"], **{k: get_model_state_dict(m) for k, m in (frozen or {}).items()}}
+    state, _ = _sharded_state(model, optimizer, frozen)  # this run's tensors, filled in place
     _read_shards(state, checkpoint)
     groups = json.loads((checkpoint / "optimizer_groups.json").read_text())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict={"state": state["optimizer"], "param_groups": groups})
     for k, m in (frozen or {}).items():
         set_model_state_dict(m, state[k])
+
+
+def _sharded_state(model, optimizer, frozen: dict | None) -> tuple[dict, list]:
+    """({"model", "optimizer" (its per-parameter tensors), *frozen}, the optimizer's param groups);
+    a fresh optimizer's state is created first, so that a load has tensors to read into."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state["state"], **{k: get_model_state_dict(m) for k, m in (frozen or {}).items()}}
+    return state, optimizer_state["param_groups"]
 
 
 def _safe_metadata_classes() -> dict[tuple[str, str], object]:

@@ -586,9 +586,11 @@ class Trainer:
         a failed write (a full disk) stops every process."""
         self.accelerator.wait_for_everyone()
         failure = None
-        if self.sharded:
-            failure = self._save_shards()
-        if self.accelerator.is_main_process and failure is None:
+        if self.sharded and self._sum(float((failure := self._save_shards()) is not None)) > 0:  # every process's shards, or none
+            if self.accelerator.is_main_process:
+                shutil.rmtree(self.output_dir / f".tmp-checkpoint-{self.step}", ignore_errors=True)
+            raise failure or CheckpointError(f"a process could not write its shards of checkpoint-{self.step} (its message says why)")
+        if self.accelerator.is_main_process:
             ema = self.config.objective.privileged_student == "ema"
             extra = {f"ema.{k}": v for k, v in self.privileged_student.state_dict().items()} if ema and not self.sharded else None
             try:
@@ -606,6 +608,8 @@ class Trainer:
 
     def _save_shards(self) -> CheckpointError | None:
         """Every process's shards into `.tmp-checkpoint-N/sharded` (§4.6); the failure, if any."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         if self.accelerator.is_main_process:
             new_checkpoint_folder(self.output_dir, self.step)
         self.accelerator.wait_for_everyone()
@@ -613,10 +617,8 @@ class Trainer:
         try:
             save_sharded_state(tmp, self.student, self.optimizer, self._sharded_frozen(), main=self.accelerator.is_main_process)
             return None
-        except Exception as err:  # noqa: BLE001 - a full disk, a failing filesystem; DCP wraps them in its own errors
-            if self.accelerator.is_main_process:
-                shutil.rmtree(tmp, ignore_errors=True)
-            return CheckpointError(f"writing the shards of checkpoint-{self.step} into {tmp} failed: {err}")
+        except (Exception, CheckpointException) as err:  # a full disk, a failing filesystem; DCP wraps them in its own exception
+            return CheckpointError(f"writing the shards of checkpoint-{self.step} into {tmp} failed: {str(err)[:500]}")
 
     def _sharded_frozen(self) -> dict[str, nn.Module]:
         """Sharded state a checkpoint keeps besides the student: the EMA privileged student."""

@@ -52,8 +52,8 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
     DDP and with FSDP2 (`parallel: fsdp`): same thresholds, loss and gradients, for sequence and
     token normalisation (float64 models, so rel 1e-5 is about the method, not about float32 matmuls
     of different padded shapes). FSDP also for an untied head and a vision student (with gradient
-    checkpointing) and a whole (unsharded) teacher, and AdamW's update applied: the same updated
-    weights (rel 1e-6)."""
+    checkpointing), a whole (unsharded) teacher and the live student as privileged student, and
+    AdamW's update applied: the same updated weights (rel 1e-6)."""
     from dopd_vl.models import resolve_model_path
 
     from helpers.ddp_step import CASES
@@ -91,8 +91,9 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
         # Each output embedding is gathered once per micro-batch at most, never per loss chunk (5 tokens
         # here): the student's for each of its 2 micro-batches, the frozen models' once per step.
         steps = len(norms.split(","))
-        teacher = 0 if case == "text_untied" else steps  # teacher.shard=false there: a whole copy per process, nothing to gather
-        assert results["2x2x2:fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": teacher, "privileged_student": steps}, case
+        # text_untied: teacher.shard=false (a whole copy per process) and the live student as privileged student (no copy).
+        frozen = 0 if case == "text_untied" else steps
+        assert results["2x2x2:fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": frozen, "privileged_student": frozen}, case
         ref, sharded = results["1x8:ddp"][case]["update"], results["2x2x2:fsdp"][case]["update"]
         assert sharded["after"].keys() == ref["after"].keys() and all(torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"])
         moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])

@@ -9,6 +9,7 @@ Scoring keeps per view only what this path needs (`TargetStates`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -245,6 +246,12 @@ class StudentLoss(ModelCall):
     every use of it: `loss_module(student_loss, inputs, ...)` for the routed loss (the output
     embedding is read inside the wrapped forward), and under FSDP also the rollout
     (dopd_vl/parallel.py)."""
+
+    def forward(self, fn, *args, **kwargs):
+        if not callable(fn):  # the 0.1 call, StudentLoss(inputs, positions, ...), meant the routed loss
+            warnings.warn("StudentLoss(inputs, ...) is deprecated: call StudentLoss(student_loss, inputs, ...)", DeprecationWarning, stacklevel=2)
+            return student_loss(self.model, fn, *args, **kwargs)
+        return fn(self.model, *args, **kwargs)
 
 
 def student_loss(model: nn.Module, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):

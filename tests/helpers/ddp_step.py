@@ -27,9 +27,10 @@ from dopd_vl.trainer import MicroBatch, Trainer  # noqa: E402
 
 NUM_RECORDS, PER_RECORD = 4, 2
 TEXT = [f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"]
-CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a vision student, a whole teacher under fsdp
+CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a vision student; under fsdp a whole teacher, a live privileged student
     "text": ("tiny_text.yaml", TEXT),
-    "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3", "teacher.shard=false"]),
+    "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3", "teacher.shard=false",
+                                       "objective.privileged_student=live"]),  # the paper's: the sharded student scores student_priv
     "vision": ("tiny_vlm.yaml", [f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}", "gradient_checkpointing=true"]),
 }
 

@@ -200,7 +200,7 @@ class Trainer:
             self.loss_backend, self.backend_check = checked_triton_backend(
                 c.loss_backend, self.objective, call_model(self._live_student(), output_embedding_weight), heads, self.vocab_size, seed=c.seed,
                 any_failed=lambda failed: self._sum(float(failed)) > 0)
-            for model in (self.loss_module, self.teacher, self.privileged_student, self.reference_model):
+            for model in (self.loss_module, *self._frozen_scorers()):
                 release(model)
         self.loss_chunk_size = auto_chunk_size(self.device, self.vocab_size, backend=self.loss_backend) if c.loss_chunk_size == "auto" else c.loss_chunk_size
         self.rollout_config = dataclasses.replace(c.rollout, generation=resolve_generation(c.rollout.generation, self.device))
@@ -296,7 +296,7 @@ class Trainer:
         totals = (self._sum(sum(int(m.any(-1).sum()) for m in masks)), self._sum(sum(int(m.sum()) for m in masks)))  # §1.6
         self.loss_module.train()
         shares = [self.backward_share(s, stats, totals, last=i == len(scored) - 1) for i, s in enumerate(scored)]  # §4.4
-        for frozen in (self.teacher, self.privileged_student, self.reference_model):
+        for frozen in self._frozen_scorers():
             release(frozen)  # FSDP: the frozen models' output embeddings, gathered for the step, are sharded again
         t2 = time.perf_counter()
         metrics = {"step": self.step + 1, "loss": self._sum(sum(share.loss for share in shares))}
@@ -406,6 +406,11 @@ class Trainer:
         if view == "reference":
             return self.reference_model or self._live_student()
         return self.privileged_student or self._live_student()
+
+    def _frozen_scorers(self) -> list[nn.Module]:
+        """The frozen models that score this run's views (each once), not the live student."""
+        used = {id(m): m for m in (self._scoring_model(v) for v in self.scored_views) if m is not None and m is not self._live_student()}
+        return list(used.values())
 
     def _live_student(self) -> nn.Module:
         """The student as a scorer calls it: under FSDP through its root wrapper (dopd_vl/parallel.py)."""

@@ -52,18 +52,19 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
     DDP and with FSDP2 (`parallel: fsdp`): same thresholds, loss and gradients, for sequence and
     token normalisation (float64 models, so rel 1e-5 is about the method, not about float32 matmuls
     of different padded shapes). FSDP also for an untied head and a vision student (with gradient
-    checkpointing), a whole (unsharded) teacher and the live student as privileged student, and
-    AdamW's update applied: the same updated weights (rel 1e-6)."""
+    checkpointing), a whole (unsharded) teacher, the live student as privileged student and vanilla
+    OPD, and AdamW's update applied: the same updated weights (rel 1e-6)."""
     from dopd_vl.models import resolve_model_path
 
     from helpers.ddp_step import CASES
 
-    for recipe, overrides in CASES.values():  # build every tiny model once, before two processes race for it
+    cases = ("text", "text_untied", "text_vanilla", "vision")  # not text_kernels: the Triton interpreter takes minutes
+    for recipe, overrides in (CASES[c] for c in cases):  # build every tiny model once, before two processes race for it
         config = load_config(REPO / "configs" / recipe, [o for o in overrides if o.startswith("student.")])
         for spec in (config.student.name_or_path, config.teacher.name_or_path):
             resolve_model_path(spec)
     helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
-    norms, every = "sequence,token", "+".join(CASES)
+    norms, every = "sequence,token", "+".join(cases)
     runs = {  # one launch per process count
         "one": [PYTHON, helper, norms, str(tmp_path / "one.pt"), "--jobs", f"1x8:ddp:{every},4x2:ddp:text", "--update"],
         "two": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", helper, norms, str(tmp_path / "two.pt"),
@@ -75,15 +76,16 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
     results = {}
     for name in runs:
         results.update(torch.load(tmp_path / f"{name}.pt", weights_only=True))
-    for case in CASES:
+    for case in cases:
         for norm in norms.split(","):
             ref = results["1x8:ddp"][case][norm]
-            assert ref["metrics"]["frac/HT"] > 0
+            assert case == "text_vanilla" or ref["metrics"]["frac/HT"] > 0
             ref_grad = torch.cat([g.flatten() for g in ref["grads"].values()])
             assert ref_grad.norm() > 0
             for name in ("4x2:ddp", "2x2x2:ddp", "2x2x2:fsdp") if case == "text" else ("2x2x2:fsdp",):
                 other = results[name][case][norm]
-                for key in ("loss", "threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES)):
+                routed = ("threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES))
+                for key in ("loss", *(routed if case != "text_vanilla" else ())):
                     assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (case, norm, name, key)
                 assert other["grads"].keys() == ref["grads"].keys()
                 grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
@@ -91,9 +93,10 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
         # Each output embedding is gathered once per micro-batch at most, never per loss chunk (5 tokens
         # here): the student's for each of its 2 micro-batches, the frozen models' once per step.
         steps = len(norms.split(","))
-        # text_untied: teacher.shard=false (a whole copy per process) and the live student as privileged student (no copy).
-        frozen = 0 if case == "text_untied" else steps
-        assert results["2x2x2:fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": frozen, "privileged_student": frozen}, case
+        # text_untied: teacher.shard=false (a whole copy per process) and the live student as privileged student (no copy);
+        # text_vanilla: vanilla OPD never scores student_priv, so its frozen privileged copy is never gathered.
+        teacher, privileged = {"text_untied": (0, 0), "text_vanilla": (steps, 0)}.get(case, (steps, steps))
+        assert results["2x2x2:fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": teacher, "privileged_student": privileged}, case
         ref, sharded = results["1x8:ddp"][case]["update"], results["2x2x2:fsdp"][case]["update"]
         assert sharded["after"].keys() == ref["after"].keys() and all(torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"])
         moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])

@@ -31,6 +31,8 @@ CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a 
     "text": ("tiny_text.yaml", TEXT),
     "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3", "teacher.shard=false",
                                        "objective.privileged_student=live"]),  # the paper's: the sharded student scores student_priv
+    "text_vanilla": ("tiny_text.yaml", [*TEXT, "objective.name=vanilla_opd"]),  # its frozen privileged copy is never used
+    "text_kernels": ("tiny_text.yaml", [*TEXT, "objective.name=vanilla_opd", "loss_backend=triton"]),  # Triton interpreter: minutes, not in the suite
     "vision": ("tiny_vlm.yaml", [f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}", "gradient_checkpointing=true"]),
 }
 
@@ -54,7 +56,6 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 def run_case(mode: str, parallel: str, case: str, args) -> dict:
     recipe, overrides = CASES[case]
     config = load_config(REPO / "configs" / recipe, [
-        *overrides,
         f"output_dir={args.out.parent / f'run-{mode}-{parallel}-{case}'}",
         "objective.top_k=16",
         f"objective.name={args.objective}",
@@ -64,6 +65,7 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
         "optim.lr=1e-3",
         "student.dtype=float64",  # exact comparison: float32 matmuls differ with padding shapes
         "teacher.dtype=float64",
+        *overrides,  # last: a case may set its own objective
     ])
     trainer = Trainer(config)
     gathers = count_root_gathers(trainer) if parallel == "fsdp" else {}
@@ -95,6 +97,7 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
             results["update"] = {"before": before, "after": {n: whole(p) for n, p in trainer.student.named_parameters()}}
         trainer.optimizer.zero_grad(set_to_none=True)
     results["root_gathers"] = dict(gathers)
+    results["loss_backend"] = trainer.loss_backend  # after the kernels' self-check (it may fall back to torch)
     return results
 
 

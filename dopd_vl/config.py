@@ -54,7 +54,8 @@ class DataConfig:
     prompt: PromptConfig = field(default_factory=PromptConfig)
     image_roots: list[str] = field(default_factory=list)
     """Folders image paths may also lead into, besides the dataset's own folder and the trusted
-    roots the builders record (docs/design.md §3.1); a path outside all of them is an error [ours]."""
+    roots the builders record (docs/design.md §3.1); a path outside all of them is an error.
+    Relative folders are taken from the working directory, like `train` [ours]."""
     preflight: str = "quick"
     """Check every training record before the first step (dopd_vl/preflight.py): `quick` (images
     opened and checked for completeness by their end marker), `full` (images fully decoded) or

@@ -26,6 +26,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from dopd_vl.errors import ModelError
+
 __all__ = ["ModelCall", "call_model", "decoder_blocks", "shard_model", "generate_with_full_weights", "release", "is_sharded", "full_state_dict"]
 
 
@@ -46,10 +48,6 @@ def call_model(model: nn.Module, fn: Callable, *args: Any) -> Any:
     return model(fn, *args) if isinstance(model, ModelCall) else fn(model, *args)
 
 
-def unwrapped(model: nn.Module) -> nn.Module:
-    return model.model if isinstance(model, ModelCall) else model
-
-
 def is_sharded(model: nn.Module | None) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
@@ -61,7 +59,7 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
-        raise ValueError(f"{type(model).__name__} names no transformer block classes in _no_split_modules; cannot shard it per block")
+        raise ModelError(f"{type(model).__name__} names no transformer block classes in _no_split_modules; parallel: fsdp cannot shard it per block")
     return blocks
 
 

@@ -251,7 +251,7 @@ class StudentLoss(ModelCall):
         if not callable(fn):  # the 0.1 call, StudentLoss(inputs, positions, ...), meant the routed loss
             warnings.warn("StudentLoss(inputs, ...) is deprecated: call StudentLoss(student_loss, inputs, ...)", DeprecationWarning, stacklevel=2)
             return student_loss(self.model, fn, *args, **kwargs)
-        return fn(self.model, *args, **kwargs)
+        return super().forward(fn, *args, **kwargs)
 
 
 def student_loss(model: nn.Module, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):

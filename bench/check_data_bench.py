@@ -30,9 +30,20 @@ def write_sources(folder: Path, n: int) -> dict[str, Path]:
     rows = []
     for i in range(n):
         a, b, c = rng.randint(2, 9), rng.randint(2, 12), rng.randint(1, 20)
-        rows.append({"id": f"p{i:06d}", "prompt": [{"role": "user", "content": f"Dev has {a} boxes with {b} stamps each and finds {c} more. How many stamps?"}],
-                     "privileged_context": f"Hints:\n1. The boxes hold {a}*{b}=? stamps.\n2. With the extra ones that is ?+{c}=? stamps.",
-                     "answer": str(a * b + c)})
+        rows.append(
+            {
+                "id": f"p{i:06d}",
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": f"Dev has {a} boxes with {b} stamps each and finds {c} more. How many stamps?",
+                    }
+                ],
+                "privileged_context": f"Hints:\n1. The boxes hold {a}*{b}=? stamps.\n2. With the extra ones that is "
+                f"?+{c}=? stamps.",
+                "answer": str(a * b + c),
+            }
+        )
     jsonl = folder / "data.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     parquet = folder / "data.parquet"
@@ -46,9 +57,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=("quick", "full"), default="quick")
     args = parser.parse_args()
 
-    from dopd_vl.modality import make_adapter
-    from dopd_vl.models import load_tokenizer
-    from dopd_vl.preflight import check_data
+    from dopd_vl import check_data, load_tokenizer, make_adapter
 
     adapter = make_adapter(load_tokenizer())
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,8 +66,19 @@ def main() -> None:
             started = time.perf_counter()
             valid, report, _ = check_data(path, adapter, mode=args.mode, max_prompt_length=512, progress=False)
             seconds = time.perf_counter() - started
-            print(json.dumps({"source": kind, "records": report.records, "valid": len(valid), "faults": len(report.faults),
-                              "seconds": round(seconds, 2), "records_per_s": round(report.records / seconds)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "source": kind,
+                        "records": report.records,
+                        "valid": len(valid),
+                        "faults": len(report.faults),
+                        "seconds": round(seconds, 2),
+                        "records_per_s": round(report.records / seconds),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

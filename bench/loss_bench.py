@@ -58,14 +58,20 @@ def worker(method: str, h: int, t: int) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    from dopd_vl.loss import chunked_objective_loss, dopd_loss, target_states
-    from dopd_vl.objectives import DOPDConfig, build_objective, token_weights
-    from dopd_vl.routing import token_signals
+    from dopd_vl import (
+        ObjectiveConfig,
+        build_objective,
+        chunked_objective_loss,
+        dopd_loss,
+        normalization_weights,
+        target_states,
+        token_signals,
+    )
 
     student_w, teacher_w, student_h, teacher_h, spriv_h, ids = _inputs(h, t)
-    objective = build_objective(DOPDConfig())
+    objective = build_objective(ObjectiveConfig())
     mask = torch.ones(1, t, dtype=torch.bool)
-    weight = token_weights(mask, "sequence")[0]
+    weight = normalization_weights(mask, "sequence")[0]
 
     def signals_and_targets():
         targets = {
@@ -93,7 +99,9 @@ def worker(method: str, h: int, t: int) -> dict:
         elif method == "trl":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-            div, _ = ChunkedDivergenceFunction.apply(student_h, student_w[:VOCAB], None, teacher_h, teacher_w[:VOCAB], None, 0.5)
+            div, _ = ChunkedDivergenceFunction.apply(
+                student_h, student_w[:VOCAB], None, teacher_h, teacher_w[:VOCAB], None, 0.5
+            )
             loss = div.mean()
         else:
             raise ValueError(method)
@@ -105,23 +113,45 @@ def worker(method: str, h: int, t: int) -> dict:
     loss = run()
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "H": h, "T": t, "V": V, "seconds": round(seconds, 3), "peak_extra_gb": round((peak - rss_before) / 2**30, 3), "loss": loss}
+    return {
+        "method": method,
+        "H": h,
+        "T": t,
+        "V": V,
+        "seconds": round(seconds, 3),
+        "peak_extra_gb": round((peak - rss_before) / 2**30, 3),
+        "loss": loss,
+    }
 
 
 def _run_subprocess(method: str, h: int, t: int, limit_gb: float) -> dict:
     code = (
         "import json, resource, sys; sys.path.insert(0, '.');"
-        f"resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)})) if {method == 'naive'} else None;"
+        f"resource.setrlimit(resource.RLIMIT_AS, ({int(limit_gb * 2**30)}, {int(limit_gb * 2**30)})) if "
+        f"{method == 'naive'} else None;"
         "from bench.loss_bench import worker;"
         f"print('RESULT ' + json.dumps(worker({method!r}, {h}, {t})))"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
     failed = "MemoryError" in proc.stderr or "DefaultCPUAllocator" in proc.stderr or proc.returncode in (-9, 137)
     if failed:
-        return {"method": method, "H": h, "T": t, "V": V, "seconds": None, "peak_extra_gb": f">= {limit_gb}", "error": "out of memory at the address-space limit"}
+        return {
+            "method": method,
+            "H": h,
+            "T": t,
+            "V": V,
+            "seconds": None,
+            "peak_extra_gb": f">= {limit_gb}",
+            "error": "out of memory at the address-space limit",
+        }
     raise RuntimeError(f"{method} H={h} T={t} failed:\n{proc.stderr[-3000:]}")
 
 
@@ -164,9 +194,16 @@ def gpu_case(method: str, h: int, t: int, device, dtype, vocab: int = VOCAB, row
     (routing signals given, as the trainer's scoring provides them)."""
     import torch
 
-    from dopd_vl.loss.kernels import triton_available
-    from dopd_vl.loss import auto_chunk_size, chunked_objective_loss, dopd_loss, target_states
-    from dopd_vl.objectives import DOPDConfig, build_objective, token_weights
+    from dopd_vl import (
+        ObjectiveConfig,
+        auto_chunk_size,
+        build_objective,
+        chunked_objective_loss,
+        dopd_loss,
+        normalization_weights,
+        target_states,
+        triton_available,
+    )
 
     g = torch.Generator(device=device).manual_seed(0)
     student_w = (torch.randn(rows, h, generator=g, device=device) / h**0.5).to(dtype).requires_grad_()
@@ -176,16 +213,21 @@ def gpu_case(method: str, h: int, t: int, device, dtype, vocab: int = VOCAB, row
     spriv_h = (student_h.detach().float() + 0.3 * torch.randn(t, h, generator=g, device=device)).to(dtype)
     ids = torch.randint(0, vocab, (t,), generator=g, device=device)
     mask = torch.ones(1, t, dtype=torch.bool, device=device)
-    weight = token_weights(mask, "sequence")[0]
-    config = DOPDConfig(name="vanilla_opd", baseline_support="full") if method == "vanilla" else DOPDConfig()
+    weight = normalization_weights(mask, "sequence")[0]
+    config = ObjectiveConfig(name="vanilla_opd", baseline_support="full") if method == "vanilla" else ObjectiveConfig()
     objective = build_objective(config)
     backend = "torch" if method == "dopd_torch" or not triton_available(device) else "triton"
     chunk = auto_chunk_size(device, vocab, backend=backend)
     with torch.no_grad():
-        targets = {"teacher_priv": target_states(teacher_h, teacher_w, ids, vocab), "student_priv": target_states(spriv_h, student_w, ids, vocab)}
+        targets = {
+            "teacher_priv": target_states(teacher_h, teacher_w, ids, vocab),
+            "student_priv": target_states(spriv_h, student_w, ids, vocab),
+        }
         targets["teacher_plain"] = targets["teacher_priv"]
         signals = objective.token_signals({k: v.token_logprob for k, v in targets.items()})
-        route = objective.assign_routes(torch.ones(t, dtype=torch.bool, device=device), signals, objective.step_statistics(signals))
+        route = objective.assign_routes(
+            torch.ones(t, dtype=torch.bool, device=device), signals, objective.step_statistics(signals)
+        )
 
     def run():
         student_w.grad = student_h.grad = None
@@ -197,14 +239,25 @@ def gpu_case(method: str, h: int, t: int, device, dtype, vocab: int = VOCAB, row
         elif method == "trl":
             from trl.kernels.chunked_divergence import ChunkedDivergenceFunction
 
-            div, _ = ChunkedDivergenceFunction.apply(student_h, student_w[:vocab], None, teacher_h, teacher_w[:vocab], None, 0.5)
+            div, _ = ChunkedDivergenceFunction.apply(
+                student_h, student_w[:vocab], None, teacher_h, teacher_w[:vocab], None, 0.5
+            )
             loss = div.mean()
         else:
-            loss = chunked_objective_loss(objective, student_h, student_w, ids, route, weight, targets, vocab, chunk, backend).loss
+            loss = chunked_objective_loss(
+                objective, student_h, student_w, ids, route, weight, targets, vocab, chunk, backend
+            ).loss
         loss.backward()
 
-    result = {"method": method, "H": h, "T": t, "V": rows, "backend": None if method in ("naive", "trl") else backend,
-              "chunk": None if method in ("naive", "trl") else chunk, "dtype": str(dtype).removeprefix("torch.")}
+    result = {
+        "method": method,
+        "H": h,
+        "T": t,
+        "V": rows,
+        "backend": None if method in ("naive", "trl") else backend,
+        "chunk": None if method in ("naive", "trl") else chunk,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
     try:
         seconds, peak = gpu_measure(run, device)
         result.update(seconds=round(seconds, 4), peak_extra_gb=None if peak is None else round(peak, 3))
@@ -225,7 +278,15 @@ def gpu_main(device_name: str, sizes: list[tuple[int, int]], vocab: int = VOCAB,
     for h, t in sizes:
         for method in GPU_METHODS:
             if method == "naive" and h * t > 2048 * 16384:  # its fp32 logits alone outgrow a 139 GB card
-                r = {"method": method, "H": h, "T": t, "V": rows, "seconds": None, "peak_extra_gb": None, "error": "skipped: out of memory at 2048 x 16384 already"}
+                r = {
+                    "method": method,
+                    "H": h,
+                    "T": t,
+                    "V": rows,
+                    "seconds": None,
+                    "peak_extra_gb": None,
+                    "error": "skipped: out of memory at 2048 x 16384 already",
+                }
             else:
                 r = gpu_case(method, h, t, device, dtype, vocab, rows)
             if device.type == "cuda":
@@ -238,29 +299,46 @@ def gpu_main(device_name: str, sizes: list[tuple[int, int]], vocab: int = VOCAB,
         a, b = results[(method, *at)].get(key), results[("trl", *at)].get(key)
         return round(a / b, 3) if a is not None and b else None
 
-    summary = {"at": {"H": at[0], "T": at[1], "V": rows}, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device_name,
-               "gpu_time_dopd_over_trl": ratio("dopd", "seconds"), "gpu_time_vanilla_over_trl": ratio("vanilla", "seconds"),
-               "gpu_memory_dopd_over_trl": ratio("dopd", "peak_extra_gb"), "gpu_memory_vanilla_over_trl": ratio("vanilla", "peak_extra_gb"),
-               "gpu_time_dopd_torch_over_trl": ratio("dopd_torch", "seconds")}
+    summary = {
+        "at": {"H": at[0], "T": at[1], "V": rows},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device_name,
+        "gpu_time_dopd_over_trl": ratio("dopd", "seconds"),
+        "gpu_time_vanilla_over_trl": ratio("vanilla", "seconds"),
+        "gpu_memory_dopd_over_trl": ratio("dopd", "peak_extra_gb"),
+        "gpu_memory_vanilla_over_trl": ratio("vanilla", "peak_extra_gb"),
+        "gpu_time_dopd_torch_over_trl": ratio("dopd_torch", "seconds"),
+    }
     print(json.dumps(summary), flush=True)
     return summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu", help="cpu (subprocess per configuration, RSS memory) or cuda (in process, bf16, "
-                                                        "CUDA events, max_memory_allocated; cpu:0 runs this mode on the CPU "
-                                                        "for smoke tests); default cpu")
-    parser.add_argument("--vocab", type=int, help=argparse.SUPPRESS)  # small vocabularies for smoke tests of the GPU mode
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (subprocess per configuration, RSS memory) or cuda (in process, bf16, "
+        "CUDA events, max_memory_allocated; cpu:0 runs this mode on the CPU "
+        "for smoke tests); default cpu",
+    )
+    parser.add_argument(
+        "--vocab", type=int, help=argparse.SUPPRESS
+    )  # small vocabularies for smoke tests of the GPU mode
     parser.add_argument("--quick", action="store_true", help="only H=256, T=1024")
-    parser.add_argument("--sizes", help="comma-separated HxT, e.g. 1024x4096 (default: all four; the summary is at the last)")
+    parser.add_argument(
+        "--sizes", help="comma-separated HxT, e.g. 1024x4096 (default: all four; the summary is at the last)"
+    )
     parser.add_argument("--naive-limit-gb", type=float, default=20.0, help="address-space limit of naive runs")
     args = parser.parse_args()
     sizes = [(256, 1024)] if args.quick else [(256, 1024), (256, 4096), (1024, 1024), (1024, 4096)]
     if args.sizes:
         sizes = [tuple(int(v) for v in item.split("x")) for item in args.sizes.split(",")]
     if args.device != "cpu":
-        gpu_main(args.device, [tuple(s) for s in sizes] if args.sizes else GPU_SIZES, *((args.vocab, args.vocab) if args.vocab else ()))
+        gpu_main(
+            args.device,
+            [tuple(s) for s in sizes] if args.sizes else GPU_SIZES,
+            *((args.vocab, args.vocab) if args.vocab else ()),
+        )
         return
     results = {}
     for h, t in sizes:
@@ -276,7 +354,9 @@ def main() -> None:
     naive_mem = get("naive", "peak_extra_gb")
     summary = {
         "at": {"H": h, "T": t, "V": V},
-        "memory_chunked_over_naive": round(get("chunked", "peak_extra_gb") / naive_mem, 4) if isinstance(naive_mem, float) else f"<= {round(get('chunked', 'peak_extra_gb') / args.naive_limit_gb, 4)}",
+        "memory_chunked_over_naive": round(get("chunked", "peak_extra_gb") / naive_mem, 4)
+        if isinstance(naive_mem, float)
+        else f"<= {round(get('chunked', 'peak_extra_gb') / args.naive_limit_gb, 4)}",
         "time_chunked_over_trl": round(get("chunked", "seconds") / get("trl", "seconds"), 3),
         "time_chunked_with_signals_over_trl": round(get("chunked+signals", "seconds") / get("trl", "seconds"), 3),
         "memory_chunked_over_trl": round(get("chunked", "peak_extra_gb") / get("trl", "peak_extra_gb"), 3),

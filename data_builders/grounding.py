@@ -24,14 +24,21 @@ from pathlib import Path
 
 from PIL import Image
 
-from data_builders.annotations import DEGENERATE, AnnotatedImage, AnnotationLoader, annotated_image_from_detections, confined, finish_load
-from data_builders.coco import load_coco
-from data_builders.formats import get_format
-from data_builders.hf import load_hf_detections
+from data_builders.formats.annotations import (
+    DEGENERATE,
+    AnnotatedImage,
+    AnnotationLoader,
+    annotated_image_from_detections,
+    confined,
+    finish_load,
+)
+from data_builders.formats.coco import load_coco
+from data_builders.formats.hf import load_hf_detections
+from data_builders.formats.voc import load_voc
+from data_builders.formats.yolo import load_yolo
 from data_builders.output import BuildReport, check_on_error, finish_build, portable_source
-from data_builders.voc import load_voc
-from data_builders.yolo import load_yolo
-from dopd_vl.data import json_lines
+from data_builders.privileged import get_format
+from dopd_vl.data.records import json_lines
 from dopd_vl.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -46,7 +53,22 @@ __all__ = [
     "pluralize",
 ]
 
-_IRREGULAR_PLURALS = {"person": "people", "broccoli": "broccoli", "mouse": "mice", "knife": "knives", "sheep": "sheep", "skis": "skis", "scissors": "scissors", "bus": "buses", "glass": "glasses", "bench": "benches", "couch": "couches", "sandwich": "sandwiches", "toothbrush": "toothbrushes", "wine glass": "wine glasses"}
+_IRREGULAR_PLURALS = {
+    "person": "people",
+    "broccoli": "broccoli",
+    "mouse": "mice",
+    "knife": "knives",
+    "sheep": "sheep",
+    "skis": "skis",
+    "scissors": "scissors",
+    "bus": "buses",
+    "glass": "glasses",
+    "bench": "benches",
+    "couch": "couches",
+    "sandwich": "sandwiches",
+    "toothbrush": "toothbrushes",
+    "wine glass": "wine glasses",
+}
 
 
 def pluralize(label: str) -> str:
@@ -113,14 +135,25 @@ def synthesize_questions(image: AnnotatedImage, all_labels: list[str], seed: int
         return []
     questions = []
     label = rng.choice(sorted(counts))
-    questions.append({"type": "count", "question": f"How many {pluralize(label)} are in the image?", "answer": str(counts[label]), "labels": [label]})
+    questions.append(
+        {
+            "type": "count",
+            "question": f"How many {pluralize(label)} are in the image?",
+            "answer": str(counts[label]),
+            "labels": [label],
+        }
+    )
     absent = sorted(set(all_labels) - set(counts))
     if absent and rng.random() < 0.5:
         other = rng.choice(absent)
-        questions.append({"type": "exists", "question": f"Is there a {other} in the image?", "answer": "no", "labels": [other]})
+        questions.append(
+            {"type": "exists", "question": f"Is there a {other} in the image?", "answer": "no", "labels": [other]}
+        )
     else:
         other = rng.choice(sorted(counts))
-        questions.append({"type": "exists", "question": f"Is there a {other} in the image?", "answer": "yes", "labels": [other]})
+        questions.append(
+            {"type": "exists", "question": f"Is there a {other} in the image?", "answer": "yes", "labels": [other]}
+        )
     singles = sorted(l for l, c in counts.items() if c == 1)
     W = image.image_size[0]
     pairs = []
@@ -134,7 +167,14 @@ def synthesize_questions(image: AnnotatedImage, all_labels: list[str], seed: int
         if rng.random() < 0.5:
             a, b = b, a
         left = _center_x(image, a) < _center_x(image, b)
-        questions.append({"type": "relation", "question": f"Is the {a} to the left of the {b}?", "answer": "yes" if left else "no", "labels": [a, b]})
+        questions.append(
+            {
+                "type": "relation",
+                "question": f"Is the {a} to the left of the {b}?",
+                "answer": "yes" if left else "no",
+                "labels": [a, b],
+            }
+        )
     return questions
 
 
@@ -145,7 +185,9 @@ def _center_x(image: AnnotatedImage, label: str) -> float:
 
 def _named_labels(question: str, labels: set[str]) -> list[str]:
     text = question.lower()
-    return sorted(l for l in labels if re.search(rf"\b({re.escape(l.lower())}|{re.escape(pluralize(l).lower())})\b", text))
+    return sorted(
+        l for l in labels if re.search(rf"\b({re.escape(l.lower())}|{re.escape(pluralize(l).lower())})\b", text)
+    )
 
 
 # -------------------------------------------------------------------------------------- records
@@ -207,7 +249,11 @@ def build_grounding(
             "prompt": [{"role": "user", "content": [image_part, {"type": "text", "text": q["question"]}]}],
             "privileged_context": fmt.render(privileged),
             "privileged": privileged,
-            "meta": {"source": portable_source(img.source, out), "image_size": list(img.image_size), "question_type": q.get("type", "given")},
+            "meta": {
+                "source": portable_source(img.source, out),
+                "image_size": list(img.image_size),
+                "question_type": q.get("type", "given"),
+            },
         }
         if q.get("answer") is not None:
             record["answer"] = str(q["answer"])
@@ -224,7 +270,9 @@ def _images_dir(name: str | None, out: Path) -> str:
     name = name if name is not None else f"{out.stem}_images"
     parts = Path(name).parts
     if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
-        raise DatasetError(f"--images-dir {name!r} must be a folder name inside the output's folder", file=str(out), field="images_dir")
+        raise DatasetError(
+            f"--images-dir {name!r} must be a folder name inside the output's folder", file=str(out), field="images_dir"
+        )
     return Path(*parts).as_posix()
 
 
@@ -241,7 +289,9 @@ def _image_file(img: AnnotatedImage, images_dir: str, files: dict[str, bytes]) -
     return name
 
 
-def _read_questions(path: Path, root: Path | None, by_path: dict[Path, AnnotatedImage], on_error: str, report: BuildReport):
+def _read_questions(
+    path: Path, root: Path | None, by_path: dict[Path, AnnotatedImage], on_error: str, report: BuildReport
+):
     """QA lines: {"image", "question", optional "answer", "id", "labels"}; image relative to the images root."""
     if not path.is_file():
         raise DatasetError("questions file not found", file=str(path))
@@ -253,12 +303,20 @@ def _read_questions(path: Path, root: Path | None, by_path: dict[Path, Annotated
                 raise q
             rid = str(q.get("id") or f"q{n}") if isinstance(q, dict) else rid
             if not isinstance(q, dict) or not isinstance(q.get("question"), str) or not isinstance(q.get("image"), str):
-                raise DatasetError("each line needs string 'image' and 'question'", file=where, record=rid, field="question")
+                raise DatasetError(
+                    "each line needs string 'image' and 'question'", file=where, record=rid, field="question"
+                )
             if rid in seen:
                 raise DatasetError("duplicate question id", file=where, record=rid, field="id")
-            image = confined(root, q["image"], file=where, record=rid, field="image") if root else Path(q["image"]).resolve()
+            image = (
+                confined(root, q["image"], file=where, record=rid, field="image")
+                if root
+                else Path(q["image"]).resolve()
+            )
             if image not in by_path:
-                raise DatasetError(f"image {q['image']!r} is not in the annotated dataset", file=where, record=rid, field="image")
+                raise DatasetError(
+                    f"image {q['image']!r} is not in the annotated dataset", file=where, record=rid, field="image"
+                )
         except DatasetError as err:
             if on_error == "fail":
                 raise

@@ -16,8 +16,9 @@ answer as privileged input hurts]:
 
 A leak check reports every record whose hints contain the final answer, unless the question
 itself contains it. Masking and the leak check recognise numbers with one function
-(`dopd_vl.numbers.find_numbers`): digits glued to units (`72Mb`), currency, percentages,
-thousands separators, decimals equal in value (`72.0`) and number words all count. A `HintGenerator` (e.g. a local model) can write the hints instead; its
+(`dopd_vl.data.number_match.find_numbers`): digits glued to units (`72Mb`), currency, percentages,
+thousands separators, decimals equal in value (`72.0`) and number words all count. A `HintGenerator` (e.g. a local
+model) can write the hints instead; its
 output goes through the same check.
 """
 
@@ -28,11 +29,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from data_builders.formats import get_format
 from data_builders.output import BuildReport, check_on_error, finish_build, portable_source
-from dopd_vl.data import json_lines
+from data_builders.privileged import get_format
+from dopd_vl.data.number_match import find_numbers, parse_number, same_number
+from dopd_vl.data.records import json_lines
 from dopd_vl.errors import DatasetError
-from dopd_vl.numbers import find_numbers, parse_number, same_number
 
 __all__ = ["STYLES", "HintGenerator", "parse_solution", "make_hints", "find_leaks", "build_hints"]
 
@@ -62,7 +63,9 @@ def parse_solution(solution: str | list[str]) -> tuple[list[str], str | None, li
     return steps, final, results
 
 
-def make_hints(steps: list[str], final: str | None, results: list[str], style: str, counts: Counter | None = None) -> list[str]:
+def make_hints(
+    steps: list[str], final: str | None, results: list[str], style: str, counts: Counter | None = None
+) -> list[str]:
     """Hints of one solution in a style; see the module docstring. `counts` receives the number
     of masked numbers that were glued to units."""
     if style not in STYLES:
@@ -115,7 +118,9 @@ def build_hints(
             if isinstance(row, DatasetError):
                 raise row
             rid = str(row.get("id") or f"{path.stem}-{n:05d}") if isinstance(row, dict) else rid
-            record, leaks = _record(row, rid, where, style, fmt, generator, report.counts, source=f"{portable_source(str(path), out)}:{n}")
+            record, leaks = _record(
+                row, rid, where, style, fmt, generator, report.counts, source=f"{portable_source(str(path), out)}:{n}"
+            )
         except DatasetError as err:
             if on_error == "fail":
                 raise
@@ -129,22 +134,40 @@ def build_hints(
     return finish_build(report, out, embed_images)
 
 
-def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None, counts: Counter, source: str) -> tuple[dict, list[int]]:
+def _record(
+    row, rid: str, where: str, style: str, fmt, generator: HintGenerator | None, counts: Counter, source: str
+) -> tuple[dict, list[int]]:
     if not isinstance(row, dict) or not isinstance(row.get("question"), str) or not row["question"].strip():
         raise DatasetError("each line needs a non-empty string 'question'", file=where, record=rid, field="question")
     question = row["question"]
-    solution = row.get("solution", row.get("answer") if isinstance(row.get("answer"), str) and "####" in row["answer"] else None)
+    solution = row.get(
+        "solution", row.get("answer") if isinstance(row.get("answer"), str) and "####" in row["answer"] else None
+    )
     final = None
     if solution is not None:
         if not isinstance(solution, (str, list)):
             raise DatasetError("solution must be a string of lines or a list", file=where, record=rid, field="solution")
         steps, final, results = parse_solution(solution)
         if not steps:
-            raise DatasetError("the solution has no step lines", file=where, record=rid, field="solution" if "solution" in row else "answer")
-    if final is None and row.get("answer") is not None and not (isinstance(row["answer"], str) and "####" in row["answer"]):
+            raise DatasetError(
+                "the solution has no step lines",
+                file=where,
+                record=rid,
+                field="solution" if "solution" in row else "answer",
+            )
+    if (
+        final is None
+        and row.get("answer") is not None
+        and not (isinstance(row["answer"], str) and "####" in row["answer"])
+    ):
         final = str(row["answer"])
     if generator is not None:
-        hints = [str(h) for h in generator.generate(question, solution if isinstance(solution, str) else None if solution is None else "\n".join(solution))]
+        hints = [
+            str(h)
+            for h in generator.generate(
+                question, solution if isinstance(solution, str) else None if solution is None else "\n".join(solution)
+            )
+        ]
         used_style = "generated"
     elif solution is not None:
         hints = make_hints(steps, final, results, style, counts)
@@ -153,7 +176,9 @@ def _record(row, rid: str, where: str, style: str, fmt, generator: HintGenerator
         hints = [str(h) for h in row["hints"]]
         used_style = "given"
     else:
-        raise DatasetError("needs 'answer' with a '#### N' line, 'solution', or 'hints'", file=where, record=rid, field="answer")
+        raise DatasetError(
+            "needs 'answer' with a '#### N' line, 'solution', or 'hints'", file=where, record=rid, field="answer"
+        )
     if not hints or any(not h.strip() for h in hints):
         raise DatasetError("empty hint", file=where, record=rid, field="hints")
     privileged = {"format": fmt.name, "style": used_style, "hints": hints}

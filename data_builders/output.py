@@ -4,7 +4,7 @@ Outputs: `.jsonl` (image paths relative to the file's folder), `.parquet`, or an
 `save_to_disk` folder; `embed_images=True` stores the image bytes in an `images` column (TRL's
 vision convention) so the dataset is one portable artifact. In Parquet and folder outputs the
 free-form `privileged` and `meta` fields are JSON text (Arrow needs one type per column);
-`dopd_vl.data.load_records` reads them back as dicts.
+`dopd_vl.data.records.load_records` reads them back as dicts.
 """
 
 from __future__ import annotations
@@ -17,13 +17,21 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dopd_vl.data import image_parts, validate_record
-from dopd_vl.image_roots import trust_image_roots
-from dopd_vl.files import created_mode
+from dopd_vl.data.image_roots import trust_image_roots
+from dopd_vl.data.records import image_parts, validate_record
 from dopd_vl.errors import DatasetError
+from dopd_vl.files import created_mode
 
-__all__ = ["BuildReport", "write_jsonl_atomic", "write_dataset_atomic", "finish_build", "trust_image_folders", "check_on_error", "created_mode",
-           "portable_source"]
+__all__ = [
+    "BuildReport",
+    "write_jsonl_atomic",
+    "write_dataset_atomic",
+    "finish_build",
+    "trust_image_folders",
+    "check_on_error",
+    "created_mode",
+    "portable_source",
+]
 
 
 @dataclass
@@ -86,7 +94,9 @@ def write_jsonl_atomic(path: str | Path, rows: list[dict], files: dict[str, byte
 def _stage_files(parent: Path, files: dict[str, bytes]) -> tuple[Path, Path, None]:
     """Write `files` into a temporary sibling of the one folder they name; (folder, staging, None)."""
     tops = {Path(rel).parts[0] for rel in files}
-    if len(tops) != 1 or any(Path(rel).is_absolute() or ".." in Path(rel).parts or len(Path(rel).parts) < 2 for rel in files):
+    if len(tops) != 1 or any(
+        Path(rel).is_absolute() or ".." in Path(rel).parts or len(Path(rel).parts) < 2 for rel in files
+    ):
         raise ValueError(f"files must lie in one folder beside the output, got {sorted(files)[:3]}")
     folder = parent / tops.pop()
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=parent))
@@ -156,11 +166,19 @@ def _arrow_row(record: dict, out_dir: Path, base: Path, embed_images: bool) -> d
             if not isinstance(part.get("image"), str):
                 images.append(next(embedded))
             elif embed_images:
-                file = (out_dir / part["image"]).resolve() if not Path(part["image"]).is_absolute() else Path(part["image"])
+                file = (
+                    (out_dir / part["image"]).resolve()
+                    if not Path(part["image"]).is_absolute()
+                    else Path(part["image"])
+                )
                 images.append({"bytes": file.read_bytes(), "path": file.name})
                 del part["image"]
             else:
-                file = (out_dir / part["image"]).resolve() if not Path(part["image"]).is_absolute() else Path(part["image"])
+                file = (
+                    (out_dir / part["image"]).resolve()
+                    if not Path(part["image"]).is_absolute()
+                    else Path(part["image"])
+                )
                 part["image"] = os.path.relpath(file, base.resolve())
     row["prompt"] = prompt
     if images:
@@ -196,7 +214,7 @@ def finish_build(report: BuildReport, out: str | Path, embed_images: bool = Fals
 
 def trust_image_folders(records: list[dict], out: str | Path) -> list[Path]:
     """Record the image folders the output points into outside its own folder in the user's
-    trusted roots (`dopd_vl.image_roots`), so training on it needs no `data.image_roots`. Only
+    trusted roots (`dopd_vl.data.image_roots`), so training on it needs no `data.image_roots`. Only
     folders this builder read images from (already confined to its --images root) are added."""
     out = Path(out)
     base = (out.parent if out.suffix in (".jsonl", ".parquet") else out).resolve()

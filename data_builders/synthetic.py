@@ -31,12 +31,16 @@ def make_scene(rng: random.Random, width: int = 160, height: int = 120):
         else:
             continue
         color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        (draw.rectangle if shape == "square" else draw.ellipse)([box[0], box[1], box[2] - 1, box[3] - 1], fill=COLORS[color])
+        (draw.rectangle if shape == "square" else draw.ellipse)(
+            [box[0], box[1], box[2] - 1, box[3] - 1], fill=COLORS[color]
+        )
         boxes.append((f"{color} {shape}", box))
     return image, boxes
 
 
-def write_shape_scenes(root: str | Path, num_images: int = 16, seed: int = 0, width: int = 160, height: int = 120) -> tuple[Path, Path]:
+def write_shape_scenes(
+    root: str | Path, num_images: int = 16, seed: int = 0, width: int = 160, height: int = 120
+) -> tuple[Path, Path]:
     """PNG scenes under root/images and their boxes as root/annotations.json (COCO)."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
@@ -49,7 +53,16 @@ def write_shape_scenes(root: str | Path, num_images: int = 16, seed: int = 0, wi
         image.save(root / "images" / name)
         coco["images"].append({"id": i + 1, "file_name": name, "width": image.size[0], "height": image.size[1]})
         for label, (x1, y1, x2, y2) in boxes:
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1, "category_id": labels.index(label) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": i + 1,
+                    "category_id": labels.index(label) + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     (root / "annotations.json").write_text(json.dumps(coco))
     return root / "images", root / "annotations.json"
 
@@ -64,8 +77,13 @@ def write_arithmetic_problems(path: str | Path, num_problems: int = 32, seed: in
         name, item = rng.choice(names), rng.choice(items)
         a, b, c = rng.randint(2, 9), rng.randint(2, 9), rng.randint(1, 9)
         first, total = a * b, a * b + c
-        question = f"{name} has {a} boxes with {b} {item} each and finds {c} more {item}. How many {item} does {name} have?"
-        answer = f"The boxes hold {a}*{b}=<<{a}*{b}={first}>>{first} {item}.\nWith the extra ones that is {first}+{c}=<<{first}+{c}={total}>>{total} {item}.\n#### {total}"
+        question = (
+            f"{name} has {a} boxes with {b} {item} each and finds {c} more {item}. How many {item} does {name} have?"
+        )
+        answer = (
+            f"The boxes hold {a}*{b}=<<{a}*{b}={first}>>{first} {item}.\nWith the extra ones that is "
+            f"{first}+{c}=<<{first}+{c}={total}>>{total} {item}.\n#### {total}"
+        )
         lines.append(json.dumps({"id": f"arith-{i:03d}", "question": question, "answer": answer}))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_builders.formats import qwen3vl_box, register_format
+from data_builders import qwen3vl_box, register_format
 
 
 class MarkdownBoxes:
@@ -28,7 +28,7 @@ class MarkdownBoxes:
 
 
 def main() -> None:
-    from data_builders.grounding import build_grounding, load_annotations
+    from data_builders import build_grounding, load_annotations
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", default="coco", choices=("coco", "yolo", "voc"))

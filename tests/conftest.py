@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 # `tiny:` models are built once per test session into a fresh folder, shared with subprocesses.
 os.environ["DOPD_TINY_CACHE"] = tempfile.mkdtemp(prefix="dopd-tiny-")
-# The trusted image roots the builders record (dopd_vl/image_roots.py) go to a fresh folder, never
+# The trusted image roots the builders record (dopd_vl/data/image_roots.py) go to a fresh folder, never
 # the user's ~/.config; subprocesses share it.
 os.environ["DOPD_VL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="dopd-config-")
 
@@ -34,14 +34,14 @@ GSM8K = SHARED / "data" / "gsm8k"
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from dopd_vl.models import load_tokenizer
+    from dopd_vl.models.folders import load_tokenizer
 
     return load_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_text_dir(tmp_path_factory, tokenizer):
-    from dopd_vl.models import build_tiny_qwen3
+    from dopd_vl.models.tiny import build_tiny_qwen3
 
     return build_tiny_qwen3(tmp_path_factory.mktemp("tiny_qwen3"), tokenizer=tokenizer, seed=0)
 
@@ -49,17 +49,25 @@ def tiny_text_dir(tmp_path_factory, tokenizer):
 @pytest.fixture(scope="session")
 def tiny_text_teacher_dir(tmp_path_factory, tokenizer):
     """A larger, untied teacher with Qwen2.5-style 152,064 lm-head rows (vs the student's 151,936)."""
-    from dopd_vl.models import build_tiny_qwen3
+    from dopd_vl.models.tiny import build_tiny_qwen3
 
     return build_tiny_qwen3(
-        tmp_path_factory.mktemp("tiny_qwen3_teacher"), tokenizer=tokenizer, hidden_size=96, num_layers=3,
-        num_heads=6, num_kv_heads=2, intermediate_size=192, tie_word_embeddings=False, lm_head_rows=152_064, seed=1,
+        tmp_path_factory.mktemp("tiny_qwen3_teacher"),
+        tokenizer=tokenizer,
+        hidden_size=96,
+        num_layers=3,
+        num_heads=6,
+        num_kv_heads=2,
+        intermediate_size=192,
+        tie_word_embeddings=False,
+        lm_head_rows=152_064,
+        seed=1,
     )
 
 
 @pytest.fixture(scope="session")
 def tiny_vl_dir(tmp_path_factory, tokenizer):
-    from dopd_vl.models import build_tiny_qwen3_vl
+    from dopd_vl.models.tiny import build_tiny_qwen3_vl
 
     return build_tiny_qwen3_vl(tmp_path_factory.mktemp("tiny_qwen3_vl"), tokenizer=tokenizer, seed=0)
 
@@ -78,13 +86,27 @@ def image_dataset(tmp_path_factory):
         pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(root / "images" / f"img{i}.png")
         question = ["How many squares?", "Is there a red circle in the picture on the left side?", "Which is left?"][i]
-        records.append({
-            "id": f"rec{i}",
-            "prompt": [{"role": "user", "content": [{"type": "image", "image": f"images/img{i}.png"}, {"type": "text", "text": question}]}],
-            "privileged_context": f'Relevant objects (bbox_2d in 0-1000 coordinates): [{{"bbox_2d": [{10 * i}, 20, 300, 400], "label": "square"}}]',
-            "privileged": {"format": "qwen3vl_grounding", "objects": [{"label": "square", "bbox_2d": [10 * i, 20, 300, 400]}]},
-            "answer": str(i),
-        })
+        records.append(
+            {
+                "id": f"rec{i}",
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": f"images/img{i}.png"},
+                            {"type": "text", "text": question},
+                        ],
+                    }
+                ],
+                "privileged_context": f"Relevant objects (bbox_2d in 0-1000 coordinates): "
+                f'[{{"bbox_2d": [{10 * i}, 20, 300, 400], "label": "square"}}]',
+                "privileged": {
+                    "format": "qwen3vl_grounding",
+                    "objects": [{"label": "square", "bbox_2d": [10 * i, 20, 300, 400]}],
+                },
+                "answer": str(i),
+            }
+        )
     path = root / "data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -94,6 +116,11 @@ def image_dataset(tmp_path_factory):
 def text_records():
     questions = ["What is 2 + 3?", "Tom has 5 apples and eats two of them. How many are left now?", "Name a color."]
     return [
-        {"id": f"t{i}", "prompt": [{"role": "user", "content": q}], "privileged_context": f"Hint: step {i}: add the numbers.", "answer": str(i)}
+        {
+            "id": f"t{i}",
+            "prompt": [{"role": "user", "content": q}],
+            "privileged_context": f"Hint: step {i}: add the numbers.",
+            "answer": str(i),
+        }
         for i, q in enumerate(questions)
     ]

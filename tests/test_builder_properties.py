@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_hints import _WORD_VALUES, _numbers
 
 from data_builders.grounding import build_grounding, load_annotations
 from data_builders.hints import build_hints
 from data_builders.output import BuildReport
 from dopd_vl.errors import DatasetError
-from test_hints import _WORD_VALUES, _numbers
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 BAD_VALUES = [float("nan"), float("inf"), -float("inf"), "x", "", None, [], {}, -5, 10**9, True, 0, 1.5]
@@ -32,10 +32,18 @@ def valid(tmp_path_factory):
     (root / "images").mkdir()
     for i, (w, h) in enumerate([(64, 48), (80, 60)]):
         Image.fromarray(np.full((h, w, 3), 50 * (i + 1), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
-    coco = {"images": [{"id": 1, "file_name": "im0.png", "width": 64, "height": 48}, {"id": 2, "file_name": "im1.png", "width": 80, "height": 60}],
-            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 20, 10]}, {"id": 11, "image_id": 1, "category_id": 2, "bbox": [30, 5, 10, 10]},
-                            {"id": 12, "image_id": 2, "category_id": 2, "bbox": [5, 5, 30, 30]}],
-            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}
+    coco = {
+        "images": [
+            {"id": 1, "file_name": "im0.png", "width": 64, "height": 48},
+            {"id": 2, "file_name": "im1.png", "width": 80, "height": 60},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 20, 10]},
+            {"id": 11, "image_id": 1, "category_id": 2, "bbox": [30, 5, 10, 10]},
+            {"id": 12, "image_id": 2, "category_id": 2, "bbox": [5, 5, 30, 30]},
+        ],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+    }
     (root / "coco.json").write_text(json.dumps(coco))
     (root / "labels").mkdir()
     (root / "labels" / "im0.txt").write_text("0 0.5 0.5 0.25 0.25\n1 0.2 0.3 0.1 0.1\n")
@@ -45,7 +53,8 @@ def valid(tmp_path_factory):
     for i, (w, h, name) in enumerate([(64, 48, "cat"), (80, 60, "dog")]):
         (root / "voc" / f"im{i}.xml").write_text(
             f"<annotation><filename>im{i}.png</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>"
-            f"<object><name>{name}</name><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>20</xmax><ymax>15</ymax></bndbox></object></annotation>")
+            f"<object><name>{name}</name><bndbox><xmin>3</xmin><ymin>4</ymin><xmax>20</xmax><ymax>15</ymax></bndbox></object></annotation>"
+        )
     return root
 
 
@@ -66,7 +75,14 @@ def _build_both_modes(fmt, root, annotations):
         out.parent.mkdir(exist_ok=True)
         try:
             report = BuildReport()
-            images = load_annotations(fmt, root / "images", annotations, root / "classes.txt" if fmt == "yolo" else None, on_error=on_error, report=report)
+            images = load_annotations(
+                fmt,
+                root / "images",
+                annotations,
+                root / "classes.txt" if fmt == "yolo" else None,
+                on_error=on_error,
+                report=report,
+            )
             build_grounding(images, out, on_error=on_error, report=report)
         except DatasetError:
             assert not out.exists()
@@ -117,7 +133,9 @@ def test_corrupted_yolo_labels_fail_cleanly_or_skip(valid, data):
         kind = data.draw(st.sampled_from(["replace", "delete", "extra", "truncate", "binary"]))
         row = data.draw(st.integers(0, len(lines) - 1))
         if kind == "replace":
-            lines[row][data.draw(st.integers(0, 4))] = data.draw(st.sampled_from(["nan", "inf", "-inf", "x", "-0.5", "1e9", "7", "0", "0x1"]))
+            lines[row][data.draw(st.integers(0, 4))] = data.draw(
+                st.sampled_from(["nan", "inf", "-inf", "x", "-0.5", "1e9", "7", "0", "0x1"])
+            )
         elif kind == "delete":
             del lines[row][data.draw(st.integers(0, 4))]
         elif kind == "extra":
@@ -146,7 +164,9 @@ def test_corrupted_voc_files_fail_cleanly_or_skip(valid, data):
             elements = [e for e in tree.getroot().iter() if e is not tree.getroot()]
             element = data.draw(st.sampled_from(elements))
             if kind == "replace":
-                element.text = data.draw(st.sampled_from(["nan", "inf", "-3", "abc", "", "99999", "../x.png", "/etc/passwd"]))
+                element.text = data.draw(
+                    st.sampled_from(["nan", "inf", "-3", "abc", "", "99999", "../x.png", "/etc/passwd"])
+                )
             else:
                 parent = next(p for p in tree.getroot().iter() if element in list(p))
                 parent.remove(element)
@@ -162,13 +182,26 @@ def _words(n: int) -> str:
     return units[n] if n < 20 else tens[n - n % 10] + ("" if n % 10 == 0 else "-" + units[n % 10])
 
 
-NOTATIONS = [lambda n: str(n), lambda n: f"{n:,}", lambda n: f"${n}", lambda n: f"{n}%", lambda n: f"{n}.0", lambda n: f"{n}kg",
-             lambda n: f"{n}Mb", lambda n: f"{n:,}.00 dollars", lambda n: _words(n) if n < 100 else str(n)]
+NOTATIONS = [
+    lambda n: str(n),
+    lambda n: f"{n:,}",
+    lambda n: f"${n}",
+    lambda n: f"{n}%",
+    lambda n: f"{n}.0",
+    lambda n: f"{n}kg",
+    lambda n: f"{n}Mb",
+    lambda n: f"{n:,}.00 dollars",
+    lambda n: _words(n) if n < 100 else str(n),
+]
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(answer=st.integers(1, 20000), other=st.lists(st.integers(1, 99), min_size=1, max_size=3),
-       notations=st.lists(st.integers(0, len(NOTATIONS) - 1), min_size=1, max_size=4), annotate=st.booleans())
+@given(
+    answer=st.integers(1, 20000),
+    other=st.lists(st.integers(1, 99), min_size=1, max_size=3),
+    notations=st.lists(st.integers(0, len(NOTATIONS) - 1), min_size=1, max_size=4),
+    annotate=st.booleans(),
+)
 def test_step_hints_never_contain_the_final_answer_in_any_notation(answer, other, notations, annotate):
     steps = []
     for k, notation in enumerate(notations):

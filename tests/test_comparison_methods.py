@@ -5,9 +5,12 @@ import math
 
 import pytest
 import torch
-from conftest import REPO
 
-from dopd_vl.objectives import DOPDConfig, build_objective, objective_loss
+from dopd_vl.loss.reference import objective_loss
+from dopd_vl.loss.routed import rollout_weights
+from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+
+from conftest import REPO
 
 V = 5
 
@@ -33,7 +36,10 @@ def _probs(logits_row):
 def case():
     """Two responses of 3 tokens (the second has 2 valid tokens) over a 5-word vocabulary."""
     g = torch.Generator().manual_seed(11)
-    logits = {k: 2.0 * torch.randn(2, 3, V, generator=g, dtype=torch.float64) for k in ("student", "teacher_priv", "teacher_plain", "reference", "student_priv")}
+    logits = {
+        k: 2.0 * torch.randn(2, 3, V, generator=g, dtype=torch.float64)
+        for k in ("student", "teacher_priv", "teacher_plain", "reference", "student_priv")
+    }
     ids = torch.randint(0, V, (2, 3), generator=g)
     mask = torch.tensor([[True, True, True], [True, True, False]])
     logits["student"][1, 2] = float("nan")  # a masked slot may hold anything
@@ -57,7 +63,9 @@ def _run(config, case, **kw):
 @pytest.mark.parametrize("threshold", ["trimmed_mean", "quantile"])
 def test_eopd_adds_forward_kl_where_the_teachers_entropy_is_high(case, threshold):
     logits, ids, mask = case
-    config = DOPDConfig(name="eopd", outlier_fraction=0.0, split_threshold=threshold, split_quantile=0.5, fkl_weight=0.7)
+    config = ObjectiveConfig(
+        name="eopd", outlier_fraction=0.0, split_threshold=threshold, split_quantile=0.5, fkl_weight=0.7
+    )
     out, _ = _run(config, case)
     toks = _tokens(mask)
     s = {bt: _probs(logits["student"][bt].tolist()) for bt in toks}
@@ -86,9 +94,9 @@ def test_eopd_adds_forward_kl_where_the_teachers_entropy_is_high(case, threshold
 
 def test_eopd_follows_the_configured_teacher_view(case):
     logits, ids, mask = case
-    plain = build_objective(DOPDConfig(name="eopd", teacher_view="teacher_plain"))
+    plain = build_objective(ObjectiveConfig(name="eopd", teacher_view="teacher_plain"))
     assert plain.views == ("teacher_plain",) and all(r.target == "teacher_plain" for r in plain.routes)
-    no_fkl = build_objective(DOPDConfig(name="eopd", fkl_weight=0.0))
+    no_fkl = build_objective(ObjectiveConfig(name="eopd", fkl_weight=0.0))
     assert no_fkl.routes[1].terms == (("rkl", 1.0),)
 
 
@@ -96,7 +104,7 @@ def test_eopd_follows_the_configured_teacher_view(case):
 @pytest.mark.parametrize("lam", [1.0, 1.5])
 def test_exopd_is_the_sampled_reverse_kl_to_the_extrapolated_target(case, lam):
     logits, ids, mask = case
-    out, grad = _run(DOPDConfig(name="exopd", exopd_lambda=lam), case)
+    out, grad = _run(ObjectiveConfig(name="exopd", exopd_lambda=lam), case)
     toks = _tokens(mask)
     n_seq, lengths = 2, [3, 2]
     expected_grad = torch.zeros(2, 3, V, dtype=torch.float64)
@@ -115,8 +123,8 @@ def test_exopd_is_the_sampled_reverse_kl_to_the_extrapolated_target(case, lam):
 
 
 def test_exopd_with_lambda_one_and_the_plain_teacher_is_vanilla_opd(case):
-    exopd, g1 = _run(DOPDConfig(name="exopd", exopd_lambda=1.0, teacher_view="teacher_plain"), case)
-    vanilla, g2 = _run(DOPDConfig(name="vanilla_opd", baseline_support="sampled"), case)
+    exopd, g1 = _run(ObjectiveConfig(name="exopd", exopd_lambda=1.0, teacher_view="teacher_plain"), case)
+    vanilla, g2 = _run(ObjectiveConfig(name="vanilla_opd", baseline_support="sampled"), case)
     assert exopd.loss.item() == pytest.approx(vanilla.loss.item(), rel=1e-12)
     assert torch.allclose(g1, g2)
 
@@ -126,10 +134,20 @@ def test_exopd_with_lambda_one_and_the_plain_teacher_is_vanilla_opd(case):
 def test_va_opd_averages_each_visual_advantage_group_and_weights_rollouts(case, temperature):
     logits, ids, mask = case
     groups = torch.tensor([0, 0])  # two rollouts of one prompt
-    config = DOPDConfig(name="va_opd", outlier_fraction=0.0, baseline_support="full", va_high_weight=0.8, va_low_weight=0.3, va_temperature=temperature)
+    config = ObjectiveConfig(
+        name="va_opd",
+        outlier_fraction=0.0,
+        baseline_support="full",
+        va_high_weight=0.8,
+        va_low_weight=0.3,
+        va_temperature=temperature,
+    )
     out, _ = _run(config, case, groups=groups)
     toks = _tokens(mask)
-    lp = {v: {bt: math.log(_probs(logits[v][bt].tolist())[int(ids[bt])]) for bt in toks} for v in ("teacher_priv", "teacher_plain")}
+    lp = {
+        v: {bt: math.log(_probs(logits[v][bt].tolist())[int(ids[bt])]) for bt in toks}
+        for v in ("teacher_priv", "teacher_plain")
+    }
     va = {bt: lp["teacher_priv"][bt] - lp["teacher_plain"][bt] for bt in toks}
     cut = sum(va.values()) / len(va)
     high = {bt for bt in toks if va[bt] >= cut}
@@ -152,59 +170,91 @@ def test_va_opd_averages_each_visual_advantage_group_and_weights_rollouts(case, 
 
 
 def test_va_opd_rollout_weights_are_per_prompt_group():
-    obj = build_objective(DOPDConfig(name="va_opd", va_temperature=1.0))
+    obj = build_objective(ObjectiveConfig(name="va_opd", va_temperature=1.0))
     mask = torch.ones(4, 2, dtype=torch.bool)
     va = torch.tensor([[1.0, 1.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]], dtype=torch.float64)
-    from dopd_vl.routing import TokenSignals
+    from dopd_vl.method.routing import TokenSignals
 
-    w = obj.sequence_weights(mask, TokenSignals(visual_advantage=va), torch.tensor([0, 0, 1, 1]))
+    w = rollout_weights(obj, mask, TokenSignals(visual_advantage=va), torch.tensor([0, 0, 1, 1]))
     e = math.e
     assert w.tolist() == pytest.approx([2 * e / (e + 1), 2 / (e + 1), 1.0, 1.0])
-    flat = obj.sequence_weights(mask, TokenSignals(visual_advantage=va[mask]), torch.tensor([0, 0, 1, 1]))
+    flat = rollout_weights(obj, mask, TokenSignals(visual_advantage=va[mask]), torch.tensor([0, 0, 1, 1]))
     assert torch.allclose(w, flat)  # [N] over valid tokens, as the trainer passes them
 
 
 # ----------------------------------------------------------------------------------- Vision-OPD
 def test_vision_opd_distills_from_the_privileged_self(case):
-    vision, g1 = _run(DOPDConfig(name="vision_opd", top_k=3), case)
-    self_distill, g2 = _run(DOPDConfig(name="self_distill", top_k=3), case)
-    assert build_objective(DOPDConfig(name="vision_opd")).views == ("student_priv",)
+    vision, g1 = _run(ObjectiveConfig(name="vision_opd", top_k=3), case)
+    self_distill, g2 = _run(ObjectiveConfig(name="self_distill", top_k=3), case)
+    assert build_objective(ObjectiveConfig(name="vision_opd")).views == ("student_priv",)
     assert vision.loss.item() == pytest.approx(self_distill.loss.item(), rel=1e-12) and torch.allclose(g1, g2)
 
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="teacher_view"):
-        DOPDConfig(name="eopd", teacher_view="student_priv")
+        ObjectiveConfig(name="eopd", teacher_view="student_priv")
     with pytest.raises(ValueError, match="split_threshold"):
-        DOPDConfig(name="eopd", split_threshold="median")
+        ObjectiveConfig(name="eopd", split_threshold="median")
     with pytest.raises(ValueError, match="va_temperature"):
-        DOPDConfig(name="va_opd", va_temperature=0.0)
+        ObjectiveConfig(name="va_opd", va_temperature=0.0)
 
 
 # ------------------------------------------------------------------------- recipes, tiny models
 TINY = {
-    "text": ["student.name_or_path=tiny:qwen3", "teacher.name_or_path=tiny:qwen3:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
-             f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"],
-    "vision": ["student.name_or_path=tiny:qwen3-vl", "teacher.name_or_path=tiny:qwen3-vl:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
-               f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}"],
+    "text": [
+        "student.name_or_path=tiny:qwen3",
+        "teacher.name_or_path=tiny:qwen3:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
+        f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}",
+    ],
+    "vision": [
+        "student.name_or_path=tiny:qwen3-vl",
+        "teacher.name_or_path=tiny:qwen3-vl:hidden_size=96,num_layers=3,num_heads=6,intermediate_size=192,seed=1",
+        f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}",
+    ],
 }
-SMALL = ["student.dtype=float32", "teacher.dtype=float32", "max_steps=2", "save_steps=2", "gradient_checkpointing=false", "rollout.max_new_tokens=4",
-         "rollout.num_generations=2", "optim.batch_size=2", "optim.gradient_accumulation_steps=1", "objective.top_k=16"]
+SMALL = [
+    "student.dtype=float32",
+    "teacher.dtype=float32",
+    "max_steps=2",
+    "save_steps=2",
+    "gradient_checkpointing=false",
+    "rollout.max_new_tokens=4",
+    "rollout.num_generations=2",
+    "optim.batch_size=2",
+    "optim.gradient_accumulation_steps=1",
+    "objective.top_k=16",
+]
 
 
-@pytest.mark.parametrize("name, modality, extra, metric", [
-    ("eopd", "text", [], "frac/high_teacher_entropy"),
-    ("exopd", "text", [], "loss"),
-    ("exopd", "text", ["lora.enabled=true", "lora.r=4"], "loss"),  # the reference is the base model (adapter off)
-    ("va_opd", "vision", [], "frac/high_visual_advantage"),
-], ids=["eopd", "exopd", "exopd-lora", "va_opd"])
+@pytest.mark.parametrize(
+    "name, modality, extra, metric",
+    [
+        ("eopd", "text", [], "frac/high_teacher_entropy"),
+        ("exopd", "text", [], "loss"),
+        ("exopd", "text", ["lora.enabled=true", "lora.r=4"], "loss"),  # the reference is the base model (adapter off)
+        ("va_opd", "vision", [], "frac/high_visual_advantage"),
+    ],
+    ids=["eopd", "exopd", "exopd-lora", "va_opd"],
+)
 def test_each_comparison_recipe_trains_on_the_tiny_models(tmp_path, name, modality, extra, metric):
     import json
 
     from dopd_vl.cli import main
 
     run = tmp_path / name
-    assert main(["train", str(REPO / "configs" / "baselines" / f"{name}.yaml"), *TINY[modality], f"output_dir={run}", *SMALL, *extra]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(REPO / "configs" / "baselines" / f"{name}.yaml"),
+                *TINY[modality],
+                f"output_dir={run}",
+                *SMALL,
+                *extra,
+            ]
+        )
+        == 0
+    )
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
@@ -215,14 +265,18 @@ def test_each_comparison_recipe_trains_on_the_tiny_models(tmp_path, name, modali
 
 
 def test_exopd_reference_is_the_frozen_initial_student(tmp_path):
-    from dopd_vl.config import load_config
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.config import load_config
+    from dopd_vl.training.trainer import Trainer
 
     recipe = REPO / "configs" / "baselines" / "exopd.yaml"
     trainer = Trainer(load_config(recipe, [*TINY["text"], f"output_dir={tmp_path / 'a'}", *SMALL, "optim.lr=1e-2"]))
     start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     trainer.train()
-    assert all(torch.equal(start[k], v) for k, v in trainer.reference_model.state_dict().items())
+    assert all(torch.equal(start[k], v) for k, v in trainer.models.reference.state_dict().items())
     assert any(not torch.equal(start[k], v) for k, v in trainer.student.state_dict().items())
-    shared = Trainer(load_config(recipe, [*TINY["text"], f"output_dir={tmp_path / 'b'}", *SMALL, "objective.privileged_student=initial"]))
+    shared = Trainer(
+        load_config(
+            recipe, [*TINY["text"], f"output_dir={tmp_path / 'b'}", *SMALL, "objective.privileged_student=initial"]
+        )
+    )
     assert shared.reference_model is shared.privileged_student is not None  # one frozen copy, not two

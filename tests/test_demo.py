@@ -9,12 +9,14 @@ import pytest
 from PIL import Image
 
 from dopd_vl.cli import main
+from dopd_vl.data.answers import extract_number, extract_yes_no, is_correct, normalize_text
 from dopd_vl.errors import DopdError
-from dopd_vl.answers import extract_number, extract_yes_no, is_correct, normalize_text
-from dopd_vl.routing import REGIME_NAMES
+from dopd_vl.method.routing import REGIME_NAMES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-SPAN = re.compile(r'<span class="tok" data-regime="(\w+)" data-a="([-\d.e]+)" data-q-student="([-\d.e]+)" data-q-teacher="([-\d.e]+)"')
+SPAN = re.compile(
+    r'<span class="tok" data-regime="(\w+)" data-a="([-\d.e]+)" data-q-student="([-\d.e]+)" data-q-teacher="([-\d.e]+)"'
+)
 
 
 pytestmark = pytest.mark.xdist_group("demo")  # with --dist loadgroup: one worker builds its fixture
@@ -22,10 +24,12 @@ pytestmark = pytest.mark.xdist_group("demo")  # with --dist loadgroup: one worke
 
 @pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def demo_dir(tmp_path_factory):
-    from dopd_vl.demo import DemoConfig, run_demo
+    from dopd_vl.cli.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo_out"
-    config = DemoConfig(num_images=8, eval_images=3, teacher_sft_steps=4, student_sft_steps=2, steps=2, batch_size=2, routing_records=3)
+    config = DemoConfig(
+        num_images=8, eval_images=3, teacher_sft_steps=4, student_sft_steps=2, steps=2, batch_size=2, routing_records=3
+    )
     summary = run_demo(out, config=config)
     assert summary["config"]["steps"] == 2
     return out
@@ -34,7 +38,16 @@ def demo_dir(tmp_path_factory):
 def test_demo_writes_every_artifact(demo_dir, capsys):
     from transformers import AutoModelForImageTextToText
 
-    for name in ("data/data.jsonl", "data/train.jsonl", "data/eval.jsonl", "data/annotations.json", "run/metrics.jsonl", "summary.md", "summary.json", "routing.html"):
+    for name in (
+        "data/data.jsonl",
+        "data/train.jsonl",
+        "data/eval.jsonl",
+        "data/annotations.json",
+        "run/metrics.jsonl",
+        "summary.md",
+        "summary.json",
+        "routing.html",
+    ):
         assert (demo_dir / name).is_file(), name
     summary = json.loads((demo_dir / "summary.json").read_text())
     for key in ("accuracy_before", "accuracy_after", "regime_fractions_mean"):
@@ -43,8 +56,9 @@ def test_demo_writes_every_artifact(demo_dir, capsys):
     assert 0.0 <= summary["accuracy_after"]["student"]["accuracy"] <= 1.0
     text = (demo_dir / "summary.md").read_text()
     assert "student before" in text and "student after DOPD" in text and "| HT |" in text
-    from conftest import REPO
     from test_docs import missing_citations  # the generated summary's design citations exist
+
+    from conftest import REPO
 
     assert "docs/design.md §4.5" in text
     assert missing_citations(REPO / "docs" / "design.md", [demo_dir / "summary.md"]) == []
@@ -61,18 +75,23 @@ def test_demo_writes_every_artifact(demo_dir, capsys):
 
 
 def test_routing_view_has_one_element_per_response_token(demo_dir):
-    from dopd_vl.data import load_records
-    from dopd_vl.modality import make_adapter
-    from dopd_vl.models import load_model, load_processing
-    from dopd_vl.routing_view import route_records, write_routing_html
+    from dopd_vl.cli.routing_page import route_records, write_routing_html
+    from dopd_vl.data.records import load_records
+    from dopd_vl.modality.adapters import make_adapter
+    from dopd_vl.models.loading import load_model, load_processing
 
     student_dir = demo_dir / "student"
     model, processing = load_model(student_dir).eval(), load_processing(student_dir)
     data = demo_dir / "data" / "eval.jsonl"
     records = load_records(data)[:2]
     adapter = make_adapter(processing, image_root=data.parent)
-    responses = [adapter.tokenizer("yes it is", return_tensors="pt").input_ids[0], adapter.tokenizer("3", return_tensors="pt").input_ids[0]]
-    routed, thresholds = route_records(model, model, {"student": adapter, "teacher": adapter}, records, responses, len(adapter.tokenizer))
+    responses = [
+        adapter.tokenizer("yes it is", return_tensors="pt").input_ids[0],
+        adapter.tokenizer("3", return_tensors="pt").input_ids[0],
+    ]
+    routed, thresholds = route_records(
+        model, model, {"student": adapter, "teacher": adapter}, records, responses, len(adapter.tokenizer)
+    )
     page = write_routing_html(demo_dir / "view_test.html", routed, thresholds, image_root=data.parent).read_text()
     spans = SPAN.findall(page)
     assert len(spans) == sum(r.numel() for r in responses)
@@ -85,8 +104,21 @@ def test_demo_artifact_routing_html_and_cli_inspect_routing(demo_dir, capsys):
     page = (demo_dir / "routing.html").read_text()
     assert len(SPAN.findall(page)) > 0 and page.count("<section") == 3
     out = demo_dir / "cli_routing.html"
-    args = ["inspect", "--student", str(demo_dir / "student"), "--teacher", str(demo_dir / "models" / "teacher"),
-            "--data", str(demo_dir / "data" / "eval.jsonl"), "--routing", str(out), "--count", "2", "--max-new-tokens", "4"]
+    args = [
+        "inspect",
+        "--student",
+        str(demo_dir / "student"),
+        "--teacher",
+        str(demo_dir / "models" / "teacher"),
+        "--data",
+        str(demo_dir / "data" / "eval.jsonl"),
+        "--routing",
+        str(out),
+        "--count",
+        "2",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(args) == 0
     assert "wrote the routing view of 2 records" in capsys.readouterr().out
     spans = SPAN.findall(out.read_text())
@@ -97,11 +129,15 @@ def test_routing_page_draws_the_privileged_boxes_and_their_labels(demo_dir):
     import base64
     import io
 
-    from dopd_vl.data import load_records
+    from dopd_vl.data.records import load_records
 
     page = (demo_dir / "routing.html").read_text()
     records = {r["id"]: r for r in load_records(demo_dir / "data" / "eval.jsonl")}
-    sections = re.findall(r'<section class="record" data-id="([^"]+)">.*?<img src="data:image/png;base64,([^"]+)"(.*?)</section>', page, re.S)
+    sections = re.findall(
+        r'<section class="record" data-id="([^"]+)">.*?<img src="data:image/png;base64,([^"]+)"(.*?)</section>',
+        page,
+        re.S,
+    )
     assert sections
     for record_id, data, rest in sections:
         record = records[html.unescape(record_id)]
@@ -119,20 +155,41 @@ def test_routing_page_draws_the_privileged_boxes_and_their_labels(demo_dir):
 def test_every_file_the_demo_writes_has_the_mode_a_created_file_gets(demo_dir):
     from data_builders.output import created_mode
 
-    wrong = {str(p.relative_to(demo_dir)): oct(p.stat().st_mode & 0o777) for p in demo_dir.rglob("*") if p.is_file() and p.stat().st_mode & 0o777 != created_mode()}
+    wrong = {
+        str(p.relative_to(demo_dir)): oct(p.stat().st_mode & 0o777)
+        for p in demo_dir.rglob("*")
+        if p.is_file() and p.stat().st_mode & 0o777 != created_mode()
+    }
     assert wrong == {}
 
 
 def test_dopd_eval_reports_accuracy_per_question_type(demo_dir, capsys):
     data = demo_dir / "data" / "eval.jsonl"
-    assert main(["eval", "--model", str(demo_dir / "models" / "teacher"), "--data", str(data), "--privileged", "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(demo_dir / "models" / "teacher"),
+                "--data",
+                str(data),
+                "--privileged",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     report = json.loads(capsys.readouterr().out)
     types = {json.loads(line)["meta"]["question_type"] for line in data.read_text().splitlines()}
     assert set(report["per_type"]) == types and report["privileged"] is True
     assert report["count"] == len(data.read_text().splitlines())
     assert report["accuracy"] == pytest.approx(sum(r["correct"] for r in report["responses"]) / report["count"])
     out = demo_dir / "eval.json"
-    assert main(["eval", "--model", str(demo_dir / "student"), "--data", str(data), "--out", str(out), "--limit", "2"]) == 0
+    assert (
+        main(["eval", "--model", str(demo_dir / "student"), "--data", str(data), "--out", str(out), "--limit", "2"])
+        == 0
+    )
     assert json.loads(out.read_text())["count"] == 2
 
 
@@ -145,7 +202,7 @@ def test_dopd_plot_cli(demo_dir, capsys, tmp_path):
 
 
 def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
-    from dopd_vl.demo import run_demo
+    from dopd_vl.cli.demo import run_demo
 
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DopdError, match="not a demo folder"):
@@ -153,20 +210,23 @@ def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("response,answer,expected", [
-    ("3", "3", True),
-    ("There are three red circles.", "3", True),
-    ("I count 2, no wait, 4", "4", True),  # the last number is the answer (GSM8K convention)
-    ("1,000 marbles", "1000", True),
-    ("3.0", "3", True),
-    ("4", "3", False),
-    ("Yes, there is.", "yes", True),
-    ("no", "yes", False),
-    ("Yes? No.", "no", False),  # the first yes/no word counts
-    ("The Blue Square.", "blue square", True),
-    ("a blue squares", "blue square", False),
-    ("", "3", False),
-])
+@pytest.mark.parametrize(
+    "response,answer,expected",
+    [
+        ("3", "3", True),
+        ("There are three red circles.", "3", True),
+        ("I count 2, no wait, 4", "4", True),  # the last number is the answer (GSM8K convention)
+        ("1,000 marbles", "1000", True),
+        ("3.0", "3", True),
+        ("4", "3", False),
+        ("Yes, there is.", "yes", True),
+        ("no", "yes", False),
+        ("Yes? No.", "no", False),  # the first yes/no word counts
+        ("The Blue Square.", "blue square", True),
+        ("a blue squares", "blue square", False),
+        ("", "3", False),
+    ],
+)
 def test_answer_normalisation(response, answer, expected):
     assert is_correct(response, answer) is expected
 
@@ -179,12 +239,12 @@ def test_answer_normalisation_helpers():
 
 
 def test_routing_legend_follows_the_objective_config():
-    from dopd_vl.objectives import DOPDConfig
-    from dopd_vl.routing_view import regime_legend
+    from dopd_vl.cli.routing_page import regime_legend
+    from dopd_vl.method.objectives import ObjectiveConfig
 
     legend = regime_legend()
     assert legend["HT"].endswith("JS (full) to teacher_priv, weight 1")
     assert legend["HS"].endswith("RKL (topk) to student_priv, weight 0.6")
     assert legend["LL"].endswith("RKL (topk) to student_priv, weight 0.3")
     assert legend["LH"].endswith("RKL (topk) to teacher_priv, weight 0.6")
-    assert regime_legend(DOPDConfig(regime_routes={"LL": {"enabled": False}}))["LL"].endswith("switched off")
+    assert regime_legend(ObjectiveConfig(regime_routes={"LL": {"enabled": False}}))["LL"].endswith("switched off")

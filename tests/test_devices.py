@@ -1,4 +1,4 @@
-"""Device and dtype selection (one helper, dopd_vl.models.resolve_device / resolve_dtype) for every
+"""Device and dtype selection (one helper, dopd_vl.models.loading.resolve_device / resolve_dtype) for every
 command: dopd eval, dopd inspect, dopd demo, dopd train and the toy experiment. CI has no GPU, so
 the CUDA branches are checked by making torch report one."""
 
@@ -9,7 +9,7 @@ import torch
 
 from dopd_vl.cli import build_parser, main
 from dopd_vl.errors import ModelError
-from dopd_vl.models import resolve_device, resolve_dtype
+from dopd_vl.models.loading import resolve_device, resolve_dtype
 
 
 def error_line(stderr: str) -> str:
@@ -17,6 +17,7 @@ def error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("dopd ") and ": error: " in line]
     assert len(lines) == 1, stderr
     return lines[0]
+
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
@@ -54,7 +55,9 @@ def test_bad_device_and_dtype_names_are_clear_errors(bad):
         resolve_dtype("fp8", "cpu")
 
 
-@pytest.mark.parametrize("command", [["eval", "--model", "m", "--data", "d"], ["inspect", "--student", "m", "--data", "d"], ["demo"]])
+@pytest.mark.parametrize(
+    "command", [["eval", "--model", "m", "--data", "d"], ["inspect", "--student", "m", "--data", "d"], ["demo"]]
+)
 def test_every_command_takes_device_and_dtype_defaulting_to_auto(command):
     parser = build_parser()
     assert (parser.parse_args(command).device, parser.parse_args(command).dtype) == ("auto", "auto")
@@ -63,7 +66,7 @@ def test_every_command_takes_device_and_dtype_defaulting_to_auto(command):
 
 
 def test_eval_places_the_model_with_the_shared_helper(tiny_text_dir, text_records, tmp_path, monkeypatch, capsys):
-    import dopd_vl.models as models
+    import dopd_vl.models.loading as models
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in text_records))
@@ -71,9 +74,30 @@ def test_eval_places_the_model_with_the_shared_helper(tiny_text_dir, text_record
     real = models.load_model
     monkeypatch.setattr(models, "load_model", lambda *a, **k: seen.append((a, k)) or real(*a, **k))
     out = tmp_path / "report.json"
-    assert main(["eval", "--model", str(tiny_text_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(tiny_text_dir),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
-    assert (report["device"], report["dtype"]) == ("cpu", "float32") and seen[0][1]["device"] == "cpu" and seen[0][0][1] == "auto"
+    assert (
+        (report["device"], report["dtype"]) == ("cpu", "float32")
+        and seen[0][1]["device"] == "cpu"
+        and seen[0][0][1] == "auto"
+    )
     if not torch.cuda.is_available():
         assert main(["eval", "--model", str(tiny_text_dir), "--data", str(data), "--device", "cuda"]) == 1
         err = error_line(capsys.readouterr().err)
@@ -81,16 +105,31 @@ def test_eval_places_the_model_with_the_shared_helper(tiny_text_dir, text_record
 
 
 def test_trainer_resolves_auto_dtype_and_device_cpu(tiny_text_dir, text_records, tmp_path):
-    from dopd_vl.config import load_config
     from dopd_vl.errors import ConfigError
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.config import load_config
+    from dopd_vl.training.trainer import Trainer
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in text_records))
-    config = load_config(None, [f"student.name_or_path={tiny_text_dir}", f"teacher.name_or_path={tiny_text_dir}", f"data.train={data}",
-                                f"output_dir={tmp_path / 'run'}", "student.dtype=auto", "teacher.dtype=auto", "device=cpu", "max_steps=1"])
+    config = load_config(
+        None,
+        [
+            f"student.name_or_path={tiny_text_dir}",
+            f"teacher.name_or_path={tiny_text_dir}",
+            f"data.train={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "student.dtype=auto",
+            "teacher.dtype=auto",
+            "device=cpu",
+            "max_steps=1",
+        ],
+    )
     trainer = Trainer(config)
-    assert trainer.device.type == "cpu" and next(trainer.student.parameters()).dtype == torch.float32 and next(trainer.teacher.parameters()).dtype == torch.float32
+    assert (
+        trainer.device.type == "cpu"
+        and next(trainer.student.parameters()).dtype == torch.float32
+        and next(trainer.models.teacher.parameters()).dtype == torch.float32
+    )
     with pytest.raises(ConfigError, match="device must be auto or cpu"):
         load_config(None, ["device=cuda:7"])
 
@@ -102,7 +141,7 @@ def test_toy_experiment_and_demo_pass_the_device_on():
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    from dopd_vl.demo import DemoConfig, run_demo
+    from dopd_vl.cli.demo import DemoConfig, run_demo
     from examples.toy_privilege import run as toy
 
     assert DemoConfig().device == "auto" and "device" in pyinspect.signature(run_demo).parameters

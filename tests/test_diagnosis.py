@@ -12,8 +12,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))  # examples.toy_privilege
 from dopd_vl.cli import main as dopd
-from dopd_vl.config import load_config
-from dopd_vl.diagnosis import diagnose_trainer, reading, summarise_diagnostics, token_diagnostics
+from dopd_vl.cli.diagnose import diagnose_trainer, reading
+from dopd_vl.method.routing import summarise_diagnostics, token_diagnostics
+from dopd_vl.training.config import load_config
 
 
 def test_token_diagnostics_hand_checked_case():
@@ -21,20 +22,27 @@ def test_token_diagnostics_hand_checked_case():
     l_t = torch.log(torch.tensor([0.9, 0.2, 0.5, 0.05, 0.6], dtype=torch.float64))
     l_s = torch.log(torch.tensor([0.8, 0.6, 0.5, 0.5, 0.1], dtype=torch.float64))
     l_p = torch.log(torch.tensor([0.9, 0.7, 0.5, 0.01, 0.05], dtype=torch.float64))
-    per_token, thresholds = token_diagnostics({"teacher_priv": l_t, "student_priv": l_s, "teacher_plain": l_p}, outlier_fraction=0.0)
+    per_token, thresholds = token_diagnostics(
+        {"teacher_priv": l_t, "student_priv": l_s, "teacher_plain": l_p}, outlier_fraction=0.0
+    )
     a = (l_t - l_s).abs()
     assert thresholds["A"] == pytest.approx(float(a.mean()))  # 0.805: tokens 1, 3 and 4 are high-gap
     assert thresholds["q_teacher"] + thresholds["q_student"] == pytest.approx((2.25 + 2.5) / 5)  # 0.95
     # Token 0: low gap, q sum 1.7 >= 0.95 -> LH. Token 2: A = 0, sum 1.0 -> LH.
     # Token 1: A = ln 3 high, q_T < q_S -> HS; without the context the teacher (0.7) would beat the
     # student (0.6): the verdict flips (information) -> HS under the edge check too.
-    # Token 3: A = ln 10 high, q_T < q_S -> HS; plain 0.01 < 0.5, the same verdict (capability) -> HT under the edge check.
+    # Token 3: A = ln 10 high, q_T < q_S -> HS; plain 0.01 < 0.5, the same verdict (capability) -> HT under the edge
+    # check.
     # Token 4: A = ln 6 high, q_T > q_S -> HT; plain 0.05 < 0.1 flips -> HS under the edge check.
     assert per_token["regime"].tolist() == [0, 3, 0, 3, 2]
     assert per_token["regime_edge_check"].tolist() == [0, 3, 0, 2, 3]
     summary = summarise_diagnostics(per_token)
     assert summary["endorsement"] == pytest.approx(3 / 5)  # q_T >= q_S: tokens 0, 2 (equal), 4
-    assert summary["frac/HT"] == pytest.approx(0.2) and summary["frac/HS"] == pytest.approx(0.4) and summary["frac/LL"] == 0
+    assert (
+        summary["frac/HT"] == pytest.approx(0.2)
+        and summary["frac/HS"] == pytest.approx(0.4)
+        and summary["frac/LL"] == 0
+    )
     assert summary["edge_check/frac/HT"] == pytest.approx(0.2) and summary["edge_check/frac/HS"] == pytest.approx(0.4)
     edge = [math.log(0.9 / 0.9), math.log(0.2 / 0.7), 0.0, math.log(0.05 / 0.01), math.log(0.6 / 0.05)]
     assert summary["information_edge/mean"] == pytest.approx(sum(edge) / 5)
@@ -46,10 +54,10 @@ def _independent_statistics(rollouts, config, steps):
     (one batched forward per view and step), log-softmax in float64, routing written out here."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from dopd_vl.data import load_records, records_root
-    from dopd_vl.models import load_processing, resolve_model_path
-    from dopd_vl.modality import make_adapter
-    from dopd_vl.views import build_views
+    from dopd_vl.data.records import load_records, records_root
+    from dopd_vl.modality.adapters import make_adapter
+    from dopd_vl.modality.batches import build_views
+    from dopd_vl.models.loading import load_processing, resolve_model_path
 
     records = {r["id"]: r for r in load_records(config.data.train)}
     models, adapters = {}, {}
@@ -57,19 +65,35 @@ def _independent_statistics(rollouts, config, steps):
         path = resolve_model_path(getattr(config, role).name_or_path)
         processing = load_processing(path)
         auto = AutoModelForImageTextToText if hasattr(processing, "image_processor") else AutoModelForCausalLM
-        models[role], adapters[role] = auto.from_pretrained(path).eval(), make_adapter(processing, image_root=records_root(config.data.train))
+        models[role], adapters[role] = (
+            auto.from_pretrained(path).eval(),
+            make_adapter(processing, image_root=records_root(config.data.train)),
+        )
     vocab = len(adapters["student"].tokenizer)
     out = []
     for step in range(1, steps + 1):
         rows = [r for r in rollouts if r["step"] == step]
         responses = [torch.tensor(r["response_ids"]) for r in rows]
-        views = build_views(adapters, ("student", "teacher_priv", "student_priv", "teacher_plain"), [records[r["id"]] for r in rows], responses)
+        views = build_views(
+            adapters,
+            ("student", "teacher_priv", "student_priv", "teacher_plain"),
+            [records[r["id"]] for r in rows],
+            responses,
+        )
         logp = {}
         for view, batch in views.items():
             with torch.no_grad():
                 logits = models["teacher" if view.startswith("teacher") else "student"](**batch.inputs).logits
-            picked = logits.gather(1, batch.response_positions[..., None].expand(-1, -1, logits.shape[-1]))[batch.response_mask]
-            logp[view] = picked[:, :vocab].double().log_softmax(-1).gather(-1, batch.response_ids[batch.response_mask][:, None]).squeeze(-1)
+            picked = logits.gather(1, batch.response_positions[..., None].expand(-1, -1, logits.shape[-1]))[
+                batch.response_mask
+            ]
+            logp[view] = (
+                picked[:, :vocab]
+                .double()
+                .log_softmax(-1)
+                .gather(-1, batch.response_ids[batch.response_mask][:, None])
+                .squeeze(-1)
+            )
         t, s, p, own = (logp[v] for v in ("teacher_priv", "student_priv", "teacher_plain", "student"))
         a, q_t, q_s = (t - s).abs(), t.exp(), s.exp()
 
@@ -78,8 +102,19 @@ def _independent_statistics(rollouts, config, steps):
 
         high, confident = a >= trimmed(a), (q_t + q_s) >= trimmed(q_t) + trimmed(q_s)
         paper = [(2 if qt >= qs else 3) if h else (0 if c else 1) for h, c, qt, qs in zip(high, confident, q_t, q_s)]
-        edge = [(2 if (qt >= qs) == (qp >= qs) else 3) if h else (0 if c else 1) for h, c, qt, qs, qp in zip(high, confident, q_t, q_s, p.exp())]
-        out.append({"paper": paper, "edge": edge, "endorsement": float((q_t >= q_s).double().mean()), "information_edge": t - p, "capability": p - own})
+        edge = [
+            (2 if (qt >= qs) == (qp >= qs) else 3) if h else (0 if c else 1)
+            for h, c, qt, qs, qp in zip(high, confident, q_t, q_s, p.exp())
+        ]
+        out.append(
+            {
+                "paper": paper,
+                "edge": edge,
+                "endorsement": float((q_t >= q_s).double().mean()),
+                "information_edge": t - p,
+                "capability": p - own,
+            }
+        )
     return out
 
 
@@ -87,7 +122,22 @@ def _independent_statistics(rollouts, config, steps):
 def test_diagnose_cli_equals_an_independent_full_vocabulary_computation(tmp_path, recipe):
     out = tmp_path / "diag"
     overrides = ["objective.top_k=16"]
-    assert dopd(["diagnose", str(REPO / "configs" / f"{recipe}.yaml"), *overrides, "--steps", "2", "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        dopd(
+            [
+                "diagnose",
+                str(REPO / "configs" / f"{recipe}.yaml"),
+                *overrides,
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "diagnose.json").read_text())
     assert (out / "diagnose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]
@@ -112,14 +162,19 @@ def assert_equals_independent_statistics(result: dict, rollouts: list[dict], con
             assert row[f"route/{name}"] == row[f"frac/{name}"]  # the recipe is dopd without the edge check
         assert row["endorsement"] == pytest.approx(ref["endorsement"], abs=1e-12)
         assert row["information_edge/mean"] == pytest.approx(float(ref["information_edge"].mean()), abs=1e-5)
-        assert row["information_edge/above_1nat"] == pytest.approx(float((ref["information_edge"] > 1).double().mean()), abs=1e-12)
+        assert row["information_edge/above_1nat"] == pytest.approx(
+            float((ref["information_edge"] > 1).double().mean()), abs=1e-12
+        )
         assert row["capability_edge/mean"] == pytest.approx(float(ref["capability"].mean()), abs=1e-5)
 
 
 def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.trainer import Trainer
 
-    config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / 'run'}", "objective.privileged_student=live", "diagnostics=true"])
+    config = load_config(
+        REPO / "configs" / "tiny_text.yaml",
+        [f"output_dir={tmp_path / 'run'}", "objective.privileged_student=live", "diagnostics=true"],
+    )
     trainer = Trainer(config)
     before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     result = diagnose_trainer(trainer, steps=2, progress=False)
@@ -130,18 +185,31 @@ def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):
 
 
 def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_path):
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.trainer import Trainer
 
     losses = {}
     for diagnostics in (False, True):
-        config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / str(diagnostics)}", "objective.name=vanilla_opd",
-                                                                     "max_steps=2", f"diagnostics={str(diagnostics).lower()}"])
+        config = load_config(
+            REPO / "configs" / "tiny_text.yaml",
+            [
+                f"output_dir={tmp_path / str(diagnostics)}",
+                "objective.name=vanilla_opd",
+                "max_steps=2",
+                f"diagnostics={str(diagnostics).lower()}",
+            ],
+        )
         trainer = Trainer(config)
         rows = [trainer.train_step(trainer.sample()) for _ in range(2)]  # the loop's step, without saving
         losses[diagnostics] = [(r["loss"], r["grad_norm"]) for r in rows]
         diag = [k for k in rows[0] if k.startswith("diag/")]
         if diagnostics:
-            assert {"diag/endorsement", "diag/frac/HT", "diag/edge_check/frac/HT", "diag/information_edge/mean", "diag/information_edge/above_1nat"} <= set(diag)
+            assert {
+                "diag/endorsement",
+                "diag/frac/HT",
+                "diag/edge_check/frac/HT",
+                "diag/information_edge/mean",
+                "diag/information_edge/above_1nat",
+            } <= set(diag)
             assert sum(rows[0][f"diag/frac/{g}"] for g in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
         else:
             assert diag == []
@@ -150,31 +218,71 @@ def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_
 
 def test_the_python_api_is_dopd_vl_diagnose():
     import dopd_vl
-    from dopd_vl.diagnosis import diagnose
+    from dopd_vl.cli.diagnose import diagnose
 
     assert dopd_vl.diagnose is diagnose
 
 
 STUDY = {
-    "source": "a study", "scope": "two cells", "caveat": "tiny models.",
+    "source": "a study",
+    "scope": "two cells",
+    "caveat": "tiny models.",
     "variants": {"dopd_initial": "DOPD, initial"},
     "cells": [
-        {"task": "t", "strength": "low", "start_relative": [0.2, 0.3], "first_step": {"endorsement": [0.30, 0.40], "frac/HT": [0.01, 0.02]},
-         "gain_over_vanilla": {"dopd_initial": [-0.2, -0.1]}},
-        {"task": "t", "strength": "high", "start_relative": [0.7, 0.8], "first_step": {"endorsement": [0.70, 0.80], "frac/HT": [0.05, 0.06]},
-         "gain_over_vanilla": {"dopd_initial": [0.05, -0.05]}},
+        {
+            "task": "t",
+            "strength": "low",
+            "start_relative": [0.2, 0.3],
+            "first_step": {"endorsement": [0.30, 0.40], "frac/HT": [0.01, 0.02]},
+            "gain_over_vanilla": {"dopd_initial": [-0.2, -0.1]},
+        },
+        {
+            "task": "t",
+            "strength": "high",
+            "start_relative": [0.7, 0.8],
+            "first_step": {"endorsement": [0.70, 0.80], "frac/HT": [0.05, 0.06]},
+            "gain_over_vanilla": {"dopd_initial": [0.05, -0.05]},
+        },
     ],
     "beats_vanilla": [],
 }
 
 
-@pytest.mark.parametrize("endorsement, inside, nearest", [(0.33, True, "low"), (0.72, True, "high"), (0.95, False, "high"), (0.1, False, "low")])
+@pytest.mark.parametrize(
+    "endorsement, inside, nearest",
+    [(0.33, True, "low"), (0.72, True, "high"), (0.95, False, "high"), (0.1, False, "low")],
+)
 def test_reading_places_the_numbers_among_the_measured_cells(endorsement, inside, nearest):
-    summary = {"endorsement": endorsement, "frac/HT": 0.03, "response_length": 3.0, "clipped_frac": 0.0, "eos_only_frac": 0.0,
-               "information_edge/mean": 0.1, "information_edge/above_1nat": 0.0, "capability_edge/mean": -0.5, "advantage_gap/mean": 0.4,
-               **{f"{p}/{g}": 0.25 for p in ("frac", "edge_check/frac", "route") for g in ("LH", "LL", "HS")}, "edge_check/frac/HT": 0.25, "route/HT": 0.03}
-    result = {"summary": summary, "steps": [summary], "tokens": 10, "route_names": ["LH", "LL", "HT", "HS"],
-              "recipe": {"steps": 1, "responses_per_step": 4, "student": "s", "data": "d", "teacher": "t", "objective": "dopd", "privileged_student": "initial", "max_new_tokens": 4}}
+    summary = {
+        "endorsement": endorsement,
+        "frac/HT": 0.03,
+        "response_length": 3.0,
+        "clipped_frac": 0.0,
+        "eos_only_frac": 0.0,
+        "information_edge/mean": 0.1,
+        "information_edge/above_1nat": 0.0,
+        "capability_edge/mean": -0.5,
+        "advantage_gap/mean": 0.4,
+        **{f"{p}/{g}": 0.25 for p in ("frac", "edge_check/frac", "route") for g in ("LH", "LL", "HS")},
+        "edge_check/frac/HT": 0.25,
+        "route/HT": 0.03,
+    }
+    result = {
+        "summary": summary,
+        "steps": [summary],
+        "tokens": 10,
+        "route_names": ["LH", "LL", "HT", "HS"],
+        "recipe": {
+            "steps": 1,
+            "responses_per_step": 4,
+            "student": "s",
+            "data": "d",
+            "teacher": "t",
+            "objective": "dopd",
+            "privileged_student": "initial",
+            "max_new_tokens": 4,
+        },
+    }
     text = "\n".join(reading(result, STUDY))
     assert (f"Yours, at your first step ({endorsement:.3f}), is inside that range" in text) == inside
     assert (f"Yours, at your first step ({endorsement:.3f}), is outside anything measured" in text) == (not inside)
@@ -185,11 +293,16 @@ def test_reading_places_the_numbers_among_the_measured_cells(endorsement, inside
 def test_the_installed_study_is_the_committed_strength_study():
     """dopd diagnose quotes dopd_vl/assets/strength_study.json: exactly the measured points the
     strength study wrote (examples/toy_privilege/results/strength), nothing edited by hand."""
-    from dopd_vl.diagnosis import strength_study
+    from dopd_vl.cli.diagnose import strength_study
 
-    committed = json.loads((REPO / "examples" / "toy_privilege" / "results" / "strength" / "strength_study.json").read_text())
+    committed = json.loads(
+        (REPO / "examples" / "toy_privilege" / "results" / "strength" / "strength_study.json").read_text()
+    )
     assert strength_study() == committed
-    payloads = [json.loads((REPO / "examples" / "toy_privilege" / "results" / "strength" / t / "results.json").read_text()) for t in ("add_hidden", "two_step")]
+    payloads = [
+        json.loads((REPO / "examples" / "toy_privilege" / "results" / "strength" / t / "results.json").read_text())
+        for t in ("add_hidden", "two_step")
+    ]
     from examples.toy_privilege import strength  # noqa: E402 - the study's own summary of its results
 
     assert [cell for payload in payloads for cell in strength.study_cells(payload)] == committed["cells"]
@@ -199,13 +312,19 @@ def test_the_installed_study_is_the_committed_strength_study():
 def test_diagnose_reads_every_objective_and_reports_its_routes(tmp_path, objective):
     """Objectives that route otherwise (one route, a split on the teacher's entropy, pruning) are
     diagnosed too: their own route shares beside DOPD's regimes, which they do not use."""
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.trainer import Trainer
 
-    config = load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path}", f"objective.name={objective}", "diagnostics=true", "objective.top_k=16"])
+    config = load_config(
+        REPO / "configs" / "tiny_text.yaml",
+        [f"output_dir={tmp_path}", f"objective.name={objective}", "diagnostics=true", "objective.top_k=16"],
+    )
     result = diagnose_trainer(Trainer(config), steps=1, progress=False)
     routes = {k: v for k, v in result["summary"].items() if k.startswith("route/")}
-    names = {"vanilla_opd": {"route/vanilla_opd"}, "eopd": {"route/low_teacher_entropy", "route/high_teacher_entropy"},
-             "pruned_opd": {"route/pruned_opd", "route/dropped"}}[objective]
+    names = {
+        "vanilla_opd": {"route/vanilla_opd"},
+        "eopd": {"route/low_teacher_entropy", "route/high_teacher_entropy"},
+        "pruned_opd": {"route/pruned_opd", "route/dropped"},
+    }[objective]
     assert set(routes) == names and sum(routes.values()) == pytest.approx(1.0)
     assert sum(result["summary"][f"frac/{g}"] for g in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
     assert result["recipe"]["objective"] == objective and f"routes of {objective}" in "\n".join(result["reading"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dopd_vl.divergences import token_divergence, topk_cells
+from dopd_vl.method.divergences import token_divergence, topk_cells
 
 N, V = 6, 37
 
@@ -52,7 +52,9 @@ def rel_close(a, b, rel):
 @pytest.fixture
 def logits():
     g = torch.Generator().manual_seed(0)
-    return 2 * torch.randn(N, V, generator=g, dtype=torch.float64), 2 * torch.randn(N, V, generator=g, dtype=torch.float64)
+    return 2 * torch.randn(N, V, generator=g, dtype=torch.float64), 2 * torch.randn(
+        N, V, generator=g, dtype=torch.float64
+    )
 
 
 @pytest.mark.parametrize("name", ["rkl", "fkl", "js"])
@@ -63,8 +65,15 @@ def test_divergence_matches_naive_float64_in_value_and_gradient(logits, name, su
     s2 = s_logits.clone().requires_grad_()
     ids = torch.zeros(N, dtype=torch.long)
     k = 5
-    kwargs = dict(top_k=k, topk_tail=support != "topk_renorm", topk_source="target" if support == "topk_target" else "student", js_beta=0.3)
-    ours = token_divergence(name, "full" if support == "full" else "topk", s1.log_softmax(-1), t_logits.log_softmax(-1), ids, **kwargs)
+    kwargs = dict(
+        top_k=k,
+        topk_tail=support != "topk_renorm",
+        topk_source="target" if support == "topk_target" else "student",
+        js_beta=0.3,
+    )
+    ours = token_divergence(
+        name, "full" if support == "full" else "topk", s1.log_softmax(-1), t_logits.log_softmax(-1), ids, **kwargs
+    )
     s_p, t_p = naive_probs(s2), naive_probs(t_logits)
     if support != "full":
         s_p, t_p = naive_topk(s_p, t_p, k, kwargs["topk_source"], kwargs["topk_tail"])
@@ -122,7 +131,9 @@ def test_tail_is_stable_when_its_mass_is_below_1e_30(dtype):
     assert math.exp(expected_log_tail) < 1e-30
     assert abs(cells_s[0, -1].item() - expected_log_tail) < 1e-4 * abs(expected_log_tail)
     for name in ("rkl", "fkl", "js"):
-        d = token_divergence(name, "topk", s_logits.log_softmax(-1), t_logits.log_softmax(-1), torch.zeros(2, dtype=torch.long), top_k=k)
+        d = token_divergence(
+            name, "topk", s_logits.log_softmax(-1), t_logits.log_softmax(-1), torch.zeros(2, dtype=torch.long), top_k=k
+        )
         (grad,) = torch.autograd.grad(d.sum(), s_logits)
         assert torch.isfinite(d).all() and torch.isfinite(grad).all()
 

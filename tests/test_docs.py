@@ -15,7 +15,13 @@ OUTSIDE = re.compile(r"DESIGN\.md|\.\./shared/[A-Z]+\.md")
 
 def cited_files() -> list[Path]:
     files = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "docs").glob("*.md"))]
-    for folder, patterns in (("dopd_vl", ("*.py",)), ("data_builders", ("*.py",)), ("examples", ("*.py", "*.md")), ("configs", ("*.yaml",)), ("bench", ("*.py",))):
+    for folder, patterns in (
+        ("dopd_vl", ("*.py",)),
+        ("data_builders", ("*.py",)),
+        ("examples", ("*.py", "*.md")),
+        ("configs", ("*.yaml",)),
+        ("bench", ("*.py",)),
+    ):
         for pattern in patterns:
             files += sorted((REPO / folder).rglob(pattern))
     return files
@@ -24,10 +30,13 @@ def cited_files() -> list[Path]:
 def missing_citations(design: Path, files: list[Path]) -> list[str]:
     sections = set(SECTION.findall(design.read_text(encoding="utf-8")))
     sections |= {s.split(".")[0] for s in sections}
+
     def name(f: Path) -> str:
         return str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f)
 
-    return [f"{name(f)}: §{n}" for f in files for n in CITATION.findall(f.read_text(encoding="utf-8")) if n not in sections]
+    return [
+        f"{name(f)}: §{n}" for f in files for n in CITATION.findall(f.read_text(encoding="utf-8")) if n not in sections
+    ]
 
 
 def test_every_design_citation_names_an_existing_section():
@@ -42,7 +51,7 @@ def test_removing_a_heading_is_caught(tmp_path):
     text = copy.read_text(encoding="utf-8")
     copy.write_text(re.sub(r"^### 1\.3 .*$", "### Thresholds", text, flags=re.MULTILINE), encoding="utf-8")
     missing = missing_citations(copy, cited_files())
-    assert "dopd_vl/trainer.py: §1.3" in missing
+    assert "dopd_vl/training/trainer.py: §1.3" in missing
 
 
 def test_no_file_cites_a_document_outside_the_repository():

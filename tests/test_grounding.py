@@ -10,19 +10,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import COCO128
-from data_builders.formats import get_format, register_format
 from data_builders.grounding import annotated_image_from_detections, build_grounding, load_annotations
+from data_builders.privileged import get_format, register_format
 from dopd_vl.cli import main
-from dopd_vl.data import load_records, validate_record
+from dopd_vl.data.records import load_records, validate_record
 from dopd_vl.errors import DatasetError
+
+from conftest import COCO128
 
 IMAGES = COCO128 / "images" / "train2017"
 LABELS = COCO128 / "labels" / "train2017"
 CLASSES = (COCO128 / "classes.txt").read_text().split("\n")
 
-pytestmark = [pytest.mark.skipif(not IMAGES.is_dir(), reason="../shared/data/coco128 is not beside the clone"),
-              pytest.mark.xdist_group("coco128")]  # with --dist loadgroup: one worker builds its fixture
+pytestmark = [
+    pytest.mark.skipif(not IMAGES.is_dir(), reason="../shared/data/coco128 is not beside the clone"),
+    pytest.mark.xdist_group("coco128"),
+]  # with --dist loadgroup: one worker builds its fixture
 
 
 def _yolo_boxes_px(stem):
@@ -40,7 +43,27 @@ def _yolo_boxes_px(stem):
 @pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def coco128_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("g") / "coco128.jsonl"
-    assert main(["build", "grounding", "--format", "yolo", "--images", str(IMAGES), "--annotations", str(LABELS), "--classes", str(COCO128 / "coco128.yaml"), "--out", str(out), "--objects", "all"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "grounding",
+                "--format",
+                "yolo",
+                "--images",
+                str(IMAGES),
+                "--annotations",
+                str(LABELS),
+                "--classes",
+                str(COCO128 / "coco128.yaml"),
+                "--out",
+                str(out),
+                "--objects",
+                "all",
+            ]
+        )
+        == 0
+    )
     return out, load_records(out)
 
 
@@ -52,7 +75,10 @@ def test_coco128_boxes_equal_our_own_computation_from_the_label_files(coco128_re
     assert len(by_image) == 126  # two images have no label file
     total = 0
     for stem, record in by_image.items():
-        expected = sorted((lab, [min(1000, max(0, round(v / s * 1000))) for v, s in zip(box, (W, H, W, H))]) for lab, box, (W, H) in _yolo_boxes_px(stem))
+        expected = sorted(
+            (lab, [min(1000, max(0, round(v / s * 1000))) for v, s in zip(box, (W, H, W, H))])
+            for lab, box, (W, H) in _yolo_boxes_px(stem)
+        )
         rendered = json.loads(record["privileged_context"].split(": ", 1)[1])
         got = sorted((o["label"], o["bbox_2d"]) for o in rendered)
         assert len(got) == len(expected)
@@ -71,7 +97,11 @@ def test_coco128_counting_answers_equal_label_counts(coco128_records):
         counts = Counter(lab for lab, _, _ in _yolo_boxes_px(stem))
         asked = r["prompt"][0]["content"][1]["text"].removeprefix("How many ").removesuffix(" are in the image?")
         irregular = {("person", "people"), ("knife", "knives"), ("mouse", "mice")}
-        labels = [lab for lab in counts if asked.startswith(lab) or (asked.startswith(lab[:-1]) and lab.endswith("y")) or (lab, asked) in irregular]
+        labels = [
+            lab
+            for lab in counts
+            if asked.startswith(lab) or (asked.startswith(lab[:-1]) and lab.endswith("y")) or (lab, asked) in irregular
+        ]
         assert len(labels) == 1, (asked, counts)
         assert r["answer"] == str(counts[labels[0]])
 
@@ -91,15 +121,23 @@ def test_records_validate_and_load_with_datasets(coco128_records):
         assert r["answer"] in ("yes", "no") or r["answer"].isdigit()
 
 
-def test_the_builder_trusts_its_image_folder_so_its_output_needs_no_configuration(coco128_records, tmp_path, monkeypatch):
-    from dopd_vl.data import image_parts, load_image, records_root
-    from dopd_vl.image_roots import ImageOutsideRoots, image_roots, trusted_image_roots
+def test_the_builder_trusts_its_image_folder_so_its_output_needs_no_configuration(
+    coco128_records, tmp_path, monkeypatch
+):
+    from dopd_vl.data.image_roots import image_roots, trusted_image_roots
+    from dopd_vl.data.records import image_parts, load_image, records_root
+    from dopd_vl.errors import ImageOutsideRoots
 
     out, records = coco128_records  # the output lies in a temporary folder, its images in ../shared
     assert IMAGES.resolve() in trusted_image_roots()
     (ref,) = image_parts(records[0])
-    assert load_image(ref, image_roots(records_root(out)), records[0]["id"]).size == Image.open(IMAGES / Path(ref).name).size
-    monkeypatch.setenv("DOPD_VL_CONFIG_DIR", str(tmp_path / "another_user"))  # the same files on a machine whose builder never read them
+    assert (
+        load_image(ref, image_roots(records_root(out)), records[0]["id"]).size
+        == Image.open(IMAGES / Path(ref).name).size
+    )
+    monkeypatch.setenv(
+        "DOPD_VL_CONFIG_DIR", str(tmp_path / "another_user")
+    )  # the same files on a machine whose builder never read them
     with pytest.raises(ImageOutsideRoots, match=rf"record {records[0]['id']}, field prompt.image: .*data.image_roots"):
         load_image(ref, image_roots(records_root(out)), records[0]["id"])
     assert load_image(ref, image_roots(records_root(out), [IMAGES]), records[0]["id"])  # the recipe's data.image_roots
@@ -112,9 +150,14 @@ def test_query_related_objects_by_default(tmp_path):
         labels = {o["label"] for o in r["privileged"]["objects"]}
         question = r["prompt"][0]["content"][1]["text"]
         if r["meta"]["question_type"] == "exists" and r["answer"] == "no":
-            assert len(r["privileged"]["objects"]) == sum(1 for _ in _yolo_boxes_px(Path(r["prompt"][0]["content"][0]["image"]).stem))
+            assert len(r["privileged"]["objects"]) == sum(
+                1 for _ in _yolo_boxes_px(Path(r["prompt"][0]["content"][0]["image"]).stem)
+            )
         else:
-            assert all(lab in question or (lab, "people") == ("person", question.split()[2]) for lab in labels), (labels, question)
+            assert all(lab in question or (lab, "people") == ("person", question.split()[2]) for lab in labels), (
+                labels,
+                question,
+            )
             stem = Path(r["prompt"][0]["content"][0]["image"]).stem
             assert len(r["privileged"]["objects"]) == sum(1 for lab, _, _ in _yolo_boxes_px(stem) if lab in labels)
 
@@ -130,7 +173,11 @@ def test_builds_are_deterministic_for_a_seed(tmp_path):
 # ------------------------------------------------------------------ the same annotations, 3 ways
 def _write_coco_and_voc(root: Path, stems: list[str]):
     """Integer pixel boxes from COCO128 written as COCO JSON and Pascal VOC XML (1-based)."""
-    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES) if n]}
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(CLASSES) if n],
+    }
     cat_id = {n: i + 1 for i, n in enumerate(CLASSES) if n}
     (root / "voc").mkdir()
     for image_id, stem in enumerate(stems, start=1):
@@ -143,8 +190,22 @@ def _write_coco_and_voc(root: Path, stems: list[str]):
         for tag, v in (("width", W), ("height", H), ("depth", 3)):
             ET.SubElement(size, tag).text = str(v)
         for label, box, _ in boxes:
-            x1, y1, x2, y2 = (max(0, round(box[0])), max(0, round(box[1])), min(W, round(box[2])), min(H, round(box[3])))
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id, "category_id": cat_id[label], "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            x1, y1, x2, y2 = (
+                max(0, round(box[0])),
+                max(0, round(box[1])),
+                min(W, round(box[2])),
+                min(H, round(box[3])),
+            )
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": cat_id[label],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
             obj = ET.SubElement(ann, "object")
             ET.SubElement(obj, "name").text = label
             bnd = ET.SubElement(obj, "bndbox")
@@ -160,7 +221,23 @@ def test_coco_json_and_pascal_voc_build_identical_records(tmp_path):
     outs = {}
     for fmt, ann in (("coco", tmp_path / "coco.json"), ("voc", tmp_path / "voc")):
         out = tmp_path / f"{fmt}.jsonl"
-        assert main(["build", "grounding", "--format", fmt, "--images", str(IMAGES), "--annotations", str(ann), "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "build",
+                    "grounding",
+                    "--format",
+                    fmt,
+                    "--images",
+                    str(IMAGES),
+                    "--annotations",
+                    str(ann),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         outs[fmt] = [{**r, "meta": {k: v for k, v in r["meta"].items() if k != "source"}} for r in load_records(out)]
     assert len(outs["coco"]) >= 48
     assert outs["coco"] == outs["voc"]
@@ -172,10 +249,15 @@ def test_detections_from_a_detector_enter_through_the_python_api(tmp_path):
     stem = "000000000009"
     boxes = _yolo_boxes_px(stem)
     names = sorted({lab for lab, _, _ in boxes})
-    det = sv.Detections(xyxy=np.array([b for _, b, _ in boxes], dtype=float), class_id=np.array([names.index(lab) for lab, _, _ in boxes]))
+    det = sv.Detections(
+        xyxy=np.array([b for _, b, _ in boxes], dtype=float),
+        class_id=np.array([names.index(lab) for lab, _, _ in boxes]),
+    )
     image = annotated_image_from_detections(IMAGES / f"{stem}.jpg", det, names)
     report = build_grounding([image], tmp_path / "det.jsonl", objects="all")
-    assert Counter(o["label"] for o in report.records[0]["privileged"]["objects"]) == Counter(lab for lab, _, _ in boxes)
+    assert Counter(o["label"] for o in report.records[0]["privileged"]["objects"]) == Counter(
+        lab for lab, _, _ in boxes
+    )
     with pytest.raises(DatasetError, match="field class_id"):
         annotated_image_from_detections(IMAGES / f"{stem}.jpg", det, names[:1])
 
@@ -190,9 +272,30 @@ def test_custom_format_from_python_and_from_the_cli(tmp_path, monkeypatch):
     assert report.records[0]["privileged_context"].startswith("Objects in the image (0-1000 coordinates):\n| object |")
     monkeypatch.chdir(Path(__file__).resolve().parents[1])
     out = tmp_path / "cli.jsonl"
-    assert main(["build", "grounding", "--format", "yolo", "--images", str(IMAGES), "--annotations", str(LABELS), "--out", str(out), "--privileged-format", "examples.custom_format:MarkdownBoxes"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "grounding",
+                "--format",
+                "yolo",
+                "--images",
+                str(IMAGES),
+                "--annotations",
+                str(LABELS),
+                "--out",
+                str(out),
+                "--privileged-format",
+                "examples.custom_format:MarkdownBoxes",
+            ]
+        )
+        == 0
+    )
     record = load_records(out)[0]
-    assert "| object | x1 | y1 | x2 | y2 |" in record["privileged_context"] and record["privileged"]["format"] == "markdown_boxes"
+    assert (
+        "| object | x1 | y1 | x2 | y2 |" in record["privileged_context"]
+        and record["privileged"]["format"] == "markdown_boxes"
+    )
 
 
 def test_qwen25vl_coordinates_are_pixels_of_the_resized_image():
@@ -213,8 +316,14 @@ def mini(tmp_path):
     for i, (w, h) in enumerate([(64, 48), (80, 60)]):
         Image.fromarray(np.full((h, w, 3), 40 * (i + 1), dtype=np.uint8)).save(root / "images" / f"im{i}.png")
     coco = {
-        "images": [{"id": 1, "file_name": "im0.png", "width": 64, "height": 48}, {"id": 2, "file_name": "im1.png", "width": 80, "height": 60}],
-        "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 20, 10]}, {"id": 11, "image_id": 2, "category_id": 2, "bbox": [5, 5, 30, 30]}],
+        "images": [
+            {"id": 1, "file_name": "im0.png", "width": 64, "height": 48},
+            {"id": 2, "file_name": "im1.png", "width": 80, "height": 60},
+        ],
+        "annotations": [
+            {"id": 10, "image_id": 1, "category_id": 1, "bbox": [2, 3, 20, 10]},
+            {"id": 11, "image_id": 2, "category_id": 2, "bbox": [5, 5, 30, 30]},
+        ],
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
     }
     (root / "coco.json").write_text(json.dumps(coco))
@@ -246,37 +355,152 @@ def _set(path, text):
 
 MALFORMED = {
     "missing annotation file": ("coco", lambda r: (r / "coco.json").unlink(), ["coco.json", "annotations not found"]),
-    "invalid json": ("coco", lambda r: _set(r / "coco.json", '{"images": [}'), ["coco.json", "record line 1", "field column", "invalid JSON"]),
-    "invalid xml": ("voc", lambda r: _set(r / "voc" / "im1.xml", "<annotation><size>"), ["im1.xml", "record im1", "field xml"]),
+    "invalid json": (
+        "coco",
+        lambda r: _set(r / "coco.json", '{"images": [}'),
+        ["coco.json", "record line 1", "field column", "invalid JSON"],
+    ),
+    "invalid xml": (
+        "voc",
+        lambda r: _set(r / "voc" / "im1.xml", "<annotation><size>"),
+        ["im1.xml", "record im1", "field xml"],
+    ),
     "coco without images": ("coco", lambda r: _coco(r, lambda d: d.pop("images")), ["coco.json", "field images"]),
-    "coco without annotations": ("coco", lambda r: _coco(r, lambda d: d.pop("annotations")), ["coco.json", "field annotations"]),
-    "unknown image id": ("coco", lambda r: _coco(r, lambda d: d["annotations"][1].update(image_id=99)), ["coco.json", "record annotation id 11", "field image_id"]),
-    "unknown category id": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(category_id=7)), ["record annotation id 10", "field category_id"]),
-    "negative width": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, -1, 10])), ["record annotation id 10", "field bbox", "negative width"]),
-    "non-finite coco bbox": ("coco", lambda r: _set(r / "coco.json", (r / "coco.json").read_text().replace('"bbox": [2', '"bbox": [NaN', 1)), ["record annotation id 10", "field bbox", "non-finite"]),
-    "non-finite yolo value": ("yolo", lambda r: _set(r / "labels" / "im0.txt", "0 nan 0.5 0.2 0.2\n"), ["im0.txt", "record line 1", "field x_center", "non-finite"]),
-    "non-finite voc value": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>inf</ymax>")), ["im0.xml", "record im0 object 0", "field bndbox", "non-finite"]),
-    "zero width with --degenerate fail": ("coco", lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, 0, 10])), ["record annotation id 10", "field bbox", "zero width"]),
-    "non-positive height (voc)": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>2</ymax>")), ["im0.xml", "record im0 object 0", "field bndbox"]),
-    "box far outside": ("coco", lambda r: _coco(r, lambda d: d["annotations"][1].update(bbox=[70, 5, 60, 30])), ["record annotation id 11", "field bbox", "outside"]),
-    "yolo field count": ("yolo", lambda r: _set(r / "labels" / "im1.txt", "1 0.3 0.3 0.2\n"), ["im1.txt", "record line 1", "field fields"]),
-    "yolo non-numeric": ("yolo", lambda r: _set(r / "labels" / "im1.txt", "1 0.3 abc 0.2 0.2\n"), ["im1.txt", "record line 1", "field y_center"]),
-    "yolo class out of range": ("yolo", lambda r: _set(r / "labels" / "im0.txt", "0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n"), ["im0.txt", "record line 2", "field class"]),
-    "yolo coordinates outside [0, 1]": ("yolo", lambda r: _set(r / "labels" / "im0.txt", "0 1.5 0.5 0.2 0.2\n"), ["im0.txt", "record line 1", "field x_center"]),
-    "voc without size": ("voc", lambda r: _set(r / "voc" / "im0.xml", "<annotation><filename>im0.png</filename></annotation>"), ["im0.xml", "record im0", "field size"]),
-    "missing image": ("coco", lambda r: (r / "images" / "im1.png").unlink(), ["coco.json", "record image id 2", "field image", "not found"]),
-    "unreadable image": ("coco", lambda r: _set(r / "images" / "im1.png", "not an image"), ["record image id 2", "field image", "unreadable"]),
-    "truncated image": ("voc", lambda r: (r / "images" / "im0.png").write_bytes((r / "images" / "im0.png").read_bytes()[:60]), ["im0.xml", "record im0", "field image"]),
-    "path escaping the root": ("coco", lambda r: _coco(r, lambda d: d["images"][0].update(file_name="../../out/secret.png")), ["record image id 1", "field file_name", "escapes"]),
-    "absolute path": ("voc", lambda r: _set(r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<filename>im0.png", f"<filename>{r / 'images' / 'im0.png'}")), ["im0.xml", "field filename", "absolute"]),
-    "empty dataset": ("coco", lambda r: _coco(r, lambda d: (d.update(images=[], annotations=[]))), ["coco.json", "empty"]),
-    "duplicate image ids": ("coco", lambda r: _coco(r, lambda d: d["images"][1].update(id=1)), ["coco.json", "record image id 1", "duplicate"]),
+    "coco without annotations": (
+        "coco",
+        lambda r: _coco(r, lambda d: d.pop("annotations")),
+        ["coco.json", "field annotations"],
+    ),
+    "unknown image id": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["annotations"][1].update(image_id=99)),
+        ["coco.json", "record annotation id 11", "field image_id"],
+    ),
+    "unknown category id": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["annotations"][0].update(category_id=7)),
+        ["record annotation id 10", "field category_id"],
+    ),
+    "negative width": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, -1, 10])),
+        ["record annotation id 10", "field bbox", "negative width"],
+    ),
+    "non-finite coco bbox": (
+        "coco",
+        lambda r: _set(r / "coco.json", (r / "coco.json").read_text().replace('"bbox": [2', '"bbox": [NaN', 1)),
+        ["record annotation id 10", "field bbox", "non-finite"],
+    ),
+    "non-finite yolo value": (
+        "yolo",
+        lambda r: _set(r / "labels" / "im0.txt", "0 nan 0.5 0.2 0.2\n"),
+        ["im0.txt", "record line 1", "field x_center", "non-finite"],
+    ),
+    "non-finite voc value": (
+        "voc",
+        lambda r: _set(
+            r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>inf</ymax>")
+        ),
+        ["im0.xml", "record im0 object 0", "field bndbox", "non-finite"],
+    ),
+    "zero width with --degenerate fail": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["annotations"][0].update(bbox=[2, 3, 0, 10])),
+        ["record annotation id 10", "field bbox", "zero width"],
+    ),
+    "non-positive height (voc)": (
+        "voc",
+        lambda r: _set(
+            r / "voc" / "im0.xml", (r / "voc" / "im0.xml").read_text().replace("<ymax>15</ymax>", "<ymax>2</ymax>")
+        ),
+        ["im0.xml", "record im0 object 0", "field bndbox"],
+    ),
+    "box far outside": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["annotations"][1].update(bbox=[70, 5, 60, 30])),
+        ["record annotation id 11", "field bbox", "outside"],
+    ),
+    "yolo field count": (
+        "yolo",
+        lambda r: _set(r / "labels" / "im1.txt", "1 0.3 0.3 0.2\n"),
+        ["im1.txt", "record line 1", "field fields"],
+    ),
+    "yolo non-numeric": (
+        "yolo",
+        lambda r: _set(r / "labels" / "im1.txt", "1 0.3 abc 0.2 0.2\n"),
+        ["im1.txt", "record line 1", "field y_center"],
+    ),
+    "yolo class out of range": (
+        "yolo",
+        lambda r: _set(r / "labels" / "im0.txt", "0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.2 0.2\n"),
+        ["im0.txt", "record line 2", "field class"],
+    ),
+    "yolo coordinates outside [0, 1]": (
+        "yolo",
+        lambda r: _set(r / "labels" / "im0.txt", "0 1.5 0.5 0.2 0.2\n"),
+        ["im0.txt", "record line 1", "field x_center"],
+    ),
+    "voc without size": (
+        "voc",
+        lambda r: _set(r / "voc" / "im0.xml", "<annotation><filename>im0.png</filename></annotation>"),
+        ["im0.xml", "record im0", "field size"],
+    ),
+    "missing image": (
+        "coco",
+        lambda r: (r / "images" / "im1.png").unlink(),
+        ["coco.json", "record image id 2", "field image", "not found"],
+    ),
+    "unreadable image": (
+        "coco",
+        lambda r: _set(r / "images" / "im1.png", "not an image"),
+        ["record image id 2", "field image", "unreadable"],
+    ),
+    "truncated image": (
+        "voc",
+        lambda r: (r / "images" / "im0.png").write_bytes((r / "images" / "im0.png").read_bytes()[:60]),
+        ["im0.xml", "record im0", "field image"],
+    ),
+    "path escaping the root": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["images"][0].update(file_name="../../out/secret.png")),
+        ["record image id 1", "field file_name", "escapes"],
+    ),
+    "absolute path": (
+        "voc",
+        lambda r: _set(
+            r / "voc" / "im0.xml",
+            (r / "voc" / "im0.xml").read_text().replace("<filename>im0.png", f"<filename>{r / 'images' / 'im0.png'}"),
+        ),
+        ["im0.xml", "field filename", "absolute"],
+    ),
+    "empty dataset": (
+        "coco",
+        lambda r: _coco(r, lambda d: d.update(images=[], annotations=[])),
+        ["coco.json", "empty"],
+    ),
+    "duplicate image ids": (
+        "coco",
+        lambda r: _coco(r, lambda d: d["images"][1].update(id=1)),
+        ["coco.json", "record image id 1", "duplicate"],
+    ),
 }
 
 
 def _cli_args(fmt, root, out, extra=()):
     ann = {"coco": root / "coco.json", "yolo": root / "labels", "voc": root / "voc"}[fmt]
-    return ["build", "grounding", "--format", fmt, "--images", str(root / "images"), "--annotations", str(ann), "--out", str(out), *extra]
+    return [
+        "build",
+        "grounding",
+        "--format",
+        fmt,
+        "--images",
+        str(root / "images"),
+        "--annotations",
+        str(ann),
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["coco", "yolo", "voc"])
@@ -305,9 +529,12 @@ def test_questions_file_duplicate_ids_and_skip_mode(mini, capsys):
     root, out = mini
     qa = root / "qa.jsonl"
     qa.write_text(
-        json.dumps({"id": "a", "image": "im0.png", "question": "Is there a cat?", "answer": "yes"}) + "\n"
-        + json.dumps({"id": "a", "image": "im1.png", "question": "How many dogs?", "answer": "1"}) + "\n"
-        + json.dumps({"id": "b", "image": "../im1.png", "question": "How many dogs?"}) + "\n"
+        json.dumps({"id": "a", "image": "im0.png", "question": "Is there a cat?", "answer": "yes"})
+        + "\n"
+        + json.dumps({"id": "a", "image": "im1.png", "question": "How many dogs?", "answer": "1"})
+        + "\n"
+        + json.dumps({"id": "b", "image": "../im1.png", "question": "How many dogs?"})
+        + "\n"
     )
     assert main(_cli_args("coco", root, out, ["--questions", str(qa)])) == 1
     err = capsys.readouterr().err
@@ -327,7 +554,13 @@ def test_unknown_privileged_format_is_a_one_line_error(mini, capsys):
 
 
 # ------------------------------------------------- skip mode for every record-level fault (issue 13)
-FILE_LEVEL = {"missing annotation file", "invalid json", "coco without images", "coco without annotations", "empty dataset"}
+FILE_LEVEL = {
+    "missing annotation file",
+    "invalid json",
+    "coco without images",
+    "coco without annotations",
+    "empty dataset",
+}
 
 
 @pytest.mark.parametrize("case", [c for c in MALFORMED if c not in FILE_LEVEL])
@@ -355,12 +588,35 @@ def test_all_of_coco128_as_integer_voc_and_coco_builds_with_its_one_pixel_object
     # VOC corners are inclusive, so it is 1 pixel wide, as in the COCO JSON of the same numbers.
     stems = sorted(p.stem for p in LABELS.glob("*.txt") if (IMAGES / f"{p.stem}.jpg").exists())
     _write_coco_and_voc(tmp_path, stems)
-    voc_equal_corners = [b for x in (tmp_path / "voc").glob("*.xml") for b in ET.parse(x).getroot().iter("bndbox") if b.findtext("xmin") == b.findtext("xmax")]
+    voc_equal_corners = [
+        b
+        for x in (tmp_path / "voc").glob("*.xml")
+        for b in ET.parse(x).getroot().iter("bndbox")
+        if b.findtext("xmin") == b.findtext("xmax")
+    ]
     assert len(voc_equal_corners) >= 1
     built = {}
     for fmt, ann in (("coco", tmp_path / "coco.json"), ("voc", tmp_path / "voc")):
         out = tmp_path / f"{fmt}.jsonl"
-        assert main(["build", "grounding", "--format", fmt, "--images", str(IMAGES), "--annotations", str(ann), "--out", str(out), "--objects", "all"]) == 0
+        assert (
+            main(
+                [
+                    "build",
+                    "grounding",
+                    "--format",
+                    fmt,
+                    "--images",
+                    str(IMAGES),
+                    "--annotations",
+                    str(ann),
+                    "--out",
+                    str(out),
+                    "--objects",
+                    "all",
+                ]
+            )
+            == 0
+        )
         assert "degenerate" not in capsys.readouterr().out
         built[fmt] = [{**r, "meta": {k: v for k, v in r["meta"].items() if k != "source"}} for r in load_records(out)]
     assert built["coco"] == built["voc"]
@@ -402,19 +658,50 @@ def test_zero_width_boxes_are_dropped_and_counted_kept_or_fatal_by_option(tmp_pa
 
     def build(name, *options):
         out = tmp_path / f"{name}.jsonl"
-        code = main(["build", "grounding", "--format", fmt, "--images", str(IMAGES), "--annotations", str(ann), "--out", str(out), "--objects", "all", *extra, *options])
+        code = main(
+            [
+                "build",
+                "grounding",
+                "--format",
+                fmt,
+                "--images",
+                str(IMAGES),
+                "--annotations",
+                str(ann),
+                "--out",
+                str(out),
+                "--objects",
+                "all",
+                *extra,
+                *options,
+            ]
+        )
         return code, out, capsys.readouterr()
 
     code, dropped, printed = build("drop")
     assert code == 0 and "degenerate boxes dropped 1" in printed.out
     code, kept, printed = build("keep", "--degenerate", "keep")
     assert code == 0 and "degenerate boxes kept 1" in printed.out
+
     def count(path):  # objects per image (every question of an image carries all its objects)
-        return sum({r["prompt"][0]["content"][0]["image"]: len(r["privileged"]["objects"]) for r in load_records(path)}.values())
+        return sum(
+            {
+                r["prompt"][0]["content"][0]["image"]: len(r["privileged"]["objects"]) for r in load_records(path)
+            }.values()
+        )
 
     assert count(kept) == count(dropped) + 1
-    zero = {(r["prompt"][0]["content"][0]["image"], str(o)) for r in load_records(kept) for o in r["privileged"]["objects"] if o["bbox_px"][2] == o["bbox_px"][0]}
+    zero = {
+        (r["prompt"][0]["content"][0]["image"], str(o))
+        for r in load_records(kept)
+        for o in r["privileged"]["objects"]
+        if o["bbox_px"][2] == o["bbox_px"][0]
+    }
     assert len(zero) == 1 and "000000000540" in next(iter(zero))[0]
     code, failed, printed = build("fail", "--degenerate", "fail")
-    assert code == 1 and "zero width or height" in printed.err and ("000000000540" in printed.err or "annotation id" in printed.err)
+    assert (
+        code == 1
+        and "zero width or height" in printed.err
+        and ("000000000540" in printed.err or "annotation id" in printed.err)
+    )
     assert not failed.exists()

@@ -1,4 +1,4 @@
-"""The collapse guard (dopd_vl/guard.py): unit cases on metric sequences, and real training runs
+"""The collapse guard (dopd_vl/training/guard.py): unit cases on metric sequences, and real training runs
 through the Trainer that collapse by construction (a teacher that only ends the answer, a teacher
 whose output is uniform) or stay healthy, with `collapse_action` warn and stop."""
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from dopd_vl.guard import CollapseGuard, CollapseGuardConfig
+from dopd_vl.training.guard import CollapseGuard, CollapseGuardConfig
 
 SMALL = CollapseGuardConfig(baseline_steps=4, window=4, patience=2)
 
@@ -31,8 +31,15 @@ def healthy_rows(n=40):
     rows = []
     for i in range(n):
         noise = float(torch.rand((), generator=g)) - 0.5
-        rows.append({"response_length": 30 + 3 * noise, "eos_only_frac": 0.0, "entropy/student": 1.2 * (1 - i / (1.5 * n)) + 0.1 * noise,
-                     "accuracy": min(0.9, 0.3 + i / n * 0.5 + 0.05 * noise), "loss": 0.5 - i / (3 * n)})
+        rows.append(
+            {
+                "response_length": 30 + 3 * noise,
+                "eos_only_frac": 0.0,
+                "entropy/student": 1.2 * (1 - i / (1.5 * n)) + 0.1 * noise,
+                "accuracy": min(0.9, 0.3 + i / n * 0.5 + 0.05 * noise),
+                "loss": 0.5 - i / (3 * n),
+            }
+        )
     return rows
 
 
@@ -53,7 +60,9 @@ def test_end_token_only_responses_are_a_length_collapse_after_patience():
 
 
 def test_near_uniform_output_is_an_entropy_collapse():
-    rows = [{"response_length": 4.0, "entropy/student": 1.0}] * 4 + [{"response_length": 4.0, "entropy/student": 4.3}] * 6
+    rows = [{"response_length": 4.0, "entropy/student": 1.0}] * 4 + [
+        {"response_length": 4.0, "entropy/student": 4.3}
+    ] * 6
     (alarm,) = feed(CollapseGuard(SMALL), rows)
     assert alarm.kinds == ["entropy"] and alarm.evidence["entropy/student"] == (1.0, 4.3)
 
@@ -74,7 +83,12 @@ def test_accuracy_collapse_with_full_length_confident_output():
 def test_accuracy_too_low_to_judge_is_ignored_and_a_short_blip_is_not_confirmed():
     rows = [{"accuracy": 0.02}] * 4 + [{"accuracy": 0.0}] * 10
     assert feed(CollapseGuard(SMALL), rows) == []
-    blip = [{"response_length": 10.0}] * 4 + [{"response_length": 10.0}] * 3 + [{"response_length": 0.5}] + [{"response_length": 10.0}] * 6
+    blip = (
+        [{"response_length": 10.0}] * 4
+        + [{"response_length": 10.0}] * 3
+        + [{"response_length": 0.5}]
+        + [{"response_length": 10.0}] * 6
+    )
     assert feed(CollapseGuard(CollapseGuardConfig(baseline_steps=4, window=1, patience=2)), blip) == []
 
 
@@ -87,8 +101,8 @@ def test_guard_state_round_trips_for_resume():
 
 
 def test_invalid_guard_settings_are_config_errors():
-    from dopd_vl.config import load_config
     from dopd_vl.errors import ConfigError
+    from dopd_vl.training.config import load_config
 
     with pytest.raises(ConfigError, match="collapse_action"):
         load_config(None, ["collapse_action=panic"])
@@ -108,10 +122,11 @@ def toy_models(tmp_path_factory):
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    from dopd_vl.data import load_records
-    from dopd_vl.modality import make_adapter
-    from dopd_vl.models import build_tiny_qwen3, load_model
-    from dopd_vl.sft import SFTConfig, supervised_finetune
+    from dopd_vl.data.records import load_records
+    from dopd_vl.modality.adapters import make_adapter
+    from dopd_vl.models.loading import load_model
+    from dopd_vl.models.tiny import build_tiny_qwen3
+    from dopd_vl.training.sft import SFTConfig, supervised_finetune
     from examples.toy_privilege.task import build_char_tokenizer, write_split
 
     root = tmp_path_factory.mktemp("guard")
@@ -121,15 +136,30 @@ def toy_models(tmp_path_factory):
     adapter = make_adapter(tokenizer)
     made = {}
     for name, seed in (("student", 2), ("teacher", 3), ("eos_teacher", 4), ("uniform_teacher", 5)):
-        folder = build_tiny_qwen3(root / name, tokenizer=tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                  intermediate_size=64, lm_head_rows=0, seed=seed)
+        folder = build_tiny_qwen3(
+            root / name,
+            tokenizer=tokenizer,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            intermediate_size=64,
+            lm_head_rows=0,
+            seed=seed,
+        )
         model = load_model(folder)
         if name == "eos_teacher":
             train = [{**r, "answer": ""} for r in records]  # answer = the end token alone
         else:
             train = records
         if name != "uniform_teacher":
-            supervised_finetune(model, adapter, train, len(tokenizer), SFTConfig(steps=60, batch_size=32, lr=3e-3, views=("student", "student_priv"), seed=seed))
+            supervised_finetune(
+                model,
+                adapter,
+                train,
+                len(tokenizer),
+                SFTConfig(steps=60, batch_size=32, lr=3e-3, views=("student", "student_priv"), seed=seed),
+            )
         else:
             with torch.no_grad():
                 model.get_output_embeddings().weight.zero_()  # tied: every logit 0, uniform output
@@ -140,15 +170,31 @@ def toy_models(tmp_path_factory):
 
 
 def guarded_run(toy_models, tmp_path, teacher, action, lr, steps=24):
-    from dopd_vl.config import load_config
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.config import load_config
+    from dopd_vl.training.trainer import Trainer
 
-    config = load_config(None, [
-        f"student.name_or_path={toy_models['student']}", f"teacher.name_or_path={toy_models[teacher]}", f"data.train={toy_models['data']}",
-        f"output_dir={tmp_path / teacher}", "objective.name=vanilla_opd", "objective.top_k=16", "objective.baseline_support=full",
-        f"max_steps={steps}", "save_steps=1000", "rollout.num_generations=2", "rollout.max_new_tokens=4", "optim.batch_size=8",
-        f"optim.lr={lr}", f"collapse_action={action}", "collapse_guard.baseline_steps=2", "collapse_guard.window=3", "collapse_guard.patience=2",
-    ])
+    config = load_config(
+        None,
+        [
+            f"student.name_or_path={toy_models['student']}",
+            f"teacher.name_or_path={toy_models[teacher]}",
+            f"data.train={toy_models['data']}",
+            f"output_dir={tmp_path / teacher}",
+            "objective.name=vanilla_opd",
+            "objective.top_k=16",
+            "objective.baseline_support=full",
+            f"max_steps={steps}",
+            "save_steps=1000",
+            "rollout.num_generations=2",
+            "rollout.max_new_tokens=4",
+            "optim.batch_size=8",
+            f"optim.lr={lr}",
+            f"collapse_action={action}",
+            "collapse_guard.baseline_steps=2",
+            "collapse_guard.window=3",
+            "collapse_guard.patience=2",
+        ],
+    )
     return Trainer(config)
 
 
@@ -159,18 +205,26 @@ def alarms_in(run_dir):
 
 def test_length_collapse_is_detected_in_a_real_run_and_warned_once(toy_models, tmp_path, caplog):
     trainer = guarded_run(toy_models, tmp_path, "eos_teacher", "warn", lr=3e-2)
-    with caplog.at_level(logging.WARNING, logger="dopd_vl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="dopd_vl.training.trainer"):
         trainer.train()
     rows, alarm_steps = alarms_in(tmp_path / "eos_teacher")
     assert len(rows) == 24 and len(alarm_steps) == 1  # warned once, training went on
     warnings = [r.getMessage() for r in caplog.records if "collapse guard" in r.getMessage()]
-    assert len(warnings) == 1 and "length" in warnings[0] and "optim.lr" in warnings[0] and "Training goes on" in warnings[0]
-    assert rows[alarm_steps[0] - 1]["eos_only_frac"] >= 0.5 and rows[0]["eos_only_frac"] < 0.25  # real metrics, not a constructed table
+    assert (
+        len(warnings) == 1
+        and "length" in warnings[0]
+        and "optim.lr" in warnings[0]
+        and "Training goes on" in warnings[0]
+    )
+    assert (
+        rows[alarm_steps[0] - 1]["eos_only_frac"] >= 0.5 and rows[0]["eos_only_frac"] < 0.25
+    )  # real metrics, not a constructed table
 
 
 def test_entropy_collapse_stops_the_run_after_a_clean_checkpoint(toy_models, tmp_path):
-    from dopd_vl.trainer import CollapseDetected
     from transformers import AutoModelForCausalLM
+
+    from dopd_vl.errors import CollapseDetected
 
     trainer = guarded_run(toy_models, tmp_path, "uniform_teacher", "stop", lr=2e-3)
     with pytest.raises(CollapseDetected, match="entropy") as caught:
@@ -207,6 +261,12 @@ def test_noisy_accuracy_of_a_weak_student_is_no_alarm():
     rows = []
     for i in range(60):
         dip = 0.06 if 15 <= i < 35 else 0.0
-        rows.append({"response_length": 31 + float(torch.rand((), generator=g)), "clipped_frac": 0.05, "entropy/student": 0.5,
-                     "accuracy": max(0.0, 0.11 - dip + 0.04 * (float(torch.rand((), generator=g)) - 0.5))})
+        rows.append(
+            {
+                "response_length": 31 + float(torch.rand((), generator=g)),
+                "clipped_frac": 0.05,
+                "entropy/student": 0.5,
+                "accuracy": max(0.0, 0.11 - dip + 0.04 * (float(torch.rand((), generator=g)) - 0.5)),
+            }
+        )
     assert feed(CollapseGuard(), rows) == []

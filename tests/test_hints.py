@@ -5,19 +5,52 @@ import re
 
 import pytest
 
-from conftest import GSM8K
 from data_builders.hints import build_hints, make_hints, parse_solution
 from dopd_vl.cli import main
-from dopd_vl.data import load_records
+from dopd_vl.data.records import load_records
+
+from conftest import GSM8K
 
 TEST = GSM8K / "test.jsonl"
-pytestmark = [pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone"),
-              pytest.mark.xdist_group("gsm8k_steps")]  # with --dist loadgroup: one worker builds its fixture
+pytestmark = [
+    pytest.mark.skipif(not TEST.is_file(), reason="../shared/data/gsm8k is not beside the clone"),
+    pytest.mark.xdist_group("gsm8k_steps"),
+]  # with --dist loadgroup: one worker builds its fixture
 
 
-_WORD_VALUES = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-                                             "fifteen sixteen seventeen eighteen nineteen".split())}
-_WORD_VALUES.update({w: 10 * i for i, w in enumerate("twenty thirty forty fifty sixty seventy eighty ninety".split(), start=2)})
+_WORD_VALUES = {
+    w: i
+    for i, w in enumerate(
+        [
+            "zero",
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "six",
+            "seven",
+            "eight",
+            "nine",
+            "ten",
+            "eleven",
+            "twelve",
+            "thirteen",
+            "fourteen",
+            "fifteen",
+            "sixteen",
+            "seventeen",
+            "eighteen",
+            "nineteen",
+        ]
+    )
+}
+_WORD_VALUES.update(
+    {
+        w: 10 * i
+        for i, w in enumerate(["twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"], start=2)
+    }
+)
 
 
 def _numbers(text):
@@ -68,7 +101,10 @@ def test_leak_report_matches_an_independent_check(tmp_path, capsys):
         assert reported == expected, style
         if style == "steps":
             assert reported == 0
-            assert re.search(r"masked numbers glued to units (\d+)", printed) and int(re.search(r"masked numbers glued to units (\d+)", printed).group(1)) > 0
+            assert (
+                re.search(r"masked numbers glued to units (\d+)", printed)
+                and int(re.search(r"masked numbers glued to units (\d+)", printed).group(1)) > 0
+            )
         else:
             assert reported > 1000
 
@@ -85,13 +121,20 @@ def test_a_final_answer_glued_to_a_unit_is_masked_and_would_be_reported(tmp_path
     hints = load_records(out)[0]["privileged"]["hints"]
     assert hints[-1] == "So, Ashley\u2019s internet connection speed is ?*60 = ?Mb per hour."
     assert "leaks 0" in printed and "masked numbers glued to units 2" in printed  # 1.2Mb, 72Mb
-    assert main(["build", "hints", "--input", str(data), "--out", str(tmp_path / "exec.jsonl"), "--style", "steps_exec"]) == 0
+    assert (
+        main(["build", "hints", "--input", str(data), "--out", str(tmp_path / "exec.jsonl"), "--style", "steps_exec"])
+        == 0
+    )
     assert "leaks 1" in capsys.readouterr().out  # the unmasked steps keep "72Mb": now a reported leak
 
 
 def test_steps_hide_every_computed_result_and_exec_keeps_them():
     steps, final, results = parse_solution("It takes 2/2=<<2/2=1>>1 bolt\nSo the total is 2+1=<<2+1=3>>3 bolts\n#### 3")
-    assert (steps, final, results) == (["It takes 2/2=<<2/2=1>>1 bolt", "So the total is 2+1=<<2+1=3>>3 bolts"], "3", ["1", "3"])
+    assert (steps, final, results) == (
+        ["It takes 2/2=<<2/2=1>>1 bolt", "So the total is 2+1=<<2+1=3>>3 bolts"],
+        "3",
+        ["1", "3"],
+    )
     assert make_hints(steps, final, results, "steps") == ["It takes 2/2=? bolt", "So the total is 2+?=? bolts"]
     assert make_hints(steps, final, results, "steps_exec") == ["It takes 2/2=1 bolt", "So the total is 2+1=3 bolts"]
     assert make_hints(steps, final, results, "summary") == ["Compute 2/2, then 2+?."]
@@ -101,8 +144,24 @@ def test_steps_hide_every_computed_result_and_exec_keeps_them():
 def test_generic_records_and_a_hint_generator(tmp_path):
     data = tmp_path / "in.jsonl"
     data.write_text(
-        json.dumps({"id": "g1", "question": "A box holds 6 eggs. How many eggs in 7 boxes?", "solution": ["Multiply eggs per box by boxes: 6 * 7 = 42.", "So 42 eggs."], "answer": "42"}) + "\n"
-        + json.dumps({"id": "g2", "question": "What is the capital of France?", "hints": ["It is on the Seine.", "It is Paris."], "answer": "Paris"}) + "\n"
+        json.dumps(
+            {
+                "id": "g1",
+                "question": "A box holds 6 eggs. How many eggs in 7 boxes?",
+                "solution": ["Multiply eggs per box by boxes: 6 * 7 = 42.", "So 42 eggs."],
+                "answer": "42",
+            }
+        )
+        + "\n"
+        + json.dumps(
+            {
+                "id": "g2",
+                "question": "What is the capital of France?",
+                "hints": ["It is on the Seine.", "It is Paris."],
+                "answer": "Paris",
+            }
+        )
+        + "\n"
     )
     report = build_hints(data, tmp_path / "out.jsonl")
     r1, r2 = report.records
@@ -119,13 +178,16 @@ def test_generic_records_and_a_hint_generator(tmp_path):
     assert [leak["id"] for leak in report.leaks] == ["g1"]
 
 
-@pytest.mark.parametrize("line,field", [
-    ('{"question": "q", "answer": "no final line"}', "field answer"),
-    ('{"question": "", "answer": "a\\n#### 1"}', "field question"),
-    ('{"question": "q", "answer": "#### 1"}', "field answer"),
-    ('{"question": "q", "solution": 5}', "field solution"),
-    ("{not json", "field column"),
-])
+@pytest.mark.parametrize(
+    "line,field",
+    [
+        ('{"question": "q", "answer": "no final line"}', "field answer"),
+        ('{"question": "", "answer": "a\\n#### 1"}', "field question"),
+        ('{"question": "q", "answer": "#### 1"}', "field answer"),
+        ('{"question": "q", "solution": 5}', "field solution"),
+        ("{not json", "field column"),
+    ],
+)
 def test_malformed_hint_inputs_fail_cleanly(tmp_path, capsys, line, field):
     data = tmp_path / "in.jsonl"
     data.write_text('{"question": "ok?", "answer": "x=<<1+1=2>>2\\n#### 2"}\n' + line + "\n")
@@ -136,4 +198,6 @@ def test_malformed_hint_inputs_fail_cleanly(tmp_path, capsys, line, field):
     assert "\n" not in err and "in.jsonl:2" in err and field in err
     assert out.read_text() == "KEEP\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
     assert main(["build", "hints", "--input", str(data), "--out", str(out), "--on-error", "skip"]) == 0
-    assert len(load_records(out)) == 1 and json.loads((tmp_path / "out.jsonl.skipped.jsonl").read_text())["file"].endswith(":2")
+    assert len(load_records(out)) == 1 and json.loads((tmp_path / "out.jsonl.skipped.jsonl").read_text())[
+        "file"
+    ].endswith(":2")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dopd_vl.loss import chunked_objective_loss, objective_loss, target_states
-from dopd_vl.objectives import DOPDConfig, build_objective
+from dopd_vl.loss.routed import token_weights
+from dopd_vl.method.objectives import ObjectiveConfig, build_objective
 
 pytest.importorskip("triton")
 
@@ -26,15 +27,26 @@ def setup():
     lengths = torch.tensor([6, 2, 5])
     mask = torch.arange(6)[None, :] < lengths[:, None]
     ids = torch.randint(0, VOCAB, (3, 6), generator=g)
-    hidden = {k: torch.randn(3, 6, H, generator=g, dtype=torch.float64) for k in ("teacher_priv", "student_priv", "teacher_plain", "reference")}
-    tensors = dict(mask=mask, ids=ids, teacher=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
-                   embed=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64), other=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
-                   proj=torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H))
+    hidden = {
+        k: torch.randn(3, 6, H, generator=g, dtype=torch.float64)
+        for k in ("teacher_priv", "student_priv", "teacher_plain", "reference")
+    }
+    tensors = dict(
+        mask=mask,
+        ids=ids,
+        teacher=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+        embed=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+        other=0.7 * torch.randn(ROWS, H, generator=g, dtype=torch.float64),
+        proj=torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H),
+    )
     return {**{k: v.to(DEVICE) for k, v in tensors.items()}, "hidden": {k: v.to(DEVICE) for k, v in hidden.items()}}
 
 
 def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
-    setup = {k: v if k in ("mask", "ids") else ({h: x.to(dtype) for h, x in v.items()} if k == "hidden" else v.to(dtype)) for k, v in setup.items()}
+    setup = {
+        k: v if k in ("mask", "ids") else ({h: x.to(dtype) for h, x in v.items()} if k == "hidden" else v.to(dtype))
+        for k, v in setup.items()
+    }
     mask, ids = setup["mask"], setup["ids"]
     obj = build_objective(config)
     embed, proj = setup["embed"].clone().requires_grad_(), setup["proj"].clone().requires_grad_()
@@ -43,17 +55,31 @@ def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
     heads = {v: setup["teacher"] if v.startswith("teacher") else head.detach() for v in obj.views}
     if backend == "reference":
         view_logits = {v: setup["hidden"][v] @ heads[v][:VOCAB].T for v in obj.views}
-        out = objective_loss(obj, student_hidden @ head[:VOCAB].T, view_logits, ids, mask, vocab_size=VOCAB, prune_generator=torch.Generator().manual_seed(0))
+        out = objective_loss(
+            obj,
+            student_hidden @ head[:VOCAB].T,
+            view_logits,
+            ids,
+            mask,
+            vocab_size=VOCAB,
+            prune_generator=torch.Generator().manual_seed(0),
+        )
         loss, token_loss = out.loss, out.token_loss[mask]
     else:
         flat = ids[mask]
         targets = {v: target_states(setup["hidden"][v][mask], heads[v], flat, VOCAB, chunk_size=4) for v in obj.views}
-        signals = obj.token_signals({v: t.token_logprob for v, t in targets.items()}, {v: t.entropy for v, t in targets.items()})
+        signals = obj.token_signals(
+            {v: t.token_logprob for v, t in targets.items()}, {v: t.entropy for v, t in targets.items()}
+        )
         keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
         stats = obj.step_statistics(signals, keys)
         route = obj.assign_routes(torch.ones_like(flat, dtype=torch.bool), signals, stats, keys)
-        weight = obj.token_weights(mask, torch.full(mask.shape, -1, device=mask.device).masked_scatter(mask, route), stats, signals)[mask]
-        out = chunked_objective_loss(obj, student_hidden[mask], head, flat, route, weight, targets, VOCAB, chunk_size=5, backend=backend)
+        weight = token_weights(
+            obj, mask, torch.full(mask.shape, -1, device=mask.device).masked_scatter(mask, route), stats, signals
+        )[mask]
+        out = chunked_objective_loss(
+            obj, student_hidden[mask], head, flat, route, weight, targets, VOCAB, chunk_size=5, backend=backend
+        )
         loss, token_loss = out.loss, out.token_loss
         s_logp = (student_hidden[mask] @ head[:VOCAB].T).log_softmax(-1)
         assert torch.allclose(out.student_entropy, -(s_logp.exp() * s_logp).sum(-1), rtol=1e-5)
@@ -62,19 +88,23 @@ def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
 
 
 CONFIGS = [
-    DOPDConfig(top_k=16),
-    DOPDConfig(top_k=16, normalization="token", topk_source="target", js_beta=0.3),
-    DOPDConfig(top_k=16, topk_tail=False, regime_routes={"LL": {"support": "sampled"}, "HT": {"divergence": "fkl"}}),
-    DOPDConfig(top_k=16, regime_routes={"HS": {"enabled": False}, "LH": {"support": "full", "divergence": "js", "weight": 0.9}}),
-    DOPDConfig(top_k=VOCAB + 5),  # K >= V: the cells are the vocabulary
-    DOPDConfig(name="vanilla_opd", baseline_support="full"),
-    DOPDConfig(name="vanilla_opd", baseline_support="sampled"),
-    DOPDConfig(name="self_distill", top_k=16, baseline_divergence="js"),
-    DOPDConfig(name="pruned_opd", top_k=16, prune_by="random"),
-    DOPDConfig(name="eopd", top_k=16),
-    DOPDConfig(name="eopd", top_k=16, baseline_support="topk"),
-    DOPDConfig(name="exopd", exopd_lambda=1.5),
-    DOPDConfig(name="va_opd", top_k=16),
+    ObjectiveConfig(top_k=16),
+    ObjectiveConfig(top_k=16, normalization="token", topk_source="target", js_beta=0.3),
+    ObjectiveConfig(
+        top_k=16, topk_tail=False, regime_routes={"LL": {"support": "sampled"}, "HT": {"divergence": "fkl"}}
+    ),
+    ObjectiveConfig(
+        top_k=16, regime_routes={"HS": {"enabled": False}, "LH": {"support": "full", "divergence": "js", "weight": 0.9}}
+    ),
+    ObjectiveConfig(top_k=VOCAB + 5),  # K >= V: the cells are the vocabulary
+    ObjectiveConfig(name="vanilla_opd", baseline_support="full"),
+    ObjectiveConfig(name="vanilla_opd", baseline_support="sampled"),
+    ObjectiveConfig(name="self_distill", top_k=16, baseline_divergence="js"),
+    ObjectiveConfig(name="pruned_opd", top_k=16, prune_by="random"),
+    ObjectiveConfig(name="eopd", top_k=16),
+    ObjectiveConfig(name="eopd", top_k=16, baseline_support="topk"),
+    ObjectiveConfig(name="exopd", exopd_lambda=1.5),
+    ObjectiveConfig(name="va_opd", top_k=16),
 ]
 
 
@@ -111,21 +141,29 @@ def test_backend_resolution():
 
 def test_a_training_step_is_the_same_with_either_backend(tmp_path):
     """One step of the Trainer on the tiny models (real Qwen vocabulary) with each backend."""
-    from conftest import REPO
+    from dopd_vl.training.config import load_config
+    from dopd_vl.training.trainer import Trainer
 
-    from dopd_vl.config import load_config
-    from dopd_vl.trainer import Trainer
+    from conftest import REPO
 
     results = {}
     for backend in ("torch", "triton"):
-        config = load_config(REPO / "configs" / "tiny_text.yaml", [f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}",
-                                                                  f"output_dir={tmp_path / backend}", f"loss_backend={backend}", "rollout.max_new_tokens=3",
-                                                                  "optim.batch_size=1", "rollout.num_generations=2",
-                                                                  "student.dtype=float64", "teacher.dtype=float64"])
+        config = load_config(
+            REPO / "configs" / "tiny_text.yaml",
+            [
+                f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}",
+                f"output_dir={tmp_path / backend}",
+                f"loss_backend={backend}",
+                "rollout.max_new_tokens=3",
+                "optim.batch_size=1",
+                "rollout.num_generations=2",
+                "student.dtype=float64",
+                "teacher.dtype=float64",
+            ],
+        )
         trainer = Trainer(config)
-        assert trainer.loss_backend == backend
-        trainer._seed_step()
-        results[backend] = trainer.train_step([trainer.rollout(ix) for ix in trainer._step_prompt_indices()])
+        assert trainer.backends.loss_backend == backend
+        results[backend] = trainer.train_step(trainer.sample())
     # Random tiny models at the real vocabulary are near-uniform (a loss of ~1e-5 per token), which
     # fp32 cannot resolve to better than ~1%; in float64 both backends agree to rounding.
     for key in ("loss", "grad_norm", "entropy/student", "frac/HT"):
@@ -141,26 +179,50 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     import logging
 
     import dopd_vl.loss.kernels as kernels
-    import dopd_vl.trainer as trainer_module
+    import dopd_vl.training.trainer as trainer_module
+    from dopd_vl.errors import BackendCheckError
+    from dopd_vl.training.config import load_config
+
     from conftest import REPO
-    from dopd_vl.config import load_config
-    from dopd_vl.loss.selfcheck import BackendCheckError
 
     def config(name, *extra):
-        return load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={tmp_path / name}", "max_steps=1", "save_steps=10", "optim.batch_size=1",
-                                                                "rollout.max_new_tokens=3", "objective.top_k=16", *extra])
+        return load_config(
+            REPO / "configs" / "tiny_text.yaml",
+            [
+                f"output_dir={tmp_path / name}",
+                "max_steps=1",
+                "save_steps=10",
+                "optim.batch_size=1",
+                "rollout.max_new_tokens=3",
+                "objective.top_k=16",
+                *extra,
+            ],
+        )
 
-    vanilla = "objective.name=vanilla_opd"  # one route (DOPD's four: test_a_training_step_is_the_same_with_either_backend)
+    vanilla = (
+        "objective.name=vanilla_opd"  # one route (DOPD's four: test_a_training_step_is_the_same_with_either_backend)
+    )
     with caplog.at_level(logging.WARNING):
         trainer = trainer_module.Trainer(config("ok", "loss_backend=triton", vanilla))
-    assert trainer.loss_backend == "triton" and trainer.backend_check.passed and trainer.backend_check.rows == 1
-    assert trainer.backend_check.max_rel_error < 1e-5 and [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert (
+        trainer.backends.loss_backend == "triton"
+        and trainer.backends.backend_check.passed
+        and trainer.backends.backend_check.rows == 1
+    )
+    assert (
+        trainer.backends.backend_check.max_rel_error < 1e-5
+        and [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    )
 
     real = kernels.routed_chunk_loss
-    monkeypatch.setattr(kernels, "routed_chunk_loss", lambda *a, **k: (lambda loss, grad, ent: (loss, -grad, ent))(*real(*a, **k)))
+    monkeypatch.setattr(
+        kernels, "routed_chunk_loss", lambda *a, **k: (lambda loss, grad, ent: (loss, -grad, ent))(*real(*a, **k))
+    )
     with pytest.raises(BackendCheckError, match="differ from the torch path"):
         trainer_module.Trainer(config("explicit", "loss_backend=triton", vanilla))
-    monkeypatch.setattr(trainer_module, "resolve_loss_backend", lambda backend, device: "triton" if backend == "auto" else backend)  # as on a GPU
+    monkeypatch.setattr(
+        trainer_module, "resolve_loss_backend", lambda backend, device: "triton" if backend == "auto" else backend
+    )  # as on a GPU
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         fallback = trainer_module.Trainer(config("fallback", "loss_backend=auto", vanilla))
@@ -169,7 +231,17 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     fallback.train()
     torch_run = trainer_module.Trainer(config("torch", "loss_backend=torch", vanilla))
     torch_run.train()
-    first = [json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("fallback", "torch")]
-    assert first[0]["loss"] == first[1]["loss"] and first[0]["loss_backend/self_check_passed"] == 0.0 and first[0]["loss_backend/triton"] == 0.0
+    first = [
+        json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[0]) for name in ("fallback", "torch")
+    ]
+    assert (
+        first[0]["loss"] == first[1]["loss"]
+        and first[0]["loss_backend/self_check_passed"] == 0.0
+        and first[0]["loss_backend/triton"] == 0.0
+    )
     info = json.loads((tmp_path / "fallback" / "run.json").read_text())
-    assert info["loss_backend"]["requested"] == "auto" and info["loss_backend"]["used"] == "torch" and info["loss_backend"]["self_check"]["passed"] is False
+    assert (
+        info["loss_backend"]["requested"] == "auto"
+        and info["loss_backend"]["used"] == "torch"
+        and info["loss_backend"]["self_check"]["passed"] is False
+    )

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from dopd_vl.errors import ModelError
-from dopd_vl.models import (
+from dopd_vl.models.folders import load_tokenizer
+from dopd_vl.models.loading import (
     check_same_tokenizer,
     final_hidden_states,
     is_vision_model,
     load_model,
     load_processing,
-    load_tokenizer,
     output_embedding_weight,
     vision_token_ids,
 )

@@ -7,11 +7,12 @@ import os
 from pathlib import Path
 
 import pytest
+from test_grounding import _cli_args, mini  # noqa: F401  (the fixture)
+
+from dopd_vl.cli import main
+from dopd_vl.data.records import load_records
 
 from conftest import REPO
-from dopd_vl.cli import main
-from dopd_vl.data import load_records
-from test_grounding import _cli_args, mini  # noqa: F401  (the fixture)
 
 SHAPES = REPO / "configs" / "data" / "shapes"
 
@@ -35,10 +36,21 @@ def _embedded_detection_dataset(path: Path, rows: int = 4) -> Path:
     data = []
     for entry in coco["images"][:rows]:
         anns = [a for a in coco["annotations"] if a["image_id"] == entry["id"]]
-        data.append({"image": {"bytes": (SHAPES / "images" / entry["file_name"]).read_bytes(), "path": None},
-                     "objects": {"bbox": [a["bbox"] for a in anns], "category": [cat_index[a["category_id"]] for a in anns]}})
-    features = datasets.Features({"image": datasets.Image(), "objects": {"bbox": datasets.List(datasets.List(datasets.Value("float64"))),
-                                                                        "category": datasets.List(datasets.ClassLabel(names=names))}})
+        data.append(
+            {
+                "image": {"bytes": (SHAPES / "images" / entry["file_name"]).read_bytes(), "path": None},
+                "objects": {"bbox": [a["bbox"] for a in anns], "category": [cat_index[a["category_id"]] for a in anns]},
+            }
+        )
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "objects": {
+                "bbox": datasets.List(datasets.List(datasets.Value("float64"))),
+                "category": datasets.List(datasets.ClassLabel(names=names)),
+            },
+        }
+    )
     datasets.Dataset.from_list(data, features=features).save_to_disk(str(path))
     return path
 
@@ -51,19 +63,69 @@ def test_embedded_images_are_written_beside_a_jsonl_output_and_train_from_elsewh
     folder = out.parent / "train_images"
     files = sorted(p.name for p in folder.iterdir())
     assert len(files) == 4 and all(name.endswith(".png") for name in files)
-    used = {part["image"] for r in records for m in r["prompt"] for part in m["content"] if isinstance(part, dict) and part.get("type") == "image"}
+    used = {
+        part["image"]
+        for r in records
+        for m in r["prompt"]
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") == "image"
+    }
     assert used == {f"train_images/{name}" for name in files}
     scene = (SHAPES / "images" / "scene_000.png").read_bytes()
     assert any((folder / name).read_bytes() == scene for name in files)  # the bytes themselves, not a re-encoding
     # Training reads them from another working directory: paths resolve against the dataset's folder.
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
-    assert main(["train", str(REPO / "configs" / "tiny_vlm.yaml"), f"data.train={out}", f"output_dir={run}", "max_steps=1", "save_steps=10"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(REPO / "configs" / "tiny_vlm.yaml"),
+                f"data.train={out}",
+                f"output_dir={run}",
+                "max_steps=1",
+                "save_steps=10",
+            ]
+        )
+        == 0
+    )
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1
     # --images-dir names the folder; it must stay beside the output.
-    assert main(["build", "grounding", "--format", "hf", "--dataset", str(dataset), "--out", str(out), "--images-dir", "pictures/scenes"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "grounding",
+                "--format",
+                "hf",
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(out),
+                "--images-dir",
+                "pictures/scenes",
+            ]
+        )
+        == 0
+    )
     assert len(list((out.parent / "pictures" / "scenes").iterdir())) == 4
-    assert main(["build", "grounding", "--format", "hf", "--dataset", str(dataset), "--out", str(tmp_path / "x.jsonl"), "--images-dir", "../up"]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "grounding",
+                "--format",
+                "hf",
+                "--dataset",
+                str(dataset),
+                "--out",
+                str(tmp_path / "x.jsonl"),
+                "--images-dir",
+                "../up",
+            ]
+        )
+        == 1
+    )
 
 
 def test_a_failed_build_leaves_neither_the_jsonl_nor_the_image_folder(tmp_path, monkeypatch):
@@ -101,21 +163,34 @@ def test_builder_outputs_get_the_mode_the_umask_gives(mini, tmp_path, umask, mas
     dataset = _embedded_detection_dataset(tmp_path / "det", rows=2)
     embedded = out.parent / "e.jsonl"
     assert main(["build", "grounding", "--format", "hf", "--dataset", str(dataset), "--out", str(embedded)]) == 0
-    written = [out, Path(f"{out}.skipped.jsonl"), parquet, embedded, *(out.parent / "e_images").iterdir(), *[p for p in folder.rglob("*") if p.is_file()]]
-    assert {str(p.relative_to(out.parent)): oct(p.stat().st_mode & 0o777) for p in written} == {str(p.relative_to(out.parent)): oct(0o666 & ~mask) for p in written}
+    written = [
+        out,
+        Path(f"{out}.skipped.jsonl"),
+        parquet,
+        embedded,
+        *(out.parent / "e_images").iterdir(),
+        *[p for p in folder.rglob("*") if p.is_file()],
+    ]
+    assert {str(p.relative_to(out.parent)): oct(p.stat().st_mode & 0o777) for p in written} == {
+        str(p.relative_to(out.parent)): oct(0o666 & ~mask) for p in written
+    }
     assert oct((out.parent / "e_images").stat().st_mode & 0o777) == oct(0o777 & ~mask)
 
 
 def test_trainer_outputs_follow_the_umask(tmp_path, umask):
-    from dopd_vl.config import load_config
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.config import load_config
+    from dopd_vl.training.trainer import Trainer
 
     umask(0o027)
     run = tmp_path / "run"
-    Trainer(load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={run}", "max_steps=1", "save_steps=1"])).train()
+    Trainer(
+        load_config(REPO / "configs" / "tiny_text.yaml", [f"output_dir={run}", "max_steps=1", "save_steps=1"])
+    ).train()
     files = [p for p in run.rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {"metrics.jsonl", "optimizer.pt", "state.json", "model.safetensors"}
-    assert {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in files} == {str(p.relative_to(run)): "0o640" for p in files}
+    assert {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in files} == {
+        str(p.relative_to(run)): "0o640" for p in files
+    }
 
 
 def _strings(value):
@@ -133,13 +208,26 @@ def _strings(value):
 def test_no_built_record_holds_an_absolute_path(mini, tmp_path, fmt):  # noqa: F811
     root, out = mini
     if fmt == "hf":
-        args = ["build", "grounding", "--format", "hf", "--dataset", str(_embedded_detection_dataset(tmp_path / "det", rows=2)), "--out", str(out)]
+        args = [
+            "build",
+            "grounding",
+            "--format",
+            "hf",
+            "--dataset",
+            str(_embedded_detection_dataset(tmp_path / "det", rows=2)),
+            "--out",
+            str(out),
+        ]
     else:
         args = _cli_args(fmt, root, out, ["--classes", str(root / "classes.txt")] if fmt == "yolo" else [])
     assert main(args) == 0
     records = load_records(out)
     for record in records:
-        absolute = [s for s in _strings({k: v for k, v in record.items() if k != "images"}) if s.startswith("/") or str(tmp_path) in s]
+        absolute = [
+            s
+            for s in _strings({k: v for k, v in record.items() if k != "images"})
+            if s.startswith("/") or str(tmp_path) in s
+        ]
         assert absolute == [], (fmt, absolute)
     source = records[0]["meta"]["source"]
     assert (out.parent / source).exists()  # relative to the output's folder, as image paths are
@@ -148,7 +236,9 @@ def test_no_built_record_holds_an_absolute_path(mini, tmp_path, fmt):  # noqa: F
 def test_hint_records_name_their_source_relative_to_the_output(tmp_path):
     problems = tmp_path / "in" / "gsm.jsonl"
     problems.parent.mkdir()
-    problems.write_text(json.dumps({"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}) + "\n")
+    problems.write_text(
+        json.dumps({"question": "Tom has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"}) + "\n"
+    )
     out = tmp_path / "out" / "hints.jsonl"
     assert main(["build", "hints", "--input", str(problems), "--out", str(out)]) == 0
     assert load_records(out)[0]["meta"]["source"] == "../in/gsm.jsonl:1"

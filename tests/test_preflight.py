@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
 from dopd_vl.cli import main
-from dopd_vl.config import load_config
+from dopd_vl.data.preflight import check_image
 from dopd_vl.errors import DatasetError
-from dopd_vl.preflight import check_image
+from dopd_vl.training.config import load_config
+
+from conftest import REPO
 
 SHAPES = REPO / "configs" / "data" / "shapes"
 RECIPE = REPO / "configs" / "tiny_vlm.yaml"
@@ -21,9 +22,16 @@ RECIPE = REPO / "configs" / "tiny_vlm.yaml"
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose IHDR claims width x height (valid CRCs) with one empty IDAT: a decompression bomb's header."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture()
@@ -54,79 +62,152 @@ def corpus(tmp_path) -> Path:
         variant("truncated", "images/truncated.png"),
         variant("empty", "images/empty.png"),
         variant("bomb", "images/bomb.png"),
-        variant("overlong", prompt=[{"role": "user", "content": [{"type": "image", "image": "images/scene_000.png"}, {"type": "text", "text": long_question}]}]),
-        variant("box_out", privileged={**good[0]["privileged"], "objects": [{"label": "blue circle", "bbox_px": [150.0, 100.0, 400.0, 300.0]}]}),
+        variant(
+            "overlong",
+            prompt=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": "images/scene_000.png"},
+                        {"type": "text", "text": long_question},
+                    ],
+                }
+            ],
+        ),
+        variant(
+            "box_out",
+            privileged={
+                **good[0]["privileged"],
+                "objects": [{"label": "blue circle", "bbox_px": [150.0, 100.0, 400.0, 300.0]}],
+            },
+        ),
         variant("no_context", privileged_context="   "),
         variant("escape_dots", "images/../../outside/secret.png"),
         variant("escape_link", "images/link.png"),
     ]
-    lines = [json.dumps(r) for r in good[:2]] + [json.dumps(r) for r in faulty] + ['{"id": "broken json", '] + [json.dumps({"id": "no_prompt"})] + [json.dumps(r) for r in good[2:]]
+    lines = (
+        [json.dumps(r) for r in good[:2]]
+        + [json.dumps(r) for r in faulty]
+        + ['{"id": "broken json", ']
+        + [json.dumps({"id": "no_prompt"})]
+        + [json.dumps(r) for r in good[2:]]
+    )
     path = root / "data.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
-EXPECTED = {"missing": ("image_missing", "prompt.image[0]"), "truncated": ("image_truncated", "prompt.image[0]"),
-            "empty": ("image_unreadable", "prompt.image[0]"), "bomb": ("image_too_large", "prompt.image[0]"),
-            "overlong": ("prompt_too_long", "prompt"), "box_out": ("box_outside_image", "privileged.objects[0].bbox_px"),
-            "no_context": ("context_unrenderable", "privileged_context"), "escape_dots": ("image_outside_roots", "prompt.image[0]"),
-            "escape_link": ("image_outside_roots", "prompt.image[0]"), "line 12": ("invalid_json", "column 23"), "no_prompt": ("schema", "prompt")}
+EXPECTED = {
+    "missing": ("image_missing", "prompt.image[0]"),
+    "truncated": ("image_truncated", "prompt.image[0]"),
+    "empty": ("image_unreadable", "prompt.image[0]"),
+    "bomb": ("image_too_large", "prompt.image[0]"),
+    "overlong": ("prompt_too_long", "prompt"),
+    "box_out": ("box_outside_image", "privileged.objects[0].bbox_px"),
+    "no_context": ("context_unrenderable", "privileged_context"),
+    "escape_dots": ("image_outside_roots", "prompt.image[0]"),
+    "escape_link": ("image_outside_roots", "prompt.image[0]"),
+    "line 12": ("invalid_json", "column 23"),
+    "no_prompt": ("schema", "prompt"),
+}
 
 
 @pytest.mark.parametrize("mode", ["full", "quick"])
 def test_check_data_reports_every_fault_with_its_line_record_and_field(corpus, tmp_path, mode, capsys):
     out = tmp_path / f"report-{mode}.json"
-    code = main(["check-data", str(RECIPE), f"data.train={corpus}", "rollout.max_prompt_length=300", f"output_dir={tmp_path / 'run'}",
-                 "--mode", mode, "--out", str(out)])
+    code = main(
+        [
+            "check-data",
+            str(RECIPE),
+            f"data.train={corpus}",
+            "rollout.max_prompt_length=300",
+            f"output_dir={tmp_path / 'run'}",
+            "--mode",
+            mode,
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 1
     (report,) = json.loads(out.read_text())["reports"]
     found = {f["record"]: (f["kind"], f["field"]) for f in report["faults"]}
     assert found == EXPECTED
     lines = {f["record"]: f["where"] for f in report["faults"]}
-    assert lines["missing"] == f"{corpus}:3" and lines["no_prompt"] == f"{corpus}:13" and lines["line 12"] == f"{corpus}:12"
+    assert (
+        lines["missing"] == f"{corpus}:3"
+        and lines["no_prompt"] == f"{corpus}:13"
+        and lines["line 12"] == f"{corpus}:12"
+    )
     assert report["records"] == 15 and report["faulty_records"] == 11 and report["counts"]["image_outside_roots"] == 2
     printed = capsys.readouterr().out
-    assert "11 of 15 records have faults" in printed and f"{corpus}:3: record missing, field prompt.image[0]: image_missing" in printed
+    assert (
+        "11 of 15 records have faults" in printed
+        and f"{corpus}:3: record missing, field prompt.image[0]: image_missing" in printed
+    )
 
 
 def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_under_skip(corpus, tmp_path, capsys):
     common = [f"data.train={corpus}", "rollout.max_prompt_length=300", "max_steps=1", "save_steps=1"]
     assert main(["train", str(RECIPE), *common, f"output_dir={tmp_path / 'fail'}"]) == 1
     err = capsys.readouterr().err
-    assert "the data preflight found faults" in err and "record truncated, field prompt.image[0]: image_truncated" in err
+    assert (
+        "the data preflight found faults" in err and "record truncated, field prompt.image[0]: image_truncated" in err
+    )
     assert not (tmp_path / "fail" / "metrics.jsonl").exists()  # stopped before any step
 
     run = tmp_path / "skip"
     assert main(["train", str(RECIPE), *common, "data.on_error=skip", f"output_dir={run}"]) == 0
     skipped = [json.loads(line) for line in (run / "skipped.jsonl").read_text().splitlines()]
-    assert {s["id"] for s in skipped} == set(EXPECTED) and all(s["step"] == 0 and s["where"].startswith(str(corpus)) for s in skipped)
+    assert {s["id"] for s in skipped} == set(EXPECTED) and all(
+        s["step"] == 0 and s["where"].startswith(str(corpus)) for s in skipped
+    )
     (metrics,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert metrics["data/skipped_records"] == 11 and json.loads((run / "run.json").read_text())["data"]["train_records"] == 4
+    assert (
+        metrics["data/skipped_records"] == 11
+        and json.loads((run / "run.json").read_text())["data"]["train_records"] == 4
+    )
 
 
 def test_data_image_roots_admits_a_folder_the_user_names(corpus, tmp_path):
     out = tmp_path / "report.json"
-    main(["check-data", str(RECIPE), f"data.train={corpus}", f"data.image_roots=[{tmp_path / 'outside'}]", "rollout.max_prompt_length=300",
-          f"output_dir={tmp_path / 'run'}", "--mode", "quick", "--out", str(out)])
+    main(
+        [
+            "check-data",
+            str(RECIPE),
+            f"data.train={corpus}",
+            f"data.image_roots=[{tmp_path / 'outside'}]",
+            "rollout.max_prompt_length=300",
+            f"output_dir={tmp_path / 'run'}",
+            "--mode",
+            "quick",
+            "--out",
+            str(out),
+        ]
+    )
     found = {f["record"]: f["kind"] for f in json.loads(out.read_text())["reports"][0]["faults"]}
     assert "escape_dots" not in found and "escape_link" not in found and found["missing"] == "image_missing"
 
 
 def test_the_routing_page_never_inlines_an_image_outside_the_roots(corpus, tmp_path):
-    from dopd_vl.data import load_image
-    from dopd_vl.image_roots import ImageOutsideRoots
-    from dopd_vl.routing_view import RoutedResponse, write_routing_html
+    from dopd_vl.cli.routing_page import RoutedResponse, write_routing_html
+    from dopd_vl.data.records import load_image
+    from dopd_vl.errors import ImageOutsideRoots
 
     records = {r["id"]: r for r in (json.loads(line) for line in corpus.read_text().splitlines() if line.endswith("}"))}
 
     def routed(record):
-        return RoutedResponse(record, tokens=["2"], regimes=["LL"], advantage_gap=[0.1], q_student=[0.5], q_teacher=[0.6])
+        return RoutedResponse(
+            record, tokens=["2"], regimes=["LL"], advantage_gap=[0.1], q_student=[0.5], q_teacher=[0.6]
+        )
 
     inside = records["scene_000-count"]
     page = write_routing_html(tmp_path / "ok.html", [routed(inside)], {"A": 0.1}, image_root=corpus.parent).read_text()
     assert page.count("data:image/png;base64,") == 1
     for rid in ("escape_dots", "escape_link"):
-        with pytest.raises(ImageOutsideRoots, match=rf"record {rid}, field prompt.image: .*outside/secret.png, outside the allowed image roots"):
+        with pytest.raises(
+            ImageOutsideRoots,
+            match=rf"record {rid}, field prompt.image: .*outside/secret.png, outside the allowed image roots",
+        ):
             write_routing_html(tmp_path / f"{rid}.html", [routed(records[rid])], {"A": 0.1}, image_root=corpus.parent)
         assert not (tmp_path / f"{rid}.html").exists()
         with pytest.raises(ImageOutsideRoots):  # nor does any model input read it
@@ -135,24 +216,39 @@ def test_the_routing_page_never_inlines_an_image_outside_the_roots(corpus, tmp_p
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
 def test_an_image_that_vanishes_mid_run(tmp_path, on_error):
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.training.trainer import Trainer
 
     shutil.copytree(SHAPES, tmp_path / "shapes")
     data = tmp_path / "shapes" / "data.jsonl"
-    config = load_config(RECIPE, [f"data.train={data}", f"output_dir={tmp_path / 'run'}", "max_steps=2", "save_steps=2", f"data.on_error={on_error}"])
+    config = load_config(
+        RECIPE,
+        [
+            f"data.train={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "max_steps=2",
+            "save_steps=2",
+            f"data.on_error={on_error}",
+        ],
+    )
     trainer = Trainer(config)  # the preflight passes: every image is there
     for image in (tmp_path / "shapes" / "images").glob("*.png"):
         if image.name != "scene_001.png":
             image.unlink()
     if on_error == "fail":
-        with pytest.raises(DatasetError, match=r"image not found: .*scene_\d+\.png \(it was there when the run started\)") as caught:
+        with pytest.raises(
+            DatasetError, match=r"image not found: .*scene_\d+\.png \(it was there when the run started\)"
+        ) as caught:
             trainer.train()
         assert caught.value.field == "prompt.image" and caught.value.record.startswith("scene_")
         return
     trainer.train()
     skipped = [json.loads(line) for line in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
-    assert skipped and all(s["kind"] == "image_missing" and s["step"] >= 1 and "vanished mid-run" in s["message"] for s in skipped)
-    assert all(r["id"].startswith("scene_001") for mb in trainer.sample() for r in mb.records)  # only the survivor's records are used
+    assert skipped and all(
+        s["kind"] == "image_missing" and s["step"] >= 1 and "vanished mid-run" in s["message"] for s in skipped
+    )
+    assert all(
+        r["id"].startswith("scene_001") for mb in trainer.sample() for r in mb.records
+    )  # only the survivor's records are used
 
 
 def test_check_image_quick_and_full_on_real_files(tmp_path):
@@ -167,13 +263,14 @@ def test_check_image_quick_and_full_on_real_files(tmp_path):
 def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_does(tmp_path):
     from PIL import Image
 
-    from dopd_vl.data import image_parts, load_records
-    from dopd_vl.modality import make_adapter
-    from dopd_vl.models import load_processing
+    from dopd_vl.data.image_roots import image_roots
+    from dopd_vl.data.records import image_parts, load_records
+    from dopd_vl.modality.adapters import make_adapter
+    from dopd_vl.models.loading import load_processing
 
-    from dopd_vl.image_roots import image_roots
-
-    adapter = make_adapter(load_processing("tiny:qwen3-vl"), image_root=image_roots(SHAPES, [tmp_path]))  # the enlarged copies live in tmp_path
+    adapter = make_adapter(
+        load_processing("tiny:qwen3-vl"), image_root=image_roots(SHAPES, [tmp_path])
+    )  # the enlarged copies live in tmp_path
     for n, record in enumerate(load_records(SHAPES / "data.jsonl")[:12]):
         (ref,) = image_parts(record)
         size = Image.open(SHAPES / ref).size
@@ -183,6 +280,10 @@ def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_doe
         Image.open(SHAPES / ref).resize(big).save(tmp_path / f"big{n}.png")
         enlarged = json.loads(json.dumps(record))
         enlarged["prompt"][0]["content"][0]["image"] = str(tmp_path / f"big{n}.png")
-        assert adapter.prompt_length(enlarged, "student", [big]) == adapter.prompt(enlarged, "student").input_ids.numel()
+        assert (
+            adapter.prompt_length(enlarged, "student", [big]) == adapter.prompt(enlarged, "student").input_ids.numel()
+        )
     cropped = {**record, "privileged_context": [{"type": "image", "crop": [0, 0, 40, 40]}]}
-    assert adapter.prompt_length(cropped, "student_priv", [size]) is None  # a crop's size depends on its geometry: rendered instead
+    assert (
+        adapter.prompt_length(cropped, "student_priv", [size]) is None
+    )  # a crop's size depends on its geometry: rendered instead

@@ -12,9 +12,10 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from dopd_vl.cli import build_parser
-from dopd_vl.config import load_config
+from dopd_vl.training.config import load_config
+
+from conftest import REPO
 
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
@@ -59,7 +60,9 @@ def test_readme_command_is_valid(argv):
     elif program == "python":
         script = REPO / argv[1]
         assert script.is_file(), script
-        done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+        done = subprocess.run(
+            [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
         assert done.returncode == 0, done.stderr[-2000:]
     else:
         pytest.fail(f"README command with an unknown program: {argv}")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from dopd_vl.data import load_records
-from dopd_vl.models import load_model, load_processing, vision_token_ids
-from dopd_vl.modality import make_adapter
-from dopd_vl.rollout import RolloutConfig, sample_responses
+from dopd_vl.data.records import load_records
+from dopd_vl.modality.adapters import make_adapter
+from dopd_vl.models.loading import load_model, load_processing, vision_token_ids
+from dopd_vl.training.rollout import RolloutConfig, sample_responses
 
 EOS = 151645
 
@@ -24,11 +24,20 @@ def test_vision_rollout_never_samples_vision_tokens(tiny_vl_dir, image_dataset):
     model.generation_config.sequence_bias = [[[i], 12.0] for i in vision_ids]
     adapter = make_adapter(processor, image_root=image_dataset.parent)
     torch.manual_seed(0)
-    out = sample_responses(model, adapter, load_records(image_dataset), RolloutConfig(num_generations=2, max_new_tokens=12), [EOS], vision_ids)
+    out = sample_responses(
+        model,
+        adapter,
+        load_records(image_dataset),
+        RolloutConfig(num_generations=2, max_new_tokens=12),
+        [EOS],
+        vision_ids,
+    )
     assert len(out.responses) == 6 and out.record_index == [0, 0, 1, 1, 2, 2]
     for r in out.responses:
         assert not torch.isin(r, torch.tensor(vision_ids)).any()
-    unsuppressed = sample_responses(model, adapter, load_records(image_dataset)[:1], RolloutConfig(num_generations=1, max_new_tokens=4), [EOS], None)
+    unsuppressed = sample_responses(
+        model, adapter, load_records(image_dataset)[:1], RolloutConfig(num_generations=1, max_new_tokens=4), [EOS], None
+    )
     assert torch.isin(unsuppressed.responses[0], torch.tensor(vision_ids)).any()  # the test can fail
 
 
@@ -56,7 +65,7 @@ def test_lengths_and_stop_reasons(tiny_text_dir, text_records, pad_is_eos):
 def test_rollout_never_samples_lm_head_padding_rows_and_greedy_is_deterministic(tiny_text_teacher_dir, text_records):
     """The teacher fixture has 152,064 lm-head rows for 151,669 tokens: the extra rows must never be
     sampled (a fresh model gives them real probability), and temperature 0 decodes greedily."""
-    from dopd_vl.models import eos_token_ids, never_sampled_token_ids, vocab_size
+    from dopd_vl.models.loading import eos_token_ids, never_sampled_token_ids, vocab_size
 
     processing, model = load_processing(tiny_text_teacher_dir), load_model(tiny_text_teacher_dir)
     size = vocab_size(processing)
@@ -93,13 +102,24 @@ def test_length_sorted_generation_batches_give_the_same_greedy_answers_in_order(
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    from dopd_vl.models import build_tiny_qwen3
+    from dopd_vl.models.tiny import build_tiny_qwen3
     from examples.toy_privilege.task import build_char_tokenizer
 
     tok = build_char_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    model = load_model(build_tiny_qwen3(tmp_path / "m", tokenizer=tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                                        intermediate_size=64, lm_head_rows=0, seed=0))
+    model = load_model(
+        build_tiny_qwen3(
+            tmp_path / "m",
+            tokenizer=tok,
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=1,
+            intermediate_size=64,
+            lm_head_rows=0,
+            seed=0,
+        )
+    )
     adapter = make_adapter(tok)
     texts = ["7+3=", "a longer question?", "xyz", "12*4+1=", "Q", "hello there, model", "9-9="]
     records = [{"id": f"r{i}", "prompt": [{"role": "user", "content": t}]} for i, t in enumerate(texts)]
@@ -107,7 +127,9 @@ def test_length_sorted_generation_batches_give_the_same_greedy_answers_in_order(
     config = dict(num_generations=1, max_new_tokens=4, temperature=0.0)
     whole = sample_responses(model, adapter, records, RolloutConfig(**config), eos)
     chunked = sample_responses(model, adapter, records, RolloutConfig(**config, generation_batch_size=3), eos)
-    assert [r.tolist() for r in chunked.responses] == [r.tolist() for r in whole.responses] and chunked.stop_reasons == whole.stop_reasons
+    assert [r.tolist() for r in chunked.responses] == [
+        r.tolist() for r in whole.responses
+    ] and chunked.stop_reasons == whole.stop_reasons
     assert len({tuple(r.tolist()) for r in whole.responses}) > 2  # answers differ by prompt: a wrong order would show
 
 
@@ -128,10 +150,13 @@ def test_compiled_generation_gives_the_eager_greedy_tokens(tiny_text_dir, text_r
 
 
 def test_generation_option_is_checked():
-    from dopd_vl.config import load_config
     from dopd_vl.errors import ConfigError
+    from dopd_vl.training.config import load_config
 
-    assert load_config(None, ["rollout.generation=compiled", "rollout.generation_batch_size=16"]).rollout.generation == "compiled"
+    assert (
+        load_config(None, ["rollout.generation=compiled", "rollout.generation_batch_size=16"]).rollout.generation
+        == "compiled"
+    )
     with pytest.raises(ConfigError, match="rollout.generation must be"):
         load_config(None, ["rollout.generation=vllm"])
 
@@ -141,24 +166,35 @@ def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monk
     fails makes the run generate eagerly with one warning; an explicit `compiled` keeps raising."""
     import logging
 
-    import dopd_vl.trainer as trainer_module
+    import dopd_vl.training.trainer as trainer_module
+    from dopd_vl.training.config import load_config
+
     from conftest import REPO
-    from dopd_vl.config import load_config
 
     def failing_compile(*args, **kwargs):
         raise RuntimeError("deliberately failing compile")
 
     monkeypatch.setattr(torch, "compile", failing_compile)
-    monkeypatch.setattr(trainer_module, "resolve_generation", lambda mode, device: "compiled" if mode == "auto" else mode)  # as on a GPU
+    monkeypatch.setattr(
+        trainer_module, "resolve_generation", lambda mode, device: "compiled" if mode == "auto" else mode
+    )  # as on a GPU
     overrides = [f"output_dir={tmp_path / 'run'}", "rollout.max_new_tokens=3", "optim.batch_size=1"]
-    trainer = trainer_module.Trainer(load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=auto"]))
-    assert trainer.rollout_config.generation == "compiled"
+    trainer = trainer_module.Trainer(
+        load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=auto"])
+    )
+    assert trainer.backends.generation == "compiled"
     with caplog.at_level(logging.WARNING):
         first, second = trainer.sample(), trainer.sample()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "deliberately failing compile" in warnings[0]
-    assert trainer.rollout_config.generation == "eager" and first[0].rollout.responses and second[0].rollout.responses
-    assert trainer.run_info()["rollout_generation"] == {"requested": "auto", "used": "eager", "fallback_reason": "RuntimeError: deliberately failing compile"}
-    explicit = trainer_module.Trainer(load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=compiled"]))
+    assert trainer.backends.generation == "eager" and first[0].rollout.responses and second[0].rollout.responses
+    assert trainer.run_info()["rollout_generation"] == {
+        "requested": "auto",
+        "used": "eager",
+        "fallback_reason": "RuntimeError: deliberately failing compile",
+    }
+    explicit = trainer_module.Trainer(
+        load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=compiled"])
+    )
     with pytest.raises(RuntimeError, match="deliberately failing compile"):
         explicit.sample()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dopd_vl.routing import Regime, route_tokens, trimmed_mean
+from dopd_vl.method.routing import Regime, route_tokens, trimmed_mean
 
 
 @pytest.mark.parametrize("n", [19, 20, 21, 1000])
@@ -94,7 +94,7 @@ def test_outliers_are_trimmed_from_the_mean_but_still_routed():
 def test_edge_check_sends_a_high_gap_token_to_the_teacher_only_when_its_verdict_survives_without_context():
     # Four high-gap tokens (A = |ln q_T - ln q_S| = ln 4 each, threshold given), every combination of
     # the privileged teacher's and the plain teacher's verdict against the privileged student.
-    from dopd_vl.routing import TokenSignals, assign_regimes
+    from dopd_vl.method.routing import TokenSignals, assign_regimes
 
     q_t = torch.tensor([0.8, 0.8, 0.2, 0.2], dtype=torch.float64)
     q_s = torch.tensor([0.2, 0.2, 0.8, 0.8], dtype=torch.float64)
@@ -108,5 +108,7 @@ def test_edge_check_sends_a_high_gap_token_to_the_teacher_only_when_its_verdict_
     # rejects with and without (capability) -> HT; rejects only with it -> HS.
     assert checked.tolist() == [Regime.HT, Regime.HS, Regime.HT, Regime.HS]
     # Low-gap tokens are untouched by the check.
-    low = TokenSignals(torch.zeros(2, dtype=torch.float64), q_t[:2], q_t[:2], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    low = TokenSignals(
+        torch.zeros(2, dtype=torch.float64), q_t[:2], q_t[:2], torch.tensor([0.0, 1.0], dtype=torch.float64)
+    )
     assert assign_regimes(low, thresholds).tolist() == [Regime.LH, Regime.LH]

@@ -15,13 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
 from dopd_vl.cli import main
-from dopd_vl.config import load_config
-from dopd_vl.errors import ConfigError
-from dopd_vl.checkpoint import latest_checkpoint
-from dopd_vl.preemption import PREEMPTED_EXIT_CODE
-from dopd_vl.routing import REGIME_NAMES
+from dopd_vl.errors import PREEMPTED_EXIT_CODE, ConfigError
+from dopd_vl.method.routing import REGIME_NAMES
+from dopd_vl.training.checkpoint import latest_checkpoint
+from dopd_vl.training.config import load_config
+
+from conftest import REPO
 
 ARITH = REPO / "configs" / "data" / "arith" / "data.jsonl"
 SHAPES = REPO / "configs" / "data" / "shapes" / "data.jsonl"
@@ -37,8 +37,7 @@ def run_steps(trainer, steps: int) -> list[dict]:
     """The body of Trainer.train without saving: rollout + step, `steps` times."""
     out = []
     for _ in range(steps):
-        trainer._seed_step()
-        out.append(trainer.train_step([trainer.rollout(ix) for ix in trainer._step_prompt_indices()]))
+        out.append(trainer.train_step(trainer.sample()))
     return out
 
 
@@ -54,7 +53,7 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
     of different padded shapes). FSDP also for an untied head and a vision student (with gradient
     checkpointing), a whole (unsharded) teacher, the live student as privileged student and vanilla
     OPD, and AdamW's update applied: the same updated weights (rel 1e-6)."""
-    from dopd_vl.models import resolve_model_path
+    from dopd_vl.models.loading import resolve_model_path
 
     from helpers.ddp_step import CASES
 
@@ -67,11 +66,30 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
     norms, every = "sequence,token", "+".join(cases)
     runs = {  # one launch per process count
         "one": [PYTHON, helper, norms, str(tmp_path / "one.pt"), "--jobs", f"1x8:ddp:{every},4x2:ddp:text", "--update"],
-        "two": [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29631", helper, norms, str(tmp_path / "two.pt"),
-                "--jobs", f"2x2x2:ddp:text,2x2x2:fsdp:{every}", "--update"],
+        "two": [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29631",
+            helper,
+            norms,
+            str(tmp_path / "two.pt"),
+            "--jobs",
+            f"2x2x2:ddp:text,2x2x2:fsdp:{every}",
+            "--update",
+        ],
     }
     for name, cmd in runs.items():
-        done = subprocess.run(cmd, env={**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            cmd,
+            env={**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, f"{name}:\n{done.stderr[-3000:]}"
     results = {}
     for name in runs:
@@ -84,35 +102,68 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
             assert ref_grad.norm() > 0
             for name in ("4x2:ddp", "2x2x2:ddp", "2x2x2:fsdp") if case == "text" else ("2x2x2:fsdp",):
                 other = results[name][case][norm]
-                routed = ("threshold/A", "threshold/q_student", "threshold/q_teacher", *(f"frac/{r}" for r in REGIME_NAMES))
+                routed = (
+                    "threshold/A",
+                    "threshold/q_student",
+                    "threshold/q_teacher",
+                    *(f"frac/{r}" for r in REGIME_NAMES),
+                )
                 for key in ("loss", *(routed if case != "text_vanilla" else ())):
-                    assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (case, norm, name, key)
+                    assert other["metrics"][key] == pytest.approx(ref["metrics"][key], rel=1e-5, abs=1e-12), (
+                        case,
+                        norm,
+                        name,
+                        key,
+                    )
                 assert other["grads"].keys() == ref["grads"].keys()
                 grad = torch.cat([other["grads"][k].flatten() for k in ref["grads"]])
                 assert (grad - ref_grad).norm() / ref_grad.norm() < 1e-5, (case, norm, name)
         # Each output embedding is gathered once per micro-batch at most, never per loss chunk (5 tokens
         # here): the student's for each of its 2 micro-batches, the frozen models' once per step.
         steps = len(norms.split(","))
-        # text_untied: teacher.shard=false (a whole copy per process) and the live student as privileged student (no copy);
+        # text_untied: teacher.shard=false (a whole copy per process) and the live student as privileged student (no
+        # copy);
         # text_vanilla: vanilla OPD never scores student_priv, so its frozen privileged copy is never gathered.
         teacher, privileged = {"text_untied": (0, 0), "text_vanilla": (steps, 0)}.get(case, (steps, steps))
-        assert results["2x2x2:fsdp"][case]["root_gathers"] == {"student": 2 * steps, "teacher": teacher, "privileged_student": privileged}, case
+        assert results["2x2x2:fsdp"][case]["root_gathers"] == {
+            "student": 2 * steps,
+            "teacher": teacher,
+            "privileged_student": privileged,
+        }, case
         ref, sharded = results["1x8:ddp"][case]["update"], results["2x2x2:fsdp"][case]["update"]
-        assert sharded["after"].keys() == ref["after"].keys() and all(torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"])
+        assert sharded["after"].keys() == ref["after"].keys() and all(
+            torch.equal(sharded["before"][k], ref["before"][k]) for k in ref["before"]
+        )
         moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])
         apart = torch.cat([(sharded["after"][k] - ref["after"][k]).flatten() for k in ref["after"]])
         assert moved.norm() > 0 and apart.norm() <= 1e-6 * moved.norm(), case  # the update itself agrees to rel 1e-6
     assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["_tokens"] == 56
     # The two normalisations are different losses, so the check above compares something real.
-    assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["loss"] != pytest.approx(results["1x8:ddp"]["text"]["token"]["metrics"]["loss"], rel=1e-3)
+    assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["loss"] != pytest.approx(
+        results["1x8:ddp"]["text"]["token"]["metrics"]["loss"], rel=1e-3
+    )
 
 
 def test_va_opd_is_split_invariant(tmp_path):
     """VA-OPD's group means use the step's group sizes and its rollout weights the rollouts of one
     prompt (one micro-batch): 1x8 and 4x2 give the same step."""
     helper = str(REPO / "tests" / "helpers" / "ddp_step.py")
-    done = subprocess.run([PYTHON, helper, "sequence", str(tmp_path / "va.pt"), "--jobs", "1x8:ddp:text,4x2:ddp:text", "--objective", "va_opd"],
-                          env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            PYTHON,
+            helper,
+            "sequence",
+            str(tmp_path / "va.pt"),
+            "--jobs",
+            "1x8:ddp:text,4x2:ddp:text",
+            "--objective",
+            "va_opd",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     results = torch.load(tmp_path / "va.pt", weights_only=True)
     ref, other = results["1x8:ddp"]["text"]["sequence"], results["4x2:ddp"]["text"]["sequence"]
@@ -126,18 +177,33 @@ def test_va_opd_is_split_invariant(tmp_path):
 
 # ----------------------------------------------------------------------------------- learning
 def test_vanilla_opd_halves_held_out_reverse_kl(tmp_path):
-    from dopd_vl.evaluate import reverse_kl_to_teacher
-    from dopd_vl.rollout import RolloutConfig
-    from dopd_vl.trainer import Trainer
+    from dopd_vl.eval.evaluate import reverse_kl_to_teacher
+    from dopd_vl.training.rollout import RolloutConfig
+    from dopd_vl.training.trainer import Trainer
 
-    config = text_config(tmp_path / "run", "objective.name=vanilla_opd", "objective.baseline_support=full", "optim.lr=1e-3",
-                         "optim.batch_size=4", "max_steps=30")
+    config = text_config(
+        tmp_path / "run",
+        "objective.name=vanilla_opd",
+        "objective.baseline_support=full",
+        "optim.lr=1e-3",
+        "optim.batch_size=4",
+        "max_steps=30",
+    )
     trainer = Trainer(config)
     held_out, trainer.records = trainer.records[-8:], trainer.records[:-8]
 
     def held_out_rkl() -> float:
-        return reverse_kl_to_teacher(trainer.student, trainer.teacher, trainer.adapters, held_out, RolloutConfig(num_generations=2, max_new_tokens=8),
-                                     trainer.eos_token_ids, trainer.vocab_size, seed=0, suppress_token_ids=trainer.suppress_ids)
+        return reverse_kl_to_teacher(
+            trainer.student,
+            trainer.models.teacher,
+            trainer.adapters,
+            held_out,
+            RolloutConfig(num_generations=2, max_new_tokens=8),
+            trainer.models.eos_token_ids,
+            trainer.vocab_size,
+            seed=0,
+            suppress_token_ids=trainer.models.suppress_ids,
+        )
 
     before = held_out_rkl()
     metrics = run_steps(trainer, 30)
@@ -159,11 +225,18 @@ def test_resume_after_kill_and_after_sigterm_reproduces_the_straight_run(tmp_pat
     common = [f"data.train={ARITH}", "max_steps=6", "save_steps=1", "save_total_limit=2", "optim.lr=1e-3"]
     recipe = REPO / "configs" / "tiny_text.yaml"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={straight}"), env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _train_cmd(recipe, *common, f"output_dir={straight}"), env=ENV, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
     # Kill -9 as soon as checkpoint-3 is complete (the run is then inside step 4 or its checkpoint).
-    proc = subprocess.Popen(_train_cmd(recipe, *common, f"output_dir={resumed}"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _train_cmd(recipe, *common, f"output_dir={resumed}"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while not (resumed / "checkpoint-3" / "state.json").exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before checkpoint-3"
@@ -174,17 +247,32 @@ def test_resume_after_kill_and_after_sigterm_reproduces_the_straight_run(tmp_pat
     killed_at = int(latest_checkpoint(resumed, clean=False).name.split("-")[1])
 
     # Resumed, then SIGTERM once it has logged a step of its own.
-    proc = subprocess.Popen(_train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_logged_steps(proc, resumed, killed_at + 1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert "resumed from" in err
     assert proc.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
     step = int(latest_checkpoint(resumed).name.split("-")[1])
-    assert killed_at < step < 6 and f"stopped by a signal after step {step} of 6" in err and not (resumed / "final").exists()
+    assert (
+        killed_at < step < 6
+        and f"stopped by a signal after step {step} of 6" in err
+        and not (resumed / "final").exists()
+    )
     assert [m["step"] for m in read_metrics(resumed)] == list(range(1, step + 1)) and not list(resumed.glob(".tmp-*"))
-    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _train_cmd(recipe, *common, f"output_dir={resumed}", "--resume"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same_run(straight, resumed)
 
@@ -212,18 +300,48 @@ def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tm
     next checkpoint and resumed again: the end equals the uninterrupted run. The sharded checkpoint
     exports on one process to the same weights as the final student; one process resumes it too."""
     recipe = REPO / "configs" / "tiny_text.yaml"
-    common = [f"data.train={ARITH}", "max_steps=5", "save_steps=1", "save_total_limit=5", "optim.lr=1e-3", "optim.batch_size=1",
-              "rollout.max_new_tokens=4", "parallel=fsdp", "objective.privileged_student=ema"]  # the EMA copy is sharded state too
+    common = [
+        f"data.train={ARITH}",
+        "max_steps=5",
+        "save_steps=1",
+        "save_total_limit=5",
+        "optim.lr=1e-3",
+        "optim.batch_size=1",
+        "rollout.max_new_tokens=4",
+        "parallel=fsdp",
+        "objective.privileged_student=ema",
+    ]  # the EMA copy is sharded state too
     env = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
     def torchrun(out: Path, port: int, *extra: str) -> list[str]:
-        return [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), "-m", "dopd_vl.cli", "train",
-                str(recipe), *common, f"output_dir={out}", *extra]
+        return [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "dopd_vl.cli",
+            "train",
+            str(recipe),
+            *common,
+            f"output_dir={out}",
+            *extra,
+        ]
 
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     done = subprocess.run(torchrun(straight, 29651), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    proc = subprocess.Popen(torchrun(preempted, 29652), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(preempted, 29652),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     wait_for_logged_steps(proc, preempted, 1)
     os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
@@ -231,10 +349,18 @@ def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tm
     step = int(latest_checkpoint(preempted).name.split("-")[1])
     assert 1 <= step <= 3 and f"after step {step} of 5" in err and not (preempted / "final").exists()
 
-    proc = subprocess.Popen(torchrun(preempted, 29653, "--resume"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun(preempted, 29653, "--resume"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while int(latest_checkpoint(preempted, clean=False).name.split("-")[1]) == step:
-        assert proc.poll() is None and time.time() < deadline, f"the resumed run ended before its next checkpoint:\n{read_metrics(preempted)}"
+        assert proc.poll() is None and time.time() < deadline, (
+            f"the resumed run ended before its next checkpoint:\n{read_metrics(preempted)}"
+        )
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -246,10 +372,19 @@ def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tm
 
     # The last sharded checkpoint, read whole on one process by `dopd export`, is the final student.
     assert main(["export", str(preempted), "--checkpoint", "5", "--out", str(tmp_path / "exported")]) == 0
-    final, exported = load_file(preempted / "final" / "model.safetensors"), load_file(tmp_path / "exported" / "model.safetensors")
+    final, exported = (
+        load_file(preempted / "final" / "model.safetensors"),
+        load_file(tmp_path / "exported" / "model.safetensors"),
+    )
     assert all(torch.equal(final[k], exported[k]) for k in final)
     # One process resumes a checkpoint two wrote: the shards are re-cut as they load.
-    done = subprocess.run(_train_cmd(recipe, *common, f"output_dir={tmp_path / 'one_process'}", "--resume"), env=ENV, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        _train_cmd(recipe, *common, f"output_dir={tmp_path / 'one_process'}", "--resume"),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and "written by 2 processes, this run has 1" in done.stderr, done.stderr[-3000:]
     assert [m["step"] for m in read_metrics(tmp_path / "one_process")] == [1, 2, 3, 4, 5]
 
@@ -260,7 +395,8 @@ def test_a_sharded_checkpoint_index_cannot_run_code(tmp_path, tiny_text_dir):
 
     from transformers import AutoModelForCausalLM
 
-    from dopd_vl.checkpoint import CheckpointError, load_student_weights
+    from dopd_vl.errors import CheckpointError
+    from dopd_vl.training.checkpoint import load_student_weights
 
     class Payload:
         def __reduce__(self):
@@ -268,7 +404,9 @@ def test_a_sharded_checkpoint_index_cannot_run_code(tmp_path, tiny_text_dir):
 
     (tmp_path / "checkpoint-1" / "sharded").mkdir(parents=True)
     (tmp_path / "checkpoint-1" / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(CheckpointError, match=r"\.metadata names posix\.system, which a checkpoint index never holds; refused"):
+    with pytest.raises(
+        CheckpointError, match=r"\.metadata names posix\.system, which a checkpoint index never holds; refused"
+    ):
         load_student_weights(AutoModelForCausalLM.from_pretrained(tiny_text_dir), tmp_path / "checkpoint-1")
     assert not (tmp_path / "ran").exists()
 
@@ -280,11 +418,11 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
     and --resume continues from it."""
     import errno
 
-    import dopd_vl.checkpoint as checkpoint
     from transformers import AutoModelForCausalLM
 
-    from dopd_vl.checkpoint import CheckpointError
-    from dopd_vl.trainer import Trainer
+    import dopd_vl.training.checkpoint as checkpoint
+    from dopd_vl.errors import CheckpointError
+    from dopd_vl.training.trainer import Trainer
 
     run = tmp_path / "run"
     real_save = torch.save
@@ -301,7 +439,9 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
     message = str(caught.value)
     assert f"writing {run / 'checkpoint-2'} failed: No space left on device" in message and "GiB free on" in message
     assert f"the previous checkpoint {run / 'checkpoint-1'} is intact" in message
-    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]  # no partial folder, not rotated away
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [
+        "checkpoint-1"
+    ]  # no partial folder, not rotated away
     AutoModelForCausalLM.from_pretrained(run / "checkpoint-1" / "model")
 
     trainer = Trainer(text_config(run, "max_steps=3", "save_steps=1", "save_total_limit=1"))
@@ -313,7 +453,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
 # ----------------------------------------------------------------------------- non-finite steps
 def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch):
     import dopd_vl.loss.chunked as loss_module  # StudentLoss calls the chunked loss from here
-    import dopd_vl.trainer as trainer_module
+    import dopd_vl.training.trainer as trainer_module
 
     trainer = trainer_module.Trainer(text_config(tmp_path / "run", "max_steps=3"))
     real_loss = loss_module.chunked_objective_loss
@@ -350,12 +490,21 @@ def _nan(out):
 def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dopd_vl.models import output_embedding_weight, resolve_model_path
-    from dopd_vl.scoring import valid_response_states
-    from dopd_vl.trainer import Trainer
-    from dopd_vl.views import build_views
+    from dopd_vl.modality.batches import build_views
+    from dopd_vl.models.loading import output_embedding_weight, resolve_model_path
+    from dopd_vl.training.scoring import valid_response_states
+    from dopd_vl.training.trainer import Trainer
 
-    trainer = Trainer(text_config(tmp_path / "run", "lora.enabled=true", "lora.r=4", "objective.privileged_student=initial", "optim.lr=1e-2", "max_steps=2"))
+    trainer = Trainer(
+        text_config(
+            tmp_path / "run",
+            "lora.enabled=true",
+            "lora.r=4",
+            "objective.privileged_student=initial",
+            "optim.lr=1e-2",
+            "max_steps=2",
+        )
+    )
     before = {k: v.clone() for k, v in trainer.student.named_parameters()}
     run_steps(trainer, 2)
     after = dict(trainer.student.named_parameters())
@@ -367,10 +516,12 @@ def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
     mb = trainer.rollout([0, 1])
     records = [mb.records[i] for i in mb.rollout.record_index]
     views = build_views(trainer.adapters, ("student", "student_priv"), records, mb.rollout.responses)
-    targets = trainer._score_targets(views)
+    targets = trainer.score_targets(views)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(trainer.config.student.name_or_path))
     hidden, ids = valid_response_states(base, views["student_priv"])
-    logp = (hidden @ output_embedding_weight(base)[: trainer.vocab_size].T).log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+    logp = (
+        (hidden @ output_embedding_weight(base)[: trainer.vocab_size].T).log_softmax(-1).gather(-1, ids[:, None])[:, 0]
+    )
     torch.testing.assert_close(targets["student_priv"].token_logprob, logp, rtol=1e-5, atol=1e-5)
     live_hidden, _ = valid_response_states(trainer.student, views["student_priv"])
     assert not torch.allclose(live_hidden, hidden, atol=1e-4)  # the adapters did change the live student
@@ -388,7 +539,10 @@ def test_config_errors_name_the_key_and_the_valid_ones(tmp_path):
         load_config(REPO / "configs" / "tiny_text.yaml", ["max_steps=ten"])
     with pytest.raises(ConfigError, match=r"optim\.lr must be of type float"):
         load_config(REPO / "configs" / "tiny_text.yaml", ["optim.lr=fast"])
-    config = load_config(REPO / "configs" / "tiny_text.yaml", ["optim.lr=1e-5", "max_steps=7", "lora.enabled=true", "objective.beta_light=0.5"])
+    config = load_config(
+        REPO / "configs" / "tiny_text.yaml",
+        ["optim.lr=1e-5", "max_steps=7", "lora.enabled=true", "objective.beta_light=0.5"],
+    )
     assert (config.optim.lr, config.max_steps, config.lora.enabled, config.objective.beta_light) == (1e-5, 7, True, 0.5)
 
 
@@ -404,14 +558,44 @@ def test_dopd_train_tiny_vlm_cli(tmp_path):
 
     run = tmp_path / "vlm"
     done = subprocess.run(
-        [PYTHON, "-m", "dopd_vl.cli", "train", str(REPO / "configs" / "tiny_vlm.yaml"), f"data.train={SHAPES}", f"output_dir={run}", "max_steps=2", "save_steps=2"],
-        env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            PYTHON,
+            "-m",
+            "dopd_vl.cli",
+            "train",
+            str(REPO / "configs" / "tiny_vlm.yaml"),
+            f"data.train={SHAPES}",
+            f"output_dir={run}",
+            "max_steps=2",
+            "save_steps=2",
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2]
-    names = ["step", "loss", "lr", "threshold/A", "threshold/q_student", "threshold/q_teacher", "entropy/student", "entropy/teacher_priv",
-             "response_length", "clipped_frac", "accuracy", "time/rollout", "time/scoring", "time/loss", "tokens_per_s", "skipped_steps"]
+    names = [
+        "step",
+        "loss",
+        "lr",
+        "threshold/A",
+        "threshold/q_student",
+        "threshold/q_teacher",
+        "entropy/student",
+        "entropy/teacher_priv",
+        "response_length",
+        "clipped_frac",
+        "accuracy",
+        "time/rollout",
+        "time/scoring",
+        "time/loss",
+        "tokens_per_s",
+        "skipped_steps",
+    ]
     names += [f"{k}/{r}" for k in ("frac", "loss", "A") for r in REGIME_NAMES]
     for m in metrics:
         assert set(names) <= set(m), set(names) - set(m)

@@ -3,11 +3,13 @@
 import pytest
 import torch
 
-from dopd_vl.data import load_records
+from dopd_vl.data.records import load_records
 from dopd_vl.errors import DatasetError
-from dopd_vl.models import load_model, load_processing
-from dopd_vl.modality import VIEWS, make_adapter, prompt_messages
-from dopd_vl.views import build_view, build_views, check_aligned, response_hidden_states
+from dopd_vl.method.views import VIEWS
+from dopd_vl.modality.adapters import make_adapter
+from dopd_vl.modality.batches import build_view, build_views, check_aligned, response_hidden_states
+from dopd_vl.modality.prompts import prompt_messages
+from dopd_vl.models.loading import load_model, load_processing
 
 
 def _responses(lengths, seed=0):
@@ -91,9 +93,22 @@ def test_views_with_different_response_ids_name_the_record(tiny_text_dir, text_r
 def test_image_paths_resolve_against_the_dataset_folder_and_missing_images_are_named(tiny_vl_dir, image_dataset):
     adapter = make_adapter(load_processing(tiny_vl_dir), image_root=image_dataset.parent / "images")
     record = load_records(image_dataset)[0]
-    up = {**record, "prompt": [{"role": "user", "content": [{"type": "image", "image": "../images/img0.png"}, {"type": "text", "text": "q"}]}]}
+    up = {
+        **record,
+        "prompt": [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": "../images/img0.png"}, {"type": "text", "text": "q"}],
+            }
+        ],
+    }
     assert adapter.prompt(up, "student").extras["image_grid_thw"].shape == (1, 3)
     adapter = make_adapter(load_processing(tiny_vl_dir), image_root=image_dataset.parent)
-    missing = {**record, "prompt": [{"role": "user", "content": [{"type": "image", "image": "images/none.png"}, {"type": "text", "text": "q"}]}]}
+    missing = {
+        **record,
+        "prompt": [
+            {"role": "user", "content": [{"type": "image", "image": "images/none.png"}, {"type": "text", "text": "q"}]}
+        ],
+    }
     with pytest.raises(DatasetError, match="record rec0, field prompt.image: image not found"):
         adapter.prompt(missing, "student")

@@ -5,24 +5,29 @@
   with the torch backend (autograd per chunk) or the fused Triton kernels (`kernels`).
 
 What the routes are (targets, divergences, supports, weights) is the objective's
-(dopd_vl/objectives.py); the divergences themselves are dopd_vl/divergences.py.
+(dopd_vl/method/objectives.py); what a route costs and how tokens are weighted is `routed`, which
+both paths call; the divergences themselves are dopd_vl/method/divergences.py. This package imports
+only the method layer: it takes tensors and returns tensors.
 """
 
 from dopd_vl.loss.chunked import (
     ChunkedLossOutput,
-    StudentLoss,
     TargetStates,
     auto_chunk_size,
     chunk_logits,
     chunked_objective_loss,
     chunked_token_logprobs,
-    student_loss,
     target_states,
 )
 from dopd_vl.loss.kernels import resolve_loss_backend
 from dopd_vl.loss.reference import LossOutput, dopd_loss, objective_loss
+from dopd_vl.loss.routed import normalization_weights, rollout_weights, route_divergence, token_weights
 
 __all__ = [
+    "route_divergence",
+    "token_weights",
+    "normalization_weights",
+    "rollout_weights",
     "LossOutput",
     "objective_loss",
     "dopd_loss",
@@ -34,6 +39,4 @@ __all__ = [
     "chunk_logits",
     "auto_chunk_size",
     "resolve_loss_backend",
-    "StudentLoss",
-    "student_loss",
 ]

@@ -9,16 +9,14 @@ Scoring keeps per view only what this path needs (`TargetStates`).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from dopd_vl.divergences import entropy, upcast
-from dopd_vl.models import final_hidden_states, output_embedding_weight
-from dopd_vl.objectives import Objective, route_divergence
-from dopd_vl.parallel import ModelCall
+from dopd_vl.loss.routed import route_divergence
+from dopd_vl.method.divergences import entropy, upcast
+from dopd_vl.method.objectives import Objective
 
 __all__ = [
     "TargetStates",
@@ -28,8 +26,6 @@ __all__ = [
     "target_states",
     "chunk_logits",
     "auto_chunk_size",
-    "StudentLoss",
-    "student_loss",
 ]
 
 
@@ -43,7 +39,9 @@ class TargetStates:
 
     hidden: Tensor  # [N, H], no grad
     head_weight: Tensor  # [V_rows, H] output embedding of the model that produced `hidden`
-    token_logprob: Tensor | None  # [N] log-prob of the sampled token (routing signal, sampled support); None where nothing reads it
+    token_logprob: (
+        Tensor | None
+    )  # [N] log-prob of the sampled token (routing signal, sampled support); None where nothing reads it
     entropy: Tensor | None = None  # [N] entropy of the view's distribution (metrics only)
 
 
@@ -54,7 +52,9 @@ class ChunkedLossOutput:
     student_entropy: Tensor  # [N] entropy of the student's distribution per token (detached)
 
 
-def auto_chunk_size(device: torch.device, vocab_size: int, free_bytes: int | None = None, backend: str = "torch") -> int:
+def auto_chunk_size(
+    device: torch.device, vocab_size: int, free_bytes: int | None = None, backend: str = "torch"
+) -> int:
     """Tokens per chunk of the routed loss for a device (`loss_chunk_size: auto`).
 
     CPU: 64 (measured fastest there). CUDA: big chunks keep the GPU busy (at V = 151,936 on an H200
@@ -78,8 +78,14 @@ def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor
 
 
 @torch.no_grad()
-def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256,
-                           with_entropy: bool = True) -> tuple[Tensor, Tensor | None]:
+def chunked_token_logprobs(
+    hidden: Tensor,
+    head_weight: Tensor,
+    token_ids: Tensor,
+    vocab_size: int,
+    chunk_size: int = 256,
+    with_entropy: bool = True,
+) -> tuple[Tensor, Tensor | None]:
     """(log p(token), entropy or None) for N tokens from hidden states [N, H], one [chunk, V] block
     at a time. Without the entropy, log p(token) = z_token - logsumexp(z): no [chunk, V] log-softmax."""
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -97,8 +103,15 @@ def chunked_token_logprobs(hidden: Tensor, head_weight: Tensor, token_ids: Tenso
     return logprob, ent
 
 
-def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_size: int, chunk_size: int = 256,
-                  with_entropy: bool = True, with_logprob: bool = True) -> TargetStates:
+def target_states(
+    hidden: Tensor,
+    head_weight: Tensor,
+    token_ids: Tensor,
+    vocab_size: int,
+    chunk_size: int = 256,
+    with_entropy: bool = True,
+    with_logprob: bool = True,
+) -> TargetStates:
     """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs
     (+ the entropy, where a signal or a metric reads it). Without either, no pass over the
     vocabulary happens here at all: the loss recomputes the logits it needs per chunk."""
@@ -111,7 +124,19 @@ def target_states(hidden: Tensor, head_weight: Tensor, token_ids: Tensor, vocab_
 
 class _ChunkedRoutedLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend):
+    def forward(
+        ctx,
+        student_hidden,
+        head_weight,
+        objective,
+        response_ids,
+        route,
+        token_weight,
+        targets,
+        vocab_size,
+        chunk_size,
+        backend,
+    ):
         c = objective.config
         n_tokens = student_hidden.shape[0]
         want_grad_hidden, want_grad_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -119,19 +144,40 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         # The output embedding's gradient: fp32 for the torch backend; the head's own dtype for the
         # kernels (each chunk's matmul accumulates in fp32; no fp32 [V, H] buffer beside the weight).
         grad_weight_dtype = head_weight.dtype if backend == "triton" else upcast(head_weight[:0]).dtype
-        grad_weight = torch.zeros(head_weight.shape, dtype=grad_weight_dtype, device=head_weight.device) if want_grad_weight else None
-        token_loss = torch.zeros(n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device)
+        grad_weight = (
+            torch.zeros(head_weight.shape, dtype=grad_weight_dtype, device=head_weight.device)
+            if want_grad_weight
+            else None
+        )
+        token_loss = torch.zeros(
+            n_tokens, dtype=upcast(torch.empty(0, dtype=student_hidden.dtype)).dtype, device=student_hidden.device
+        )
         student_entropy = torch.zeros_like(token_loss)
         total = token_loss.new_zeros(())
         for start in range(0, n_tokens, chunk_size):
             sl = slice(start, min(start + chunk_size, n_tokens))
             route_c, ids_c = route[sl], response_ids[sl]
             if backend == "triton":  # fused kernels (kernels.py): same loss and gradient, fewer buffers
-                grad_logits, chunk_loss, chunk_entropy = _triton_chunk(objective, student_hidden[sl], head_weight, route_c, ids_c, token_weight[sl], targets, sl, vocab_size)
+                grad_logits, chunk_loss, chunk_entropy = _triton_chunk(
+                    objective,
+                    student_hidden[sl],
+                    head_weight,
+                    route_c,
+                    ids_c,
+                    token_weight[sl],
+                    targets,
+                    sl,
+                    vocab_size,
+                )
                 weighted = (chunk_loss.to(token_loss.dtype) * token_weight[sl].to(token_loss.dtype)).sum()
-                token_loss[sl], student_entropy[sl] = chunk_loss.to(token_loss.dtype), chunk_entropy.to(student_entropy.dtype)
+                token_loss[sl], student_entropy[sl] = (
+                    chunk_loss.to(token_loss.dtype),
+                    chunk_entropy.to(student_entropy.dtype),
+                )
                 total = total + weighted
-                _add_chunk_gradient(grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight)
+                _add_chunk_gradient(
+                    grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight
+                )
                 continue
             with torch.enable_grad():
                 logits = chunk_logits(student_hidden[sl].detach(), head_weight.detach(), vocab_size).requires_grad_()
@@ -147,8 +193,12 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
                     target_logp = None
                     if spec.support != "sampled":  # full-vocabulary target work only where a route needs it
                         with torch.no_grad():
-                            target_logp = chunk_logits(view.hidden[sl][rows], view.head_weight, vocab_size).log_softmax(-1)
-                    token_logprob = {v: targets[v].token_logprob[sl][rows] for v in spec.views} if spec.support == "sampled" else {}
+                            target_logp = chunk_logits(view.hidden[sl][rows], view.head_weight, vocab_size).log_softmax(
+                                -1
+                            )
+                    token_logprob = (
+                        {v: targets[v].token_logprob[sl][rows] for v in spec.views} if spec.support == "sampled" else {}
+                    )
                     d = route_divergence(spec, c, student_logp[rows], target_logp, ids_c[rows], token_logprob)
                     chunk_loss = d if isinstance(rows, slice) else chunk_loss.index_put((sel,), d)
                 weighted = (chunk_loss * token_weight[sl].to(chunk_loss.dtype)).sum()
@@ -159,7 +209,9 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
             student_entropy[sl] = entropy(student_logp.detach())
             total = total + weighted.detach()
             if grad_logits is not None:
-                _add_chunk_gradient(grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight)
+                _add_chunk_gradient(
+                    grad_logits, head_weight, student_hidden[sl], vocab_size, sl, grad_hidden, grad_weight
+                )
         ctx.weight_dtype = head_weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.mark_non_differentiable(token_loss, student_entropy)
@@ -173,8 +225,15 @@ class _ChunkedRoutedLoss(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None, None, None
 
 
-def _add_chunk_gradient(grad_logits: Tensor, head_weight: Tensor, hidden: Tensor, vocab_size: int, sl: slice,
-                        grad_hidden: Tensor | None, grad_weight: Tensor | None) -> None:
+def _add_chunk_gradient(
+    grad_logits: Tensor,
+    head_weight: Tensor,
+    hidden: Tensor,
+    vocab_size: int,
+    sl: slice,
+    grad_hidden: Tensor | None,
+    grad_weight: Tensor | None,
+) -> None:
     """Chain a chunk's logit gradient through logits = hidden @ W^T into the hidden states and W."""
     grad_logits = grad_logits.to(head_weight.dtype)
     if grad_hidden is not None:
@@ -230,34 +289,26 @@ def chunked_objective_loss(
         raise ValueError(f"objective {objective.name!r} needs target states of views {sorted(missing)}")
     for name, view in targets.items():
         if view.head_weight.shape[0] < vocab_size or view.head_weight.shape[1] != view.hidden.shape[-1]:
-            raise ValueError(f"view {name!r}: output embedding {tuple(view.head_weight.shape)} does not fit vocab {vocab_size} / hidden {view.hidden.shape[-1]}")
+            raise ValueError(
+                f"view {name!r}: output embedding {tuple(view.head_weight.shape)} does not fit vocab {vocab_size} / "
+                f"hidden {view.hidden.shape[-1]}"
+            )
     if student_head_weight.shape[0] < vocab_size:
-        raise ValueError(f"student output embedding has {student_head_weight.shape[0]} rows, fewer than the tokenizer's {vocab_size}")
+        raise ValueError(
+            f"student output embedding has {student_head_weight.shape[0]} rows, fewer than the tokenizer's {vocab_size}"
+        )
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be torch or triton, got {backend!r}")
     loss, token_loss, student_entropy = _ChunkedRoutedLoss.apply(
-        student_hidden, student_head_weight, objective, response_ids, route, token_weight, targets, vocab_size, chunk_size, backend
+        student_hidden,
+        student_head_weight,
+        objective,
+        response_ids,
+        route,
+        token_weight,
+        targets,
+        vocab_size,
+        chunk_size,
+        backend,
     )
     return ChunkedLossOutput(loss, token_loss, student_entropy)
-
-
-class StudentLoss(ModelCall):
-    """The student behind one forward, so that DDP / FSDP wrap one module and their hooks run around
-    every use of it: `loss_module(student_loss, inputs, ...)` for the routed loss (the output
-    embedding is read inside the wrapped forward), and under FSDP also the rollout
-    (dopd_vl/parallel.py)."""
-
-    def forward(self, fn, *args, **kwargs):
-        if not callable(fn):  # the 0.1 call, StudentLoss(inputs, positions, ...), meant the routed loss
-            warnings.warn("StudentLoss(inputs, ...) is deprecated: call StudentLoss(student_loss, inputs, ...)", DeprecationWarning, stacklevel=2)
-            return student_loss(self.model, fn, *args, **kwargs)
-        return super().forward(fn, *args, **kwargs)
-
-
-def student_loss(model: nn.Module, inputs, positions, mask, route, token_weight, targets, objective, vocab_size, chunk_size, backend="torch"):
-    """(loss, per-token loss, student entropy) of the student `model` over a micro-batch's valid tokens."""
-    hidden = final_hidden_states(model, inputs)
-    hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
-    ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
-    out = chunked_objective_loss(objective, hidden, output_embedding_weight(model), ids, route, token_weight, targets, vocab_size, chunk_size, backend)
-    return out.loss, out.token_loss, out.student_entropy

@@ -4,7 +4,8 @@ The torch path of `chunked_objective_loss` differentiates each chunk with autogr
 about seven [chunk, V] fp32 buffers (logits, log-softmax, target log-softmax, their exps, the
 gradient). Here the same loss and gradient come from kernels that stream over the vocabulary in
 blocks and keep the student's logits (in the head's dtype, e.g. bf16), one target's logits for the
-rows routed to it, the fp32 gradient and, for top-K routes, a copy of the routed rows for the tail. Math is fp32 (float64 inputs stay float64, as
+rows routed to it, the fp32 gradient and, for top-K routes, a copy of the routed rows for the tail. Math is fp32
+(float64 inputs stay float64, as
 `divergences.upcast` does, which lets the tests compare with the float64 reference tightly).
 
 Per route, by support:
@@ -18,7 +19,7 @@ Per route, by support:
   plus g_k at the K cells, G being the sum of the cell gradients.
 * `sampled`: coef*(onehot(y) - softmax(z)), the same kernel plus the sampled cells.
 
-The divergences' cell-level definitions are `dopd_vl.divergences` (one place); only the
+The divergences' cell-level definitions are `dopd_vl.method.divergences` (one place); only the
 full-vocabulary sums and their gradients are written out here, and the tests hold both backends
 to the float64 reference path. On CPU the kernels run under Triton's interpreter
 (`TRITON_INTERPRET=1`), which is how the test suite checks them without a GPU.
@@ -32,7 +33,7 @@ import os
 import torch
 from torch import Tensor
 
-from dopd_vl.divergences import divergence
+from dopd_vl.method.divergences import divergence
 
 try:  # Triton ships with CUDA builds of torch; CPU installs may lack it
     import triton
@@ -60,8 +61,10 @@ def resolve_loss_backend(backend: str, device: torch.device) -> str:
     if backend == "torch":
         return "torch"
     if backend == "triton" and not triton_available(device):
-        raise ValueError(f"loss_backend triton needs Triton and a CUDA device (or TRITON_INTERPRET=1), got device {device} "
-                         f"with Triton {'installed' if triton is not None else 'missing'}")
+        raise ValueError(
+            f"loss_backend triton needs Triton and a CUDA device (or TRITON_INTERPRET=1), got device {device} "
+            f"with Triton {'installed' if triton is not None else 'missing'}"
+        )
     return "triton" if backend == "triton" or (device.type == "cuda" and triton is not None) else "torch"
 
 
@@ -92,9 +95,26 @@ if triton is not None:
         tl.store(ent_ptr + p, lse - u / s)
 
     @triton.jit
-    def _full_divergence_kernel(s_ptr, t_ptr, s_rows_ptr, s_lse_ptr, t_lse_ptr, scale_ptr, value_ptr, grad_ptr,
-                                n_cols, s_stride, t_stride, g_stride, log_beta, log_1m_beta, beta,
-                                KIND: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _full_divergence_kernel(
+        s_ptr,
+        t_ptr,
+        s_rows_ptr,
+        s_lse_ptr,
+        t_lse_ptr,
+        scale_ptr,
+        value_ptr,
+        grad_ptr,
+        n_cols,
+        s_stride,
+        t_stride,
+        g_stride,
+        log_beta,
+        log_1m_beta,
+        beta,
+        KIND: tl.constexpr,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """Row p of the target block t against student row s_rows[p]: the divergence (stored in
         value[p]) and, scaled by scale[p], its gradient w.r.t. the student logits, added to grad."""
         p = tl.program_id(0)
@@ -145,8 +165,21 @@ if triton is not None:
             tl.store(ptrs, tl.load(ptrs, mask=ok, other=0.0) + scale * g, mask=ok)
 
     @triton.jit
-    def _exp_combination_kernel(z_ptr, z_rows_ptr, g_rows_ptr, a_ptr, b_ptr, c_ptr, d_ptr, grad_ptr, n_cols, stride, g_stride,
-                                ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _exp_combination_kernel(
+        z_ptr,
+        z_rows_ptr,
+        g_rows_ptr,
+        a_ptr,
+        b_ptr,
+        c_ptr,
+        d_ptr,
+        grad_ptr,
+        n_cols,
+        stride,
+        g_stride,
+        ACC: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         """grad[g_row] += a*exp(z[z_row] - b) + c*exp(z[z_row] - d) over the vocabulary (-inf entries add 0)."""
         p = tl.program_id(0)
         row = tl.load(z_rows_ptr + p).to(tl.int64)
@@ -172,16 +205,55 @@ def compile_variants(logits_dtype: str) -> dict[str, list[tuple[dict[str, str], 
     (tests/test_kernel_compile.py). Rows are int32, statistics and gradients fp32."""
     z, f32, i32 = f"*{logits_dtype}", "*fp32", "i32"
     constexpr = {"ACC": tl.float32, "BLOCK": BLOCK_V}
-    sig = lambda **kinds: {**kinds, **{name: "constexpr" for name in constexpr}}  # noqa: E731
+    sig = lambda **kinds: {**kinds, **dict.fromkeys(constexpr, "constexpr")}  # noqa: E731
     return {
-        "_lse_entropy_kernel": [(sig(z_ptr=z, rows_ptr="*i32", lse_ptr=f32, ent_ptr=f32, n_cols=i32, stride=i32), constexpr)],
+        "_lse_entropy_kernel": [
+            (sig(z_ptr=z, rows_ptr="*i32", lse_ptr=f32, ent_ptr=f32, n_cols=i32, stride=i32), constexpr)
+        ],
         "_full_divergence_kernel": [
-            ({**sig(s_ptr=z, t_ptr=z, s_rows_ptr="*i32", s_lse_ptr=f32, t_lse_ptr=f32, scale_ptr=f32, value_ptr=f32, grad_ptr=f32, n_cols=i32,
-                    s_stride=i32, t_stride=i32, g_stride=i32, log_beta="fp32", log_1m_beta="fp32", beta="fp32"), "KIND": "constexpr"}, {**constexpr, "KIND": kind})
+            (
+                {
+                    **sig(
+                        s_ptr=z,
+                        t_ptr=z,
+                        s_rows_ptr="*i32",
+                        s_lse_ptr=f32,
+                        t_lse_ptr=f32,
+                        scale_ptr=f32,
+                        value_ptr=f32,
+                        grad_ptr=f32,
+                        n_cols=i32,
+                        s_stride=i32,
+                        t_stride=i32,
+                        g_stride=i32,
+                        log_beta="fp32",
+                        log_1m_beta="fp32",
+                        beta="fp32",
+                    ),
+                    "KIND": "constexpr",
+                },
+                {**constexpr, "KIND": kind},
+            )
             for kind in _KINDS.values()
         ],
-        "_exp_combination_kernel": [(sig(z_ptr=z, z_rows_ptr="*i32", g_rows_ptr="*i32", a_ptr=f32, b_ptr=f32, c_ptr=f32, d_ptr=f32, grad_ptr=f32,
-                                         n_cols=i32, stride=i32, g_stride=i32), constexpr)],
+        "_exp_combination_kernel": [
+            (
+                sig(
+                    z_ptr=z,
+                    z_rows_ptr="*i32",
+                    g_rows_ptr="*i32",
+                    a_ptr=f32,
+                    b_ptr=f32,
+                    c_ptr=f32,
+                    d_ptr=f32,
+                    grad_ptr=f32,
+                    n_cols=i32,
+                    stride=i32,
+                    g_stride=i32,
+                ),
+                constexpr,
+            )
+        ],
     }
 
 
@@ -198,20 +270,41 @@ def _lse_entropy(z: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
     lse = torch.empty(rows.numel(), dtype=_acc(z.dtype), device=z.device)
     ent = torch.empty_like(lse)
     if rows.numel():
-        _lse_entropy_kernel[(rows.numel(),)](z, rows, lse, ent, z.shape[1], z.stride(0), ACC=_tl(lse.dtype), BLOCK=BLOCK_V)
+        _lse_entropy_kernel[(rows.numel(),)](
+            z, rows, lse, ent, z.shape[1], z.stride(0), ACC=_tl(lse.dtype), BLOCK=BLOCK_V
+        )
     return lse, ent
 
 
-def _exp_combination(z: Tensor, z_rows: Tensor, grad_rows: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, grad: Tensor) -> None:
+def _exp_combination(
+    z: Tensor, z_rows: Tensor, grad_rows: Tensor, a: Tensor, b: Tensor, c: Tensor, d: Tensor, grad: Tensor
+) -> None:
     """grad[grad_rows] += a*exp(z[z_rows] - b) + c*exp(z[z_rows] - d), per row scalars a..d."""
     if z_rows.numel():
         args = [x.to(grad.dtype).contiguous() for x in (a, b, c, d)]
-        _exp_combination_kernel[(z_rows.numel(),)](z, z_rows.to(torch.int32), grad_rows.to(torch.int32), *args, grad, z.shape[1], z.stride(0), grad.stride(0),
-                                                   ACC=_tl(grad.dtype), BLOCK=BLOCK_V)
+        _exp_combination_kernel[(z_rows.numel(),)](
+            z,
+            z_rows.to(torch.int32),
+            grad_rows.to(torch.int32),
+            *args,
+            grad,
+            z.shape[1],
+            z.stride(0),
+            grad.stride(0),
+            ACC=_tl(grad.dtype),
+            BLOCK=BLOCK_V,
+        )
 
 
-def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_ids: Tensor, token_weight: Tensor,
-                      target_logits, token_logprob) -> tuple[Tensor, Tensor, Tensor]:
+def routed_chunk_loss(
+    objective,
+    student_logits: Tensor,
+    route: Tensor,
+    token_ids: Tensor,
+    token_weight: Tensor,
+    target_logits,
+    token_logprob,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Loss per token [C], gradient of sum(loss * token_weight) w.r.t. `student_logits` [C, V]
     and the student's entropy [C] for one chunk, in fp32 (float64 for float64 logits).
 
@@ -240,8 +333,24 @@ def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_id
                 value = torch.empty(sel.numel(), dtype=acc, device=z.device)
                 scale = (term_weight * weight[sel]).contiguous()
                 _full_divergence_kernel[(sel.numel(),)](
-                    z, t, rows, lse[sel].contiguous(), t_lse, scale, value, grad, vocab, z.stride(0), t.stride(0), grad.stride(0),
-                    math.log(c.js_beta), math.log(1.0 - c.js_beta), c.js_beta, KIND=_KINDS[name], ACC=_tl(acc), BLOCK=BLOCK_V,
+                    z,
+                    t,
+                    rows,
+                    lse[sel].contiguous(),
+                    t_lse,
+                    scale,
+                    value,
+                    grad,
+                    vocab,
+                    z.stride(0),
+                    t.stride(0),
+                    grad.stride(0),
+                    math.log(c.js_beta),
+                    math.log(1.0 - c.js_beta),
+                    c.js_beta,
+                    KIND=_KINDS[name],
+                    ACC=_tl(acc),
+                    BLOCK=BLOCK_V,
                 )
                 loss[sel] += term_weight * value
         elif spec.support == "topk":
@@ -251,7 +360,9 @@ def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_id
             ls = z[sel, ids].to(acc) - lse[sel]
             target = token_logprob(spec.target, sel).to(acc)
             if spec.reference is not None:  # ExOPD's extrapolated target
-                target = spec.extrapolation * target + (1.0 - spec.extrapolation) * token_logprob(spec.reference, sel).to(acc)
+                target = spec.extrapolation * target + (1.0 - spec.extrapolation) * token_logprob(
+                    spec.reference, sel
+                ).to(acc)
             coef = (ls - target) * sum(w for _, w in spec.terms)
             loss[sel] += coef * ls
             scaled = coef * weight[sel]
@@ -260,7 +371,9 @@ def routed_chunk_loss(objective, student_logits: Tensor, route: Tensor, token_id
     return loss, grad, entropy
 
 
-def _topk_route(spec, c, z: Tensor, sel: Tensor, lse: Tensor, t: Tensor, weight: Tensor, loss: Tensor, grad: Tensor) -> None:
+def _topk_route(
+    spec, c, z: Tensor, sel: Tensor, lse: Tensor, t: Tensor, weight: Tensor, loss: Tensor, grad: Tensor
+) -> None:
     """One top-K route: the cells of `divergences.topk_cells` (K + tail, or renormalised), their
     divergence by `divergences.divergence`, and the gradient carried back to the logits."""
     zs = z[sel]  # [n, V] copy of the routed rows: the tail is computed on it in place
@@ -295,4 +408,8 @@ def _topk_route(spec, c, z: Tensor, sel: Tensor, lse: Tensor, t: Tensor, weight:
     total = g.sum(1)
     if k < z.shape[1]:
         _exp_combination(zs, local, sel, g[:, k], s_tail, -total, lse, grad)
-    grad.index_put_((sel[:, None].expand_as(index), index), g[:, :k] - total[:, None] * (s_top - lse[:, None]).exp(), accumulate=True)
+    grad.index_put_(
+        (sel[:, None].expand_as(index), index),
+        g[:, :k] - total[:, None] * (s_top - lse[:, None]).exp(),
+        accumulate=True,
+    )

@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dopd_vl.divergences import entropy, upcast
-from dopd_vl.objectives import DOPDConfig, Objective, build_objective, route_divergence
-from dopd_vl.routing import assign_regimes
+from dopd_vl.loss.routed import route_divergence, token_weights
+from dopd_vl.method.divergences import entropy, upcast
+from dopd_vl.method.objectives import Objective, ObjectiveConfig, build_objective
+from dopd_vl.method.routing import assign_regimes
 
 __all__ = ["LossOutput", "objective_loss", "dopd_loss"]
 
@@ -79,11 +80,17 @@ def objective_loss(
         if spec is None:
             continue
         d = route_divergence(
-            spec, c, student_logp.flatten(0, 1), target_logp[spec.target].flatten(0, 1), ids.flatten(),
+            spec,
+            c,
+            student_logp.flatten(0, 1),
+            target_logp[spec.target].flatten(0, 1),
+            ids.flatten(),
             {v: token_logprob[v].flatten() for v in spec.views},
         ).view(mask.shape)
         token_loss = torch.where(route == r, d, token_loss)
-    weights = objective.token_weights(mask, route, thresholds, signals, groups, num_sequences, num_tokens).to(token_loss.dtype)
+    weights = token_weights(objective, mask, route, thresholds, signals, groups, num_sequences, num_tokens).to(
+        token_loss.dtype
+    )
     loss = (token_loss * weights).sum()
     return LossOutput(loss=loss, token_loss=token_loss.detach(), regime=regime, route=route, thresholds=thresholds)
 
@@ -94,20 +101,25 @@ def dopd_loss(
     student_priv_logits: Tensor,
     response_ids: Tensor,
     mask: Tensor,
-    config: DOPDConfig | None = None,
+    config: ObjectiveConfig | None = None,
     *,
     thresholds: dict[str, float] | None = None,
     num_sequences: int | None = None,
     num_tokens: int | None = None,
 ) -> LossOutput:
     """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); docs/design.md §5."""
-    config = config or DOPDConfig()
+    config = config or ObjectiveConfig()
     if config.name != "dopd":
         raise ValueError(f"dopd_loss computes the 'dopd' objective; use objective_loss for {config.name!r}")
     return objective_loss(
-        build_objective(config), student_logits,
+        build_objective(config),
+        student_logits,
         {"teacher_priv": teacher_priv_logits, "student_priv": student_priv_logits.detach()},
-        response_ids, mask, thresholds=thresholds, num_sequences=num_sequences, num_tokens=num_tokens,
+        response_ids,
+        mask,
+        thresholds=thresholds,
+        num_sequences=num_sequences,
+        num_tokens=num_tokens,
     )
 
 
@@ -122,5 +134,7 @@ def _checked_vocab(logits: dict[str, Tensor], vocab_size: int | None) -> int:
         return next(iter(sizes.values()))
     too_small = {k: v for k, v in sizes.items() if v < vocab_size}
     if too_small:
-        raise ValueError(f"logits {too_small} have fewer entries than the tokenizer's {vocab_size}: models do not share a tokenizer")
+        raise ValueError(
+            f"logits {too_small} have fewer entries than the tokenizer's {vocab_size}: models do not share a tokenizer"
+        )
     return vocab_size

@@ -16,20 +16,16 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from dopd_vl.errors import DopdError
+from dopd_vl.errors import BackendCheckError
 from dopd_vl.loss.chunked import TargetStates, chunked_objective_loss
 
-__all__ = ["BackendCheck", "BackendCheckError", "check_triton_backend", "checked_triton_backend", "TOLERANCE"]
+__all__ = ["BackendCheck", "check_triton_backend", "checked_triton_backend", "TOLERANCE"]
 
 logger = logging.getLogger(__name__)
 
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
 """Largest relative difference accepted between the backends, by the output embedding's dtype:
 both compute in fp32 (float64 kept); half-precision heads differ in where they round."""
-
-
-class BackendCheckError(DopdError):
-    """`loss_backend: triton` was asked for and the kernels failed their self-check."""
 
 
 @dataclass
@@ -46,10 +42,15 @@ class BackendCheck:
     def describe(self) -> str:
         if self.error:
             return f"the Triton kernels raised {self.error}"
-        return f"the Triton kernels differ from the torch path by {self.max_rel_error:.3g} (relative; tolerance {self.tolerance:g}) on {self.rows} rows"
+        return (
+            f"the Triton kernels differ from the torch path by {self.max_rel_error:.3g} (relative; tolerance "
+            f"{self.tolerance:g}) on {self.rows} rows"
+        )
 
 
-def check_triton_backend(objective, student_head: Tensor, view_heads: dict[str, Tensor], vocab_size: int, seed: int = 0) -> BackendCheck:
+def check_triton_backend(
+    objective, student_head: Tensor, view_heads: dict[str, Tensor], vocab_size: int, seed: int = 0
+) -> BackendCheck:
     """Compare the kernel path with the torch path on one random row per route of `objective`.
 
     `student_head` / `view_heads[view]` are the output embeddings of the student and of the model
@@ -63,7 +64,9 @@ def check_triton_backend(objective, student_head: Tensor, view_heads: dict[str, 
     def hidden_states(n: int, head: Tensor) -> Tensor:
         """Random states scaled so that their logits spread like a trained model's (std ~2), not a
         near-uniform distribution whose tiny divergences rounding would swamp."""
-        h = torch.randn(n, head.shape[1], generator=generator, dtype=torch.float64).to(device=head.device, dtype=head.dtype)
+        h = torch.randn(n, head.shape[1], generator=generator, dtype=torch.float64).to(
+            device=head.device, dtype=head.dtype
+        )
         with torch.no_grad():
             spread = (h @ head[:vocab_size].T).float().std(dim=-1).mean().clamp_min(1e-6)
         return (h.float() * (2.0 / spread)).to(head.dtype)
@@ -73,7 +76,11 @@ def check_triton_backend(objective, student_head: Tensor, view_heads: dict[str, 
     ids = torch.randint(0, vocab_size, (n,), generator=generator).to(device)
     weight = torch.full((n,), 1.0 / max(n, 1), dtype=torch.float64, device=device)
     targets = {
-        v: TargetStates(hidden_states(n, view_heads[v]), view_heads[v].detach(), -torch.rand(n, generator=generator, dtype=torch.float64).to(device) * 5)
+        v: TargetStates(
+            hidden_states(n, view_heads[v]),
+            view_heads[v].detach(),
+            -torch.rand(n, generator=generator, dtype=torch.float64).to(device) * 5,
+        )
         for v in views
     }
     hidden = hidden_states(n, student_head)
@@ -81,7 +88,18 @@ def check_triton_backend(objective, student_head: Tensor, view_heads: dict[str, 
     try:
         for backend in ("torch", "triton"):
             h = hidden.clone().requires_grad_()
-            out = chunked_objective_loss(objective, h, student_head.detach(), ids, route, weight, targets, vocab_size, chunk_size=max(n, 1), backend=backend)
+            out = chunked_objective_loss(
+                objective,
+                h,
+                student_head.detach(),
+                ids,
+                route,
+                weight,
+                targets,
+                vocab_size,
+                chunk_size=max(n, 1),
+                backend=backend,
+            )
             (grad,) = torch.autograd.grad(out.loss, h)
             results[backend] = (out.loss.detach().double(), out.token_loss.double(), grad.double())
     except Exception as err:  # noqa: BLE001 - any failure of the kernels means: do not use them
@@ -91,8 +109,15 @@ def check_triton_backend(objective, student_head: Tensor, view_heads: dict[str, 
     return BackendCheck(bool(error <= tolerance), error, tolerance, n)
 
 
-def checked_triton_backend(requested: str, objective, student_head: Tensor, view_heads: dict[str, Tensor], vocab_size: int, seed: int = 0,
-                           any_failed=lambda failed: failed) -> tuple[str, BackendCheck]:
+def checked_triton_backend(
+    requested: str,
+    objective,
+    student_head: Tensor,
+    view_heads: dict[str, Tensor],
+    vocab_size: int,
+    seed: int = 0,
+    any_failed=lambda failed: failed,
+) -> tuple[str, BackendCheck]:
     """(the backend to use, the check): `triton` when the kernels pass; otherwise `torch` with one
     warning for `requested="auto"`, a BackendCheckError for an explicit `triton`. `any_failed`
     turns this process's verdict into all processes' (the trainer reduces it)."""
@@ -101,7 +126,9 @@ def checked_triton_backend(requested: str, objective, student_head: Tensor, view
         logger.info("loss_backend %s: the Triton kernels passed their self-check (%s)", requested, check.to_dict())
         return "triton", check
     if requested == "triton":
-        raise BackendCheckError(f"loss_backend triton: {check.describe()}; set loss_backend: torch (or auto, which falls back to it)")
+        raise BackendCheckError(
+            f"loss_backend triton: {check.describe()}; set loss_backend: torch (or auto, which falls back to it)"
+        )
     logger.warning("loss_backend auto: %s; this run uses the torch backend", check.describe())
     return "torch", check
 

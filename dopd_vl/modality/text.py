@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dopd_vl.errors import DatasetError
-from dopd_vl.modality import PromptConfig, PromptInputs, prompt_messages
+from dopd_vl.modality.prompts import PromptConfig, PromptInputs, prompt_messages
 
 __all__ = ["TextAdapter"]
 
@@ -14,7 +14,9 @@ class TextAdapter:
     def __init__(self, tokenizer, config: PromptConfig):
         self.tokenizer = tokenizer
         self.config = config
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
 
     def prompt(self, record: dict, view: str) -> PromptInputs:
         text = self.prompt_text(record, view)
@@ -24,7 +26,9 @@ class TextAdapter:
     def prompt_text(self, record: dict, view: str) -> str:
         """The view's rendered chat text (what `prompt` tokenizes; the preflight tokenizes many at once)."""
         messages = [_flatten_text(m, record) for m in prompt_messages(record, view, self.config.privileged_template)]
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=self.config.enable_thinking)
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=self.config.enable_thinking
+        )
 
 
 def _flatten_text(message: dict, record: dict) -> dict:
@@ -33,6 +37,7 @@ def _flatten_text(message: dict, record: dict) -> dict:
     if isinstance(content, str):
         return message
     if any(part.get("type") != "text" for part in content):
-        raise DatasetError("an image in the prompt, but the model is text-only", record=record.get("id", "?"), field="prompt.content")
+        raise DatasetError(
+            "an image in the prompt, but the model is text-only", record=record.get("id", "?"), field="prompt.content"
+        )
     return {**message, "content": "".join(part["text"] for part in content)}
-

@@ -1,7 +1,8 @@
 """Qwen3-VL (any image-text-to-text model with a processor): records -> prompt ids + pixels.
 
 Images are opened with Pillow from paths under the dataset root, or decoded from the record's
-embedded images, and resized by the model's own processor, as `processor.apply_chat_template(..., tokenize=True)` does for Qwen3-VL.
+embedded images, and resized by the model's own processor, as `processor.apply_chat_template(..., tokenize=True)` does
+for Qwen3-VL.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dopd_vl.data import image_parts, load_image
-from dopd_vl.image_roots import ImageRoots, image_roots
-from dopd_vl.modality import PromptConfig, PromptInputs, prompt_messages
+from dopd_vl.data.image_roots import ImageRoots, image_roots
+from dopd_vl.data.records import image_parts, load_image
+from dopd_vl.modality.prompts import PromptConfig, PromptInputs, prompt_messages
 
 
 class VisionAdapter:
@@ -22,7 +23,9 @@ class VisionAdapter:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.config = config
-        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        )
         self.image_root = image_roots(image_root)  # read once: every image path is confined to these (§3.1)
 
     def prompt(self, record: dict, view: str) -> PromptInputs:
@@ -45,10 +48,19 @@ class VisionAdapter:
 
         messages = prompt_messages(record, view, self.config.privileged_template)
         images = self.processor.image_processor
-        patch, merge, size = getattr(images, "patch_size", None), getattr(images, "merge_size", None), getattr(images, "size", None)
-        pixels = (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None)) if size is not None and not isinstance(size, dict) else \
-            ((size or {}).get("shortest_edge"), (size or {}).get("longest_edge"))
-        if not (patch and merge and all(pixels)) or any("crop" in part for m in messages if isinstance(m["content"], list) for part in m["content"]):
+        patch, merge, size = (
+            getattr(images, "patch_size", None),
+            getattr(images, "merge_size", None),
+            getattr(images, "size", None),
+        )
+        pixels = (
+            (getattr(size, "shortest_edge", None), getattr(size, "longest_edge", None))
+            if size is not None and not isinstance(size, dict)
+            else ((size or {}).get("shortest_edge"), (size or {}).get("longest_edge"))
+        )
+        if not (patch and merge and all(pixels)) or any(
+            "crop" in part for m in messages if isinstance(m["content"], list) for part in m["content"]
+        ):
             return None
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         count = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -66,7 +78,9 @@ class VisionAdapter:
                 if part.get("type") != "image":
                     continue
                 if "crop" in part:
-                    images.append(crop_image(prompt_images[part.get("image_index", 0)], part["crop"], record.get("id", "?")))
+                    images.append(
+                        crop_image(prompt_images[part.get("image_index", 0)], part["crop"], record.get("id", "?"))
+                    )
                 else:
                     images.append(prompt_images[k])
                     k += 1

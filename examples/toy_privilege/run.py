@@ -44,16 +44,24 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root, for `examples.toy_privilege`
 
-from dopd_vl.cli import main as dopd  # noqa: E402
-from dopd_vl.config import load_config  # noqa: E402
-from dopd_vl.data import load_records  # noqa: E402
-from dopd_vl.guard import CollapseGuard  # noqa: E402
-from dopd_vl.modality import make_adapter  # noqa: E402
-from dopd_vl.models import build_tiny_qwen3, final_hidden_states, load_model, output_embedding_weight, save_model_folder  # noqa: E402
-from dopd_vl.plots import read_metrics  # noqa: E402
-from dopd_vl.sft import SFTConfig, answer_ids, supervised_finetune  # noqa: E402
-from dopd_vl.trainer import Trainer  # noqa: E402
-from dopd_vl.views import build_view  # noqa: E402
+from dopd_vl import (  # noqa: E402  # noqa: E402
+    CollapseGuard,  # noqa: E402
+    SFTConfig,
+    Trainer,  # noqa: E402
+    answer_ids,
+    build_tiny_qwen3,  # noqa: E402
+    build_view,  # noqa: E402
+    final_hidden_states,
+    load_config,  # noqa: E402
+    load_model,
+    load_records,  # noqa: E402
+    make_adapter,  # noqa: E402
+    output_embedding_weight,
+    read_metrics,  # noqa: E402
+    save_model_folder,  # noqa: E402
+    supervised_finetune,
+)
+from dopd_vl import main as dopd  # noqa: E402
 from examples.toy_privilege.task import build_char_tokenizer, write_split  # noqa: E402
 
 METHODS = ("vanilla_opd", "privileged_opd", "self_distill", "uniform", "dopd")
@@ -72,9 +80,13 @@ LEARNING_RATES = (1e-4, 1e-3)  # with the main runs' 3e-4: a 10x span
 LR_METHODS = ("vanilla_opd", "dopd", "dopd_initial=dopd;objective.privileged_student=initial")
 # The paper's LLM comparison methods, with the privileged teacher (as DOPD gets) and as published (plain).
 COMPARISON = (
-    "vanilla_opd", "privileged_opd", "dopd_initial=dopd;objective.privileged_student=initial",
-    "eopd", "eopd_plain=eopd;objective.teacher_view=teacher_plain",
-    "exopd", "exopd_plain=exopd;objective.teacher_view=teacher_plain",
+    "vanilla_opd",
+    "privileged_opd",
+    "dopd_initial=dopd;objective.privileged_student=initial",
+    "eopd",
+    "eopd_plain=eopd;objective.teacher_view=teacher_plain",
+    "exopd",
+    "exopd_plain=exopd;objective.teacher_view=teacher_plain",
     # Control: lambda 1 is vanilla OPD's sampled-token form, separating the extrapolation from the estimator.
     "exopd_lambda1_plain=exopd;objective.exopd_lambda=1.0;objective.teacher_view=teacher_plain",
 )
@@ -103,15 +115,32 @@ class Task:
 
 TASKS = {
     "add_hidden": Task(
-        sizes={"full": Size((0, 1, 2), 4000, 400, 600, 130, 500), "quick": Size((0,), 4000, 400, 600, 130, 200), "smoke": Size((0,), 64, 16, 4, 2, 2)},
-        max_new_tokens=4, sft_target="answer", question_types=("visible", "hidden_digit"),
+        sizes={
+            "full": Size((0, 1, 2), 4000, 400, 600, 130, 500),
+            "quick": Size((0,), 4000, 400, 600, 130, 200),
+            "smoke": Size((0,), 64, 16, 4, 2, 2),
+        },
+        max_new_tokens=4,
+        sft_target="answer",
+        question_types=("visible", "hidden_digit"),
     ),
     # Sizes fixed from the teacher's and the student's own calibration (accuracy after warm-up),
     # before any distillation result: teacher ~95% without hints; student weak but learning.
     "two_step": Task(
-        sizes={"full": Size((0, 1, 2), 4000, 145, 600, 300, 200), "quick": Size((0,), 4000, 145, 600, 300, 100), "smoke": Size((0,), 64, 16, 4, 2, 2)},
-        max_new_tokens=40, sft_target="meta.solution", question_types=("no_carry", "carry"),
-        quick_methods=("vanilla_opd", "privileged_opd", "dopd", "dopd_initial=dopd;objective.privileged_student=initial"),
+        sizes={
+            "full": Size((0, 1, 2), 4000, 145, 600, 300, 200),
+            "quick": Size((0,), 4000, 145, 600, 300, 100),
+            "smoke": Size((0,), 64, 16, 4, 2, 2),
+        },
+        max_new_tokens=40,
+        sft_target="meta.solution",
+        question_types=("no_carry", "carry"),
+        quick_methods=(
+            "vanilla_opd",
+            "privileged_opd",
+            "dopd",
+            "dopd_initial=dopd;objective.privileged_student=initial",
+        ),
     ),
 }
 
@@ -119,8 +148,12 @@ TASKS = {
 def study_methods(study: str, task: Task, quick: bool) -> list[tuple[str, tuple[int, ...] | None]]:
     """(method spec, seeds or None for all) in run order."""
     main = task.quick_methods if quick else METHODS + ABLATIONS
-    specs = {"main": [(m, None) for m in main], "prune": [("vanilla_opd", None)] + [(m, None) for m in PRUNE], "lr": [],
-             "comparison": [(m, None) for m in COMPARISON]}
+    specs = {
+        "main": [(m, None) for m in main],
+        "prune": [("vanilla_opd", None)] + [(m, None) for m in PRUNE],
+        "lr": [],
+        "comparison": [(m, None) for m in COMPARISON],
+    }
     for lr in LEARNING_RATES:
         for spec in LR_METHODS:
             label, method, overrides = parse_method(spec)
@@ -140,7 +173,9 @@ def per_token_report(model_dir: Path, data: Path, target: str, device: str = "au
     with torch.no_grad():
         for start in range(0, len(records), 64):
             batch = records[start : start + 64]
-            view = build_view(adapter, "student", batch, [answer_ids(tokenizer, r, target) for r in batch]).to(next(model.parameters()).device)
+            view = build_view(adapter, "student", batch, [answer_ids(tokenizer, r, target) for r in batch]).to(
+                next(model.parameters()).device
+            )
             hidden = final_hidden_states(model, view.inputs)
             hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))
             logp = (hidden @ output_embedding_weight(model).T).float().log_softmax(-1)
@@ -160,10 +195,27 @@ def per_token_report(model_dir: Path, data: Path, target: str, device: str = "au
     }
 
 
-def evaluate(model_dir: Path, data: Path, out: Path, task: Task, privileged: bool = False, device: str = "auto") -> dict:
+def evaluate(
+    model_dir: Path, data: Path, out: Path, task: Task, privileged: bool = False, device: str = "auto"
+) -> dict:
     """`dopd eval` (greedy, no privileged context unless asked) plus the per-token report."""
-    args = ["eval", "--model", str(model_dir), "--data", str(data), "--out", str(out), "--max-new-tokens", str(task.max_new_tokens), "--batch-size", "64",
-            "--device", device, "--dtype", "float32"]
+    args = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        str(task.max_new_tokens),
+        "--batch-size",
+        "64",
+        "--device",
+        device,
+        "--dtype",
+        "float32",
+    ]
     if dopd(args + (["--privileged"] if privileged else [])) != 0:
         raise RuntimeError(f"dopd eval failed for {model_dir}")
     report = json.loads(out.read_text())
@@ -184,21 +236,38 @@ class Prepared:
 
 def write_data(out: Path, task_name: str, size: Size, seed: int) -> tuple[Path, Path]:
     """Seed `seed`'s training and held-out problems."""
-    train = write_split(out / "data" / "train.jsonl", size.train_problems, seed=1000 + seed, task=task_name, split_seed=seed)
-    heldout = write_split(out / "data" / "heldout.jsonl", size.heldout_problems, seed=2000 + seed, task=task_name, split_seed=seed, split="heldout")
+    train = write_split(
+        out / "data" / "train.jsonl", size.train_problems, seed=1000 + seed, task=task_name, split_seed=seed
+    )
+    heldout = write_split(
+        out / "data" / "heldout.jsonl",
+        size.heldout_problems,
+        seed=2000 + seed,
+        task=task_name,
+        split_seed=seed,
+        split="heldout",
+    )
     return train, heldout
 
 
-def train_model(folder: Path, role: str, task_name: str, train: Path, seed: int, steps: int, device: str = "auto", on_step=None) -> Path:
+def train_model(
+    folder: Path, role: str, task_name: str, train: Path, seed: int, steps: int, device: str = "auto", on_step=None
+) -> Path:
     """Build seed `seed`'s teacher (4 layers x 128, trained with and without the context) or student
     (2 layers x 64, warmed up briefly: capable but weak) and train it on the reference responses.
     `on_step(n, model)` is called after every update (the strength study's warm-up curve)."""
     tokenizer = build_char_tokenizer()
-    shape = dict(hidden_size=128, num_layers=4, intermediate_size=512) if role == "teacher" else dict(hidden_size=64, num_layers=2, intermediate_size=256)
+    shape = (
+        dict(hidden_size=128, num_layers=4, intermediate_size=512)
+        if role == "teacher"
+        else dict(hidden_size=64, num_layers=2, intermediate_size=256)
+    )
     model_seed = (1 if role == "teacher" else 2) + 100 * seed
     build_tiny_qwen3(folder, tokenizer=tokenizer, num_heads=4, num_kv_heads=2, lm_head_rows=0, seed=model_seed, **shape)
     views = ("teacher_priv", "teacher_plain") if role == "teacher" else ("student", "student_priv")
-    config = SFTConfig(steps=steps, batch_size=64, lr=1e-3, views=views, seed=model_seed, target=TASKS[task_name].sft_target)
+    config = SFTConfig(
+        steps=steps, batch_size=64, lr=1e-3, views=views, seed=model_seed, target=TASKS[task_name].sft_target
+    )
     model = load_model(folder, device=device)
     print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
     callback = (lambda n: on_step(n, model)) if on_step is not None else None
@@ -207,7 +276,9 @@ def train_model(folder: Path, role: str, task_name: str, train: Path, seed: int,
     return folder
 
 
-def prepare(out: Path, task_name: str, size: Size, seed: int, device: str = "auto", teacher_cache: Path | None = None) -> tuple[Path, Path, Path, Path]:
+def prepare(
+    out: Path, task_name: str, size: Size, seed: int, device: str = "auto", teacher_cache: Path | None = None
+) -> tuple[Path, Path, Path, Path]:
     """Seed `seed`'s data, teacher and warmed-up student (`size.student_sft_steps`). Seed 0 of
     add_hidden reproduces the first version of this experiment's preparation. `teacher_cache`:
     a folder of seed{S} teachers trained once and copied (the strength study's students share them)."""
@@ -217,8 +288,17 @@ def prepare(out: Path, task_name: str, size: Size, seed: int, device: str = "aut
     return train, heldout, teacher, student
 
 
-def prepare_teacher(out: Path, task_name: str, size: Size, seed: int, train: Path, device: str = "auto", teacher_cache: Path | None = None) -> Path:
-    """Seed `seed`'s teacher in OUT/models/teacher: copied from `teacher_cache/seed{S}` when there, else trained (and cached)."""
+def prepare_teacher(
+    out: Path,
+    task_name: str,
+    size: Size,
+    seed: int,
+    train: Path,
+    device: str = "auto",
+    teacher_cache: Path | None = None,
+) -> Path:
+    """Seed `seed`'s teacher in OUT/models/teacher: copied from `teacher_cache/seed{S}` when there, else trained (and
+    cached)."""
     teacher = out / "models" / "teacher"
     cached = teacher_cache / f"seed{seed}" if teacher_cache is not None else None
     if cached is not None and (cached / "config.json").exists():
@@ -230,10 +310,23 @@ def prepare_teacher(out: Path, task_name: str, size: Size, seed: int, train: Pat
     return teacher
 
 
-def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool, device: str = "auto", teacher_cache: Path | None = None) -> Prepared:
+def prepared_seed(
+    out: Path,
+    task_name: str,
+    size: Size,
+    seed: int,
+    reuse: bool,
+    device: str = "auto",
+    teacher_cache: Path | None = None,
+) -> Prepared:
     base = out / f"seed{seed}"
     if reuse and (base / "eval" / "student_start.json").exists():
-        paths = base / "data" / "train.jsonl", base / "data" / "heldout.jsonl", base / "models" / "teacher", base / "models" / "student"
+        paths = (
+            base / "data" / "train.jsonl",
+            base / "data" / "heldout.jsonl",
+            base / "models" / "teacher",
+            base / "models" / "student",
+        )
         reports = json.loads((base / "eval" / "reports.json").read_text())
         return Prepared(*paths, reports)
     train, heldout, teacher, student = prepare(base, task_name, size, seed, device, teacher_cache)
@@ -249,13 +342,25 @@ def prepared_seed(out: Path, task_name: str, size: Size, seed: int, reuse: bool,
     return Prepared(train, heldout, teacher, student, reports)
 
 
-def distill(spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str = "auto") -> Path:
+def distill(
+    spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str = "auto"
+) -> Path:
     _, method, overrides = parse_method(spec)
-    config = load_config(HERE / "config.yaml", [
-        f"student.name_or_path={prepared.student}", f"teacher.name_or_path={prepared.teacher}", f"data.train={prepared.train}",
-        f"output_dir={run_dir}", f"objective.name={method}", f"seed={seed}", f"max_steps={steps}",
-        f"rollout.max_new_tokens={task.max_new_tokens}", f"device={'cpu' if device == 'cpu' else 'auto'}", *overrides,
-    ])
+    config = load_config(
+        HERE / "config.yaml",
+        [
+            f"student.name_or_path={prepared.student}",
+            f"teacher.name_or_path={prepared.teacher}",
+            f"data.train={prepared.train}",
+            f"output_dir={run_dir}",
+            f"objective.name={method}",
+            f"seed={seed}",
+            f"max_steps={steps}",
+            f"rollout.max_new_tokens={task.max_new_tokens}",
+            f"device={'cpu' if device == 'cpu' else 'auto'}",
+            *overrides,
+        ],
+    )
     return Trainer(config).train()
 
 
@@ -284,7 +389,9 @@ def training_summary(run_dir: Path) -> dict:
     for regime in ("LH", "LL", "HT", "HS"):
         if f"frac/{regime}" in rows[0]:
             summary[f"frac/{regime}"] = statistics.mean(r[f"frac/{regime}"] for r in rows)
-    for key in (k for k in rows[0] if k.startswith("diag/")):  # `diagnostics: true` runs: the first step and the mean over training
+    for key in (
+        k for k in rows[0] if k.startswith("diag/")
+    ):  # `diagnostics: true` runs: the first step and the mean over training
         summary[f"first/{key}"] = rows[0][key]
         summary[f"mean/{key}"] = statistics.mean(r[key] for r in rows)
     return summary
@@ -304,52 +411,98 @@ def _gap(acc: float, start: float, teacher: float) -> float | None:
 def summarise(task: Task, results: dict, prepared: dict[int, Prepared]) -> tuple[str, dict]:
     """Markdown tables: main (every label), pruning (gain relative to unpruned vanilla OPD), learning rate."""
     t1, t2 = task.question_types
-    header = (f"| method | accuracy (mean ± std) | {t1} | {t2} | token accuracy | answer entropy (nats) | gap recovered | HT share | response length (start → end) | guard alarm (step) |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = (
+        f"| method | accuracy (mean ± std) | {t1} | {t2} | token accuracy | answer entropy (nats) | gap recovered | HT "
+        f"share | response length (start → end) | guard alarm (step) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
     rows, numbers = [], {}
     seeds = sorted(prepared)
     starts = [prepared[s].reports["student_start"] for s in seeds]
-    rows.append(f"| student (start) | {_fmt([r['accuracy'] for r in starts])} | {_fmt([r['per_type'].get(t1, 0) for r in starts])} | "
-                f"{_fmt([r['per_type'].get(t2, 0) for r in starts])} | {_fmt([r['token_accuracy'] for r in starts])} | {_fmt([r['answer_entropy'] for r in starts])} | 0 | | | |")
+    rows.append(
+        f"| student (start) | {_fmt([r['accuracy'] for r in starts])} | "
+        f"{_fmt([r['per_type'].get(t1, 0) for r in starts])} | "
+        f"{_fmt([r['per_type'].get(t2, 0) for r in starts])} | {_fmt([r['token_accuracy'] for r in starts])} | "
+        f"{_fmt([r['answer_entropy'] for r in starts])} | 0 | | | |"
+    )
     for label, per_seed in results.items():
         if "_lr" in label:
             continue
         acc = [r["accuracy"] for r in per_seed.values()]
-        gap = [_gap(r["accuracy"], prepared[s].reports["student_start"]["accuracy"], prepared[s].reports["teacher_plain"]["accuracy"]) for s, r in per_seed.items()]
+        gap = [
+            _gap(
+                r["accuracy"],
+                prepared[s].reports["student_start"]["accuracy"],
+                prepared[s].reports["teacher_plain"]["accuracy"],
+            )
+            for s, r in per_seed.items()
+        ]
         train = [r["training"] for r in per_seed.values()]
         alarms = [t["collapse_alarm_step"] for t in train]
-        alarm = f"{sum(a is not None for a in alarms)}/{len(alarms)}" + (f" ({', '.join(str(a) for a in alarms if a is not None)})" if any(a is not None for a in alarms) else "")
+        alarm = f"{sum(a is not None for a in alarms)}/{len(alarms)}" + (
+            f" ({', '.join(str(a) for a in alarms if a is not None)})" if any(a is not None for a in alarms) else ""
+        )
         numbers[label] = {"accuracy": acc, "gap_recovered": gap, "seeds": list(per_seed)}
         rows.append(
-            f"| {label} | {_fmt(acc)} | {_fmt([r['per_type'].get(t1, 0) for r in per_seed.values()])} | {_fmt([r['per_type'].get(t2, 0) for r in per_seed.values()])} | "
-            f"{_fmt([r['token_accuracy'] for r in per_seed.values()])} | {_fmt([r['answer_entropy'] for r in per_seed.values()])} | {_fmt(gap)} | "
-            f"{_fmt([t.get('frac/HT') for t in train])} | {_fmt([t['response_length_start'] for t in train])} → {_fmt([t['response_length_end'] for t in train])} | {alarm} |"
+            f"| {label} | {_fmt(acc)} | {_fmt([r['per_type'].get(t1, 0) for r in per_seed.values()])} | "
+            f"{_fmt([r['per_type'].get(t2, 0) for r in per_seed.values()])} | "
+            f"{_fmt([r['token_accuracy'] for r in per_seed.values()])} | "
+            f"{_fmt([r['answer_entropy'] for r in per_seed.values()])} | {_fmt(gap)} | "
+            f"{_fmt([t.get('frac/HT') for t in train])} | {_fmt([t['response_length_start'] for t in train])} → "
+            f"{_fmt([t['response_length_end'] for t in train])} | {alarm} |"
         )
-    for name, key in (("teacher, no context", "teacher_plain"), ("teacher, with context", "teacher_priv"), ("student (start), with context", "student_priv")):
+    for name, key in (
+        ("teacher, no context", "teacher_plain"),
+        ("teacher, with context", "teacher_priv"),
+        ("student (start), with context", "student_priv"),
+    ):
         reps = [prepared[s].reports[key] for s in seeds]
-        rows.append(f"| {name} | {_fmt([r['accuracy'] for r in reps])} | {_fmt([r['per_type'].get(t1, 0) for r in reps])} | {_fmt([r['per_type'].get(t2, 0) for r in reps])} | | | | | | |")
+        rows.append(
+            f"| {name} | {_fmt([r['accuracy'] for r in reps])} | {_fmt([r['per_type'].get(t1, 0) for r in reps])} | "
+            f"{_fmt([r['per_type'].get(t2, 0) for r in reps])} | | | | | | |"
+        )
     text = header + "\n" + "\n".join(rows) + "\n"
 
     occupancy = [label for label, per_seed in results.items() if "frac/LH" in next(iter(per_seed.values()))["training"]]
     if occupancy:
-        text += "\nMean regime occupancy over training (fraction of tokens, mean over seeds):\n\n| method | LH | LL | HT | HS |\n|---|---|---|---|---|\n"
+        text += (
+            "\nMean regime occupancy over training (fraction of tokens, mean over seeds):\n\n| method | LH | LL | "
+            "HT | HS |\n|---|---|---|---|---|\n"
+        )
         for label in occupancy:
             train = [r["training"] for r in results[label].values()]
-            text += f"| {label} | " + " | ".join(_fmt([t[f"frac/{g}"] for t in train]) for g in ("LH", "LL", "HT", "HS")) + " |\n"
+            text += (
+                f"| {label} | "
+                + " | ".join(_fmt([t[f"frac/{g}"] for t in train]) for g in ("LH", "LL", "HT", "HS"))
+                + " |\n"
+            )
 
     pruned = [label for label in results if label.startswith("prune_")]
     if pruned and "vanilla_opd" in results:
-        text += "\nPruning (paper Fig. 4): 20% of each step's tokens dropped, vanilla OPD on the rest. Gain relative = (pruned − start) / (vanilla OPD − start), per seed.\n\n"
+        text += (
+            "\nPruning (paper Fig. 4): 20% of each step's tokens dropped, vanilla OPD on the rest. Gain relative "
+            "= (pruned − start) / (vanilla OPD − start), per seed.\n\n"
+        )
         text += "| pruned by | accuracy | gain relative to unpruned vanilla OPD |\n|---|---|---|\n"
         vanilla = results["vanilla_opd"]
         for label in pruned:
-            rel = [_gap(r["accuracy"], prepared[s].reports["student_start"]["accuracy"], vanilla[s]["accuracy"]) for s, r in results[label].items() if s in vanilla]
+            rel = [
+                _gap(r["accuracy"], prepared[s].reports["student_start"]["accuracy"], vanilla[s]["accuracy"])
+                for s, r in results[label].items()
+                if s in vanilla
+            ]
             numbers[label]["gain_relative_to_vanilla"] = rel
-            text += f"| {label.removeprefix('prune_')} | {_fmt([r['accuracy'] for r in results[label].values()])} | {_fmt(rel)} |\n"
+            text += (
+                f"| {label.removeprefix('prune_')} | {_fmt([r['accuracy'] for r in results[label].values()])} | "
+                f"{_fmt(rel)} |\n"
+            )
 
     lr_labels = [label for label in results if "_lr" in label]
     if lr_labels:
-        text += "\nLearning rate (seed 0; 3e-4 is the main runs'): accuracy / answer entropy at the end / guard alarm step.\n\n"
+        text += (
+            "\nLearning rate (seed 0; 3e-4 is the main runs'): accuracy / answer entropy at the end / guard alarm "
+            "step.\n\n"
+        )
         lrs = sorted({float(label.rsplit("_lr", 1)[1]) for label in lr_labels} | {3e-4})
         text += "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |\n|---|" + "---|" * len(lrs) + "\n"
         for method in dict.fromkeys(label.rsplit("_lr", 1)[0] for label in lr_labels):
@@ -357,7 +510,12 @@ def summarise(task: Task, results: dict, prepared: dict[int, Prepared]) -> tuple
             for lr in lrs:
                 label = method if lr == 3e-4 else f"{method}_lr{lr:g}"
                 r = results.get(label, {}).get(0)
-                cells.append(f"{r['accuracy']:.3f} / {r['training']['entropy_end']:.2f} / {r['training']['collapse_alarm_step'] or '–'}" if r else "")
+                cells.append(
+                    f"{r['accuracy']:.3f} / {r['training']['entropy_end']:.2f} / "
+                    f"{r['training']['collapse_alarm_step'] or '–'}"
+                    if r
+                    else ""
+                )
             text += f"| {method} | " + " | ".join(cells) + " |\n"
     return text, numbers
 
@@ -377,12 +535,16 @@ def plot_curves(out: Path, results: dict, name: str = "curves.png") -> Path:
         for ax, key in zip(axes[0], ("accuracy", "entropy/student", "response_length")):
             mean = [statistics.mean(r[i].get(key, float("nan")) for r in runs) for i in range(len(steps))]
             window = max(1, len(mean) // 20)
-            ax.plot(steps, [statistics.mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))], label=label)
+            ax.plot(
+                steps, [statistics.mean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))], label=label
+            )
     for ax, label in zip(axes[1], routed):
         runs = [read_metrics(out / "runs" / f"{label}-seed{s}") for s in results[label]]
         steps = [m["step"] for m in runs[0]]
         for regime in ("LH", "LL", "HT", "HS"):
-            ax.plot(steps, [statistics.mean(r[i][f"frac/{regime}"] for r in runs) for i in range(len(steps))], label=regime)
+            ax.plot(
+                steps, [statistics.mean(r[i][f"frac/{regime}"] for r in runs) for i in range(len(steps))], label=regime
+            )
         ax.set(title=f"{label}: regime occupancy", xlabel="step", ylim=(0, 1))
     axes[0][0].set(title="rollout accuracy (training prompts, T=1, smoothed)", xlabel="step")
     axes[0][1].set(title="student entropy at response tokens (nats, smoothed)", xlabel="step")
@@ -398,8 +560,16 @@ def plot_curves(out: Path, results: dict, name: str = "curves.png") -> Path:
     return path
 
 
-def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int, ...] | None]], reuse: bool = False, device: str = "auto",
-        teacher_cache: Path | None = None, report_name: str = "results") -> dict:
+def run(
+    out: Path,
+    task_name: str,
+    size: Size,
+    specs: list[tuple[str, tuple[int, ...] | None]],
+    reuse: bool = False,
+    device: str = "auto",
+    teacher_cache: Path | None = None,
+    report_name: str = "results",
+) -> dict:
     """Prepare the seeds, train and evaluate every spec, write OUT/REPORT_NAME.{md,json} and the curves."""
     started = time.perf_counter()
     task = TASKS[task_name]
@@ -409,8 +579,12 @@ def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int,
     for seed in seeds:
         prepared[seed] = p = prepared_seed(out, task_name, size, seed, reuse, device, teacher_cache)
         r = p.reports
-        print(f"seed {seed}: teacher {r['teacher_priv']['accuracy']:.3f} with context, {r['teacher_plain']['accuracy']:.3f} without; "
-              f"student {r['student_start']['accuracy']:.3f} ({r['student_priv']['accuracy']:.3f} with context)", flush=True)
+        print(
+            f"seed {seed}: teacher {r['teacher_priv']['accuracy']:.3f} with context, "
+            f"{r['teacher_plain']['accuracy']:.3f} without; "
+            f"student {r['student_start']['accuracy']:.3f} ({r['student_priv']['accuracy']:.3f} with context)",
+            flush=True,
+        )
     results: dict[str, dict[int, dict]] = {}
     for spec, only in specs:
         label = parse_method(spec)[0]
@@ -422,7 +596,11 @@ def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int,
                 report = json.loads(summary_path.read_text())  # finished and evaluated earlier
                 report["training"] = training_summary(run_dir)
             else:
-                final = run_dir / "final" if reuse and (run_dir / "final" / "config.json").exists() else distill(spec, seed, prepared[seed], run_dir, size.distill_steps, task, device)
+                final = (
+                    run_dir / "final"
+                    if reuse and (run_dir / "final" / "config.json").exists()
+                    else distill(spec, seed, prepared[seed], run_dir, size.distill_steps, task, device)
+                )
                 report = evaluate(final, prepared[seed].heldout, report_path, task, device=device)
                 report["training"] = training_summary(run_dir)
                 summary_path.write_text(json.dumps(report))
@@ -431,12 +609,23 @@ def run(out: Path, task_name: str, size: Size, specs: list[tuple[str, tuple[int,
     table, numbers = summarise(task, results, prepared)
     curves = plot_curves(out, results, "curves.png" if report_name == "results" else f"{report_name}_curves.png")
     minutes = (time.perf_counter() - started) / 60
-    text = (f"# Toy experiment `{task_name}`\n\n{len(seeds)} seed(s) (each: data, teacher, student warm-up, distillation), "
-            f"{size.distill_steps} distillation steps per method, {size.heldout_problems} held-out problems, greedy, no privileged context; "
-            f"{minutes:.1f} min this invocation.\nGap recovered = (method − student) / (teacher without context − student), exact-match accuracy, per seed.\n\n" + table)
+    text = (
+        f"# Toy experiment `{task_name}`\n\n{len(seeds)} seed(s) (each: data, teacher, student warm-up, distillation), "
+        f"{size.distill_steps} distillation steps per method, {size.heldout_problems} held-out problems, greedy, no "
+        f"privileged context; "
+        f"{minutes:.1f} min this invocation.\nGap recovered = (method − student) / (teacher without context − "
+        f"student), exact-match accuracy, per seed.\n\n" + table
+    )
     (out / f"{report_name}.md").write_text(text, encoding="utf-8")
-    payload = {"task": task_name, "size": size.__dict__, "prepared": {s: p.reports for s, p in prepared.items()},
-               "results": results, "table": numbers, "minutes": minutes, "curves": str(curves)}
+    payload = {
+        "task": task_name,
+        "size": size.__dict__,
+        "prepared": {s: p.reports for s, p in prepared.items()},
+        "results": results,
+        "table": numbers,
+        "minutes": minutes,
+        "curves": str(curves),
+    }
     (out / f"{report_name}.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     print("\n" + text)
     return payload
@@ -448,13 +637,29 @@ def cli() -> None:
     parser.add_argument("--out", help="default runs/toy_privilege/TASK")
     parser.add_argument("--quick", action="store_true", help="1 seed, fewer steps and methods (<= 10 min)")
     parser.add_argument("--size", choices=["full", "quick", "smoke"], help=argparse.SUPPRESS)
-    parser.add_argument("--study", choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength"], default="main",
-                        help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, privileged and DOPD (initial); "
-                             "calibrate / strength = the student-strength study (strength.py): the warm-up curve, then 3 strengths x 3 seeds x 5 methods")
-    parser.add_argument("--methods", nargs="+", help="instead of --study: methods; an ablation is LABEL=METHOD;key=value;... "
-                                                     "e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'")
-    parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu or cuda[:N]; models stay float32 (tiny)")
-    parser.add_argument("--reuse", action="store_true", help="reuse OUT's prepared seeds and finished runs, e.g. after a crash or for another study")
+    parser.add_argument(
+        "--study",
+        choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength"],
+        default="main",
+        help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, "
+        "privileged and DOPD (initial); "
+        "calibrate / strength = the student-strength study (strength.py): the warm-up curve, then 3 strengths x 3 "
+        "seeds x 5 methods",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help="instead of --study: methods; an ablation is LABEL=METHOD;key=value;... "
+        "e.g. 'dopd_noHS=dopd;objective.regime_routes={HS: {enabled: false}}'",
+    )
+    parser.add_argument(
+        "--device", default="auto", help="auto (the GPU when present), cpu or cuda[:N]; models stay float32 (tiny)"
+    )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse OUT's prepared seeds and finished runs, e.g. after a crash or for another study",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     task = TASKS[args.task]
@@ -468,8 +673,19 @@ def cli() -> None:
         else:
             strength.run_study(out, args.task, task.sizes[size_name], args.device, args.reuse)
         return
-    specs = [(m, None) for m in args.methods] if args.methods else study_methods(args.study, task, quick=size_name != "full")
-    run(Path(args.out or f"runs/toy_privilege/{args.task}"), args.task, task.sizes[size_name], specs, reuse=args.reuse, device=args.device)
+    specs = (
+        [(m, None) for m in args.methods]
+        if args.methods
+        else study_methods(args.study, task, quick=size_name != "full")
+    )
+    run(
+        Path(args.out or f"runs/toy_privilege/{args.task}"),
+        args.task,
+        task.sizes[size_name],
+        specs,
+        reuse=args.reuse,
+        device=args.device,
+    )
 
 
 if __name__ == "__main__":

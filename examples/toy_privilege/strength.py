@@ -1,7 +1,8 @@
 """The student-strength study: where does DOPD help? (run through `run.py --study calibrate|strength`)
 
     python examples/toy_privilege/run.py --task add_hidden --study calibrate   # warm-up curve -> WARMUP_STEPS
-    python examples/toy_privilege/run.py --task add_hidden --study strength    # 3 strengths x 3 seeds x 5 methods + the longer run
+    # 3 strengths x 3 seeds x 5 methods + the longer run
+    python examples/toy_privilege/run.py --task add_hidden --study strength
 
 The hypothesis from the main study: DOPD trails vanilla OPD because the toy students are weak, so
 their sampled mistakes are tokens the teacher rejects (q_T < q_S) and the capability edge lands in
@@ -50,7 +51,11 @@ METHODS = (
     f"dopd_initial=dopd;objective.privileged_student=initial;{DIAG}",
     f"dopd_edge=dopd;objective.edge_check=plain_teacher;{DIAG}",
 )
-VARIANTS = {"dopd": "DOPD (live, the paper's)", "dopd_initial": "DOPD, initial privileged student", "dopd_edge": "DOPD + edge check (ours)"}
+VARIANTS = {
+    "dopd": "DOPD (live, the paper's)",
+    "dopd_initial": "DOPD, initial privileged student",
+    "dopd_edge": "DOPD + edge check (ours)",
+}
 LONG_LABELS = ("vanilla_opd", "dopd_initial", "dopd_edge")
 LONG_FACTOR = 2
 LONG_CHECKPOINTS = 4
@@ -58,15 +63,24 @@ LONG_CHECKPOINTS = 4
 
 def dev_split(base: Path, task_name: str, seed: int, count: int) -> Path:
     """Fresh problems from the training distribution (two_step: training triples), never held-out ones."""
-    return toy.write_split(base / "data" / "dev.jsonl", count, seed=3000 + seed, task=task_name, split_seed=seed, split="train")
+    return toy.write_split(
+        base / "data" / "dev.jsonl", count, seed=3000 + seed, task=task_name, split_seed=seed, split="train"
+    )
 
 
-def calibrate(out: Path, task_name: str, size: toy.Size, device: str = "auto", grid: tuple[int, ...] | None = None) -> dict:
+def calibrate(
+    out: Path, task_name: str, size: toy.Size, device: str = "auto", grid: tuple[int, ...] | None = None
+) -> dict:
     """The warm-up curve of each seed's student on the dev split, and the lengths chosen from it."""
-    from dopd_vl.evaluate import EvalConfig, accuracy_report, generate_answers
-    from dopd_vl.models import eos_token_ids, load_model
-    from dopd_vl.modality import make_adapter
-    from dopd_vl.data import load_records
+    from dopd_vl import (
+        EvalConfig,
+        accuracy_report,
+        eos_token_ids,
+        generate_answers,
+        load_model,
+        load_records,
+        make_adapter,
+    )
     from examples.toy_privilege.task import build_char_tokenizer
 
     started = time.perf_counter()
@@ -79,37 +93,89 @@ def calibrate(out: Path, task_name: str, size: toy.Size, device: str = "auto", g
         base = out / f"seed{seed}"
         train, _ = toy.write_data(base, task_name, size, seed)
         dev = load_records(dev_split(base, task_name, seed, size.heldout_problems))
-        teacher = load_model(toy.prepare_teacher(base, task_name, size, seed, train, device, out / "teachers"), device=device).eval()
+        teacher = load_model(
+            toy.prepare_teacher(base, task_name, size, seed, train, device, out / "teachers"), device=device
+        ).eval()
         eos = eos_token_ids(tokenizer, teacher)
         teacher_dev = accuracy_report(dev, generate_answers(teacher, adapter, dev, eval_config, eos))["accuracy"]
         student_dev: dict[int, float] = {}
 
         def evaluate_at(step: int, model) -> None:
             if step in grid:
-                student_dev[step] = accuracy_report(dev, generate_answers(model, adapter, dev, eval_config, eos))["accuracy"]
+                student_dev[step] = accuracy_report(dev, generate_answers(model, adapter, dev, eval_config, eos))[
+                    "accuracy"
+                ]
 
-        toy.train_model(base / "models" / "student_calibration", "student", task_name, train, seed, max(grid), device, on_step=evaluate_at)
+        toy.train_model(
+            base / "models" / "student_calibration",
+            "student",
+            task_name,
+            train,
+            seed,
+            max(grid),
+            device,
+            on_step=evaluate_at,
+        )
         curves[seed] = {"teacher_plain_dev": teacher_dev, "student_dev": student_dev}
-        print(f"seed {seed}: teacher (plain) {teacher_dev:.3f} on dev; student " + ", ".join(f"{k}: {v:.3f}" for k, v in student_dev.items()), flush=True)
-    ratio = {step: statistics.mean(_share(curves[s]["student_dev"][step], curves[s]["teacher_plain_dev"]) for s in curves) for step in grid}
+        print(
+            f"seed {seed}: teacher (plain) {teacher_dev:.3f} on dev; student "
+            + ", ".join(f"{k}: {v:.3f}" for k, v in student_dev.items()),
+            flush=True,
+        )
+    ratio = {
+        step: statistics.mean(_share(curves[s]["student_dev"][step], curves[s]["teacher_plain_dev"]) for s in curves)
+        for step in grid
+    }
     chosen = [min(grid, key=lambda step: abs(ratio[step] - target)) for target in TARGET_RATIOS]
-    payload = {"task": task_name, "grid": list(grid), "targets": list(TARGET_RATIOS), "curves": curves, "mean_ratio": ratio, "chosen": chosen,
-               "minutes": (time.perf_counter() - started) / 60}
-    text = (f"# Warm-up calibration `{task_name}`\n\nStudent greedy accuracy on a dev split ({size.heldout_problems} fresh problems of the "
-            f"training distribution, never held-out ones) after each warm-up length, as a share of the teacher's plain accuracy on the same split; "
-            f"seeds {list(size.seeds)}; {payload['minutes']:.1f} min.\n\n| warm-up steps | " + " | ".join(f"seed {s}" for s in curves) + " | mean ratio |\n|---|"
-            + "---|" * (len(curves) + 1) + "\n")
+    payload = {
+        "task": task_name,
+        "grid": list(grid),
+        "targets": list(TARGET_RATIOS),
+        "curves": curves,
+        "mean_ratio": ratio,
+        "chosen": chosen,
+        "minutes": (time.perf_counter() - started) / 60,
+    }
+    text = (
+        f"# Warm-up calibration `{task_name}`\n\nStudent greedy accuracy on a dev split ({size.heldout_problems} fresh "
+        f"problems of the "
+        f"training distribution, never held-out ones) after each warm-up length, as a share of the teacher's plain "
+        f"accuracy on the same split; "
+        f"seeds {list(size.seeds)}; {payload['minutes']:.1f} min.\n\n| warm-up steps | "
+        + " | ".join(f"seed {s}" for s in curves)
+        + " | mean ratio |\n|---|"
+        + "---|" * (len(curves) + 1)
+        + "\n"
+    )
     for step in grid:
-        text += f"| {step} | " + " | ".join(f"{curves[s]['student_dev'][step]:.3f} / {curves[s]['teacher_plain_dev']:.3f}" for s in curves) + f" | {ratio[step]:.3f} |\n"
-    text += "\nChosen (nearest mean ratio to " + ", ".join(f"{t}" for t in TARGET_RATIOS) + "): " + ", ".join(f"{lvl} {n} steps" for lvl, n in zip(LEVELS, chosen)) + "\n"
+        text += (
+            f"| {step} | "
+            + " | ".join(f"{curves[s]['student_dev'][step]:.3f} / {curves[s]['teacher_plain_dev']:.3f}" for s in curves)
+            + f" | {ratio[step]:.3f} |\n"
+        )
+    text += (
+        "\nChosen (nearest mean ratio to "
+        + ", ".join(f"{t}" for t in TARGET_RATIOS)
+        + "): "
+        + ", ".join(f"{lvl} {n} steps" for lvl, n in zip(LEVELS, chosen))
+        + "\n"
+    )
     (out / "calibration.md").write_text(text, encoding="utf-8")
     (out / "calibration.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
     print(text)
     return payload
 
 
-def run_study(out: Path, task_name: str, size: toy.Size, device: str = "auto", reuse: bool = False, warmup: tuple[int, ...] | None = None,
-              methods: tuple[str, ...] = METHODS, long_run: bool = True) -> dict:
+def run_study(
+    out: Path,
+    task_name: str,
+    size: toy.Size,
+    device: str = "auto",
+    reuse: bool = False,
+    warmup: tuple[int, ...] | None = None,
+    methods: tuple[str, ...] = METHODS,
+    long_run: bool = True,
+) -> dict:
     """Every level's students through run.py's pipeline (shared teachers), then the tables, the
     longer run, the combined figure and the measured points."""
     started = time.perf_counter()
@@ -118,10 +184,28 @@ def run_study(out: Path, task_name: str, size: toy.Size, device: str = "auto", r
     for level, steps in zip(LEVELS, warmup):
         print(f"== {task_name}: {level} student ({steps} warm-up steps)", flush=True)
         level_size = dataclasses.replace(size, student_sft_steps=steps)
-        levels[level] = toy.run(out / level, task_name, level_size, [(m, None) for m in methods], reuse=reuse, device=device, teacher_cache=out / "teachers")
-    long = long_runs(out, task_name, dataclasses.replace(size, student_sft_steps=warmup[-1]), device, reuse) if long_run else None
-    payload = {"task": task_name, "warmup_steps": dict(zip(LEVELS, warmup)), "size": size.__dict__, "levels": levels, "long_run": long,
-               "minutes": (time.perf_counter() - started) / 60}
+        levels[level] = toy.run(
+            out / level,
+            task_name,
+            level_size,
+            [(m, None) for m in methods],
+            reuse=reuse,
+            device=device,
+            teacher_cache=out / "teachers",
+        )
+    long = (
+        long_runs(out, task_name, dataclasses.replace(size, student_sft_steps=warmup[-1]), device, reuse)
+        if long_run
+        else None
+    )
+    payload = {
+        "task": task_name,
+        "warmup_steps": dict(zip(LEVELS, warmup)),
+        "size": size.__dict__,
+        "levels": levels,
+        "long_run": long,
+        "minutes": (time.perf_counter() - started) / 60,
+    }
     text = strength_tables(payload)
     (out / "results.md").write_text(text, encoding="utf-8")
     (out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
@@ -135,12 +219,28 @@ def long_runs(out: Path, task_name: str, size: toy.Size, device: str, reuse: boo
     check, with held-out accuracy at LONG_CHECKPOINTS checkpoints (do the curves cross later?)."""
     steps = LONG_FACTOR * size.distill_steps
     every = steps // LONG_CHECKPOINTS
-    specs = [(f"long_{label}={method_of(label)};max_steps={steps};save_steps={every};save_total_limit={LONG_CHECKPOINTS + 1}", (0,)) for label in LONG_LABELS]
+    specs = [
+        (
+            f"long_{label}={method_of(label)};max_steps={steps};save_steps={every};"
+            f"save_total_limit={LONG_CHECKPOINTS + 1}",
+            (0,),
+        )
+        for label in LONG_LABELS
+    ]
     level_dir = out / LEVELS[-1]
     if not reuse:  # the level's preparation is reused below; its earlier long runs are not
         for stale in [*level_dir.glob("runs/long_*"), *level_dir.glob("seed0/eval/long_*")]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    results = toy.run(level_dir, task_name, size, specs, reuse=True, device=device, teacher_cache=out / "teachers", report_name="long_results")
+    results = toy.run(
+        level_dir,
+        task_name,
+        size,
+        specs,
+        reuse=True,
+        device=device,
+        teacher_cache=out / "teachers",
+        report_name="long_results",
+    )
     task, prepared = toy.TASKS[task_name], level_dir / "seed0"
     curves = {}
     for label in LONG_LABELS:
@@ -187,29 +287,49 @@ def first_step(level: dict, key: str) -> list[float]:
 def strength_tables(payload: dict) -> str:
     fmt = toy._fmt
     levels = payload["levels"]
-    text = (f"# Student-strength study `{payload['task']}`\n\nWarm-up steps {payload['warmup_steps']} (from calibration.md, fixed before any "
-            f"distillation), {payload['size']['distill_steps']} distillation steps, seeds {payload['size']['seeds']}; "
-            f"{payload['minutes']:.1f} min this invocation.\n\n")
-    text += ("## The students at the first step (what `dopd diagnose` reads)\n\n| student | start accuracy | of the teacher's | endorsement | "
-             "LH / LL / HT / HS (paper's rule) | HT with the edge check | information edge (nats) | share above 1 nat |\n|---|---|---|---|---|---|---|---|\n")
+    text = (
+        f"# Student-strength study `{payload['task']}`\n\nWarm-up steps {payload['warmup_steps']} (from "
+        f"calibration.md, fixed before any "
+        f"distillation), {payload['size']['distill_steps']} distillation steps, seeds {payload['size']['seeds']}; "
+        f"{payload['minutes']:.1f} min this invocation.\n\n"
+    )
+    text += (
+        "## The students at the first step (what `dopd diagnose` reads)\n\n| student | start accuracy | of the "
+        "teacher's | endorsement | "
+        "LH / LL / HT / HS (paper's rule) | HT with the edge check | information edge (nats) | share above 1 nat "
+        "|\n|---|---|---|---|---|---|---|---|\n"
+    )
     for level, data in levels.items():
         starts = [p["student_start"]["accuracy"] for p in data["prepared"].values()]
         shares = " / ".join(fmt(first_step(data, f"frac/{g}")) for g in ("LH", "LL", "HT", "HS"))
-        text += (f"| {level} ({payload['warmup_steps'][level]} steps) | {fmt(starts)} | {fmt(start_relative(data))} | {fmt(first_step(data, 'endorsement'))} | "
-                 f"{shares} | {fmt(first_step(data, 'edge_check/frac/HT'))} | {fmt(first_step(data, 'information_edge/mean'))} | "
-                 f"{fmt(first_step(data, 'information_edge/above_1nat'))} |\n")
-    text += ("\n## Held-out accuracy after distillation\n\n| student | method | accuracy | minus vanilla OPD (per seed) | endorsement, mean over training | "
-             "HT share, mean over training | guard alarms |\n|---|---|---|---|---|---|---|\n")
+        text += (
+            f"| {level} ({payload['warmup_steps'][level]} steps) | {fmt(starts)} | {fmt(start_relative(data))} | "
+            f"{fmt(first_step(data, 'endorsement'))} | "
+            f"{shares} | {fmt(first_step(data, 'edge_check/frac/HT'))} | "
+            f"{fmt(first_step(data, 'information_edge/mean'))} | "
+            f"{fmt(first_step(data, 'information_edge/above_1nat'))} |\n"
+        )
+    text += (
+        "\n## Held-out accuracy after distillation\n\n| student | method | accuracy | minus vanilla OPD (per seed) | "
+        "endorsement, mean over training | "
+        "HT share, mean over training | guard alarms |\n|---|---|---|---|---|---|---|\n"
+    )
     for level, data in levels.items():
         for label, per_seed in data["results"].items():
             train = [r["training"] for r in per_seed.values()]
             alarms = sum(t["collapse_alarm_step"] is not None for t in train)
             ht = [t.get("frac/HT", t.get("mean/diag/frac/HT")) for t in train]
-            text += (f"| {level} | {label} | {fmt([r['accuracy'] for r in per_seed.values()])} | {fmt(gains(data, label)) if label != 'vanilla_opd' else ''} | "
-                     f"{fmt([t['mean/diag/endorsement'] for t in train])} | {fmt(ht)} | {alarms}/{len(train)} |\n")
+            text += (
+                f"| {level} | {label} | {fmt([r['accuracy'] for r in per_seed.values()])} | "
+                f"{fmt(gains(data, label)) if label != 'vanilla_opd' else ''} | "
+                f"{fmt([t['mean/diag/endorsement'] for t in train])} | {fmt(ht)} | {alarms}/{len(train)} |\n"
+            )
     long = payload.get("long_run")
     if long:
-        text += f"\n## The longer run (seed 0, the high student, {long['steps']} steps): held-out accuracy at checkpoints\n\n"
+        text += (
+            f"\n## The longer run (seed 0, the high student, {long['steps']} steps): held-out accuracy at "
+            f"checkpoints\n\n"
+        )
         steps = sorted({int(k) for points in long["heldout_accuracy"].values() for k in points})
         text += "| method | " + " | ".join(f"step {s}" for s in steps) + " |\n|---|" + "---|" * len(steps) + "\n"
         for label, points in long["heldout_accuracy"].items():
@@ -221,30 +341,61 @@ def strength_tables(payload: dict) -> str:
 def study_cells(payload: dict) -> list[dict]:
     """A task's measured points, one per student strength: the first-step diagnostics and each
     DOPD variant's held-out accuracy minus vanilla OPD's, per seed."""
-    return [{"task": payload["task"], "strength": level, "warmup_steps": payload["warmup_steps"][level], "start_relative": start_relative(data),
-             "first_step": {k: first_step(data, k) for k in ("endorsement", "frac/HT", "edge_check/frac/HT", "information_edge/mean", "information_edge/above_1nat")},
-             "gain_over_vanilla": {v: gains(data, v) for v in VARIANTS if v in data["results"]}}
-            for level, data in payload["levels"].items()]
+    return [
+        {
+            "task": payload["task"],
+            "strength": level,
+            "warmup_steps": payload["warmup_steps"][level],
+            "start_relative": start_relative(data),
+            "first_step": {
+                k: first_step(data, k)
+                for k in (
+                    "endorsement",
+                    "frac/HT",
+                    "edge_check/frac/HT",
+                    "information_edge/mean",
+                    "information_edge/above_1nat",
+                )
+            },
+            "gain_over_vanilla": {v: gains(data, v) for v in VARIANTS if v in data["results"]},
+        }
+        for level, data in payload["levels"].items()
+    ]
 
 
 def combine(root: Path) -> dict | None:
     """strength.png over every task's results.json under `root`, and strength_study.json: the
     measured points `dopd diagnose` quotes (per task and level: first-step diagnostics and each
     variant's accuracy minus vanilla OPD's, per seed)."""
-    payloads = [payload for payload in (json.loads(p.read_text()) for p in sorted(root.glob("*/results.json"))) if "levels" in payload]
+    payloads = [
+        payload
+        for payload in (json.loads(p.read_text()) for p in sorted(root.glob("*/results.json")))
+        if "levels" in payload
+    ]
     if not payloads:
         return None
     cells = [cell for payload in payloads for cell in study_cells(payload)]
-    wins = [{"task": cell["task"], "strength": cell["strength"], "variant": VARIANTS[variant], "gain": values, "endorsement": cell["first_step"]["endorsement"]}
-            for cell in cells for variant, values in cell["gain_over_vanilla"].items()
-            if len(values) > 1 and statistics.mean(values) > statistics.stdev(values)]
+    wins = [
+        {
+            "task": cell["task"],
+            "strength": cell["strength"],
+            "variant": VARIANTS[variant],
+            "gain": values,
+            "endorsement": cell["first_step"]["endorsement"],
+        }
+        for cell in cells
+        for variant, values in cell["gain_over_vanilla"].items()
+        if len(values) > 1 and statistics.mean(values) > statistics.stdev(values)
+    ]
     study = {
         "source": "examples/toy_privilege/RESULTS.md, the student-strength study",
-        "scope": f"{len(payloads)} toy task(s) x {len(LEVELS)} student strengths x 3 seeds; tiny Qwen3 models on CPU, lr 3e-4",
+        "scope": f"{len(payloads)} toy task(s) x {len(LEVELS)} student strengths x 3 seeds; tiny Qwen3 models on CPU, "
+        f"lr 3e-4",
         "variants": VARIANTS,
         "cells": cells,
         "beats_vanilla": wins,
-        "caveat": "Tiny models, synthetic tasks and learning rates 60-200x the paper's: a direction for your data, not a prediction.",
+        "caveat": "Tiny models, synthetic tasks and learning rates 60-200x the paper's: a direction for your data, not "
+        "a prediction.",
     }
     (root / "strength_study.json").write_text(json.dumps(study, indent=2) + "\n", encoding="utf-8")
     _plot_strength(root / "strength.png", cells)
@@ -268,9 +419,15 @@ def _plot_strength(path: Path, cells: list[dict]) -> None:
         axes[0].scatter([], [], color=color, label=VARIANTS[variant])
     for task, marker in markers.items():
         axes[0].scatter([], [], color="#444444", marker=marker, label=task)
-    axes[0].set(xlabel="student's start accuracy / teacher's plain accuracy (held-out)", ylabel="held-out accuracy: DOPD variant − vanilla OPD",
-                title="gain over vanilla OPD vs student strength (a point per seed)")
-    axes[1].set(xlabel="teacher endorsement rate at the first step (q_T ≥ q_S, with the context)", title="gain over vanilla OPD vs endorsement rate")
+    axes[0].set(
+        xlabel="student's start accuracy / teacher's plain accuracy (held-out)",
+        ylabel="held-out accuracy: DOPD variant − vanilla OPD",
+        title="gain over vanilla OPD vs student strength (a point per seed)",
+    )
+    axes[1].set(
+        xlabel="teacher endorsement rate at the first step (q_T ≥ q_S, with the context)",
+        title="gain over vanilla OPD vs endorsement rate",
+    )
     for ax in axes:
         ax.axhline(0, color="#444444", linewidth=0.8)
         ax.grid(alpha=0.3)
@@ -286,7 +443,7 @@ def _plot_long(path: Path, task_name: str, curves: dict, level_dir: Path) -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dopd_vl.plots import read_metrics
+    from dopd_vl import read_metrics
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for label, points in curves.items():
@@ -295,7 +452,11 @@ def _plot_long(path: Path, task_name: str, curves: dict, level_dir: Path) -> Non
         rows = read_metrics(level_dir / "runs" / f"long_{label}-seed0")
         acc = [r.get("accuracy", float("nan")) for r in rows]
         window = max(1, len(acc) // 20)
-        axes[1].plot([r["step"] for r in rows], [statistics.mean(acc[max(0, i - window + 1) : i + 1]) for i in range(len(acc))], label=label)
+        axes[1].plot(
+            [r["step"] for r in rows],
+            [statistics.mean(acc[max(0, i - window + 1) : i + 1]) for i in range(len(acc))],
+            label=label,
+        )
     axes[0].set(title=f"{task_name}, high student, seed 0: held-out accuracy (greedy)", xlabel="step")
     axes[1].set(title="rollout accuracy on training prompts (T = 1, smoothed)", xlabel="step")
     for ax in axes:

@@ -45,7 +45,10 @@ def build_char_tokenizer(out_dir: str | Path | None = None):
     core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -87,7 +90,10 @@ def make_two_step_problem(a: int, b: int, c: int, index: int) -> dict:
         "prompt": [{"role": "user", "content": f"{a}*{b}+{c}="}],
         "privileged_context": f"hint: {a}*{b}={product}",  # an intermediate result, never the answer (c >= 1)
         "privileged": {"format": "toy_step_hint", "step": f"{a}*{b}={product}"},
-        "meta": {"question_type": "carry" if product % 10 + c >= 10 else "no_carry", "solution": two_step_solution(a, b, c)},
+        "meta": {
+            "question_type": "carry" if product % 10 + c >= 10 else "no_carry",
+            "solution": two_step_solution(a, b, c),
+        },
         "answer": str(product + c),
     }
 
@@ -103,7 +109,9 @@ def two_step_split(seed: int, heldout_fraction: float = 0.2) -> tuple[list, list
     return triples[cut:], triples[:cut]
 
 
-def write_split(path: str | Path, count: int, seed: int, task: str = "add_hidden", split_seed: int = 0, split: str = "train") -> Path:
+def write_split(
+    path: str | Path, count: int, seed: int, task: str = "add_hidden", split_seed: int = 0, split: str = "train"
+) -> Path:
     """`count` problems of `task` drawn with `seed`; for two_step, from the train or held-out
     triples of `split_seed` (held-out: each triple once, up to `count`)."""
     rng = random.Random(seed)
@@ -114,7 +122,9 @@ def write_split(path: str | Path, count: int, seed: int, task: str = "add_hidden
         if split == "train":
             problems = [make_two_step_problem(*rng.choice(train), i) for i in range(count)]
         else:
-            problems = [make_two_step_problem(*t, i) for i, t in enumerate(rng.sample(heldout, min(count, len(heldout))))]
+            problems = [
+                make_two_step_problem(*t, i) for i, t in enumerate(rng.sample(heldout, min(count, len(heldout))))
+            ]
     else:
         raise ValueError(f"unknown toy task {task!r}; valid: add_hidden, two_step")
     path = Path(path)

@@ -36,17 +36,30 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))  # the repository root
 
-from data_builders.grounding import build_grounding, load_annotations  # noqa: E402
-from data_builders.synthetic import write_shape_scenes  # noqa: E402
-from dopd_vl.config import load_config  # noqa: E402
-from dopd_vl.demo import DemoConfig, heldout_accuracy, finetune_model, split_by_image  # noqa: E402
-from dopd_vl.data import load_records  # noqa: E402
-from dopd_vl.modality import make_adapter  # noqa: E402
-from dopd_vl.models import build_tiny_qwen3_vl, final_hidden_states, load_model, load_processing, load_tokenizer, output_embedding_weight  # noqa: E402
-from dopd_vl.sft import answer_ids  # noqa: E402
-from dopd_vl.plots import read_metrics  # noqa: E402
-from dopd_vl.trainer import Trainer  # noqa: E402
-from dopd_vl.views import build_view  # noqa: E402
+from data_builders import (  # noqa: E402
+    build_grounding,
+    load_annotations,
+    write_shape_scenes,  # noqa: E402
+)
+from dopd_vl import (  # noqa: E402  # noqa: E402
+    DemoConfig,
+    Trainer,  # noqa: E402
+    answer_ids,  # noqa: E402
+    build_tiny_qwen3_vl,  # noqa: E402
+    build_view,  # noqa: E402
+    final_hidden_states,
+    finetune_model,
+    heldout_accuracy,
+    load_config,  # noqa: E402
+    load_model,
+    load_processing,
+    load_records,  # noqa: E402
+    load_tokenizer,  # noqa: E402
+    make_adapter,  # noqa: E402
+    output_embedding_weight,
+    read_metrics,  # noqa: E402
+    split_by_image,
+)
 
 # label = (objective overrides, which privileged context the run trains with)
 METHODS = {
@@ -70,7 +83,11 @@ class Size:
     lr: float = 1e-3
 
 
-SIZES = {"full": Size((0, 1, 2)), "quick": Size((0,)), "smoke": Size((0,), num_images=6, eval_images=2, teacher_sft_steps=2, student_sft_steps=2, steps=2)}
+SIZES = {
+    "full": Size((0, 1, 2)),
+    "quick": Size((0,)),
+    "smoke": Size((0,), num_images=6, eval_images=2, teacher_sft_steps=2, student_sft_steps=2, steps=2),
+}
 
 
 @torch.no_grad()
@@ -85,7 +102,9 @@ def answer_likelihood(model_dir: Path | str, data: Path) -> dict:
         batch = records[start : start + 16]
         view = build_view(adapter, "student", batch, [answer_ids(adapter.tokenizer, r) for r in batch])
         hidden = final_hidden_states(model, view.inputs)
-        hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))[view.response_mask]
+        hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))[
+            view.response_mask
+        ]
         logp = (hidden @ output_embedding_weight(model).T).float().log_softmax(-1)
         ids = view.response_ids[view.response_mask]
         total += logp.gather(1, ids[:, None]).sum().item()
@@ -119,10 +138,24 @@ def prepare(out: Path, size: Size, seed: int, reuse: bool = False) -> dict:
         data[name] = dict(zip(("train", "eval"), split_by_image(path, size.eval_images)))
     demo = DemoConfig(seed=seed, device="cpu", dtype="float32")
     tokenizer = load_tokenizer()
-    teacher = build_tiny_qwen3_vl(out / "models" / "teacher", tokenizer=tokenizer, hidden_size=96, num_layers=3, num_heads=6, intermediate_size=192, seed=seed + 1)
+    teacher = build_tiny_qwen3_vl(
+        out / "models" / "teacher",
+        tokenizer=tokenizer,
+        hidden_size=96,
+        num_layers=3,
+        num_heads=6,
+        intermediate_size=192,
+        seed=seed + 1,
+    )
     student = build_tiny_qwen3_vl(out / "models" / "student", tokenizer=tokenizer, seed=seed)
-    print(f"seed {seed}: teacher {size.teacher_sft_steps} supervised steps (with and without boxes), student {size.student_sft_steps}", flush=True)
-    finetune_model(teacher, data["boxes"]["train"], size.teacher_sft_steps, ("teacher_priv", "teacher_plain"), seed + 1, demo)
+    print(
+        f"seed {seed}: teacher {size.teacher_sft_steps} supervised steps (with and without boxes), student "
+        f"{size.student_sft_steps}",
+        flush=True,
+    )
+    finetune_model(
+        teacher, data["boxes"]["train"], size.teacher_sft_steps, ("teacher_priv", "teacher_plain"), seed + 1, demo
+    )
     finetune_model(student, data["boxes"]["train"], size.student_sft_steps, demo.student_sft_views, seed, demo)
     heldout = data["boxes"]["eval"]
     reports = {
@@ -131,7 +164,12 @@ def prepare(out: Path, size: Size, seed: int, reuse: bool = False) -> dict:
         "teacher_without_boxes": _report(teacher, heldout, demo),
         "student_with_crop": _report(student, data["crop"]["eval"], demo, privileged=True),
     }
-    prepared = {"data": {k: {s: str(p) for s, p in v.items()} for k, v in data.items()}, "teacher": str(teacher), "student": str(student), "reports": reports}
+    prepared = {
+        "data": {k: {s: str(p) for s, p in v.items()} for k, v in data.items()},
+        "teacher": str(teacher),
+        "student": str(student),
+        "reports": reports,
+    }
     saved.write_text(json.dumps(prepared, indent=2))
     return prepared
 
@@ -141,21 +179,39 @@ def distill(label: str, seed: int, prepared: dict, run_dir: Path, size: Size, re
     demo = DemoConfig(seed=seed, device="cpu", dtype="float32")
     if reuse and (run_dir / "final" / "config.json").exists():  # trained earlier: evaluate only
         return _evaluated(run_dir, run_dir / "final", prepared, demo)
-    config = load_config(None, [
-        f"student.name_or_path={prepared['student']}", f"teacher.name_or_path={prepared['teacher']}", f"data.train={prepared['data'][context]['train']}",
-        f"output_dir={run_dir}", f"max_steps={size.steps}", f"save_steps={size.steps}", "save_total_limit=1", f"seed={seed}", "device=cpu",
-        f"objective.top_k={demo.top_k}", f"rollout.num_generations={demo.num_generations}", f"rollout.max_new_tokens={demo.max_new_tokens}",
-        f"optim.lr={size.lr}", f"optim.batch_size={demo.batch_size}", "optim.warmup_steps=2", *overrides,
-    ])
+    config = load_config(
+        None,
+        [
+            f"student.name_or_path={prepared['student']}",
+            f"teacher.name_or_path={prepared['teacher']}",
+            f"data.train={prepared['data'][context]['train']}",
+            f"output_dir={run_dir}",
+            f"max_steps={size.steps}",
+            f"save_steps={size.steps}",
+            "save_total_limit=1",
+            f"seed={seed}",
+            "device=cpu",
+            f"objective.top_k={demo.top_k}",
+            f"rollout.num_generations={demo.num_generations}",
+            f"rollout.max_new_tokens={demo.max_new_tokens}",
+            f"optim.lr={size.lr}",
+            f"optim.batch_size={demo.batch_size}",
+            "optim.warmup_steps=2",
+            *overrides,
+        ],
+    )
     return _evaluated(run_dir, Trainer(config).train(), prepared, demo)
 
 
 def _evaluated(run_dir: Path, final: Path, prepared: dict, demo: DemoConfig) -> dict:
     report = _report(final, Path(prepared["data"]["boxes"]["eval"]), demo)
     rows = read_metrics(run_dir)
-    tail = rows[-max(1, len(rows) // 5):]
-    report["training"] = {"entropy_end": statistics.mean(r["entropy/student"] for r in tail), "alarm": any(r.get("collapse_alarm") for r in rows),
-                          "response_length_end": statistics.mean(r["response_length"] for r in tail)}
+    tail = rows[-max(1, len(rows) // 5) :]
+    report["training"] = {
+        "entropy_end": statistics.mean(r["entropy/student"] for r in tail),
+        "alarm": any(r.get("collapse_alarm") for r in rows),
+        "response_length_end": statistics.mean(r["response_length"] for r in tail),
+    }
     return report
 
 
@@ -165,20 +221,37 @@ def _fmt(values: list[float]) -> str:
 
 def summarise(results: dict, prepared: dict[int, dict]) -> str:
     types = ("count", "exists", "relation")
-    lines = ["| method | accuracy (mean ± std) | " + " | ".join(types) + " | answer log-prob per token | answer token accuracy | student entropy at the end | guard alarm |",
-             "|---" * (len(types) + 6) + "|"]
+    lines = [
+        "| method | accuracy (mean ± std) | "
+        + " | ".join(types)
+        + " | answer log-prob per token | answer token accuracy | student entropy at the end | guard alarm |",
+        "|---" * (len(types) + 6) + "|",
+    ]
 
     def row(name: str, reports: list[dict], train: list[dict] | None = None) -> str:
-        cells = [_fmt([r["accuracy"] for r in reports])] + [_fmt([r["per_type"].get(t, float("nan")) for r in reports]) for t in types]
-        cells += [_fmt([r[k] for r in reports]) if all(k in r for r in reports) else "" for k in ("answer_logprob", "answer_token_accuracy")]
-        extra = [_fmt([t["entropy_end"] for t in train]), f"{sum(t['alarm'] for t in train)}/{len(train)}"] if train else ["", ""]
+        cells = [_fmt([r["accuracy"] for r in reports])] + [
+            _fmt([r["per_type"].get(t, float("nan")) for r in reports]) for t in types
+        ]
+        cells += [
+            _fmt([r[k] for r in reports]) if all(k in r for r in reports) else ""
+            for k in ("answer_logprob", "answer_token_accuracy")
+        ]
+        extra = (
+            [_fmt([t["entropy_end"] for t in train]), f"{sum(t['alarm'] for t in train)}/{len(train)}"]
+            if train
+            else ["", ""]
+        )
         return f"| {name} | " + " | ".join(cells + extra) + " |"
 
     seeds = sorted(prepared)
     lines.append(row("student (start)", [prepared[s]["reports"]["student_start"] for s in seeds]))
     for label, per_seed in results.items():
         lines.append(row(label, list(per_seed.values()), [r["training"] for r in per_seed.values()]))
-    for name, key in (("teacher with boxes", "teacher_with_boxes"), ("teacher without boxes", "teacher_without_boxes"), ("student (start) with the crop", "student_with_crop")):
+    for name, key in (
+        ("teacher with boxes", "teacher_with_boxes"),
+        ("teacher without boxes", "teacher_without_boxes"),
+        ("student (start) with the crop", "student_with_crop"),
+    ):
         lines.append(row(name, [prepared[s]["reports"][key] for s in seeds]))
     return "\n".join(lines) + "\n"
 
@@ -194,9 +267,12 @@ def run(out: Path, size: Size, labels: list[str], reuse: bool = False) -> dict:
             results.setdefault(label, {})[seed] = report
             print(f"{label} seed {seed}: accuracy {report['accuracy']:.3f} {report['per_type']}", flush=True)
     minutes = (time.perf_counter() - started) / 60
-    text = (f"# VLM comparison methods on generated scenes\n\n{len(size.seeds)} seed(s), {size.num_images} scenes ({size.eval_images} held out), "
-            f"{size.steps} distillation steps per method at lr {size.lr:g}, no privileged context at evaluation; {minutes:.1f} min this invocation (2 CPU cores).\n\n"
-            + summarise(results, prepared))
+    text = (
+        f"# VLM comparison methods on generated scenes\n\n{len(size.seeds)} seed(s), {size.num_images} scenes "
+        f"({size.eval_images} held out), "
+        f"{size.steps} distillation steps per method at lr {size.lr:g}, no privileged context at evaluation; "
+        f"{minutes:.1f} min this invocation (2 CPU cores).\n\n" + summarise(results, prepared)
+    )
     (out / "results.md").write_text(text, encoding="utf-8")
     payload = {"size": size.__dict__, "prepared": prepared, "results": results, "minutes": minutes}
     (out / "results.json").write_text(json.dumps(payload, indent=2), encoding="utf-8")
@@ -212,7 +288,9 @@ def cli() -> None:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), default=list(METHODS))
     parser.add_argument("--steps", type=int, help="distillation steps (default 40)")
     parser.add_argument("--lr", type=float, help="learning rate (default 1e-3)")
-    parser.add_argument("--reuse", action="store_true", help="reuse OUT's finished preparations and runs (evaluate only)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse OUT's finished preparations and runs (evaluate only)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size = SIZES[args.size or ("quick" if args.quick else "full")]

@@ -30,7 +30,11 @@ def jit_functions(package: str) -> dict[str, tuple[str, str]]:
     from triton.runtime.jit import JITFunction
 
     root = importlib.import_module(package)
-    modules = [package] + [m.name for m in pkgutil.walk_packages(root.__path__, prefix=f"{package}.")] if hasattr(root, "__path__") else [package]
+    modules = (
+        [package] + [m.name for m in pkgutil.walk_packages(root.__path__, prefix=f"{package}.")]
+        if hasattr(root, "__path__")
+        else [package]
+    )
     found = {}
     for name in modules:
         module = importlib.import_module(name)
@@ -49,13 +53,26 @@ def compile_one(job: tuple) -> dict:
     module = importlib.import_module(module_name)
     signature, constexprs = module.compile_variants(dtype)[kernel][index]
     capability, shared_limit = TARGETS[target]
-    row = {"kernel": f"{module_name}.{kernel}", "target": target, "dtype": dtype, "variant": {k: str(v) for k, v in constexprs.items()}}
+    row = {
+        "kernel": f"{module_name}.{kernel}",
+        "target": target,
+        "dtype": dtype,
+        "variant": {k: str(v) for k, v in constexprs.items()},
+    }
     try:
-        compiled = triton.compile(ASTSource(fn=getattr(module, kernel), signature=signature, constexprs=constexprs), target=GPUTarget("cuda", capability, 32))
+        compiled = triton.compile(
+            ASTSource(fn=getattr(module, kernel), signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", capability, 32),
+        )
         shared = int(compiled.metadata.shared)
         ok = shared <= shared_limit and bool(compiled.asm.get("cubin"))
-        row.update(ok=ok, shared=shared, shared_limit=shared_limit, num_warps=int(compiled.metadata.num_warps),
-                   error=None if ok else f"shared memory {shared} B over the {shared_limit} B of {target}")
+        row.update(
+            ok=ok,
+            shared=shared,
+            shared_limit=shared_limit,
+            num_warps=int(compiled.metadata.num_warps),
+            error=None if ok else f"shared memory {shared} B over the {shared_limit} B of {target}",
+        )
     except Exception as err:  # noqa: BLE001 - every failure is a finding, reported with its kernel and target
         row.update(ok=False, error=_describe(err))
     return row
@@ -85,9 +102,20 @@ def main() -> None:
         module = importlib.import_module(module_name)
         listed = module.compile_variants("fp32") if hasattr(module, "compile_variants") else {}
         if kernel not in listed:
-            rows.append({"kernel": qualified, "ok": False, "error": "not listed by its module's compile_variants(): add its signature there"})
+            rows.append(
+                {
+                    "kernel": qualified,
+                    "ok": False,
+                    "error": "not listed by its module's compile_variants(): add its signature there",
+                }
+            )
             continue
-        jobs += [(module_name, kernel, target, dtype, i) for target in TARGETS for dtype in DTYPES for i in range(len(module.compile_variants(dtype)[kernel]))]
+        jobs += [
+            (module_name, kernel, target, dtype, i)
+            for target in TARGETS
+            for dtype in DTYPES
+            for i in range(len(module.compile_variants(dtype)[kernel]))
+        ]
     with ProcessPoolExecutor(max_workers=max(1, args.workers)) as pool:
         rows += list(pool.map(compile_one, jobs))
     for row in rows:

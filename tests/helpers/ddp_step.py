@@ -21,19 +21,40 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from dopd_vl.config import load_config  # noqa: E402
-from dopd_vl.rollout import Rollout  # noqa: E402
-from dopd_vl.trainer import MicroBatch, Trainer  # noqa: E402
+from dopd_vl.training.config import load_config  # noqa: E402
+from dopd_vl.training.rollout import (
+    MicroBatch,  # noqa: E402
+    Rollout,  # noqa: E402
+)
+from dopd_vl.training.trainer import Trainer  # noqa: E402
 
 NUM_RECORDS, PER_RECORD = 4, 2
 TEXT = [f"data.train={REPO / 'configs' / 'data' / 'arith' / 'data.jsonl'}"]
-CASES = {  # recipe, overrides: tied and untied output embeddings, a text and a vision student; under fsdp a whole teacher, a live privileged student
+# recipe, overrides: tied and untied output embeddings, a text and a vision student; under fsdp a whole teacher, a live
+# privileged student
+CASES = {
     "text": ("tiny_text.yaml", TEXT),
-    "text_untied": ("tiny_text.yaml", [*TEXT, "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3", "teacher.shard=false",
-                                       "objective.privileged_student=live"]),  # the paper's: the sharded student scores student_priv
-    "text_vanilla": ("tiny_text.yaml", [*TEXT, "objective.name=vanilla_opd"]),  # its frozen privileged copy is never used
-    "text_kernels": ("tiny_text.yaml", [*TEXT, "objective.name=vanilla_opd", "loss_backend=triton"]),  # Triton interpreter: minutes, not in the suite
-    "vision": ("tiny_vlm.yaml", [f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}", "gradient_checkpointing=true"]),
+    "text_untied": (
+        "tiny_text.yaml",
+        [
+            *TEXT,
+            "student.name_or_path=tiny:qwen3:tie_word_embeddings=false,seed=3",
+            "teacher.shard=false",
+            "objective.privileged_student=live",
+        ],
+    ),  # the paper's: the sharded student scores student_priv
+    "text_vanilla": (
+        "tiny_text.yaml",
+        [*TEXT, "objective.name=vanilla_opd"],
+    ),  # its frozen privileged copy is never used
+    "text_kernels": (
+        "tiny_text.yaml",
+        [*TEXT, "objective.name=vanilla_opd", "loss_backend=triton"],
+    ),  # Triton interpreter: minutes, not in the suite
+    "vision": (
+        "tiny_vlm.yaml",
+        [f"data.train={REPO / 'configs' / 'data' / 'shapes' / 'data.jsonl'}", "gradient_checkpointing=true"],
+    ),
 }
 
 
@@ -55,18 +76,21 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def run_case(mode: str, parallel: str, case: str, args) -> dict:
     recipe, overrides = CASES[case]
-    config = load_config(REPO / "configs" / recipe, [
-        f"output_dir={args.out.parent / f'run-{mode}-{parallel}-{case}'}",
-        "objective.top_k=16",
-        f"objective.name={args.objective}",
-        f"parallel={parallel}",
-        "loss_chunk_size=5",
-        "optim.max_grad_norm=0",
-        "optim.lr=1e-3",
-        "student.dtype=float64",  # exact comparison: float32 matmuls differ with padding shapes
-        "teacher.dtype=float64",
-        *overrides,  # last: a case may set its own objective
-    ])
+    config = load_config(
+        REPO / "configs" / recipe,
+        [
+            f"output_dir={args.out.parent / f'run-{mode}-{parallel}-{case}'}",
+            "objective.top_k=16",
+            f"objective.name={args.objective}",
+            f"parallel={parallel}",
+            "loss_chunk_size=5",
+            "optim.max_grad_norm=0",
+            "optim.lr=1e-3",
+            "student.dtype=float64",  # exact comparison: float32 matmuls differ with padding shapes
+            "teacher.dtype=float64",
+            *overrides,  # last: a case may set its own objective
+        ],
+    )
     trainer = Trainer(config)
     gathers = count_root_gathers(trainer) if parallel == "fsdp" else {}
     records = trainer.records[:NUM_RECORDS]
@@ -75,7 +99,10 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
 
     def micro_batch(rows: list[int]) -> MicroBatch:
         used = sorted({owner[r] for r in rows})
-        return MicroBatch([records[i] for i in used], Rollout([used.index(owner[r]) for r in rows], [responses[r] for r in rows], ["eos"] * len(rows)))
+        return MicroBatch(
+            [records[i] for i in used],
+            Rollout([used.index(owner[r]) for r in rows], [responses[r] for r in rows], ["eos"] * len(rows)),
+        )
 
     process, processes = trainer.accelerator.process_index, trainer.accelerator.num_processes
     splits = {"1x8": [list(range(8))], "4x2": [[0, 1], [2, 3], [4, 5], [6, 7]]}
@@ -94,10 +121,13 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
         results[normalization] = {"metrics": metrics, "grads": grads}
         if args.update and normalization == norms[-1]:  # AdamW on the last normalisation's gradient
             trainer.apply_update(metrics["loss"])
-            results["update"] = {"before": before, "after": {n: whole(p) for n, p in trainer.student.named_parameters()}}
+            results["update"] = {
+                "before": before,
+                "after": {n: whole(p) for n, p in trainer.student.named_parameters()},
+            }
         trainer.optimizer.zero_grad(set_to_none=True)
     results["root_gathers"] = dict(gathers)
-    results["loss_backend"] = trainer.loss_backend  # after the kernels' self-check (it may fall back to torch)
+    results["loss_backend"] = trainer.backends.loss_backend  # after the kernels' self-check (it may fall back to torch)
     return results
 
 
@@ -106,7 +136,11 @@ def count_root_gathers(trainer: Trainer) -> dict[str, int]:
     FSDPParamGroup.unshard counted when it starts a gather (the group is sharded, none pending)."""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    roots = {"student": trainer.loss_module, "teacher": trainer.teacher, "privileged_student": trainer.privileged_student}
+    roots = {
+        "student": trainer.models.student_call,
+        "teacher": trainer.models.teacher,
+        "privileged_student": trainer.models.privileged_student,
+    }
     counts = dict.fromkeys(roots, 0)
     real = FSDPParamGroup.unshard
 

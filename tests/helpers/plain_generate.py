@@ -23,13 +23,19 @@ for record in records:
     messages = record["prompt"]
     if vision:
         text = processing.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        images = [Image.open(data.parent / part["image"]).convert("RGB") for m in messages for part in m["content"]
-                  if isinstance(m["content"], list) and part["type"] == "image"]
+        images = [
+            Image.open(data.parent / part["image"]).convert("RGB")
+            for m in messages
+            for part in m["content"]
+            if isinstance(m["content"], list) and part["type"] == "image"
+        ]
         inputs = processing(text=[text], images=images, return_tensors="pt")
     else:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, enable_thinking=False
+        )
         inputs = tokenizer(text, add_special_tokens=False, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-    answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    answers.append(tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip())
 print(json.dumps(answers))

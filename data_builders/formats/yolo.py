@@ -1,0 +1,129 @@
+"""YOLO label folders (docs/design.md §3.2): one `.txt` per image, `class x_center y_center width
+height` in 0-1 per line; class names from a data.yaml (`names`) or a classes.txt."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from data_builders.formats.annotations import (
+    IMAGE_EXTENSIONS,
+    AnnotatedImage,
+    AnnotationLoader,
+    image_size,
+    reading_order,
+)
+from dopd_vl.errors import DatasetError
+
+__all__ = ["load_yolo"]
+
+
+def load_yolo(loader: AnnotationLoader, images: Path, labels: Path, classes: str | Path | None) -> None:
+    """Every image of the images folder into `loader`, with its label file (none: no objects)."""
+    if not labels.is_dir():
+        raise DatasetError("YOLO annotations must be the folder of label .txt files", file=str(labels))
+    classes_path = Path(classes) if classes else _find_yolo_classes(labels)
+    names = _yolo_class_names(classes_path)
+    image_files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not image_files:
+        raise DatasetError("the dataset is empty: no images", file=str(images))
+    for image in image_files:
+        label_file = labels / f"{image.stem}.txt"
+
+        def build(image=image, label_file=label_file) -> AnnotatedImage:
+            size = image_size(image, source=str(images), record=image.name)
+            objects = []
+            try:
+                lines = label_file.read_text(encoding="utf-8").splitlines() if label_file.exists() else []
+            except UnicodeDecodeError as err:
+                raise DatasetError(
+                    f"not a text file: {err}", file=str(label_file), record=image.stem, field="labels"
+                ) from None
+            for n, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                fields = line.split()
+                rid = f"line {n}"
+                if len(fields) != 5:
+                    raise DatasetError(
+                        f"expected 5 fields (class x_center y_center width height), got {len(fields)}",
+                        file=str(label_file),
+                        record=rid,
+                        field="fields",
+                    )
+                values = {}
+                for name, value in zip(("class", "x_center", "y_center", "width", "height"), fields):
+                    try:
+                        values[name] = float(value)
+                    except ValueError:
+                        raise DatasetError(
+                            f"non-numeric value {value!r}", file=str(label_file), record=rid, field=name
+                        ) from None
+                    if not math.isfinite(values[name]):
+                        raise DatasetError(f"non-finite value {value!r}", file=str(label_file), record=rid, field=name)
+                if not fields[0].isdigit() or int(fields[0]) >= len(names):
+                    raise DatasetError(
+                        f"class {fields[0]} out of range (the dataset has {len(names)} classes)",
+                        file=str(label_file),
+                        record=rid,
+                        field="class",
+                    )
+                xc, yc, w, h = (values[k] for k in ("x_center", "y_center", "width", "height"))
+                for name in ("x_center", "y_center", "width", "height"):
+                    if not 0.0 <= values[name] <= 1.0:
+                        raise DatasetError(
+                            f"normalised coordinate {values[name]} outside [0, 1]",
+                            file=str(label_file),
+                            record=rid,
+                            field=name,
+                        )
+                W, H = size
+                objects.append(
+                    loader.box(
+                        names[int(fields[0])],
+                        [(xc - w / 2) * W, (yc - h / 2) * H, (xc + w / 2) * W, (yc + h / 2) * H],
+                        size,
+                        file=str(label_file),
+                        record=rid,
+                        field="box",
+                    )
+                )
+            return AnnotatedImage(
+                image.resolve(), size, reading_order([o for o in objects if o is not None]), str(labels)
+            )
+
+        loader.add(str(label_file), image.stem, build)
+
+
+def _find_yolo_classes(labels: Path) -> Path:
+    for folder in (labels, labels.parent, labels.parent.parent, labels.parent.parent.parent):
+        for name in ("data.yaml", "classes.txt"):
+            if (folder / name).is_file():
+                return folder / name
+        yamls = sorted(folder.glob("*.yaml"))
+        if len(yamls) == 1:
+            return yamls[0]
+    raise DatasetError(
+        "no class names found: pass --classes (a data.yaml with 'names' or a classes.txt)", file=str(labels)
+    )
+
+
+def _yolo_class_names(path: Path) -> list[str]:
+    import yaml
+
+    if not path.is_file():
+        raise DatasetError("classes file not found", file=str(path))
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            names = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("names")
+        except yaml.YAMLError as err:
+            raise DatasetError(f"invalid YAML: {err}", file=str(path), record="<root>", field="names") from err
+        if isinstance(names, dict):
+            names = [names[k] for k in sorted(names)]
+        if not isinstance(names, list) or not names:
+            raise DatasetError("no 'names' list or mapping", file=str(path), record="<root>", field="names")
+        return [str(n) for n in names]
+    names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise DatasetError("no class names", file=str(path), record="<root>", field="names")
+    return names

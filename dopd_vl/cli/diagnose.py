@@ -1,0 +1,379 @@
+"""`dopd diagnose`: what DOPD's routing will do on your data, read before any GPU hour (docs/design.md §1.11).
+
+The preflight runs a recipe's first steps without updating anything: the student samples on the
+recipe's prompts exactly as training would (same seeds, same batches), every view is scored, and
+the per-token signals DOPD routes on are summarised:
+
+* the regime shares under the paper's rule, under the edge check and under the recipe's objective;
+* the teacher's **endorsement rate**: the share of sampled tokens with q_T >= q_S, both with the
+  context (the HT / HS split of a high-gap token);
+* the **information edge** l_T(y|x,p) - l_T(y|x): what the context adds to the teacher on the
+  student's tokens (VA-OPD's visual advantage), and the **capability edge** l_T(y|x) - l_S(y|x):
+  what the teacher knows better than the student without it. Their sum is the privileged teacher's
+  per-token log-ratio to the student, l_T(y|x,p) - l_S(y|x).
+
+The same statistics (`token_diagnostics`, `summarise_diagnostics`) are logged at every training
+step with `diagnostics: true` (metrics `diag/*`), and the reading quotes the toy student-strength
+study (`assets/strength_study.json`, written from examples/toy_privilege/results/strength).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import statistics
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dopd_vl.method.routing import (
+    INFORMATION_EDGE_NATS,
+    REGIME_NAMES,
+    route_names,
+    summarise_diagnostics,
+    token_diagnostics,
+)
+from dopd_vl.method.views import DIAGNOSTIC_VIEWS
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "diagnose",
+    "diagnose_trainer",
+    "reading",
+    "strength_study",
+]
+
+
+# ------------------------------------------------------------------------------ the preflight
+def diagnose(
+    config, steps: int = 4, out: str | Path | None = None, overrides: list[str] | None = None, progress: bool = True
+) -> dict:
+    """Load the recipe's models and data, run `steps` steps of rollouts without updating, score all
+    views and return (and, with `out`, write) the diagnosis. `config`: a TrainConfig or a YAML path."""
+    from dopd_vl.training.config import TrainConfig, load_config
+    from dopd_vl.training.trainer import Trainer
+
+    if not isinstance(config, TrainConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise ValueError("overrides apply to a recipe path; change the TrainConfig itself instead")
+    trainer = Trainer(dataclasses.replace(config, diagnostics=True))
+    return diagnose_trainer(trainer, steps, out, progress)
+
+
+@torch.no_grad()
+def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, progress: bool = True) -> dict:
+    """The diagnosis with an already built Trainer (its config must have `diagnostics: true`): the
+    first `steps` steps of its run, sampled and scored but never trained on. Nothing is updated:
+    no backward, no optimizer step; the student's weights are fingerprinted before and after."""
+    from dopd_vl.loss import chunked_token_logprobs
+    from dopd_vl.models.loading import output_embedding_weight
+    from dopd_vl.training.rollout import rollout_metrics
+    from dopd_vl.training.scoring import valid_response_states
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    c, objective = trainer.config, trainer.objective
+    if not c.diagnostics:
+        raise ValueError("diagnose_trainer needs a Trainer built with diagnostics: true (diagnose() sets it)")
+    before = _fingerprint(trainer.student)
+    saved_step = trainer.step
+    names = route_names(objective)
+    step_tokens, step_rows, rollouts = [], [], []
+    try:
+        for k in tqdm(range(steps), desc="diagnose", disable=not (progress and trainer.accelerator.is_main_process)):
+            trainer.step = saved_step + k
+            micro_batches = trainer.sample()
+            scored = [trainer.score(mb) for mb in micro_batches]
+            stats = trainer.step_statistics(scored)
+            logprob = {
+                v: trainer.gather(torch.cat([s.targets[v].token_logprob for s in scored]).double())
+                for v in DIAGNOSTIC_VIEWS
+            }
+            student_logprob = []
+            for s in scored:  # the student's own plain view: the capability edge's second term
+                hidden, ids = valid_response_states(trainer.student, s.student_view)
+                student_logprob.append(
+                    chunked_token_logprobs(hidden, output_embedding_weight(trainer.student), ids, trainer.vocab_size)[
+                        0
+                    ].double()
+                )
+            logprob["student"] = trainer.gather(torch.cat(student_logprob))
+            per_token, thresholds = token_diagnostics(logprob, c.objective.outlier_fraction)
+            per_token["route"] = trainer.gather(torch.cat([trainer.routes(s, stats).double() for s in scored]))
+            per_token["teacher_entropy"] = trainer.gather(
+                torch.cat([s.targets["teacher_priv"].entropy for s in scored]).double()
+            )
+            per_token["q_teacher_plain"] = logprob["teacher_plain"].exp()
+            step_tokens.append(per_token)
+            row = {
+                "step": k + 1,
+                "tokens": int(per_token["regime"].numel()),
+                **summarise_diagnostics(per_token),
+                **_route_shares(per_token["route"], names),
+                "teacher_entropy/mean": float(per_token["teacher_entropy"].mean()),
+                **{f"threshold/{key}": value for key, value in thresholds.items()},
+                **rollout_metrics(micro_batches, trainer.tokenizer, trainer.reduce_sum),
+            }
+            step_rows.append(row)
+            for mb in micro_batches:
+                for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
+                    rollouts.append(
+                        {
+                            "step": k + 1,
+                            "id": str(mb.records[i].get("id")),
+                            "response_ids": response.tolist(),
+                            "response": trainer.tokenizer.decode(response, skip_special_tokens=False),
+                        }
+                    )
+    finally:
+        trainer.step = saved_step
+    unchanged = _fingerprint(trainer.student) == before
+    if not unchanged:  # cannot happen unless a component trains in place; say so loudly
+        raise RuntimeError("dopd diagnose changed the student's weights; please report this as a bug")
+    pooled = {key: torch.cat([t[key] for t in step_tokens]) for key in step_tokens[0]}
+    result = {
+        "recipe": _recipe_summary(c, objective, steps, trainer),
+        "tokens": int(pooled["regime"].numel()),
+        "summary": {
+            **summarise_diagnostics(pooled),
+            **_route_shares(pooled["route"], names),
+            "teacher_entropy/mean": float(pooled["teacher_entropy"].mean()),
+            **{
+                key: statistics.fmean(r[key] for r in step_rows)
+                for key in ("response_length", "clipped_frac", "eos_only_frac", "accuracy")
+                if key in step_rows[0]
+            },
+        },
+        "steps": step_rows,
+        "route_names": list(names),
+        "student_weights_unchanged": unchanged,
+    }
+    result["reading"] = reading(result)
+    if out is not None and trainer.accelerator.is_main_process:
+        result["files"] = _write(Path(out), result, pooled, step_rows, rollouts)
+    return result
+
+
+def _route_shares(route: Tensor, names: tuple[str, ...]) -> dict[str, float]:
+    n = max(route.numel(), 1)
+    shares = {f"route/{name}": float((route == i).double().sum()) / n for i, name in enumerate(names)}
+    dropped = float((route < 0).double().sum()) / n
+    if dropped:
+        shares["route/dropped"] = dropped
+    return shares
+
+
+def _fingerprint(model) -> tuple[float, ...]:
+    return tuple(float(p.detach().double().sum()) for p in model.parameters())
+
+
+def _recipe_summary(c, objective, steps: int, trainer) -> dict:
+    per_step = c.optim.batch_size * c.optim.gradient_accumulation_steps * trainer.accelerator.num_processes
+    return {
+        "student": c.student.name_or_path,
+        "teacher": c.teacher.name_or_path,
+        "data": c.data.train,
+        "objective": objective.name,
+        "privileged_student": c.objective.privileged_student,
+        "edge_check": c.objective.edge_check,
+        "steps": steps,
+        "prompts_per_step": per_step,
+        "responses_per_step": per_step * c.rollout.num_generations,
+        "max_new_tokens": c.rollout.max_new_tokens,
+        "seed": c.seed,
+        "device": str(trainer.device),
+    }
+
+
+# ------------------------------------------------------------------------------ the reading
+def strength_study() -> dict | None:
+    """The toy student-strength study's measured points (None if the asset is missing)."""
+    try:
+        text = resources.files("dopd_vl").joinpath("assets/strength_study.json").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return json.loads(text)
+
+
+def _fmt_shares(summary: dict, prefix: str, names) -> str:
+    return "  ".join(f"{name} {summary[f'{prefix}/{name}']:.3f}" for name in names if f"{prefix}/{name}" in summary)
+
+
+def reading(result: dict, study: dict | None = None) -> list[str]:
+    """The plain-text reading: the numbers, then what the measured study says about such numbers."""
+    s, r = result["summary"], result["recipe"]
+    lines = [
+        f"dopd diagnose: {r['steps']} step(s) x {r['responses_per_step']} responses ({result['tokens']} tokens) of "
+        f"{r['student']} "
+        f"on {r['data']}; teacher {r['teacher']}; objective {r['objective']} (privileged student: "
+        f"{r['privileged_student']})",
+        f"regimes, the paper's rule:      {_fmt_shares(s, 'frac', REGIME_NAMES)}",
+        f"regimes with the edge check:    {_fmt_shares(s, 'edge_check/frac', REGIME_NAMES)}",
+        f"routes of {r['objective']}:{' ' * max(1, 20 - len(r['objective']))}"
+        + _fmt_shares(s, "route", [*result["route_names"], "dropped"]),
+        f"teacher endorsement (q_T >= q_S, both with the context): {s['endorsement']:.3f} of tokens",
+        f"information edge l_T(y|x,p) - l_T(y|x): mean {s['information_edge/mean']:+.3f} nats, "
+        f"{s['information_edge/above_1nat']:.3f} of tokens above 1 nat",
+        f"capability edge l_T(y|x) - l_S(y|x): mean {s['capability_edge/mean']:+.3f} nats; advantage gap A: mean "
+        f"{s['advantage_gap/mean']:.3f}",
+        f"responses: mean length {s['response_length']:.1f} tokens, {s['clipped_frac']:.3f} cut at max_new_tokens "
+        f"({r['max_new_tokens']}), "
+        f"{s['eos_only_frac']:.3f} the end token alone"
+        + (f"; rollout accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""),
+    ]
+    study = study if study is not None else strength_study()
+    if not study:
+        return lines + ["(no measured study is installed to compare with)"]
+    return lines + ["", *_study_reading(result["steps"][0], study)]
+
+
+def _study_reading(s: dict, study: dict) -> list[str]:
+    """Compare the first step's endorsement rate and HT share (`s`: the diagnosis's first step, the
+    very step a run starts with) with the study's measured first steps; quote the nearest measured
+    cell's DOPD - vanilla accuracy differences and every cell's. No thresholds of our own."""
+    cells = study["cells"]
+    endorse = [e for cell in cells for e in cell["first_step"]["endorsement"]]
+    ht = [h for cell in cells for h in cell["first_step"]["frac/HT"]]
+    lines = [f"What the measured study says ({study['source']}; {study['scope']}):"]
+    inside = min(endorse) <= s["endorsement"] <= max(endorse)
+    lines.append(
+        f"- Endorsement rates measured at the first step: {min(endorse):.3f} to {max(endorse):.3f}. Yours, at your "
+        f"first step ({s['endorsement']:.3f}), is "
+        + (
+            "inside that range."
+            if inside
+            else "outside anything measured: the study says nothing about what DOPD does here."
+        )
+    )
+    lines.append(
+        f"- HT shares measured at the first step: {min(ht):.3f} to {max(ht):.3f}. Yours, at your first step "
+        f"({s['frac/HT']:.3f}), is "
+        + ("inside that range." if min(ht) <= s["frac/HT"] <= max(ht) else "outside that range.")
+    )
+    nearest = min(cells, key=lambda cell: abs(statistics.fmean(cell["first_step"]["endorsement"]) - s["endorsement"]))
+    gains = "; ".join(
+        f"{label} {_mean_std(nearest['gain_over_vanilla'][key])}" for key, label in study["variants"].items()
+    )
+    lines.append(
+        f"- The measured cell nearest by endorsement is {nearest['task']} / {nearest['strength']} student (endorsement "
+        f"{_mean_std(nearest['first_step']['endorsement'])}, start at {_mean_std(nearest['start_relative'])} of the "
+        f"teacher's accuracy): "
+        f"held-out accuracy minus vanilla OPD's, over {len(nearest['start_relative'])} seeds: {gains}."
+    )
+    lines.append(
+        "- Every measured cell, by first-step endorsement: "
+        + "; ".join(
+            f"{cell['task']} / {cell['strength']} {statistics.fmean(cell['first_step']['endorsement']):.2f}: "
+            + ", ".join(f"{key} {statistics.fmean(values):+.2f}" for key, values in cell["gain_over_vanilla"].items())
+            for cell in sorted(cells, key=lambda cell: statistics.fmean(cell["first_step"]["endorsement"]))
+        )
+        + " (accuracy minus vanilla OPD's, mean over seeds)."
+    )
+    wins = study.get("beats_vanilla") or []
+    if wins:
+        for win in wins:
+            lines.append(
+                f"- Measured where a DOPD configuration beat vanilla OPD by more than one seed-to-seed std: "
+                f"{win['variant']} on "
+                f"{win['task']} / {win['strength']} (endorsement {_mean_std(win['endorsement'])}; gain "
+                f"{_mean_std(win['gain'])})."
+            )
+    else:
+        lines.append(
+            "- In no measured cell did a DOPD configuration beat vanilla OPD by more than one seed-to-seed standard "
+            "deviation."
+        )
+    lines.append(f"- {study['caveat']}")
+    return lines
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.3f}" if values[0] < 0 else f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+# ------------------------------------------------------------------------------ outputs
+def _write(out: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[dict], rollouts: list[dict]) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "json": str(out / "diagnose.json"),
+        "png": str(out / "diagnose.png"),
+        "rollouts": str(out / "diagnose_rollouts.jsonl"),
+    }
+    _plot(out / "diagnose.png", result, pooled, step_rows)
+    (out / "diagnose_rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rollouts), encoding="utf-8")
+    (out / "diagnose.json").write_text(json.dumps({**result, "files": files}, indent=2) + "\n", encoding="utf-8")
+    return files
+
+
+def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dopd_vl.cli.plots import REGIME_COLORS
+
+    s = result["summary"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    ax = axes[0][0]
+    rows = [("paper's rule", "frac"), ("edge check", "edge_check/frac")]
+    for y, (_label, prefix) in enumerate(rows):
+        left = 0.0
+        for name in REGIME_NAMES:
+            share = s[f"{prefix}/{name}"]
+            ax.barh(y, share, left=left, color=REGIME_COLORS[name], label=name if y == 0 else None)
+            if share > 0.04:
+                ax.text(left + share / 2, y, f"{name}\n{share:.2f}", ha="center", va="center", fontsize=8)
+            left += share
+    ax.set(
+        yticks=range(len(rows)),
+        yticklabels=[label for label, _ in rows],
+        xlim=(0, 1),
+        xlabel="share of tokens",
+        title=f"regime occupancy ({result['tokens']} tokens, {len(step_rows)} steps)",
+    )
+    ax.legend(fontsize=7, loc="lower right")
+    panels = [
+        (
+            axes[0][1],
+            pooled["advantage_gap"],
+            "advantage gap A = |l_T - l_S| (nats)",
+            [statistics.fmean(r["threshold/A"] for r in step_rows)],
+            "mean threshold",
+        ),
+        (
+            axes[1][0],
+            pooled["q_teacher"] - pooled["q_student"],
+            f"q_T - q_S (endorsement {s['endorsement']:.2f} = share >= 0)",
+            [0.0],
+            None,
+        ),
+        (
+            axes[1][1],
+            pooled["information_edge"],
+            f"information edge l_T(y|x,p) - l_T(y|x) (nats; {s['information_edge/above_1nat']:.2f} above 1)",
+            [INFORMATION_EDGE_NATS],
+            None,
+        ),
+    ]
+    for ax, values, title, lines, line_label in panels:
+        ax.hist(values.float().cpu().numpy(), bins=50, color="#777777")
+        for x in lines:
+            ax.axvline(x, color="#e4572e", linestyle="--", label=line_label)
+        ax.set(title=title, ylabel="tokens")
+        if line_label:
+            ax.legend(fontsize=7)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"dopd diagnose: {result['recipe']['student']} / {result['recipe']['teacher']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

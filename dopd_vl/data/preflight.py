@@ -1,0 +1,467 @@
+"""The data preflight (`dopd check-data`, and `data.preflight` at the start of `dopd train`;
+docs/design.md §3.1): every record checked before any GPU hour is spent on it.
+
+Per record: the schema (and duplicate ids); each image exists, opens, is not a decompression bomb
+(Pillow's `MAX_IMAGE_PIXELS`, reported rather than raised), and is complete (`quick`: the file ends
+with its format's end marker, PNG's IEND or JPEG's EOI; `full`: a full decode); the boxes of a
+grounding record and the crops of its context lie inside the image; the privileged views render
+through the real processor; the longest view's prompt, image tokens included, fits
+`rollout.max_prompt_length` (prompts are never truncated: a cut could split an image's tokens).
+Images are checked in parallel threads. A `DataReport` counts faults per kind and keeps each with
+its place (file:line or dataset row), record id and field; its valid records are what training uses
+under `data.on_error: skip`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from dopd_vl.data.image_roots import ImageRoots, image_roots
+from dopd_vl.data.records import (
+    DatasetRecords,
+    image_parts,
+    json_lines,
+    load_records,
+    record_id,
+    records_root,
+    validate_record,
+)
+from dopd_vl.errors import DatasetError, ImageOutsideRoots
+
+__all__ = ["FAULT_KINDS", "Fault", "DataReport", "check_data", "check_image", "preflight_records", "RecordPicker"]
+
+logger = logging.getLogger(__name__)
+
+FAULT_KINDS = (
+    "invalid_json",
+    "schema",
+    "duplicate_id",
+    "image_missing",
+    "image_outside_roots",
+    "image_unreadable",
+    "image_truncated",
+    "image_too_large",
+    "box_outside_image",
+    "context_unrenderable",
+    "prompt_too_long",
+)
+_END_MARKERS = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}
+
+
+@dataclass
+class Fault:
+    kind: str
+    where: str  # file:line, or "dataset row N"
+    record: str
+    field: str
+    message: str
+    index: int | None = None  # the record's position among the source's rows / lines
+
+
+@dataclass
+class DataReport:
+    source: str
+    mode: str
+    records: int = 0
+    faults: list[Fault] = field(default_factory=list)
+    prompt_tokens_max: int = 0
+    prompt_tokens_mean: float = 0.0
+    max_prompt_length: int = 0
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(f.kind for f in self.faults))
+
+    @property
+    def bad_indices(self) -> set[int]:
+        return {f.index for f in self.faults if f.index is not None}
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "mode": self.mode,
+            "records": self.records,
+            "faulty_records": len(self.bad_indices),
+            "counts": self.counts,
+            "prompt_tokens": {
+                "max": self.prompt_tokens_max,
+                "mean": self.prompt_tokens_mean,
+                "limit": self.max_prompt_length or None,
+            },
+            "faults": [asdict(f) for f in self.faults],
+        }
+
+    def summary(self, examples: int = 5) -> str:
+        """Counts per kind and the first faults, one line each."""
+        if not self.faults:
+            return (
+                f"{self.source}: {self.records} records, no faults ({self.mode} check); longest prompt "
+                f"{self.prompt_tokens_max} tokens"
+            )
+        counts = ", ".join(f"{kind} {n}" for kind, n in sorted(self.counts.items()))
+        lines = [
+            f"{self.source}: {len(self.bad_indices)} of {self.records} records have faults ({self.mode} check): "
+            f"{counts}"
+        ]
+        lines += [
+            f"  {f.where}: record {f.record}, field {f.field}: {f.kind}: {f.message}" for f in self.faults[:examples]
+        ]
+        if len(self.faults) > examples:
+            lines.append(f"  ... and {len(self.faults) - examples} more (the JSON report lists every one)")
+        return "\n".join(lines)
+
+
+def check_image(
+    ref: Any, root: ImageRoots | Path | None, mode: str = "quick"
+) -> tuple[str, str] | tuple[None, tuple[int, int]]:
+    """(fault kind, message), or (None, (width, height)) for a sound image. `ref` is a path (confined
+    to `root`, see `dopd_vl.data.image_roots`) or an embedded {bytes, path}; nothing is raised."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(ref, dict) and ref.get("bytes") is not None:
+        data, label = ref["bytes"], "embedded image"
+        opener, tail = (lambda: io.BytesIO(data)), data[-16:]
+    else:
+        try:
+            path = image_roots(root).resolve(ref["path"] if isinstance(ref, dict) else ref, "?")
+        except ImageOutsideRoots as err:
+            return "image_outside_roots", str(err).split(": ", 1)[-1]
+        except DatasetError as err:
+            return "image_missing", str(err).split(": ", 1)[-1]
+        if not path.is_file():
+            return "image_missing", f"image not found: {path}"
+        label = str(path)
+        opener = lambda: path  # noqa: E731 - PIL opens a path itself
+        with open(path, "rb") as f:
+            f.seek(max(0, path.stat().st_size - 16))
+            tail = f.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: a fault, not a warning
+        try:
+            with Image.open(opener()) as img:
+                size, fmt = img.size, img.format
+                if mode == "full":
+                    img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            return "image_too_large", f"{label}: {err}"
+        except OSError as err:
+            kind = "image_truncated" if "truncated" in str(err) or "broken" in str(err) else "image_unreadable"
+            return kind, f"{label}: {err}"
+        except (SyntaxError, ValueError) as err:
+            return "image_unreadable", f"{label}: {err}"
+    if mode == "quick" and fmt in _END_MARKERS and _END_MARKERS[fmt] not in tail:
+        return "image_truncated", f"{label}: the {fmt} file does not end with its end marker (cut short)"
+    return None, size
+
+
+def check_data(
+    source: str | Path,
+    adapter,
+    *,
+    split: str = "train",
+    columns: dict | None = None,
+    mode: str = "quick",
+    max_prompt_length: int = 0,
+    privileged: bool = True,
+    workers: int = 8,
+    progress: bool = True,
+    image_roots_extra: list | tuple = (),
+) -> tuple[list[int], DataReport, Any]:
+    """Check every record of `source` (see the module docstring) with the student's `adapter`;
+    `image_roots_extra` is the recipe's `data.image_roots`.
+
+    Returns (valid record positions, report, rows): `rows` is the list of records (JSONL) or the
+    unvalidated `DatasetRecords`; a record with any fault is not among the valid ones."""
+    if mode not in ("quick", "full"):
+        raise ValueError(f"preflight mode must be quick or full, got {mode!r}")
+    report = DataReport(str(source), mode, max_prompt_length=max_prompt_length)
+    root = image_roots(records_root(source), image_roots_extra)
+    rows, records, places = _read(source, split, columns, report)
+    report.records = len(rows)
+
+    # Images first, in threads (file I/O and decoding release the GIL); sizes feed the box check.
+    refs = {(i, k): ref for i, record in records.items() for k, ref in enumerate(image_parts(record))}
+    sizes: dict[tuple[int, int], tuple[int, int]] = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(lambda item: (item[0], check_image(item[1], root, mode)), refs.items())
+        for (i, k), (kind, detail) in tqdm(
+            results, total=len(refs), desc="images", disable=not progress or not refs, leave=False
+        ):
+            if kind is None:
+                sizes[(i, k)] = detail
+            else:
+                _add(report, records[i], i, places, kind, f"prompt.image[{k}]", detail)
+
+    # The longest view (the privileged one when the objective reads it) rendered as training will.
+    view = "student_priv" if privileged else "student"
+    lengths, pending = [], []
+    for i, record in tqdm(records.items(), desc="records", disable=not progress, leave=False):
+        n_images = len(list(image_parts(record)))
+        if any((i, k) not in sizes for k in range(n_images)):
+            continue  # its image is already a fault; rendering would only repeat it
+        record_sizes = [sizes[(i, k)] for k in range(n_images)]
+        _check_boxes(report, record, i, places, record_sizes)
+        if privileged and record.get("privileged_context") is None:
+            _add(
+                report,
+                record,
+                i,
+                places,
+                "context_unrenderable",
+                "privileged_context",
+                "the record has no privileged context for the privileged views",
+            )
+            continue
+        try:
+            rendered = _rendered(adapter, record, view, record_sizes, mode)
+        except DatasetError as err:
+            _add(
+                report,
+                record,
+                i,
+                places,
+                "context_unrenderable" if view != "student" else "schema",
+                err.field or "privileged_context",
+                str(err).split(": ", 1)[-1],
+            )
+            continue
+        pending.append((i, record, rendered))
+    for start in range(0, len(pending), 1024):
+        batch = pending[start : start + 1024]
+        texts = [r for _, _, r in batch if isinstance(r, str)]
+        counted = (
+            iter(len(ids) for ids in adapter.tokenizer(texts, add_special_tokens=False)["input_ids"])
+            if texts
+            else iter(())
+        )
+        for i, record, rendered in batch:
+            n = next(counted) if isinstance(rendered, str) else rendered
+            lengths.append(n)
+            if max_prompt_length and n > max_prompt_length:
+                _add(
+                    report,
+                    record,
+                    i,
+                    places,
+                    "prompt_too_long",
+                    "prompt",
+                    f"{view} prompt is {n} tokens, over rollout.max_prompt_length {max_prompt_length}",
+                )
+    report.prompt_tokens_max = max(lengths, default=0)
+    report.prompt_tokens_mean = round(sum(lengths) / len(lengths), 1) if lengths else 0.0
+    report.faults.sort(key=lambda f: (f.index if f.index is not None else -1, FAULT_KINDS.index(f.kind)))
+    valid = [i for i in range(len(rows)) if i not in report.bad_indices]
+    return valid, report, rows
+
+
+def _rendered(adapter, record: dict, view: str, image_sizes: list[tuple[int, int]], mode: str) -> str | int:
+    """The view's rendered text (text adapters: tokenised in batches by the caller) or its length.
+    `quick` counts a vision prompt's tokens from the image sizes without decoding them; `full`
+    renders it through the processor, images decoded, as training does."""
+    if hasattr(adapter, "prompt_text"):
+        return adapter.prompt_text(record, view)
+    if mode == "quick" and hasattr(adapter, "prompt_length"):
+        counted = adapter.prompt_length(record, view, image_sizes)
+        if counted is not None:
+            return counted
+    return int(adapter.prompt(record, view).input_ids.numel())
+
+
+def _read(source, split: str, columns: dict | None, report: DataReport) -> tuple[Any, dict[int, dict], dict[int, str]]:
+    """(rows, {position: record that passed the schema}, {position: file:line or dataset row});
+    schema faults go into the report."""
+    path = Path(source)
+    records: dict[int, dict] = {}
+    places: dict[int, str] = {}
+    seen: dict[str, str] = {}
+    if path.suffix in (".jsonl", ".json") and not columns:
+        if not path.is_file():
+            raise DatasetError("file not found", file=str(path))
+        rows: list = []
+        for line_no, value in json_lines(path):
+            where = places[len(rows)] = f"{path}:{line_no}"
+            i = len(rows)
+            rows.append(value if not isinstance(value, DatasetError) else None)
+            if isinstance(value, DatasetError):
+                report.faults.append(
+                    Fault("invalid_json", where, f"line {line_no}", value.field or "", str(value).split(": ", 1)[-1], i)
+                )
+                continue
+            _schema(report, value, i, where, seen, records)
+        return rows, records, places
+    rows = DatasetRecords.unvalidated(source, split, columns or {})
+    for i, record in rows.iter_records():
+        where = places[i] = f"{source} row {i}"
+        if isinstance(record, DatasetError):
+            report.faults.append(
+                Fault(
+                    "schema", where, record.record or f"row-{i}", record.field or "", str(record).split(": ", 1)[-1], i
+                )
+            )
+            continue
+        _schema(report, record, i, where, seen, records)
+    return rows, records, places
+
+
+def _schema(
+    report: DataReport, record: Any, i: int, where: str, seen: dict[str, str], records: dict[int, dict]
+) -> None:
+    try:
+        validate_record(record, file=where, index=i)
+    except DatasetError as err:
+        report.faults.append(
+            Fault("schema", where, record_id(record, i), err.field or "", str(err).split(": ", 1)[-1], i)
+        )
+        return
+    if record["id"] in seen:
+        report.faults.append(
+            Fault("duplicate_id", where, record["id"], "id", f"duplicate id (first at {seen[record['id']]})", i)
+        )
+        return
+    seen[record["id"]] = where
+    records[i] = record
+
+
+def _check_boxes(
+    report: DataReport, record: dict, i: int, places: dict[int, str], sizes: list[tuple[int, int]]
+) -> None:
+    """Grounding objects' `bbox_px` inside the first image; context crops inside their image."""
+    if not sizes:
+        return
+    privileged = record.get("privileged") or {}
+    w, h = sizes[0]
+    for k, obj in enumerate(privileged.get("objects") or []):
+        box = obj.get("bbox_px") if isinstance(obj, dict) else None
+        if isinstance(box, list) and len(box) == 4 and not _inside(box, w, h):
+            _add(
+                report,
+                record,
+                i,
+                places,
+                "box_outside_image",
+                f"privileged.objects[{k}].bbox_px",
+                f"box {box} lies outside the {w}x{h} image",
+            )
+    context = record.get("privileged_context")
+    for k, part in enumerate(context if isinstance(context, list) else []):
+        if part.get("type") == "image" and part.get("image_index", 0) < len(sizes):
+            cw, ch = sizes[part.get("image_index", 0)]
+            if not _inside(part["crop"], cw, ch):
+                _add(
+                    report,
+                    record,
+                    i,
+                    places,
+                    "box_outside_image",
+                    f"privileged_context[{k}].crop",
+                    f"crop {part['crop']} lies outside the {cw}x{ch} image",
+                )
+
+
+def _inside(box: list[float], w: int, h: int, slack: float = 0.5) -> bool:
+    x1, y1, x2, y2 = box
+    return -slack <= x1 < x2 <= w + slack and -slack <= y1 < y2 <= h + slack
+
+
+def _add(
+    report: DataReport, record: dict, i: int, places: dict[int, str], kind: str, field_name: str, message: str
+) -> None:
+    report.faults.append(Fault(kind, places[i], record_id(record, i), field_name, message, i))
+
+
+# ------------------------------------------------------------------------------- training
+def preflight_records(
+    data, adapter, *, max_prompt_length: int = 0, privileged: bool = True, progress: bool = True
+) -> tuple[Any, list[dict]]:
+    """The training records of a recipe's `data` section after the preflight, and the skipped ones
+    ({id, where, field, kind, message, step 0}): under `on_error: fail` any fault is a DatasetError
+    here, before the first step; under `skip` the faulty records are left out (logged)."""
+    if data.preflight == "off":
+        return load_records(data.train, split=data.split, columns=data.columns), []
+    valid, report, rows = check_data(
+        data.train,
+        adapter,
+        split=data.split,
+        columns=data.columns,
+        mode=data.preflight,
+        max_prompt_length=max_prompt_length,
+        privileged=privileged,
+        progress=progress,
+        image_roots_extra=data.image_roots,
+    )
+    if report.faults and data.on_error == "fail":
+        raise DatasetError(
+            "the data preflight found faults (data.on_error=skip trains on the rest; `dopd check-data` lists every "
+            "one):\n" + report.summary()
+        )
+    if report.faults:
+        logger.warning(
+            "data.on_error=skip: %d faulty record(s) left out before the first step:\n%s",
+            len(report.bad_indices),
+            report.summary(),
+        )
+    if not valid:
+        raise DatasetError("no record of the dataset is usable", file=str(data.train))
+    skipped = [
+        {"id": f.record, "where": f.where, "field": f.field, "kind": f.kind, "message": f.message, "step": 0}
+        for f in report.faults
+    ]
+    return ([rows[i] for i in valid] if isinstance(rows, list) else rows.subset(valid)), skipped
+
+
+class RecordPicker:
+    """Records for a step, minding files that vanish mid-run: under `fail` a missing image is a
+    DatasetError naming it; under `skip` the next record whose images are all there takes its place
+    (deterministic, so a resumed run replaces the same way and batch sizes hold)."""
+
+    def __init__(self, records, root: ImageRoots | Path | None, source: str, on_error: str):
+        self.records, self.root, self.source, self.on_error = records, image_roots(root), source, on_error
+        self.vanished: set[int] = set()
+
+    def pick(self, index: int, step: int) -> tuple[dict, list[dict]]:
+        """(the record to use for position `index`, the records skipped on the way)."""
+        skipped = []
+        for offset in range(len(self.records)):
+            i = (index + offset) % len(self.records)
+            if i in self.vanished:
+                continue
+            record = self.records[i]
+            paths = [self.root.resolve(ref, record["id"]) for ref in image_parts(record) if isinstance(ref, str)]
+            missing = next((p for p in paths if not p.is_file()), None)
+            if missing is None:
+                return record, skipped
+            if self.on_error == "fail":
+                raise DatasetError(
+                    f"image not found: {missing} (it was there when the run started)",
+                    file=self.source,
+                    record=record["id"],
+                    field="prompt.image",
+                )
+            logger.warning(
+                "step %d: record %s: image %s vanished; data.on_error=skip uses the next record",
+                step,
+                record["id"],
+                missing,
+            )
+            self.vanished.add(i)
+            skipped.append(
+                {
+                    "id": record["id"],
+                    "where": self.source,
+                    "field": "prompt.image",
+                    "kind": "image_missing",
+                    "message": f"image not found: {missing} (vanished mid-run)",
+                    "step": step,
+                }
+            )
+        raise DatasetError("every record's images have vanished", file=self.source)

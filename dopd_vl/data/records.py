@@ -1,0 +1,485 @@
+"""The record schema (docs/design.md §3.1): one validator used by the engine and by every builder.
+
+A record:
+    id                  non-empty string, unique in its dataset
+    prompt              chat messages; content is a string or a list of parts
+                        {"type": "text", "text": ...} / {"type": "image", "image": path} /
+                        {"type": "image"} (embedded: filled from `images` in order)
+    privileged_context  the rendered privileged context p (required by the privileged views only):
+                        text, or a list of parts {"type": "text", "text": ...} /
+                        {"type": "image", "crop": [x1, y1, x2, y2], "image_index": k} (a crop,
+                        in pixels, of the prompt's k-th image, default 0: e.g. the `crop` format)
+    privileged          structured source of p (provenance, diagnostics, leak checks), optional
+    answer              reference for evaluation only, optional
+    meta                free-form dict, optional
+    images              embedded images for the path-less image parts, in order (TRL's vision
+                        convention): PIL images or {"bytes", "path"} dicts, decoded when used
+
+Sources (`load_records`): a JSONL file, or any Hugging Face `datasets` source: a Parquet or
+Arrow file, a `save_to_disk` folder, or a dataset id / local dataset folder for `load_dataset`
+(offline, from the local cache). Columns may carry other names (`columns={"prompt": "question"}`);
+a string prompt becomes one user turn. Datasets stay memory-mapped: rows become records when used.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from dopd_vl.data.image_roots import ImageRoots, image_roots
+from dopd_vl.errors import DatasetError
+
+__all__ = [
+    "RECORD_FIELDS",
+    "validate_record",
+    "load_records",
+    "records_root",
+    "image_parts",
+    "resolve_image_path",
+    "load_image",
+    "record_id",
+    "DatasetRecords",
+    "context_text",
+]
+
+RECORD_FIELDS = ("id", "prompt", "privileged_context", "privileged", "answer", "meta", "images")
+_JSONL_SUFFIXES = (".jsonl", ".json")
+_ROLES = ("system", "user", "assistant")
+
+
+def record_id(record: Any, index: int | None = None) -> str:
+    """The record's id if it has a usable one, else its position (for error messages)."""
+    if isinstance(record, dict) and isinstance(record.get("id"), str) and record["id"]:
+        return record["id"]
+    return f"#{index}" if index is not None else "?"
+
+
+def validate_record(record: Any, *, file: str | None = None, index: int | None = None) -> None:
+    """Raise DatasetError naming file, record and field for the first schema violation."""
+    rid = record_id(record, index)
+
+    def fail(field: str, message: str) -> None:
+        raise DatasetError(message, file=file, record=rid, field=field)
+
+    if not isinstance(record, dict):
+        fail("<record>", f"a record must be a JSON object, got {type(record).__name__}")
+    unknown = set(record) - set(RECORD_FIELDS)
+    if unknown:
+        fail(sorted(unknown)[0], f"unknown field(s) {sorted(unknown)}; valid fields: {list(RECORD_FIELDS)}")
+    if not isinstance(record.get("id"), str) or not record["id"]:
+        fail("id", "missing or empty id (a non-empty string)")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, list) or not prompt:
+        fail("prompt", "prompt must be a non-empty list of chat messages")
+    embedded = 0
+    for m, message in enumerate(prompt):
+        where = f"prompt[{m}]"
+        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+            fail(f"{where}.role", f"each message needs a role in {_ROLES}")
+        content = message.get("content")
+        if isinstance(content, str):
+            continue
+        if not isinstance(content, list) or not content:
+            fail(f"{where}.content", "content must be a string or a non-empty list of parts")
+        for p, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                continue
+            if kind == "image" and isinstance(part.get("image"), str) and part["image"]:
+                continue
+            if kind == "image" and part.get("image") is None:
+                embedded += 1
+                continue
+            fail(
+                f"{where}.content[{p}]",
+                'each part must be {"type": "text", "text": str}, {"type": "image", "image": path} or '
+                '{"type": "image"} with `images`',
+            )
+    if not any(m["role"] == "user" for m in prompt):
+        fail("prompt", "prompt has no user message")
+    if prompt[-1]["role"] != "user":
+        fail("prompt", "the last message must be the user's (the response is the assistant's turn)")
+    _validate_context(record.get("privileged_context"), embedded + _path_images(prompt), fail)
+    for field, kinds in (
+        ("privileged", (dict,)),
+        ("answer", (str, int, float)),
+        ("meta", (dict,)),
+        ("images", (list,)),
+    ):
+        if record.get(field) is not None and not isinstance(record[field], kinds):
+            fail(
+                field,
+                f"{field} must be of type {'/'.join(k.__name__ for k in kinds)}, got {type(record[field]).__name__}",
+            )
+    images = record.get("images") or []
+    if len(images) != embedded:
+        fail(
+            "images",
+            f"{embedded} image part(s) without a path but {len(images)} embedded image(s): they fill the parts in "
+            f"order",
+        )
+    for k, image in enumerate(images):
+        if not (
+            _is_pil(image)
+            or (
+                isinstance(image, dict)
+                and (isinstance(image.get("bytes"), bytes) or isinstance(image.get("path"), str))
+            )
+        ):
+            fail(
+                f"images[{k}]", f"an embedded image must be a PIL image or {{bytes, path}}, got {type(image).__name__}"
+            )
+
+
+def _path_images(prompt: list) -> int:
+    return sum(
+        1
+        for m in prompt
+        if isinstance(m["content"], list)
+        for p in m["content"]
+        if p.get("type") == "image" and p.get("image") is not None
+    )
+
+
+def _validate_context(context: Any, num_images: int, fail) -> None:
+    """privileged_context: a string, or parts (text, and crops of the prompt's images)."""
+    if context is None or isinstance(context, str):
+        return
+    if not isinstance(context, list) or not context:
+        fail(
+            "privileged_context",
+            f"privileged_context must be a string or a non-empty list of parts, got {type(context).__name__}",
+        )
+    for k, part in enumerate(context):
+        where = f"privileged_context[{k}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str) and set(part) <= {"type", "text"}:
+            continue
+        if kind != "image" or not set(part) <= {"type", "crop", "image_index"}:
+            fail(
+                where,
+                'each part must be {"type": "text", "text": str} or '
+                '{"type": "image", "crop": [x1, y1, x2, y2], "image_index": k}',
+            )
+        crop, index = part.get("crop"), part.get("image_index", 0)
+        if not (
+            isinstance(crop, list)
+            and len(crop) == 4
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in crop)
+            and 0 <= crop[0] < crop[2]
+            and 0 <= crop[1] < crop[3]
+        ):
+            fail(
+                f"{where}.crop",
+                f"crop must be [x1, y1, x2, y2] in pixels with 0 <= x1 < x2, 0 <= y1 < y2, got {crop!r}",
+            )
+        if not (isinstance(index, int) and not isinstance(index, bool) and 0 <= index < num_images):
+            fail(
+                f"{where}.image_index",
+                f"image_index must name one of the prompt's {num_images} image(s), got {index!r}",
+            )
+
+
+def context_text(context: str | list | None) -> str:
+    """The privileged context as text (image parts as a placeholder): for pages, logs, leak checks."""
+    if context is None or isinstance(context, str):
+        return context or ""
+    return "\n".join(
+        p["text"] if p["type"] == "text" else f"<image: crop {p['crop']} of prompt image {p.get('image_index', 0)}>"
+        for p in context
+    )
+
+
+def load_records(source: str | Path, *, split: str = "train", columns: dict[str, str] | None = None) -> Sequence[dict]:
+    """Read and validate a dataset (see the module docstring); errors name the file, row / record
+    and field. JSONL gives a list; a `datasets` source gives a memory-mapped `DatasetRecords`."""
+    path = Path(source)
+    if path.suffix in _JSONL_SUFFIXES and not columns:
+        return _load_jsonl(path)
+    return DatasetRecords(_open_dataset(source, split), columns or {}, str(source))
+
+
+def records_root(source: str | Path) -> Path | None:
+    """The folder relative image paths resolve against, and the first allowed image root: a file's
+    folder, a dataset folder itself; None for a hub id (its image paths must be absolute, inside
+    `data.image_roots` or the trusted roots, or embedded)."""
+    path = Path(source)
+    if path.is_file():
+        return path.parent
+    return path if path.is_dir() else None
+
+
+class DatasetRecords(Sequence):
+    """Records over a `datasets.Dataset`: every row is validated once on load, then converted to
+    a record when accessed; embedded images stay undecoded until a model needs them."""
+
+    def __init__(self, dataset, columns: dict[str, str], name: str, validate: bool = True):
+        self.columns = {field: columns.get(field, field) for field in RECORD_FIELDS}
+        unknown = sorted(set(columns) - set(RECORD_FIELDS))
+        if unknown:
+            raise DatasetError(
+                f"unknown record field(s) {unknown} in the column mapping; fields: {list(RECORD_FIELDS)}",
+                file=name,
+                field="columns",
+            )
+        missing = sorted(c for f, c in columns.items() if c not in dataset.column_names)
+        if missing or self.columns["prompt"] not in dataset.column_names:
+            raise DatasetError(
+                f"missing column(s) {missing or [self.columns['prompt']]}; the dataset has {dataset.column_names}",
+                file=name,
+                field="columns",
+            )
+        self.dataset, self.name = _undecoded_images(dataset, self.columns["images"]), name
+        if len(self.dataset) == 0:
+            raise DatasetError("the dataset is empty", file=name)
+        if not validate:  # the preflight validates row by row and keeps going (dopd_vl/data/preflight.py)
+            return
+        seen: dict[str, int] = {}
+        for i in range(len(self.dataset)):
+            record = self[i]
+            if record["id"] in seen:
+                raise DatasetError(
+                    f"duplicate id (first in row {seen[record['id']]})",
+                    file=f"{name} row {i}",
+                    record=record["id"],
+                    field="id",
+                )
+            seen[record["id"]] = i
+
+    @classmethod
+    def unvalidated(cls, source: str | Path, split: str, columns: dict[str, str]) -> DatasetRecords:
+        """The rows of a datasets source, not yet validated: `record(i)` converts without checking."""
+        return cls(_open_dataset(source, split), columns, str(source), validate=False)
+
+    def subset(self, indices: list[int]) -> DatasetRecords:
+        """The rows at `indices` (still memory-mapped: `Dataset.select` keeps an index map)."""
+        return DatasetRecords(
+            self.dataset.select(indices), {f: c for f, c in self.columns.items() if c != f}, self.name, validate=False
+        )
+
+    def record(self, index: int) -> dict:
+        """Row `index` as a record, without validation."""
+        return self._record(self.dataset[index], index)
+
+    def iter_records(self, batch_size: int = 1024) -> Iterator[tuple[int, dict | DatasetError]]:
+        """(row, its record without validation, or the DatasetError converting it) for every row,
+        read a column batch at a time (per-row access formats each row alone: several times slower)."""
+        for start in range(0, len(self.dataset), batch_size):
+            batch = self.dataset[start : start + batch_size]
+            for k in range(len(next(iter(batch.values())))):
+                try:
+                    yield start + k, self._record({column: values[k] for column, values in batch.items()}, start + k)
+                except DatasetError as err:
+                    yield start + k, err
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        record = self._record(self.dataset[index], index)
+        validate_record(record, file=f"{self.name} row {index}", index=index)
+        return record
+
+    def _record(self, row: dict, index: int) -> dict:
+        where = f"{self.name} row {index}"
+        record: dict = {}
+        for field, column in self.columns.items():
+            value = row.get(column)
+            if value is not None:
+                record[field] = value
+        record["id"] = str(record["id"]) if "id" in record else f"row-{index}"
+        prompt = record.get("prompt")
+        if isinstance(prompt, str):  # TRL's plain-text prompt: one user turn
+            record["prompt"] = [{"role": "user", "content": prompt}]
+        elif isinstance(prompt, list):
+            record["prompt"] = [_clean_message(m) for m in prompt]
+        context = record.get("privileged_context")
+        if isinstance(context, list) and all(isinstance(p, dict) and "type" in p and "role" not in p for p in context):
+            record["privileged_context"] = [
+                {k: v for k, v in p.items() if v is not None} for p in context
+            ]  # parts (Arrow fills absent keys with null)
+        elif isinstance(context, list):  # messages: their text, in order
+            texts = [_message_text(m) for m in context]
+            if not all(isinstance(t, str) for t in texts):
+                raise DatasetError(
+                    "privileged_context must be a string or chat messages with text",
+                    file=where,
+                    record=record["id"],
+                    field=self.columns["privileged_context"],
+                )
+            record["privileged_context"] = "\n\n".join(texts)
+        if isinstance(record.get("answer"), (int, float)) and not isinstance(record["answer"], bool):
+            record["answer"] = str(record["answer"])
+        for field in ("privileged", "meta"):
+            if isinstance(record.get(field), str):  # written as JSON text by our builders' Parquet outputs
+                try:
+                    record[field] = json.loads(record[field])
+                except json.JSONDecodeError as err:
+                    raise DatasetError(
+                        f"not a JSON object: {err.msg}", file=where, record=record["id"], field=self.columns[field]
+                    ) from err
+        return record
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of a JSONL file; a line that is not JSON gives,
+    instead of its value, the DatasetError naming `path:n`, the line and the column, for the caller
+    to raise (or, in a builder's skip mode, to list and go on)."""
+    with Path(path).open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))  # without the newline, so an error's column is on this line
+            except json.JSONDecodeError as err:
+                value = DatasetError(
+                    f"invalid JSON: {err.msg}",
+                    file=f"{path}:{line_no}",
+                    record=f"line {line_no}",
+                    field=f"column {err.colno}",
+                )
+            yield line_no, value
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise DatasetError("file not found", file=str(path))
+    records, seen = [], {}
+    for line_no, record in json_lines(path):
+        if isinstance(record, DatasetError):
+            raise record
+        validate_record(record, file=f"{path}:{line_no}", index=len(records))
+        if record["id"] in seen:
+            raise DatasetError(
+                f"duplicate id (first on line {seen[record['id']]})",
+                file=f"{path}:{line_no}",
+                record=record["id"],
+                field="id",
+            )
+        seen[record["id"]] = line_no
+        records.append(record)
+    if not records:
+        raise DatasetError("the dataset is empty", file=str(path))
+    return records
+
+
+def _open_dataset(source: str | Path, split: str):
+    """A `datasets.Dataset` (memory-mapped Arrow) from a file, a folder or a dataset id."""
+    import datasets
+
+    path = Path(source)
+    try:
+        if path.is_file() and path.suffix == ".parquet":
+            return datasets.Dataset.from_parquet(str(path))
+        if path.is_file() and path.suffix == ".arrow":
+            return datasets.Dataset.from_file(str(path))
+        if path.is_file() and path.suffix in _JSONL_SUFFIXES:
+            return datasets.Dataset.from_json(str(path))
+        if path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists()):
+            loaded = datasets.load_from_disk(str(path))
+        elif path.exists() or "/" in str(source) or not path.suffix:
+            loaded = datasets.load_dataset(str(source), split=split)
+        else:
+            raise DatasetError(
+                "not found (expected a JSONL / Parquet / Arrow file, a dataset folder or a dataset id)",
+                file=str(source),
+            )
+    except DatasetError:
+        raise
+    except Exception as err:  # datasets raises many types (FileNotFoundError, ValueError, ...)
+        raise DatasetError(
+            f"cannot be read as a dataset: {type(err).__name__}: {err}".splitlines()[0], file=str(source)
+        ) from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DatasetError(f"no split {split!r}; splits: {sorted(loaded)}", file=str(source), field="split")
+        loaded = loaded[split]
+    return loaded
+
+
+def _undecoded_images(dataset, column: str):
+    """Keep embedded images as {bytes, path} until used (decoding every row on load is slow)."""
+    import datasets
+
+    inner = getattr(dataset.features.get(column), "feature", None)  # List(Image()) / Sequence(Image())
+    if isinstance(inner, datasets.Image) and inner.decode:
+        return dataset.cast_column(column, datasets.List(datasets.Image(decode=False)))
+    return dataset
+
+
+def _clean_message(message):
+    """Arrow stores parts as structs with every key: drop the null ones ({"type": "image", "text": None})."""
+    if not isinstance(message, dict):
+        return message
+    content = message.get("content")
+    if isinstance(content, list):
+        content = [
+            {k: v for k, v in part.items() if v is not None} if isinstance(part, dict) else part for part in content
+        ]
+    return {k: v for k, v in {**message, "content": content}.items() if v is not None}
+
+
+def _message_text(message) -> str | None:
+    if not isinstance(message, dict):
+        return None
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return None
+
+
+def _is_pil(value) -> bool:
+    from PIL import Image
+
+    return isinstance(value, Image.Image)
+
+
+def image_parts(record: dict) -> Iterable[Any]:
+    """Images of a record in prompt order (the order the processor sees them): a path string for
+    `{"type": "image", "image": path}`, else the next embedded image of `record["images"]`."""
+    embedded = iter(record.get("images") or [])
+    for message in record["prompt"]:
+        if isinstance(message["content"], list):
+            for part in message["content"]:
+                if part.get("type") == "image":
+                    yield part["image"] if part.get("image") is not None else next(embedded)
+
+
+def load_image(ref: Any, root: str | Path | ImageRoots | None, record: str, field: str = "prompt.image"):
+    """An RGB PIL image from a path (resolved and confined by `root`, see `resolve_image_path`), a
+    PIL image or {bytes, path}; decoded
+    now, so a missing, unreadable or truncated image is a DatasetError naming the record."""
+    from PIL import Image, UnidentifiedImageError
+
+    if _is_pil(ref):
+        return ref.convert("RGB")
+    if isinstance(ref, dict) and ref.get("bytes") is not None:
+        source, label = io.BytesIO(ref["bytes"]), f"embedded image {ref.get('path') or ''}".strip()
+    else:
+        path = resolve_image_path(root, ref["path"] if isinstance(ref, dict) else ref, record)
+        source, label = path, str(path)
+    try:
+        with Image.open(source) as img:
+            img.load()  # decode now: a truncated file fails here, not inside the processor
+            return img.convert("RGB")
+    except FileNotFoundError as err:
+        raise DatasetError(f"image not found: {label}", record=record, field=field) from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise DatasetError(f"unreadable image {label}: {err}", record=record, field=field) from err
+
+
+def resolve_image_path(root: str | Path | ImageRoots | None, image: str, record: str) -> Path:
+    """An image's real path: relative paths resolve against the dataset's folder, and the result,
+    symlinks resolved, must lie inside the allowed roots (`dopd_vl.data.image_roots`, docs/design.md §3.1);
+    outside them is an `ImageOutsideRoots` error naming the record. Pass an `ImageRoots` when
+    resolving many paths: a plain folder reads the trusted-roots file on every call."""
+    return image_roots(root).resolve(image, record)

@@ -1,0 +1,61 @@
+"""The routed loss of one run as the trainer calls it (docs/design.md §4.4): built once in setup,
+called on the student inside its wrapper's forward, so DDP / FSDP hooks run around every use.
+
+It glues a model to the loss layer: the student's final hidden states at the response positions
+and its output embedding go into `chunked_objective_loss` (dopd_vl/loss/chunked.py); no
+[tokens, vocab] logits are ever held for more than one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from dopd_vl.loss.chunked import ChunkedLossOutput, TargetStates, chunked_objective_loss
+from dopd_vl.method.objectives import Objective
+from dopd_vl.modality.batches import ViewBatch
+from dopd_vl.models.loading import final_hidden_states, output_embedding_weight
+
+__all__ = ["RoutedLoss"]
+
+
+@dataclass(frozen=True)
+class RoutedLoss:
+    """`loss(model, view, route=..., token_weight=..., targets=...)`: the routed loss of the student
+    `model` over a micro-batch's valid tokens (its share of the step's loss, §1.6).
+
+    Passed as the function of a `ModelCall` (`student_call(loss, view, ...)`), so the model it gets
+    is the one inside the DDP / FSDP wrapper.
+    """
+
+    objective: Objective
+    vocab_size: int
+    chunk_size: int
+    backend: str = "torch"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        view: ViewBatch,
+        *,
+        route: Tensor,
+        token_weight: Tensor,
+        targets: dict[str, TargetStates],
+    ) -> ChunkedLossOutput:
+        inputs, positions, mask = view.inputs, view.response_positions, view.response_mask
+        hidden = final_hidden_states(model, inputs)
+        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
+        ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
+        return chunked_objective_loss(
+            self.objective,
+            hidden,
+            output_embedding_weight(model),
+            ids,
+            route,
+            token_weight,
+            targets,
+            self.vocab_size,
+            self.chunk_size,
+            self.backend,
+        )

@@ -57,17 +57,3 @@ def test_removing_a_heading_is_caught(tmp_path):
 def test_no_file_cites_a_document_outside_the_repository():
     offenders = [str(f.relative_to(REPO)) for f in cited_files() if OUTSIDE.search(f.read_text(encoding="utf-8"))]
     assert offenders == []
-
-
-def test_old_answer_matching_import_still_works_with_a_warning():
-    import importlib
-    import sys
-    import warnings
-
-    sys.modules.pop("dopd_vl.evaluation", None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        old = importlib.import_module("dopd_vl.evaluation")
-    from dopd_vl import answers
-
-    assert old.is_correct is answers.is_correct and any(issubclass(w.category, DeprecationWarning) for w in caught)

@@ -179,6 +179,7 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     import logging
 
     import dopd_vl.loss.kernels as kernels
+    import dopd_vl.training.setup as setup_module
     import dopd_vl.training.trainer as trainer_module
     from dopd_vl.errors import BackendCheckError
     from dopd_vl.training.config import load_config
@@ -221,13 +222,13 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     with pytest.raises(BackendCheckError, match="differ from the torch path"):
         trainer_module.Trainer(config("explicit", "loss_backend=triton", vanilla))
     monkeypatch.setattr(
-        trainer_module, "resolve_loss_backend", lambda backend, device: "triton" if backend == "auto" else backend
+        setup_module, "resolve_loss_backend", lambda backend, device: "triton" if backend == "auto" else backend
     )  # as on a GPU
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         fallback = trainer_module.Trainer(config("fallback", "loss_backend=auto", vanilla))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "uses the torch backend" in warnings[0] and fallback.loss_backend == "torch"
+    assert len(warnings) == 1 and "uses the torch backend" in warnings[0] and fallback.backends.loss_backend == "torch"
     fallback.train()
     torch_run = trainer_module.Trainer(config("torch", "loss_backend=torch", vanilla))
     torch_run.train()

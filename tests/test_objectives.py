@@ -466,15 +466,3 @@ def test_auto_chunk_size_is_64_on_cpu_and_fits_the_memory_budget_on_a_gpu():
     )
     with pytest.raises(ConfigError, match="loss_chunk_size"):
         load_config(None, ["loss_chunk_size=big"])
-
-
-def test_student_loss_keeps_its_old_call_with_a_deprecation_warning(monkeypatch):
-    """StudentLoss(inputs, positions, ...) (0.1) still computes the routed loss, and says how to call it now."""
-    import dopd_vl.loss.chunked as chunked
-
-    monkeypatch.setattr(chunked, "student_loss", lambda model, *args: ("routed loss of", model, args))
-    module = chunked.StudentLoss(torch.nn.Linear(1, 1))
-    with pytest.deprecated_call(match=r"call StudentLoss\(student_loss, inputs, \.\.\.\)"):
-        out = module({"input_ids": torch.ones(1, 2)}, "positions")
-    assert out[0] == "routed loss of" and out[1] is module.model and out[2][1] == "positions"
-    assert module(lambda model, x: (model, x), 3) == (module.model, 3)  # the new call: any function of the model

@@ -287,3 +287,22 @@ def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_doe
     assert (
         adapter.prompt_length(cropped, "student_priv", [size]) is None
     )  # a crop's size depends on its geometry: rendered instead
+
+
+def test_the_printed_summary_lists_every_fault_unless_the_list_is_long(tmp_path):
+    from dopd_vl.data.preflight import DataReport, Fault
+
+    def report(n: int) -> DataReport:
+        faults = [
+            Fault("image_missing", f"data.jsonl:{i + 1}", f"r{i}", "prompt.image[0]", "image not found", i)
+            for i in range(n)
+        ]
+        return DataReport("data.jsonl", "quick", records=n, faults=faults)
+
+    six = report(6).summary().splitlines()  # the old summary printed five and "... and 1 more"
+    assert len(six) == 7 and six[-1].startswith("  data.jsonl:6: record r5") and "more" not in "\n".join(six)
+    ten = report(10).summary()
+    assert "record r9," in ten and "more" not in ten
+    long = report(20).summary(report=tmp_path / "data_check.json").splitlines()
+    assert [line.split(":")[1] for line in long[1:6]] == ["1", "2", "3", "4", "5"]
+    assert long[-1] == f"  ... and 15 more: every fault is listed in {tmp_path / 'data_check.json'}"

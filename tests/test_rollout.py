@@ -166,6 +166,7 @@ def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monk
     fails makes the run generate eagerly with one warning; an explicit `compiled` keeps raising."""
     import logging
 
+    import dopd_vl.training.setup as setup_module
     import dopd_vl.training.trainer as trainer_module
     from dopd_vl.training.config import load_config
 
@@ -176,7 +177,7 @@ def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monk
 
     monkeypatch.setattr(torch, "compile", failing_compile)
     monkeypatch.setattr(
-        trainer_module, "resolve_generation", lambda mode, device: "compiled" if mode == "auto" else mode
+        setup_module, "resolve_generation", lambda mode, device: "compiled" if mode == "auto" else mode
     )  # as on a GPU
     overrides = [f"output_dir={tmp_path / 'run'}", "rollout.max_new_tokens=3", "optim.batch_size=1"]
     trainer = trainer_module.Trainer(

@@ -137,7 +137,7 @@ def test_split_invariance_over_micro_batches_processes_and_shards(tmp_path):
         moved = torch.cat([(ref["after"][k] - ref["before"][k]).flatten() for k in ref["after"]])
         apart = torch.cat([(sharded["after"][k] - ref["after"][k]).flatten() for k in ref["after"]])
         assert moved.norm() > 0 and apart.norm() <= 1e-6 * moved.norm(), case  # the update itself agrees to rel 1e-6
-    assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["_tokens"] == 56
+    assert results["1x8:ddp"]["text"]["sequence"]["tokens"] == 56
     # The two normalisations are different losses, so the check above compares something real.
     assert results["1x8:ddp"]["text"]["sequence"]["metrics"]["loss"] != pytest.approx(
         results["1x8:ddp"]["text"]["token"]["metrics"]["loss"], rel=1e-3
@@ -452,7 +452,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
 
 # ----------------------------------------------------------------------------- non-finite steps
 def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch):
-    import dopd_vl.loss.chunked as loss_module  # StudentLoss calls the chunked loss from here
+    import dopd_vl.training.routed_loss as loss_module  # RoutedLoss calls the chunked loss from here
     import dopd_vl.training.trainer as trainer_module
 
     trainer = trainer_module.Trainer(text_config(tmp_path / "run", "max_steps=3"))
@@ -492,7 +492,7 @@ def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
 
     from dopd_vl.modality.batches import build_views
     from dopd_vl.models.loading import output_embedding_weight, resolve_model_path
-    from dopd_vl.training.scoring import valid_response_states
+    from dopd_vl.training.scoring import score_targets, valid_response_states
     from dopd_vl.training.trainer import Trainer
 
     trainer = Trainer(
@@ -516,7 +516,7 @@ def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
     mb = trainer.rollout([0, 1])
     records = [mb.records[i] for i in mb.rollout.record_index]
     views = build_views(trainer.adapters, ("student", "student_priv"), records, mb.rollout.responses)
-    targets = trainer.score_targets(views)
+    targets = score_targets(trainer.models, views)
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(trainer.config.student.name_or_path))
     hidden, ids = valid_response_states(base, views["student_priv"])
     logp = (

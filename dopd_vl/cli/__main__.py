@@ -4,4 +4,5 @@ import sys
 
 from dopd_vl.cli.main import main
 
-sys.exit(main())
+if __name__ == "__main__":  # a package walk (the kernel compiler) imports this module too
+    sys.exit(main())

@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for ours in ("dopd_vl", "data_builders"):  # our progress messages; other libraries stay at WARNING
         logging.getLogger(ours).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        _quiet_library_progress()
     if args.command is None:
         parser.print_help()
         return 2
@@ -239,6 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         code = getattr(err, "exit_code", 1)  # a preempted run is not an error: it says so and exits 75
         print(f"dopd {args.command}: {'error: ' if code == 1 else ''}{err}", file=sys.stderr)
         return code
+
+
+def _quiet_library_progress() -> None:
+    """Our own progress bars stay; transformers' per-load and per-save bars ("Loading weights",
+    "Writing model shards", one for every tiny model) and the hub's are switched off (`--verbose`
+    keeps them)."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _inspect(args) -> int:
@@ -607,6 +621,7 @@ def _check_data(args) -> int:
     )  # the processor only: no weights
     privileged = bool(PRIVILEGED_VIEWS & set(build_objective(config.objective).views)) or config.diagnostics
     reports, faults = [], 0
+    out = Path(args.out) if args.out else Path(config.output_dir) / "data_check.json"
     for split_name, source in (("train", config.data.train), ("eval", config.data.eval)):
         if not source:
             continue
@@ -624,10 +639,9 @@ def _check_data(args) -> int:
             workers=args.workers,
             image_roots_extra=config.data.image_roots,
         )
-        print(report.summary())
+        print(report.summary(report=out))
         reports.append({"split": split_name, **report.to_dict()})
         faults += len(report.faults)
-    out = Path(args.out) if args.out else Path(config.output_dir) / "data_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"reports": reports}, indent=2) + "\n", encoding="utf-8")
     print(f"report in {out}")

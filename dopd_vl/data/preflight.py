@@ -99,8 +99,9 @@ class DataReport:
             "faults": [asdict(f) for f in self.faults],
         }
 
-    def summary(self, examples: int = 5) -> str:
-        """Counts per kind and the first faults, one line each."""
+    def summary(self, examples: int = 5, report: str | Path | None = None) -> str:
+        """Counts per kind and the faults, one line each. Every fault is printed unless more than
+        `examples` + 5 would be (then the first `examples`, and where the full list is: `report`)."""
         if not self.faults:
             return (
                 f"{self.source}: {self.records} records, no faults ({self.mode} check); longest prompt "
@@ -111,11 +112,11 @@ class DataReport:
             f"{self.source}: {len(self.bad_indices)} of {self.records} records have faults ({self.mode} check): "
             f"{counts}"
         ]
-        lines += [
-            f"  {f.where}: record {f.record}, field {f.field}: {f.kind}: {f.message}" for f in self.faults[:examples]
-        ]
-        if len(self.faults) > examples:
-            lines.append(f"  ... and {len(self.faults) - examples} more (the JSON report lists every one)")
+        shown = self.faults if len(self.faults) <= examples + 5 else self.faults[:examples]
+        lines += [f"  {f.where}: record {f.record}, field {f.field}: {f.kind}: {f.message}" for f in shown]
+        if len(shown) < len(self.faults):
+            where = f"in {report}" if report is not None else "in the JSON report"
+            lines.append(f"  ... and {len(self.faults) - len(shown)} more: every fault is listed {where}")
         return "\n".join(lines)
 
 

@@ -69,12 +69,12 @@ def score_views(
 
 
 def score_targets(
-    models, views: dict[str, ViewBatch], entropy_views: set[str], logprob_views: set[str]
+    models, views: dict[str, ViewBatch], entropy_views: set[str] | None = None, logprob_views: set[str] | None = None
 ) -> dict[str, TargetStates]:
     """TargetStates of a micro-batch's scoring views with the run's models (`RunModels`): the
     teacher, the privileged student (live in eval mode, a frozen copy, an EMA, or under LoRA the
     base weights) and the reference. Log-probs and entropies cost a pass over [tokens, V], so only
-    for the views something reads them from."""
+    for the views something reads them from (None: every view)."""
     was_training = models.student.training
     models.student.eval()
     scored = {k: v for k, v in views.items() if k not in ("student", "reference")}

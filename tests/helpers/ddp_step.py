@@ -118,7 +118,7 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
         trainer.config.objective.normalization = normalization
         metrics = trainer.train_step([micro_batch(rows) for rows in mine], update=False)
         grads = {n: whole(p.grad) for n, p in trainer.student.named_parameters() if p.grad is not None}
-        results[normalization] = {"metrics": metrics, "grads": grads}
+        results[normalization] = {"metrics": metrics, "grads": grads, "tokens": trainer.last_step_tokens}
         if args.update and normalization == norms[-1]:  # AdamW on the last normalisation's gradient
             trainer.apply_update(metrics["loss"])
             results["update"] = {

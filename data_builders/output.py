@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dopd_vl.data.image_roots import trust_image_roots
-from dopd_vl.data.records import image_parts, validate_record
+from dopd_vl.data.images import image_parts
+from dopd_vl.data.records import validate_record
 from dopd_vl.errors import DatasetError
 from dopd_vl.files import created_mode
 

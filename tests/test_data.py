@@ -54,7 +54,7 @@ def grounding_sources(tmp_path_factory):
 
 
 def test_every_source_gives_the_same_records(grounding_sources):
-    from dopd_vl.data.records import image_parts, load_image
+    from dopd_vl.data.images import image_parts, load_image
 
     reference = load_records(grounding_sources["jsonl"])
     for name, source in grounding_sources.items():

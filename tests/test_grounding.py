@@ -125,7 +125,8 @@ def test_the_builder_trusts_its_image_folder_so_its_output_needs_no_configuratio
     coco128_records, tmp_path, monkeypatch
 ):
     from dopd_vl.data.image_roots import image_roots, trusted_image_roots
-    from dopd_vl.data.records import image_parts, load_image, records_root
+    from dopd_vl.data.images import image_parts, load_image
+    from dopd_vl.data.records import records_root
     from dopd_vl.errors import ImageOutsideRoots
 
     out, records = coco128_records  # the output lies in a temporary folder, its images in ../shared

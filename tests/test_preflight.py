@@ -190,7 +190,7 @@ def test_data_image_roots_admits_a_folder_the_user_names(corpus, tmp_path):
 
 def test_the_routing_page_never_inlines_an_image_outside_the_roots(corpus, tmp_path):
     from dopd_vl.cli.routing_page import RoutedResponse, write_routing_html
-    from dopd_vl.data.records import load_image
+    from dopd_vl.data.images import load_image
     from dopd_vl.errors import ImageOutsideRoots
 
     records = {r["id"]: r for r in (json.loads(line) for line in corpus.read_text().splitlines() if line.endswith("}"))}
@@ -264,7 +264,8 @@ def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_doe
     from PIL import Image
 
     from dopd_vl.data.image_roots import image_roots
-    from dopd_vl.data.records import image_parts, load_records
+    from dopd_vl.data.images import image_parts
+    from dopd_vl.data.records import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_processing
 

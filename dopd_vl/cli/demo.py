@@ -76,7 +76,8 @@ def make_demo_dataset(root: Path, num_images: int = 4, seed: int = 0) -> Path:
 
 def split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
     """train.jsonl / eval.jsonl beside data.jsonl, split by scene so no eval image is trained on."""
-    from dopd_vl.data.records import image_parts, load_records
+    from dopd_vl.data.images import image_parts
+    from dopd_vl.data.records import load_records
 
     records = load_records(data)
     scenes = sorted({next(iter(image_parts(r))) for r in records})

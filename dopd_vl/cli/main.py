@@ -1,19 +1,16 @@
-"""The `dopd` command. Errors of the DopdError family print one line and exit with status 1; a run
-stopped by SIGTERM / SIGINT after its checkpoint exits with 75 (dopd_vl/training/preemption.py)."""
+"""The `dopd` command: its parser and entry point (what each subcommand does is in commands.py).
+Errors of the DopdError family print one line and exit with status 1; a run stopped by SIGTERM /
+SIGINT after its checkpoint exits with 75 (dopd_vl/training/preemption.py)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import re
 import sys
-from pathlib import Path
 
-from dopd_vl.errors import ConfigError, DopdError
+from dopd_vl.cli import commands as cli_commands
+from dopd_vl.errors import DopdError
 from dopd_vl.version import __version__
-
-_IMAGE_RUN = re.compile(r"<\|vision_start\|>((?:<\|image_pad\|>)+)<\|vision_end\|>")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-new-tokens", type=int, default=32, help="response length cap for the routing view")
     inspect.add_argument("--seed", type=int, default=0, help="sampling seed for the routing view")
     _add_device_options(inspect)
-    inspect.set_defaults(run=_inspect)
+    inspect.set_defaults(run=cli_commands.cmd_inspect)
 
     evaluate = commands.add_parser(
         "eval", help="greedy answers and accuracy per question type, or a harness (lm-eval, lmms-eval)"
@@ -77,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")
     _add_device_options(evaluate)
-    evaluate.set_defaults(run=_eval)
+    evaluate.set_defaults(run=cli_commands.cmd_eval)
 
     plot = commands.add_parser("plot", help="PNG plots of a run folder's metrics.jsonl")
     plot.add_argument("run_dir", help="run folder (output_dir of `dopd train`)")
     plot.add_argument("--out", help="folder for the PNGs (default RUN_DIR/plots)")
-    plot.set_defaults(run=_plot)
+    plot.set_defaults(run=cli_commands.cmd_plot)
 
     build = commands.add_parser("build", help="build privileged datasets").add_subparsers(
         dest="builder", metavar="BUILDER", required=True
@@ -133,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         "relative to its folder, that the images are written to (default OUT_STEM_images)",
     )
     _add_build_options(grounding)
-    grounding.set_defaults(run=_build_grounding)
+    grounding.set_defaults(run=cli_commands.cmd_build_grounding)
 
     hints = build.add_parser("hints", help="worked solutions -> step-wise hints (text)")
     hints.add_argument("--input", required=True, help="JSONL with question + answer (GSM8K) / solution / hints")
@@ -141,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     hints.add_argument("--style", choices=("steps", "steps_exec", "summary", "final_answer"), default="steps")
     hints.add_argument("--generator", help="module:attr of a HintGenerator that writes the hints")
     _add_build_options(hints)
-    hints.set_defaults(run=_build_hints)
+    hints.set_defaults(run=cli_commands.cmd_build_hints)
 
     train = commands.add_parser("train", help="train a student with DOPD or a baseline from a YAML recipe")
     train.add_argument("config", help="YAML recipe (configs/*.yaml)")
@@ -152,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--dry-run", action="store_true", help="check the recipe and overrides, print the resolved config, load nothing"
     )
-    train.set_defaults(run=_train)
+    train.set_defaults(run=cli_commands.cmd_train)
 
     diagnose = commands.add_parser(
         "diagnose", help="preflight: what DOPD's routing will do on your data (rollouts and scoring, no update)"
@@ -171,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument(
         "--device", choices=("auto", "cpu"), help="auto (the GPU when present) or cpu; default: the recipe's"
     )
-    diagnose.set_defaults(run=_diagnose)
+    diagnose.set_defaults(run=cli_commands.cmd_diagnose)
 
     export = commands.add_parser("export", help="a Hugging Face model folder with a model card from a run's student")
     export.add_argument("run_dir", help="run folder (output_dir of `dopd train`)")
@@ -188,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--eval-limit", type=int, help="evaluate the first N records only")
     export.add_argument("--max-new-tokens", type=int, default=32, help="answer length cap for --eval-data")
-    export.set_defaults(run=_export)
+    export.set_defaults(run=cli_commands.cmd_export)
 
     check = commands.add_parser(
         "check-data",
@@ -204,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--out", help="JSON report (default OUTPUT_DIR/data_check.json)")
     check.add_argument("--workers", type=int, default=8, help="threads checking images")
-    check.set_defaults(run=_check_data)
+    check.set_defaults(run=cli_commands.cmd_check_data)
 
     demo = commands.add_parser("demo", help="the offline end-to-end demo on tiny models")
     demo.add_argument("--out", default="demo_out", help="output folder")
@@ -217,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, help="DOPD training steps (default 24)")
     demo.add_argument("--images", type=int, help="generated scenes (default 32)")
     _add_device_options(demo)
-    demo.set_defaults(run=_demo)
+    demo.set_defaults(run=cli_commands.cmd_demo)
 
     return parser
 
@@ -255,162 +252,6 @@ def _quiet_library_progress() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _inspect(args) -> int:
-    from dopd_vl.data.records import load_records
-    from dopd_vl.errors import DatasetError
-    from dopd_vl.method.views import PRIVILEGED_VIEWS, TEACHER_VIEWS, VIEWS
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import check_same_tokenizer, load_processing
-
-    records = load_records(args.data, split=args.split, columns=_columns(args.column))
-    if not 0 <= args.index < len(records):
-        raise DatasetError(
-            f"--index {args.index} is out of range (the file has {len(records)} records)", file=args.data
-        )
-    record = records[args.index]
-    root = _data_image_roots(args)
-    student = make_adapter(load_processing(args.student), image_root=root)
-    teacher = make_adapter(load_processing(args.teacher), image_root=root) if args.teacher else student
-    check_same_tokenizer(student.tokenizer, teacher.tokenizer)
-    if args.routing:
-        return _write_routing(args, records, root)
-    print(f"record {record['id']}  ({args.data}, index {args.index})")
-    for view in VIEWS:
-        if view in PRIVILEGED_VIEWS and not record.get("privileged_context"):
-            print(f"\n=== {view}: skipped (the record has no privileged_context)")
-            continue
-        prompt = (teacher if view in TEACHER_VIEWS else student).prompt(record, view)
-        image_tokens = (
-            int((prompt.extras["mm_token_type_ids"] == 1).sum()) if "mm_token_type_ids" in prompt.extras else 0
-        )
-        print(f"\n=== {view}: {prompt.input_ids.numel()} prompt tokens ({image_tokens} image tokens)")
-        print(_IMAGE_RUN.sub(lambda m: "<|vision_start|>[image]<|vision_end|>", prompt.text))
-    if record.get("answer") is not None:
-        print(f"\n(answer, never shown to any view: {record['answer']})")
-    return 0
-
-
-def _load_for_generation(name_or_path: str, root, device: str = "auto", dtype: str = "auto"):
-    """Model (placed on `device` in `dtype`), processing, plain-view adapter, EOS ids and never-sampled ids."""
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import eos_token_ids, load_model, load_processing, never_sampled_token_ids
-
-    model = load_model(name_or_path, dtype, device=device).eval()
-    processing = load_processing(name_or_path)
-    return (
-        model,
-        processing,
-        make_adapter(processing, image_root=root),
-        eos_token_ids(processing, model),
-        never_sampled_token_ids(processing, model),
-    )
-
-
-def _write_routing(args, records: list[dict], root) -> int:
-    import torch
-
-    from dopd_vl.cli.routing_page import route_records, write_routing_html
-    from dopd_vl.models.loading import check_same_tokenizer
-    from dopd_vl.training.rollout import RolloutConfig, sample_responses
-
-    chosen = records[args.index : args.index + args.count]
-    student, s_proc, s_adapter, eos, never = _load_for_generation(args.student, root, args.device, args.dtype)
-    teacher, t_proc, t_adapter, _, _ = _load_for_generation(args.teacher or args.student, root, args.device, args.dtype)
-    vocab = check_same_tokenizer(s_proc, t_proc, student, teacher)
-    torch.manual_seed(args.seed)
-    rollout = sample_responses(
-        student, s_adapter, chosen, RolloutConfig(num_generations=1, max_new_tokens=args.max_new_tokens), eos, never
-    )
-    routed, thresholds = route_records(
-        student, teacher, {"student": s_adapter, "teacher": t_adapter}, chosen, rollout.responses, vocab
-    )
-    path = write_routing_html(args.routing, routed, thresholds, image_root=root)
-    print(f"wrote the routing view of {len(routed)} records to {path}")
-    return 0
-
-
-def _eval(args) -> int:
-    from dopd_vl.data.records import load_records
-    from dopd_vl.eval.evaluate import EvalConfig, accuracy_report, generate_answers
-
-    if args.harness:
-        return _eval_harness(args)
-    if not args.data:
-        raise ConfigError("dopd eval needs --data (or --harness with --tasks)")
-
-    records = load_records(args.data, split=args.split, columns=_columns(args.column))[: args.limit]
-    model, _, adapter, eos, never = _load_for_generation(args.model, _data_image_roots(args), args.device, args.dtype)
-    answers = generate_answers(
-        model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never
-    )
-    placed = next(model.parameters())
-    report = {
-        "model": str(args.model),
-        "data": str(args.data),
-        "privileged": args.privileged,
-        "device": str(placed.device),
-        "dtype": str(placed.dtype).removeprefix("torch."),
-        **accuracy_report(records, answers),
-    }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        print(f"accuracy {report['accuracy']} over {report['count']} records; report in {args.out}")
-    else:
-        print(text)
-    return 0
-
-
-def _eval_harness(args) -> int:
-    from dopd_vl.eval.harness import run_lm_eval, run_lmms_eval, summary_table
-    from dopd_vl.models.loading import resolve_device, resolve_dtype
-
-    tasks = [t for t in (args.tasks or "").split(",") if t]
-    out = Path(args.out) if args.out else Path("harness_out")
-    device = resolve_device(args.device)
-    if args.harness == "lm-eval":
-        metrics = run_lm_eval(
-            args.model,
-            out,
-            tasks=tasks or None,
-            data=args.data,
-            limit=args.limit,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            device=str(device),
-            dtype=resolve_dtype(args.dtype, device),
-            apply_chat_template=args.apply_chat_template,
-            split=args.split,
-        )
-    else:
-        metrics = run_lmms_eval(
-            args.model,
-            out,
-            tasks=tasks or None,
-            data=args.data,
-            limit=args.limit,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            device=str(device),
-            split=args.split,
-            image_roots=args.image_root,
-        )
-    table = summary_table(metrics, args.harness, args.model)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.md").write_text(table, encoding="utf-8")
-    print(table + f"\nharness results in {out}")
-    return 0
-
-
-def _plot(args) -> int:
-    from dopd_vl.cli.plots import plot_run
-
-    for path in plot_run(args.run_dir, args.out):
-        print(path)
-    return 0
-
-
 def _add_device_options(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto (the GPU when present), cpu, cuda or cuda:N")
     parser.add_argument(
@@ -438,24 +279,6 @@ def _add_data_options(parser) -> None:
     )
 
 
-def _data_image_roots(args):
-    """Where the --data records' image paths may lead (docs/design.md §3.1)."""
-    from dopd_vl.data.image_roots import image_roots
-    from dopd_vl.data.records import records_root
-
-    return image_roots(records_root(args.data), args.image_root)
-
-
-def _columns(items: list[str]) -> dict[str, str]:
-    columns = {}
-    for item in items:
-        field, sep, column = item.partition("=")
-        if not sep or not field or not column:
-            raise ConfigError(f"--column {item!r} is not FIELD=COLUMN")
-        columns[field] = column
-    return columns
-
-
 def _add_build_options(parser) -> None:
     parser.add_argument(
         "--privileged-format",
@@ -474,194 +297,6 @@ def _add_build_options(parser) -> None:
         action="store_true",
         help="store the image bytes in the output (a .parquet file or a folder): one portable artifact",
     )
-
-
-def _print_report(report, out) -> None:
-    print(f"wrote {out}: {report.summary()}")
-    if report.skipped:
-        print(f"skipped records listed in {out}.skipped.jsonl")
-    for leak in report.leaks[:10]:
-        print(f"leak: record {leak['id']}: hints {leak['hints']} contain the final answer {leak['answer']!r}")
-    if len(report.leaks) > 10:
-        print(f"... and {len(report.leaks) - 10} more records whose hints contain the final answer")
-
-
-def _build_grounding(args) -> int:
-    from data_builders.grounding import build_grounding, load_annotations, load_hf_detections
-    from data_builders.output import BuildReport
-
-    report = BuildReport()  # the loader's skips and counts go into the build's report
-    if args.annotation_format == "hf":
-        if not args.dataset:
-            raise ConfigError("--format hf needs --dataset (a dataset id, folder or Parquet / Arrow file)")
-        images = load_hf_detections(
-            args.dataset,
-            split=args.split,
-            bbox_format=args.bbox_format,
-            normalized=args.normalized,
-            on_error=args.on_error,
-            degenerate=args.degenerate,
-            report=report,
-        )
-    else:
-        if not args.images or not args.annotations:
-            raise ConfigError(f"--format {args.annotation_format} needs --images and --annotations")
-        images = load_annotations(
-            args.annotation_format,
-            args.images,
-            args.annotations,
-            args.classes,
-            on_error=args.on_error,
-            degenerate=args.degenerate,
-            report=report,
-        )
-    fmt = args.privileged_format or f"{args.coords}_grounding"
-    report = build_grounding(
-        images,
-        args.out,
-        questions=args.questions,
-        objects=args.objects,
-        privileged_format=fmt,
-        seed=args.seed,
-        on_error=args.on_error,
-        images_root=args.images,
-        report=report,
-        embed_images=args.embed_images,
-        images_dir=args.images_dir,
-    )
-    _print_report(report, args.out)
-    return 0
-
-
-def _build_hints(args) -> int:
-    from data_builders.hints import build_hints
-
-    generator = None
-    if args.generator:
-        import importlib
-
-        module, _, attr = args.generator.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ConfigError(f"--generator {args.generator!r}: {err}") from err
-        generator = obj() if isinstance(obj, type) else obj
-    report = build_hints(
-        args.input,
-        args.out,
-        style=args.style,
-        privileged_format=args.privileged_format or "hints",
-        generator=generator,
-        on_error=args.on_error,
-        embed_images=args.embed_images,
-    )
-    _print_report(report, args.out)
-    return 0
-
-
-def _train(args) -> int:
-    from dopd_vl.training.config import load_config
-    from dopd_vl.training.trainer import Trainer
-
-    config = load_config(args.config, args.overrides)
-    if args.dry_run:
-        import yaml
-
-        from dopd_vl.training.config import config_to_dict
-
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False))
-        return 0
-    final = Trainer(config).train(resume=args.resume)
-    print(f"trained student saved to {final}")
-    return 0
-
-
-def _diagnose(args) -> int:
-    from dopd_vl.cli.diagnose import diagnose
-    from dopd_vl.training.config import load_config
-
-    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-    config = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path(config.output_dir) / "diagnose"
-    result = diagnose(config, steps=args.steps, out=out)
-    print("\n".join(result["reading"]))
-    print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}")
-    return 0
-
-
-def _export(args) -> int:
-    from dopd_vl.cli.export import export_student
-
-    out = export_student(
-        args.run_dir,
-        args.out,
-        checkpoint=args.checkpoint,
-        adapter=args.adapter,
-        eval_data=args.eval_data,
-        eval_limit=args.eval_limit,
-        max_new_tokens=args.max_new_tokens,
-    )
-    print(f"exported to {out} (model card: {out / 'README.md'})")
-    return 0
-
-
-def _check_data(args) -> int:
-    from dopd_vl.data.image_roots import image_roots
-    from dopd_vl.data.preflight import check_data
-    from dopd_vl.data.records import records_root
-    from dopd_vl.method.objectives import build_objective
-    from dopd_vl.method.views import PRIVILEGED_VIEWS
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import load_processing
-    from dopd_vl.training.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    processing = load_processing(
-        config.student.name_or_path, config.student.trust_remote_code
-    )  # the processor only: no weights
-    privileged = bool(PRIVILEGED_VIEWS & set(build_objective(config.objective).views)) or config.diagnostics
-    reports, faults = [], 0
-    out = Path(args.out) if args.out else Path(config.output_dir) / "data_check.json"
-    for split_name, source in (("train", config.data.train), ("eval", config.data.eval)):
-        if not source:
-            continue
-        adapter = make_adapter(
-            processing, config.data.prompt, image_root=image_roots(records_root(source), config.data.image_roots)
-        )
-        _, report, _ = check_data(
-            source,
-            adapter,
-            split=config.data.split,
-            columns=config.data.columns,
-            mode=args.mode,
-            max_prompt_length=config.rollout.max_prompt_length,
-            privileged=privileged and split_name == "train",
-            workers=args.workers,
-            image_roots_extra=config.data.image_roots,
-        )
-        print(report.summary(report=out))
-        reports.append({"split": split_name, **report.to_dict()})
-        faults += len(report.faults)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"reports": reports}, indent=2) + "\n", encoding="utf-8")
-    print(f"report in {out}")
-    return 1 if faults else 0
-
-
-def _demo(args) -> int:
-    from dopd_vl.cli.demo import run_demo
-
-    run_demo(
-        args.out,
-        seed=args.seed,
-        student=args.student,
-        teacher=args.teacher,
-        steps=args.steps,
-        num_images=args.images,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    return 0
 
 
 if __name__ == "__main__":

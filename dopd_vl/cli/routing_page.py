@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from dopd_vl.data.image_roots import ImageRoots, image_roots
-from dopd_vl.data.records import context_text, image_parts, load_image
+from dopd_vl.data.images import image_parts, load_image
+from dopd_vl.data.records import context_text
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
 from dopd_vl.method.routing import REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.modality.batches import build_views

@@ -23,13 +23,12 @@ a string prompt becomes one user turn. Datasets stay memory-mapped: rows become 
 
 from __future__ import annotations
 
-import io
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dopd_vl.data.image_roots import ImageRoots, image_roots
+from dopd_vl.data.images import is_pil
 from dopd_vl.errors import DatasetError
 
 __all__ = [
@@ -37,9 +36,6 @@ __all__ = [
     "validate_record",
     "load_records",
     "records_root",
-    "image_parts",
-    "resolve_image_path",
-    "load_image",
     "record_id",
     "DatasetRecords",
     "context_text",
@@ -123,7 +119,7 @@ def validate_record(record: Any, *, file: str | None = None, index: int | None =
         )
     for k, image in enumerate(images):
         if not (
-            _is_pil(image)
+            is_pil(image)
             or (
                 isinstance(image, dict)
                 and (isinstance(image.get("bytes"), bytes) or isinstance(image.get("path"), str))
@@ -435,51 +431,3 @@ def _message_text(message) -> str | None:
     if isinstance(content, list):
         return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return None
-
-
-def _is_pil(value) -> bool:
-    from PIL import Image
-
-    return isinstance(value, Image.Image)
-
-
-def image_parts(record: dict) -> Iterable[Any]:
-    """Images of a record in prompt order (the order the processor sees them): a path string for
-    `{"type": "image", "image": path}`, else the next embedded image of `record["images"]`."""
-    embedded = iter(record.get("images") or [])
-    for message in record["prompt"]:
-        if isinstance(message["content"], list):
-            for part in message["content"]:
-                if part.get("type") == "image":
-                    yield part["image"] if part.get("image") is not None else next(embedded)
-
-
-def load_image(ref: Any, root: str | Path | ImageRoots | None, record: str, field: str = "prompt.image"):
-    """An RGB PIL image from a path (resolved and confined by `root`, see `resolve_image_path`), a
-    PIL image or {bytes, path}; decoded
-    now, so a missing, unreadable or truncated image is a DatasetError naming the record."""
-    from PIL import Image, UnidentifiedImageError
-
-    if _is_pil(ref):
-        return ref.convert("RGB")
-    if isinstance(ref, dict) and ref.get("bytes") is not None:
-        source, label = io.BytesIO(ref["bytes"]), f"embedded image {ref.get('path') or ''}".strip()
-    else:
-        path = resolve_image_path(root, ref["path"] if isinstance(ref, dict) else ref, record)
-        source, label = path, str(path)
-    try:
-        with Image.open(source) as img:
-            img.load()  # decode now: a truncated file fails here, not inside the processor
-            return img.convert("RGB")
-    except FileNotFoundError as err:
-        raise DatasetError(f"image not found: {label}", record=record, field=field) from err
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise DatasetError(f"unreadable image {label}: {err}", record=record, field=field) from err
-
-
-def resolve_image_path(root: str | Path | ImageRoots | None, image: str, record: str) -> Path:
-    """An image's real path: relative paths resolve against the dataset's folder, and the result,
-    symlinks resolved, must lie inside the allowed roots (`dopd_vl.data.image_roots`, docs/design.md §3.1);
-    outside them is an `ImageOutsideRoots` error naming the record. Pass an `ImageRoots` when
-    resolving many paths: a plain folder reads the trusted-roots file on every call."""
-    return image_roots(root).resolve(image, record)

@@ -162,7 +162,8 @@ def lmms_records_task(
 
     from dopd_vl.data.answers import is_correct
     from dopd_vl.data.image_roots import image_roots as allowed_roots
-    from dopd_vl.data.records import image_parts, load_records, records_root
+    from dopd_vl.data.images import image_parts
+    from dopd_vl.data.records import load_records, records_root
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_processing
 

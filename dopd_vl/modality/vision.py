@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 from dopd_vl.data.image_roots import ImageRoots, image_roots
-from dopd_vl.data.records import image_parts, load_image
+from dopd_vl.data.images import image_parts, load_image
 from dopd_vl.modality.prompts import PromptConfig, PromptInputs, prompt_messages
 
 

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from dopd_vl.data.image_roots import image_roots
-from dopd_vl.data.preflight import RecordPicker, preflight_records
 from dopd_vl.data.records import records_root
+from dopd_vl.data.training_records import RecordPicker, preflight_records
 from dopd_vl.errors import ConfigError, DatasetError
 from dopd_vl.loss.chunked import auto_chunk_size
 from dopd_vl.loss.kernels import resolve_loss_backend

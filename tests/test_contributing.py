@@ -22,6 +22,7 @@ def build_confident_teacher(config):
     return Objective(config, router, (Route("teacher_priv", "rkl", "full", 1.0),))
 
 
+@pytest.mark.integration
 def test_recipe_new_objective(tiny_text_dir, text_records, tmp_path):
     from dopd_vl.loss.reference import objective_loss
     from dopd_vl.method.objectives import ObjectiveConfig, build_objective, register_objective

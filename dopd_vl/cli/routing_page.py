@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from dopd_vl.cli.plots import REGIME_COLORS
 from dopd_vl.data.image_roots import ImageRoots, image_roots
 from dopd_vl.data.images import image_parts, load_image
 from dopd_vl.data.records import context_text
@@ -26,9 +27,8 @@ from dopd_vl.method.routing import REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.modality.batches import build_views
 from dopd_vl.training.scoring import score_views
 
-__all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html"]
+__all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html", "label_rectangle"]
 
-REGIME_COLORS = {"LH": "#cfe8ff", "LL": "#e6e6e6", "HT": "#ffb3a7", "HS": "#c8f0c0"}
 REGIME_CONDITION = {
     "LH": "low gap, confident",
     "LL": "low gap, uncertain",
@@ -134,14 +134,14 @@ def write_routing_html(
     roots = image_roots(image_root)
     meaning = regime_legend(objective_config)
     legend = "".join(
-        f'<span class="legend" style="background:{REGIME_COLORS[name]}">{name}</span> {html.escape(meaning[name])}<br>'
+        f'<span class="legend" style="background:{_tint(name)}">{name}</span> {html.escape(meaning[name])}<br>'
         for name in ("HT", "HS", "LH", "LL")
     )
     sections = []
     for item in routed:
         spans = "".join(
             f'<span class="tok" data-regime="{r}" data-a="{a:.4f}" data-q-student="{qs:.4f}" data-q-teacher="{qt:.4f}" '
-            f'style="background:{REGIME_COLORS[r]}" title="{r}: A={a:.3f}  q_S={qs:.3f}  '
+            f'style="background:{_tint(r)}" title="{r}: A={a:.3f}  q_S={qs:.3f}  '
             f'q_T={qt:.3f}">{html.escape(t) or "&#8203;"}</span>'
             for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher)
         )
@@ -184,8 +184,9 @@ pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} section {{ 
 
 
 def _image_html(record: dict, index: int, image) -> str:
-    """An inlined image; a grounding record's first image with its privileged boxes and labels drawn
-    (supervision's annotators), and a legend of the labels in the boxes' colours."""
+    """An inlined image; a grounding record's first image with its privileged boxes (supervision's
+    box annotator) and labels drawn, and a legend of the labels in the boxes' colours. Where each
+    label was drawn is in the figure's `data-labels` (label, box and label rectangle, pixels)."""
     privileged = record.get("privileged") if isinstance(record.get("privileged"), dict) else {}
     objects = [o for o in privileged.get("objects") or [] if isinstance(o, dict) and isinstance(o.get("bbox_px"), list)]
     if index != 0 or not objects:
@@ -193,15 +194,16 @@ def _image_html(record: dict, index: int, image) -> str:
     import numpy as np
 
     sv = _supervision()
-    labels = sorted({str(o.get("label", "")) for o in objects})
+    names = [str(o.get("label", "")) for o in objects]
+    labels = sorted(set(names))
     palette = sv.ColorPalette.DEFAULT
     detections = sv.Detections(
         xyxy=np.array([o["bbox_px"] for o in objects], dtype=float).reshape(-1, 4),
-        class_id=np.array([labels.index(str(o.get("label", ""))) for o in objects]),
+        class_id=np.array([labels.index(name) for name in names]),
     )
     drawn = sv.BoxAnnotator(color=palette, thickness=2).annotate(image.convert("RGB"), detections)
-    drawn = sv.LabelAnnotator(color=palette, text_scale=0.4).annotate(
-        drawn, detections, labels=[str(o.get("label", "")) for o in objects]
+    placed = _draw_labels(
+        drawn, [o["bbox_px"] for o in objects], names, [palette.by_idx(labels.index(n)) for n in names]
     )
     legend = "".join(
         f'<span class="box-label" style="border-left: 12px solid '
@@ -209,9 +211,41 @@ def _image_html(record: dict, index: int, image) -> str:
         for k, label in enumerate(labels)
     )
     return (
-        f'<figure><img src="{_data_uri(drawn)}" alt="image with the privileged boxes"><figcaption>privileged '
-        f"boxes: {legend}</figcaption></figure>"
+        f"<figure data-labels='{html.escape(json.dumps(placed), quote=True)}'><img src=\"{_data_uri(drawn)}\" "
+        f'alt="image with the privileged boxes"><figcaption>privileged boxes: {legend}</figcaption></figure>'
     )
+
+
+def label_rectangle(box: list[float], text_size: tuple[int, int], image_size: tuple[int, int]) -> list[int]:
+    """Where a box's label goes ([x1, y1, x2, y2] pixels): on the box's top edge, above it, where
+    there is room; inside the box, under its top edge, where the box touches the top of the image
+    (above it the label would be clipped to a strip). Kept inside the image horizontally."""
+    (w, h), (width, height) = text_size, image_size
+    left = int(min(max(box[0], 0), max(width - w, 0)))
+    top = int(box[1]) - h if box[1] >= h else int(max(box[1], 0))
+    top = min(top, max(height - h, 0))
+    return [left, top, left + w, top + h]
+
+
+def _draw_labels(image, boxes: list[list[float]], names: list[str], colors) -> list[dict]:
+    """Each label on a filled rectangle in its box's colour (`label_rectangle` places it)."""
+    from PIL import ImageDraw, ImageFont
+
+    draw, font, pad = ImageDraw.Draw(image), ImageFont.load_default(), 2
+    _, line_top, _, line_bottom = draw.textbbox((0, 0), "Tg", font=font)  # one height for every label
+    placed = []
+    for box, name, color in zip(boxes, names, colors):
+        left, _, right, _ = draw.textbbox((0, 0), name, font=font)
+        rect = label_rectangle(box, (right - left + 2 * pad, line_bottom - line_top + 2 * pad), image.size)
+        draw.rectangle(rect, fill=color.as_rgb())
+        draw.text((rect[0] + pad - left, rect[1] + pad - line_top), name, fill="black", font=font)
+        placed.append({"label": name, "box": [round(float(v), 1) for v in box], "at": rect})
+    return placed
+
+
+def _tint(regime: str) -> str:
+    """The plots' regime colour, translucent behind text (one palette: dopd_vl/cli/plots.py)."""
+    return f"{REGIME_COLORS[regime]}66"
 
 
 def _supervision():

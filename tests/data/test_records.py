@@ -104,6 +104,7 @@ def _first_step(trainer):
     return responses, trainer.train_step([batch])["loss"]
 
 
+@pytest.mark.integration
 def test_every_source_trains_the_same_first_step(grounding_sources, tiny_vl_dir, tmp_path):
     results = {
         name: _first_step(_trainer(tiny_vl_dir, source, tmp_path / name)) for name, source in grounding_sources.items()
@@ -114,6 +115,7 @@ def test_every_source_trains_the_same_first_step(grounding_sources, tiny_vl_dir,
         assert loss == pytest.approx(reference[1], rel=1e-6, abs=1e-9), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("style", ["strings", "messages", "renamed"])
 def test_trl_style_text_datasets_train_without_conversion(tiny_text_dir, tmp_path, style):
     import datasets

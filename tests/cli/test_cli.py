@@ -3,10 +3,13 @@
 import subprocess
 import sys
 
+import pytest
+
 from dopd_vl import __version__
 from dopd_vl.cli import main
 
 
+@pytest.mark.integration
 def test_version_through_the_console_script():
     out = subprocess.run([sys.executable, "-m", "dopd_vl.cli", "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"dopd-vl {__version__}"

@@ -1,123 +1,22 @@
-"""`dopd diagnose` and the `diag/*` training metrics: hand-checked statistics, the CLI's numbers
-against a full-vocabulary recomputation from the same rollouts, weights never touched, the reading."""
+"""`dopd diagnose` and the `diag/*` training metrics: the CLI's numbers against a full-vocabulary
+recomputation from the same rollouts, weights never touched, the reading."""
 
 import json
-import math
 import sys
 
 import pytest
 import torch
 
 from conftest import REPO
+from helpers.independent_diagnostics import assert_equals_independent_statistics
 
 sys.path.insert(0, str(REPO))  # examples.toy_privilege
 from dopd_vl.cli import main as dopd
 from dopd_vl.cli.diagnose import diagnose_trainer, reading
-from dopd_vl.method.routing import summarise_diagnostics, token_diagnostics
 from dopd_vl.training.config import load_config
 
 
-def test_token_diagnostics_hand_checked_case():
-    # Five tokens. l_T with the context, l_S (privileged student), l_T without the context.
-    l_t = torch.log(torch.tensor([0.9, 0.2, 0.5, 0.05, 0.6], dtype=torch.float64))
-    l_s = torch.log(torch.tensor([0.8, 0.6, 0.5, 0.5, 0.1], dtype=torch.float64))
-    l_p = torch.log(torch.tensor([0.9, 0.7, 0.5, 0.01, 0.05], dtype=torch.float64))
-    per_token, thresholds = token_diagnostics(
-        {"teacher_priv": l_t, "student_priv": l_s, "teacher_plain": l_p}, outlier_fraction=0.0
-    )
-    a = (l_t - l_s).abs()
-    assert thresholds["A"] == pytest.approx(float(a.mean()))  # 0.805: tokens 1, 3 and 4 are high-gap
-    assert thresholds["q_teacher"] + thresholds["q_student"] == pytest.approx((2.25 + 2.5) / 5)  # 0.95
-    # Token 0: low gap, q sum 1.7 >= 0.95 -> LH. Token 2: A = 0, sum 1.0 -> LH.
-    # Token 1: A = ln 3 high, q_T < q_S -> HS; without the context the teacher (0.7) would beat the
-    # student (0.6): the verdict flips (information) -> HS under the edge check too.
-    # Token 3: A = ln 10 high, q_T < q_S -> HS; plain 0.01 < 0.5, the same verdict (capability) -> HT under the edge
-    # check.
-    # Token 4: A = ln 6 high, q_T > q_S -> HT; plain 0.05 < 0.1 flips -> HS under the edge check.
-    assert per_token["regime"].tolist() == [0, 3, 0, 3, 2]
-    assert per_token["regime_edge_check"].tolist() == [0, 3, 0, 2, 3]
-    summary = summarise_diagnostics(per_token)
-    assert summary["endorsement"] == pytest.approx(3 / 5)  # q_T >= q_S: tokens 0, 2 (equal), 4
-    assert (
-        summary["frac/HT"] == pytest.approx(0.2)
-        and summary["frac/HS"] == pytest.approx(0.4)
-        and summary["frac/LL"] == 0
-    )
-    assert summary["edge_check/frac/HT"] == pytest.approx(0.2) and summary["edge_check/frac/HS"] == pytest.approx(0.4)
-    edge = [math.log(0.9 / 0.9), math.log(0.2 / 0.7), 0.0, math.log(0.05 / 0.01), math.log(0.6 / 0.05)]
-    assert summary["information_edge/mean"] == pytest.approx(sum(edge) / 5)
-    assert summary["information_edge/above_1nat"] == pytest.approx(2 / 5)  # ln 5 and ln 12
-
-
-def _independent_statistics(rollouts, config, steps):
-    """Per-step thresholds, regimes and edges from full-vocabulary logits of plain HF forwards
-    (one batched forward per view and step), log-softmax in float64, routing written out here."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
-    from dopd_vl.data.records import load_records, records_root
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.modality.batches import build_views
-    from dopd_vl.models.loading import load_processing, resolve_model_path
-
-    records = {r["id"]: r for r in load_records(config.data.train)}
-    models, adapters = {}, {}
-    for role in ("student", "teacher"):
-        path = resolve_model_path(getattr(config, role).name_or_path)
-        processing = load_processing(path)
-        auto = AutoModelForImageTextToText if hasattr(processing, "image_processor") else AutoModelForCausalLM
-        models[role], adapters[role] = (
-            auto.from_pretrained(path).eval(),
-            make_adapter(processing, image_root=records_root(config.data.train)),
-        )
-    vocab = len(adapters["student"].tokenizer)
-    out = []
-    for step in range(1, steps + 1):
-        rows = [r for r in rollouts if r["step"] == step]
-        responses = [torch.tensor(r["response_ids"]) for r in rows]
-        views = build_views(
-            adapters,
-            ("student", "teacher_priv", "student_priv", "teacher_plain"),
-            [records[r["id"]] for r in rows],
-            responses,
-        )
-        logp = {}
-        for view, batch in views.items():
-            with torch.no_grad():
-                logits = models["teacher" if view.startswith("teacher") else "student"](**batch.inputs).logits
-            picked = logits.gather(1, batch.response_positions[..., None].expand(-1, -1, logits.shape[-1]))[
-                batch.response_mask
-            ]
-            logp[view] = (
-                picked[:, :vocab]
-                .double()
-                .log_softmax(-1)
-                .gather(-1, batch.response_ids[batch.response_mask][:, None])
-                .squeeze(-1)
-            )
-        t, s, p, own = (logp[v] for v in ("teacher_priv", "student_priv", "teacher_plain", "student"))
-        a, q_t, q_s = (t - s).abs(), t.exp(), s.exp()
-
-        def trimmed(v):  # mean of the N - floor(0.05 N) smallest
-            return v.sort().values[: len(v) - math.floor(0.05 * len(v))].mean()
-
-        high, confident = a >= trimmed(a), (q_t + q_s) >= trimmed(q_t) + trimmed(q_s)
-        paper = [(2 if qt >= qs else 3) if h else (0 if c else 1) for h, c, qt, qs in zip(high, confident, q_t, q_s)]
-        edge = [
-            (2 if (qt >= qs) == (qp >= qs) else 3) if h else (0 if c else 1)
-            for h, c, qt, qs, qp in zip(high, confident, q_t, q_s, p.exp())
-        ]
-        out.append(
-            {
-                "paper": paper,
-                "edge": edge,
-                "endorsement": float((q_t >= q_s).double().mean()),
-                "information_edge": t - p,
-                "capability": p - own,
-            }
-        )
-    return out
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["tiny_text", "tiny_vlm"])
 def test_diagnose_cli_equals_an_independent_full_vocabulary_computation(tmp_path, recipe):
     out = tmp_path / "diag"
@@ -148,26 +47,6 @@ def test_diagnose_cli_equals_an_independent_full_vocabulary_computation(tmp_path
     assert "teacher endorsement" in "\n".join(result["reading"])
 
 
-def assert_equals_independent_statistics(result: dict, rollouts: list[dict], config, steps: int) -> None:
-    """Every step's regime shares (paper's rule and edge check), endorsement and edges in
-    `dopd diagnose`'s result equal `_independent_statistics` on the same rollouts."""
-    independent = _independent_statistics(rollouts, config, steps=steps)
-    assert len(result["steps"]) == len(independent) == steps
-    for row, ref in zip(result["steps"], independent):
-        n = len(ref["paper"])
-        assert row["tokens"] == n
-        for code, name in enumerate(("LH", "LL", "HT", "HS")):
-            assert row[f"frac/{name}"] == pytest.approx(ref["paper"].count(code) / n, abs=1e-12)
-            assert row[f"edge_check/frac/{name}"] == pytest.approx(ref["edge"].count(code) / n, abs=1e-12)
-            assert row[f"route/{name}"] == row[f"frac/{name}"]  # the recipe is dopd without the edge check
-        assert row["endorsement"] == pytest.approx(ref["endorsement"], abs=1e-12)
-        assert row["information_edge/mean"] == pytest.approx(float(ref["information_edge"].mean()), abs=1e-5)
-        assert row["information_edge/above_1nat"] == pytest.approx(
-            float((ref["information_edge"] > 1).double().mean()), abs=1e-12
-        )
-        assert row["capability_edge/mean"] == pytest.approx(float(ref["capability"].mean()), abs=1e-5)
-
-
 def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):
     from dopd_vl.training.trainer import Trainer
 
@@ -184,6 +63,7 @@ def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):
     assert result["recipe"]["privileged_student"] == "live" and len(result["steps"]) == 2
 
 
+@pytest.mark.integration
 def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_path):
     from dopd_vl.training.trainer import Trainer
 

@@ -236,6 +236,7 @@ SMALL = [
     ],
     ids=["eopd", "exopd", "exopd-lora", "va_opd"],
 )
+@pytest.mark.integration
 def test_each_comparison_recipe_trains_on_the_tiny_models(tmp_path, name, modality, extra, metric):
     import json
 
@@ -264,6 +265,7 @@ def test_each_comparison_recipe_trains_on_the_tiny_models(tmp_path, name, modali
     assert (run / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.integration
 def test_exopd_reference_is_the_frozen_initial_student(tmp_path):
     from dopd_vl.training.config import load_config
     from dopd_vl.training.trainer import Trainer

@@ -55,6 +55,7 @@ def _embedded_detection_dataset(path: Path, rows: int = 4) -> Path:
     return path
 
 
+@pytest.mark.integration
 def test_embedded_images_are_written_beside_a_jsonl_output_and_train_from_elsewhere(tmp_path, monkeypatch):
     dataset = _embedded_detection_dataset(tmp_path / "det")
     out = tmp_path / "built" / "train.jsonl"
@@ -177,6 +178,7 @@ def test_builder_outputs_get_the_mode_the_umask_gives(mini, tmp_path, umask, mas
     assert oct((out.parent / "e_images").stat().st_mode & 0o777) == oct(0o777 & ~mask)
 
 
+@pytest.mark.integration
 def test_trainer_outputs_follow_the_umask(tmp_path, umask):
     from dopd_vl.training.config import load_config
     from dopd_vl.training.trainer import Trainer

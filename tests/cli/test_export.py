@@ -20,6 +20,8 @@ from dopd_vl.training.trainer import Trainer
 
 from conftest import REPO
 
+pytestmark = pytest.mark.integration  # see pyproject.toml's markers
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 RECIPES = {
     "text": ("tiny_text.yaml", REPO / "configs" / "data" / "arith" / "data.jsonl"),

@@ -16,7 +16,7 @@ from dopd_vl.cli import main
 from dopd_vl.data.records import load_records, validate_record
 from dopd_vl.errors import DatasetError
 
-from conftest import COCO128
+from conftest import COCO128, REPO
 
 IMAGES = COCO128 / "images" / "train2017"
 LABELS = COCO128 / "labels" / "train2017"
@@ -271,7 +271,7 @@ def test_custom_format_from_python_and_from_the_cli(tmp_path, monkeypatch):
     images = load_annotations("yolo", IMAGES, LABELS, COCO128 / "coco128.yaml")[:3]
     report = build_grounding(images, tmp_path / "md.jsonl", privileged_format="markdown_boxes")
     assert report.records[0]["privileged_context"].startswith("Objects in the image (0-1000 coordinates):\n| object |")
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(REPO)
     out = tmp_path / "cli.jsonl"
     assert (
         main(

@@ -3,7 +3,6 @@ Qwen3-VL, the builder's outputs, and one Vision-OPD training step (docs/design.m
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,8 @@ from dopd_vl.modality.prompts import prompt_messages
 from dopd_vl.modality.vision import MIN_CROP_SIDE, crop_image
 from dopd_vl.models.loading import load_model, load_processing
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 SHAPES = REPO / "configs" / "data" / "shapes"
 IMAGE_PAD = "<|image_pad|>"
 
@@ -167,6 +167,7 @@ def test_text_models_reject_an_image_context(tiny_text_dir):
         adapter.prompt(image_record, "teacher_priv")
 
 
+@pytest.mark.integration
 def test_vision_opd_trains_a_step_on_crops_and_needs_them(crop_dataset, tmp_path):
     recipe = REPO / "configs" / "baselines" / "vision_opd.yaml"
     tiny = [

@@ -15,6 +15,8 @@ sys.path.insert(0, str(REPO / "bench"))
 import gpu_recipe  # noqa: E402
 import gpu_tables  # noqa: E402,F401
 
+pytestmark = pytest.mark.integration  # see pyproject.toml's markers
+
 
 @pytest.mark.parametrize(
     "name,total,non_embedding",

@@ -139,6 +139,7 @@ def test_backend_resolution():
         resolve_loss_backend("cuda", cpu)
 
 
+@pytest.mark.integration
 def test_a_training_step_is_the_same_with_either_backend(tmp_path):
     """One step of the Trainer on the tiny models (real Qwen vocabulary) with each backend."""
     from dopd_vl.training.config import load_config
@@ -170,6 +171,7 @@ def test_a_training_step_is_the_same_with_either_backend(tmp_path):
         assert results["triton"][key] == pytest.approx(results["torch"][key], rel=1e-7), key
 
 
+@pytest.mark.integration
 def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_backend(tmp_path, monkeypatch, caplog):
     """At first use the kernels are checked against the torch path on the run's real output
     embeddings (interpreter here): correct kernels pass without a word; a sign error in their

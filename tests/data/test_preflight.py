@@ -146,6 +146,7 @@ def test_check_data_reports_every_fault_with_its_line_record_and_field(corpus, t
     )
 
 
+@pytest.mark.integration
 def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_under_skip(corpus, tmp_path, capsys):
     common = [f"data.train={corpus}", "rollout.max_prompt_length=300", "max_steps=1", "save_steps=1"]
     assert main(["train", str(RECIPE), *common, f"output_dir={tmp_path / 'fail'}"]) == 1
@@ -214,6 +215,7 @@ def test_the_routing_page_never_inlines_an_image_outside_the_roots(corpus, tmp_p
             load_image(records[rid]["prompt"][0]["content"][0]["image"], corpus.parent, rid)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
 def test_an_image_that_vanishes_mid_run(tmp_path, on_error):
     from dopd_vl.training.trainer import Trainer

@@ -13,6 +13,8 @@ sys.path.insert(0, str(REPO))
 from examples.toy_privilege import run as toy  # noqa: E402
 from examples.toy_privilege.task import build_char_tokenizer, make_problem, write_split  # noqa: E402
 
+pytestmark = pytest.mark.integration  # see pyproject.toml's markers
+
 
 def test_task_records_and_char_tokenizer_round_trip():
     import random
@@ -168,9 +170,9 @@ def test_diagnose_reads_a_toy_recipe_through_the_cli(tmp_path):
     assert any("What the measured study says" in line for line in result["reading"])
     assert (student / "model.safetensors").read_bytes() == weights
     # The same figures computed independently from the same rollouts (full-vocabulary forwards).
-    from test_diagnosis import assert_equals_independent_statistics
-
     from dopd_vl.training.config import load_config
+
+    from helpers.independent_diagnostics import assert_equals_independent_statistics
 
     config = load_config(REPO / "examples" / "toy_privilege" / "config.yaml", overrides)
     rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]

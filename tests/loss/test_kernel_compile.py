@@ -29,6 +29,7 @@ def _compile(package: str, tmp_path, extra_path: str | None = None) -> list[dict
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.integration
 def test_every_kernel_compiles_for_every_target_and_logits_dtype(tmp_path):
     rows = _compile("dopd_vl", tmp_path)
     failures = [

@@ -14,7 +14,7 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TRITON_INTERPRET=0 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 date -u +%Y-%m-%d > "$out/date.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-timeout 90 python -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "reference or either_backend" 2>&1 | tee "$out/kernel_tests.log"
+timeout 90 python -m pytest -q -p no:cacheprovider tests/loss/test_kernels.py -k "reference or either_backend" 2>&1 | tee "$out/kernel_tests.log"
 timeout 150 python bench/loss_bench.py --device cuda 2>&1 | tee "$out/loss_gpu.jsonl"
 short="optim.gradient_accumulation_steps=2 rollout.max_new_tokens=256"
 for recipe in configs/qwen3_8b_to_1.7b.yaml configs/qwen3vl_8b_to_2b.yaml; do

@@ -54,6 +54,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     ),
     "dopd_vl.method.objectives": (
         "OBJECTIVES",
+        "KNOB_OBJECTIVES",
         "ObjectiveConfig",
         "Route",
         "Objective",

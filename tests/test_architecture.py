@@ -177,3 +177,26 @@ def test_no_module_is_over_450_lines_without_saying_why():
             long.append(f"{name}: {len(lines)} lines")
     assert not long, long
     assert len((REPO / "dopd_vl" / "training" / "trainer.py").read_text(encoding="utf-8").splitlines()) <= 350
+
+
+def test_the_public_loss_and_objective_functions_say_their_arguments_and_results():
+    import importlib
+    import inspect
+
+    import dopd_vl
+
+    modules = ["dopd_vl.loss.routed", "dopd_vl.loss.reference", "dopd_vl.loss.chunked", "dopd_vl.method.objectives"]
+    missing = []
+    for module in modules:
+        for name in dopd_vl._EXPORTS[module]:
+            obj = getattr(importlib.import_module(module), name)
+            if inspect.isfunction(obj):
+                doc = inspect.getdoc(obj) or ""
+                returns = inspect.signature(obj).return_annotation not in ("None", None)
+                if "\nArgs:\n" not in doc or (returns and "\nReturns:\n" not in doc):
+                    missing.append(f"{module}.{name}")
+    for extra in ("dopd_vl.method.divergences:token_divergence", "dopd_vl.method.routing:route_tokens"):
+        module, name = extra.split(":")
+        if "\nArgs:\n" not in (inspect.getdoc(getattr(importlib.import_module(module), name)) or ""):
+            missing.append(extra)
+    assert missing == []

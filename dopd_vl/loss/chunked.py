@@ -58,10 +58,19 @@ def auto_chunk_size(
     """Tokens per chunk of the routed loss for a device (`loss_chunk_size: auto`).
 
     CPU: 64 (measured fastest there). CUDA: big chunks keep the GPU busy (at V = 151,936 on an H200
-    a chunk of 2048 ran 2.7-4.5x faster than 64 in bf16), so the largest multiple of 64 up to 2048 whose
-    intermediates fit min(4 GiB, 10% of the free memory): ~7 fp32 [chunk, V] buffers for the torch
-    backend, ~12 bytes per vocabulary entry for the Triton kernels (bf16 logits of the student and a
-    target, a bf16 copy for the top-K tail, the fp32 gradient).
+    a chunk of 2048 ran 2.7-4.5x faster than 64 in bf16), so the largest multiple of 64 up to 2048
+    whose intermediates fit min(4 GiB, 10% of the free memory): ~7 fp32 [chunk, V] buffers for the
+    torch backend, ~12 bytes per vocabulary entry for the Triton kernels (bf16 logits of the student
+    and a target, a bf16 copy for the top-K tail, the fp32 gradient).
+
+    Args:
+        device: where the loss runs.
+        vocab_size: the tokenizer's vocabulary.
+        free_bytes: free device memory; None: asked of the device.
+        backend: `torch` or `triton`.
+
+    Returns:
+        A multiple of 64 in [64, 2048] on CUDA; 64 elsewhere.
     """
     if device.type != "cuda":
         return 64
@@ -73,7 +82,16 @@ def auto_chunk_size(
 
 
 def chunk_logits(hidden: Tensor, head_weight: Tensor, vocab_size: int) -> Tensor:
-    """Logits of a chunk over the tokenizer's vocabulary: matmul in the weight's dtype, then fp32."""
+    """Logits of a chunk over the tokenizer's vocabulary: matmul in the weight's dtype, then fp32.
+
+    Args:
+        hidden: [n, H] hidden states.
+        head_weight: [V_rows, H] output embedding (rows beyond `vocab_size` are lm-head padding).
+        vocab_size: the tokenizer's vocabulary.
+
+    Returns:
+        [n, vocab_size] logits, upcast to float32 (float64 stays float64).
+    """
     return upcast(hidden.to(head_weight.dtype) @ head_weight[:vocab_size].T)
 
 
@@ -86,8 +104,20 @@ def chunked_token_logprobs(
     chunk_size: int = 256,
     with_entropy: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
-    """(log p(token), entropy or None) for N tokens from hidden states [N, H], one [chunk, V] block
-    at a time. Without the entropy, log p(token) = z_token - logsumexp(z): no [chunk, V] log-softmax."""
+    """Sampled-token log-probs (and entropies) from hidden states, one [chunk, V] block at a time.
+    Without the entropy, log p(token) = z_token - logsumexp(z): no [chunk, V] log-softmax.
+
+    Args:
+        hidden: [N, H] final hidden states.
+        head_weight: [V_rows, H] the output embedding.
+        token_ids: [N] the tokens to score.
+        vocab_size: the tokenizer's vocabulary.
+        chunk_size: tokens per block.
+        with_entropy: also compute each token's entropy.
+
+    Returns:
+        ([N] log p(token), [N] entropy or None): float32, float64 for float64 hidden states.
+    """
     dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     logprob = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
     ent = torch.empty_like(logprob) if with_entropy else None
@@ -112,9 +142,22 @@ def target_states(
     with_entropy: bool = True,
     with_logprob: bool = True,
 ) -> TargetStates:
-    """Scoring output of one view over N valid tokens: hidden states + sampled-token log-probs
-    (+ the entropy, where a signal or a metric reads it). Without either, no pass over the
-    vocabulary happens here at all: the loss recomputes the logits it needs per chunk."""
+    """Scoring output of one view over N valid tokens: hidden states and, where something reads them,
+    sampled-token log-probs and entropies. Without either, no pass over the vocabulary happens here
+    at all: the loss recomputes the logits it needs per chunk.
+
+    Args:
+        hidden: [N, H] the view's final hidden states (no gradient).
+        head_weight: [V_rows, H] the output embedding of the model that produced them.
+        token_ids: [N] the sampled tokens.
+        vocab_size: the tokenizer's vocabulary.
+        chunk_size: tokens per block of the log-prob pass.
+        with_entropy: compute the entropies (EOPD's split, metrics).
+        with_logprob: compute the sampled-token log-probs (routing signals, sampled routes).
+
+    Returns:
+        TargetStates of the view.
+    """
     hidden = hidden.detach()
     if not (with_logprob or with_entropy):
         return TargetStates(hidden, head_weight.detach(), None, None)
@@ -274,15 +317,33 @@ def chunked_objective_loss(
     chunk_size: int = 64,
     backend: str = "torch",
 ) -> ChunkedLossOutput:
-    """Routed loss over N valid tokens from hidden states.
+    """Routed loss over N valid tokens from hidden states: what the trainer runs.
 
-    `route` comes from `Objective.assign_routes` (step-wide statistics), `token_weight` from
-    `token_weights` with step totals. Student logits exist for one chunk at a time; target logits
-    are computed only for the tokens of the chunk routed to a non-sampled route of that target.
-    At V = 152k a chunk of 64 tokens keeps each [chunk, V] fp32 intermediate near 39 MB; larger
-    chunks were no faster on CPU (bench/loss_bench.py) and cost proportionally more memory.
-    `backend`: `torch` (autograd per chunk, everywhere) or `triton` (kernels.py: CUDA, or
-    the interpreter on CPU); both compute the same loss and gradient.
+    Student logits exist for one chunk at a time; target logits are computed only for the tokens of
+    the chunk routed to a non-sampled route of that target. At V = 152k a chunk of 64 tokens keeps
+    each [chunk, V] fp32 intermediate near 39 MB; larger chunks were no faster on CPU
+    (bench/loss_bench.py) and cost proportionally more memory.
+
+    Args:
+        objective: from `build_objective`.
+        student_hidden: [N, H] the student's final hidden states at the valid positions, with gradient.
+        student_head_weight: [V_rows, H] the student's output embedding (gradient flows to it too).
+        response_ids: [N] the sampled tokens.
+        route: [N] route index per token, from `Objective.assign_routes` with step-wide statistics
+            (-1: no loss).
+        token_weight: [N] normalisation factor per token, from `token_weights` with step totals.
+        targets: view -> TargetStates of every scoring view the objective needs.
+        vocab_size: the tokenizer's vocabulary (lm-head rows beyond it are never scored).
+        chunk_size: tokens per chunk.
+        backend: `torch` (autograd per chunk, everywhere) or `triton` (dopd_vl/loss/kernels.py: CUDA,
+            or the interpreter on CPU); both compute the same loss and gradient.
+
+    Returns:
+        ChunkedLossOutput: the scalar loss, the per-token loss and the student's per-token entropy.
+
+    Raises:
+        ValueError: a target view is missing, a head has fewer rows than `vocab_size` or does not
+            fit its hidden states, or the backend is unknown.
     """
     missing = {v for spec in objective.routes if spec is not None for v in spec.views} - set(targets)
     if missing:

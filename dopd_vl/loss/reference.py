@@ -43,11 +43,29 @@ def objective_loss(
     prune_generator: torch.Generator | None = None,
     groups: Tensor | None = None,
 ) -> LossOutput:
-    """Reference path: the objective over full [B, T, V] logits at response positions.
+    """Reference path: the objective over full [B, T, V] logits at response positions (position t
+    predicts response_ids[:, t]); the chunked path is tested against it.
 
-    `thresholds` (and `num_sequences` / `num_tokens`) default to this batch's own; pass the whole
-    batch's to compute a share of a larger batch. `groups` (VA-OPD's rollout weights): the prompt
-    index of each response; None puts every response in one group.
+    Args:
+        objective: from `build_objective`.
+        student_logits: [B, T, V] the student's logits on the plain view, with gradient.
+        view_logits: view -> [B, T, V] logits of every view in `objective.views` (no gradient).
+        response_ids: [B, T] the sampled tokens.
+        mask: [B, T] valid response tokens.
+        thresholds: routing thresholds; None: this batch's own. Pass the whole batch's (with
+            `num_sequences` / `num_tokens`) to compute a share of a larger batch.
+        vocab_size: the tokenizer's vocabulary, when the logits carry padded lm-head rows.
+        num_sequences: the step's sequence count for the normalisation; None: this batch's.
+        num_tokens: the step's valid-token count; None: this batch's.
+        prune_generator: pruned_opd with `prune_by: random`: the keys' generator.
+        groups: [B] VA-OPD's rollout groups (a prompt index per response); None: one group.
+
+    Returns:
+        LossOutput: the scalar loss (gradient to the student only), the per-token loss, regime and
+        route, and the thresholds used.
+
+    Raises:
+        ValueError: a view the objective needs is missing, or the views' vocabularies differ.
     """
     c = objective.config
     mask = mask.bool()
@@ -107,7 +125,26 @@ def dopd_loss(
     num_sequences: int | None = None,
     num_tokens: int | None = None,
 ) -> LossOutput:
-    """DOPD over given logits [B, T, V] (position t predicts response_ids[:, t]); docs/design.md §5."""
+    """DOPD over given logits [B, T, V] (docs/design.md §5): `objective_loss` with DOPD's objective.
+
+    Args:
+        student_logits: [B, T, V] the student's logits on the plain view, with gradient.
+        teacher_priv_logits: [B, T, V] the teacher's, given the privileged context.
+        student_priv_logits: [B, T, V] the privileged student's.
+        response_ids: [B, T] the sampled tokens (position t predicts response_ids[:, t]).
+        mask: [B, T] valid response tokens.
+        config: the objective section; None: the paper's defaults. Its name must be `dopd`.
+        thresholds: routing thresholds; None: this batch's own.
+        num_sequences: the step's sequence count for the normalisation; None: this batch's.
+        num_tokens: the step's valid-token count; None: this batch's.
+
+    Returns:
+        LossOutput: loss, per-token loss, regime, route and thresholds.
+
+    Raises:
+        ValueError: `config` names another objective (use `objective_loss`), or the logits'
+            shapes or vocabularies differ.
+    """
     config = config or ObjectiveConfig()
     if config.name != "dopd":
         raise ValueError(f"dopd_loss computes the 'dopd' objective; use objective_loss for {config.name!r}")

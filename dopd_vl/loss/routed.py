@@ -28,8 +28,18 @@ def route_divergence(
 ) -> Tensor:
     """A route's weighted per-token loss over rows [n, V]: the one definition both paths use.
 
-    `token_logprob` holds the sampled tokens' log-probs of the route's views (the sampled support
-    and the extrapolated target need only those); `target_logp` the target's rows, unless sampled.
+    Args:
+        route: the route (target view, divergence terms, support, weight; ExOPD's reference view).
+        config: the objective section (top_k, topk_source, topk_tail, js_beta).
+        student_logp: [n, V] student log-probs, with gradient.
+        target_logp: [n, V] the target view's log-probs; None for a sampled route, which reads only
+            `token_logprob`.
+        token_ids: [n] the sampled tokens.
+        token_logprob: view -> [n] sampled-token log-probs of the route's views (the sampled support
+            and the extrapolated target need only those).
+
+    Returns:
+        [n] the route's weight times the sum of its divergence terms, per token.
     """
     target_token = None
     if route.support == "sampled":
@@ -98,8 +108,18 @@ def token_weights(
 
 
 def rollout_weights(objective: Objective, mask: Tensor, signals: TokenSignals, groups: Tensor | None = None) -> Tensor:
-    """VA-OPD's rollout weights [B]: within each prompt's rollouts (`groups`: a prompt index per
-    response; None: one group), G * softmax(mean visual advantage / va_temperature)."""
+    """VA-OPD's rollout weights: within each prompt's G rollouts, G * softmax(mean visual advantage /
+    va_temperature), so a prompt's weights average 1.
+
+    Args:
+        objective: the va_opd objective (its config's va_temperature).
+        mask: [B, T] valid response tokens.
+        signals: routing signals with `visual_advantage`, [B, T] or over the valid tokens [N].
+        groups: [B] prompt index of each response; None: one group.
+
+    Returns:
+        [B] float64 weight per response.
+    """
     mask = mask.bool()
     va = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
     values = signals.visual_advantage.double()
@@ -120,9 +140,18 @@ def normalization_weights(
 ) -> Tensor:
     """Per-token factors that turn a sum of token losses into Eq. 1.6's normalised loss.
 
-    `num_sequences` / `num_tokens` are the step totals; passing them makes the loss of each
-    micro-batch a correctly weighted share of the step's loss, so the step's value and gradient do
-    not depend on how it is split (the TRL #4719 / ms-swift #10165 bug class).
+    Passing the step totals makes the loss of each micro-batch a correctly weighted share of the
+    step's loss, so the step's value and gradient do not depend on how it is split (the TRL #4719 /
+    ms-swift #10165 bug class).
+
+    Args:
+        mask: [B, T] valid response tokens.
+        normalization: `sequence` (mean over sequences of per-sequence token means) or `token`.
+        num_sequences: the step's number of sequences with a valid token; None: this batch's.
+        num_tokens: the step's number of valid tokens; None: this batch's.
+
+    Returns:
+        [B, T] float64 weights, 0 outside `mask`.
     """
     mask = mask.bool()
     lengths = mask.sum(-1, keepdim=True).clamp_min(1)

@@ -135,10 +135,25 @@ def token_divergence(
     topk_tail: bool = True,
     js_beta: float = 0.5,
 ) -> Tensor:
-    """Per-token divergence of rows of full log-probs [n, V] under one support, shape [n].
+    """Per-token divergence of rows of full log-probs [n, V] under one support.
 
-    `sampled` needs only the sampled tokens' log-probs: the target's may be given directly as
-    `target_token_logp` (the chunked path keeps it from scoring) instead of full `target_logp`.
+    Args:
+        name: `rkl`, `fkl` or `js`.
+        support: `full` (the whole vocabulary), `topk` (the K largest entries of `topk_source`, plus
+            the tail mass as one cell unless `topk_tail` is false) or `sampled` (the sampled token's
+            log-ratio, RKL only).
+        student_logp: [n, V] student log-probs.
+        target_logp: [n, V] target log-probs; may be None for `sampled` when `target_token_logp` is given.
+        token_ids: [n] the sampled tokens.
+        target_token_logp: [n] the target's sampled-token log-probs (the chunked path keeps them from
+            scoring), for `sampled`.
+        top_k: K of the top-K support.
+        topk_source: whose K largest entries form the support, `student` or `target`.
+        topk_tail: keep the remaining mass as a (K+1)-th cell.
+        js_beta: the mixture weight of JS(beta).
+
+    Returns:
+        [n] divergence per token.
     """
     if support == "full":
         return divergence(name, student_logp, target_logp, js_beta)

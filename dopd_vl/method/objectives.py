@@ -1,3 +1,4 @@
+# Over 450 lines: every knob of the objective section beside its checks and the objectives that read it.
 """Objectives: a router plus a table of routes (docs/design.md §1.6, §1.7), their configuration and registry.
 
 A route says, for the tokens sent to it, which view is the target, which divergence and support
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ from dopd_vl.method.views import SCORING_VIEWS
 
 __all__ = [
     "OBJECTIVES",
+    "KNOB_OBJECTIVES",
     "ObjectiveConfig",
     "Route",
     "Objective",
@@ -51,6 +53,30 @@ OBJECTIVES = (
 )
 _REGISTERED: dict[str, Callable[[ObjectiveConfig], Objective]] = {}  # register_objective (CONTRIBUTING.md)
 _PRUNE_BY = ("largest_A", "smallest_A", "random")
+_BASELINE_ROUTE = tuple(n for n in OBJECTIVES if n not in ("dopd", "exopd"))  # their divergence/support is set
+# The knobs only some built-in objectives read. Under any other built-in objective a value other than
+# the default would be silently inert, so it is an error naming both; a registered objective or a
+# `module:builder` may read any knob (docs/design.md §1.7).
+KNOB_OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "beta_light": ("dopd",),
+    "beta_weak": ("dopd",),
+    "regime_routes": ("dopd",),
+    "edge_check": ("dopd",),
+    "normalization": tuple(n for n in OBJECTIVES if n != "va_opd"),
+    "baseline_divergence": _BASELINE_ROUTE,
+    "baseline_support": _BASELINE_ROUTE,
+    "prune_fraction": ("pruned_opd",),
+    "prune_by": ("pruned_opd",),
+    "prune_seed": ("pruned_opd",),
+    "teacher_view": ("eopd", "exopd"),
+    "fkl_weight": ("eopd",),
+    "split_threshold": ("eopd", "va_opd"),
+    "split_quantile": ("eopd", "va_opd"),
+    "exopd_lambda": ("exopd",),
+    "va_high_weight": ("va_opd",),
+    "va_low_weight": ("va_opd",),
+    "va_temperature": ("va_opd",),
+}
 _GAP_SIGNALS = ("advantage_gap", "q_teacher", "q_student")
 
 
@@ -123,80 +149,60 @@ class ObjectiveConfig:
     null switches the rollout weighting off [ours]."""
 
     def __post_init__(self) -> None:
-        checks = [
-            (
-                self.name in OBJECTIVES or self.name in _REGISTERED or ":" in self.name,
-                f"objective.name must be one of {OBJECTIVES + tuple(_REGISTERED)} or module:builder, got {self.name!r}",
-            ),
-            (self.top_k >= 1, f"objective.top_k must be >= 1, got {self.top_k}"),
-            (0.0 < self.js_beta < 1.0, f"objective.js_beta must be in (0, 1), got {self.js_beta}"),
-            (
-                0.0 <= self.outlier_fraction < 1.0,
-                f"objective.outlier_fraction must be in [0, 1), got {self.outlier_fraction}",
-            ),
-            (
-                self.threshold_scope in ("global", "local"),
-                f"objective.threshold_scope must be 'global' or 'local', got {self.threshold_scope!r}",
-            ),
-            (
-                self.topk_source in ("student", "target"),
-                f"objective.topk_source must be 'student' or 'target', got {self.topk_source!r}",
-            ),
-            (
-                self.normalization in ("sequence", "token"),
-                f"objective.normalization must be 'sequence' or 'token', got {self.normalization!r}",
-            ),
-            (
-                self.baseline_divergence in (None, *DIVERGENCES),
-                f"objective.baseline_divergence must be one of {DIVERGENCES}, got {self.baseline_divergence!r}",
-            ),
-            (
-                self.baseline_support in (None, *SUPPORTS),
-                f"objective.baseline_support must be one of {SUPPORTS}, got {self.baseline_support!r}",
-            ),
-            (
-                0.0 <= self.prune_fraction < 1.0,
-                f"objective.prune_fraction must be in [0, 1), got {self.prune_fraction}",
-            ),
-            (self.prune_by in _PRUNE_BY, f"objective.prune_by must be one of {_PRUNE_BY}, got {self.prune_by!r}"),
-            (
-                self.privileged_student in ("live", "initial", "ema"),
-                f"objective.privileged_student must be live, initial or ema, got {self.privileged_student!r}",
-            ),
-            (0.0 < self.ema_decay < 1.0, f"objective.ema_decay must be in (0, 1), got {self.ema_decay}"),
-            (
-                self.edge_check in ("none", "plain_teacher"),
-                f"objective.edge_check must be 'none' or 'plain_teacher', got {self.edge_check!r}",
-            ),
-            (self.edge_check == "none" or self.name == "dopd", "objective.edge_check applies to 'dopd' only"),
-            (
-                self.teacher_view in ("teacher_priv", "teacher_plain"),
-                f"objective.teacher_view must be teacher_priv or teacher_plain, got {self.teacher_view!r}",
-            ),
-            (self.fkl_weight >= 0.0, f"objective.fkl_weight must be >= 0, got {self.fkl_weight}"),
-            (
-                self.split_threshold in ("trimmed_mean", "quantile"),
-                f"objective.split_threshold must be trimmed_mean or quantile, got {self.split_threshold!r}",
-            ),
-            (
-                0.0 <= self.split_quantile <= 1.0,
-                f"objective.split_quantile must be in [0, 1], got {self.split_quantile}",
-            ),
-            (
-                self.va_high_weight >= 0.0 and self.va_low_weight >= 0.0,
-                "objective.va_high_weight and va_low_weight must be >= 0",
-            ),
-            (
-                self.va_temperature is None or self.va_temperature > 0.0,
-                f"objective.va_temperature must be > 0 or null, got {self.va_temperature}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        names = OBJECTIVES + tuple(_REGISTERED)
+        _check(self.name in names or ":" in self.name, f"objective.name must be one of {names} or module:builder")
+        for knob, choices in {
+            "threshold_scope": ("global", "local"),
+            "topk_source": ("student", "target"),
+            "normalization": ("sequence", "token"),
+            "baseline_divergence": (None, *DIVERGENCES),
+            "baseline_support": (None, *SUPPORTS),
+            "prune_by": _PRUNE_BY,
+            "privileged_student": ("live", "initial", "ema"),
+            "edge_check": ("none", "plain_teacher"),
+            "teacher_view": ("teacher_priv", "teacher_plain"),
+            "split_threshold": ("trimmed_mean", "quantile"),
+        }.items():
+            _check(
+                getattr(self, knob) in choices,
+                f"objective.{knob} must be one of {choices}, got {getattr(self, knob)!r}",
+            )
+        _check(self.top_k >= 1, f"objective.top_k must be >= 1, got {self.top_k}")
+        _check(0.0 < self.js_beta < 1.0, f"objective.js_beta must be in (0, 1), got {self.js_beta}")
+        _check(
+            0.0 <= self.outlier_fraction < 1.0,
+            f"objective.outlier_fraction must be in [0, 1), got {self.outlier_fraction}",
+        )
+        _check(
+            0.0 <= self.prune_fraction < 1.0, f"objective.prune_fraction must be in [0, 1), got {self.prune_fraction}"
+        )
+        _check(0.0 < self.ema_decay < 1.0, f"objective.ema_decay must be in (0, 1), got {self.ema_decay}")
+        _check(self.fkl_weight >= 0.0, f"objective.fkl_weight must be >= 0, got {self.fkl_weight}")
+        _check(
+            0.0 <= self.split_quantile <= 1.0, f"objective.split_quantile must be in [0, 1], got {self.split_quantile}"
+        )
+        _check(self.va_high_weight >= 0.0 and self.va_low_weight >= 0.0, "objective.va_*_weight must be >= 0")
+        _check(self.va_temperature is None or self.va_temperature > 0.0, "objective.va_temperature must be > 0 or null")
         unknown = set(self.regime_routes) - set(REGIME_NAMES)
         if unknown:
             raise ValueError(f"objective.regime_routes: unknown regimes {sorted(unknown)}; valid: {list(REGIME_NAMES)}")
+        if self.name in OBJECTIVES:
+            self._check_no_inert_knob()
+
+    def _check_no_inert_knob(self) -> None:
+        defaults = {f.name: (f.default if f.default_factory is MISSING else f.default_factory()) for f in fields(self)}
+        for knob, readers in KNOB_OBJECTIVES.items():
+            value = getattr(self, knob)
+            if self.name not in readers and value != defaults[knob]:
+                raise ValueError(
+                    f"objective.{knob}={value!r} has no effect under objective {self.name!r}: only "
+                    f"{', '.join(readers)} read it; remove it, or pick an objective that reads it"
+                )
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)
@@ -366,15 +372,35 @@ class Objective:
 
 
 def register_objective(name: str, build: Callable[[ObjectiveConfig], Objective], *, overwrite: bool = False) -> None:
-    """Make `objective.name: NAME` build an objective with `build(config)` (CONTRIBUTING.md)."""
+    """Make `objective.name: NAME` build an objective with `build(config)` (CONTRIBUTING.md).
+
+    Args:
+        name: the objective's name in recipes; not one of the built-in OBJECTIVES.
+        build: config -> Objective. A registered objective may read any knob of the config.
+        overwrite: replace a different builder registered under the same name.
+
+    Raises:
+        ValueError: the name is taken.
+    """
     if name in OBJECTIVES or (name in _REGISTERED and not overwrite and _REGISTERED[name] is not build):
         raise ValueError(f"an objective named {name!r} already exists")
     _REGISTERED[name] = build
 
 
 def build_objective(config: ObjectiveConfig | None = None) -> Objective:
-    """Objective of a config: DOPD's regime table, a baseline's single route (docs/design.md §1.7),
-    a registered objective, or `package.module:builder`."""
+    """The objective of a config: DOPD's regime table, a baseline's or a comparison method's routes
+    (docs/design.md §1.7), a registered objective, or `package.module:builder`.
+
+    Args:
+        config: the objective section; None: DOPD with the paper's defaults.
+
+    Returns:
+        Objective: its router, routes and the views it scores.
+
+    Raises:
+        ValueError: an unknown regime_routes key, a builder that cannot be imported or returns
+            something other than an Objective.
+    """
     c = config or ObjectiveConfig()
     if c.name in _REGISTERED or ":" in c.name:
         build = _REGISTERED.get(c.name) or _import_builder(c.name)
@@ -401,8 +427,6 @@ def build_objective(config: ObjectiveConfig | None = None) -> Objective:
             enabled = spec.pop("enabled", True)
             routes.append(Route(**spec) if enabled and spec["weight"] != 0 else None)
         return Objective(c, "regimes", tuple(routes))
-    if c.regime_routes:
-        raise ValueError(f"objective.regime_routes applies to 'dopd' only, not {c.name!r}")
     rkl = c.baseline_divergence or "rkl"
     if (
         c.name == "eopd"

@@ -158,10 +158,19 @@ def route_tokens(
     outlier_fraction: float = 0.05,
     thresholds: dict[str, float] | None = None,
 ) -> Routing:
-    """Route every valid token of a [B, T] batch to one regime.
+    """Route every valid token of a [B, T] batch to one DOPD regime (Table 1.4).
 
-    `thresholds=None` computes them over the valid tokens of this batch (`threshold_scope: local`);
-    the trainer passes step-wide thresholds from `compute_thresholds` instead.
+    Args:
+        teacher_logprob: [B, T] the privileged teacher's log-probs of the sampled tokens.
+        student_priv_logprob: [B, T] the privileged student's.
+        mask: [B, T] valid response tokens.
+        outlier_fraction: the share of largest values left out of the threshold means.
+        thresholds: None computes them over the valid tokens of this batch (`threshold_scope:
+            local`); the trainer passes step-wide thresholds from `compute_thresholds` instead.
+
+    Returns:
+        Routing: the regime per token (-1 where masked), the advantage gap, both confidences and
+        the thresholds.
     """
     if teacher_logprob.shape != student_priv_logprob.shape or teacher_logprob.shape != mask.shape:
         raise ValueError(

@@ -44,7 +44,15 @@ from dopd_vl.models.loading import (
     tokenizer_of,
     with_lora,
 )
-from dopd_vl.models.parallel import ModelCall, call_model, is_sharded, release, shard_model, sum_over_processes
+from dopd_vl.models.parallel import (
+    ModelCall,
+    call_model,
+    generate_with_full_weights,
+    is_sharded,
+    release,
+    shard_model,
+    sum_over_processes,
+)
 from dopd_vl.training.config import TrainConfig
 from dopd_vl.training.rollout import resolve_generation
 from dopd_vl.training.run_info import RunBackends
@@ -115,6 +123,23 @@ class RunModels:
             return
         for ema_p, p in zip(self.privileged_student.parameters(), self.student.parameters()):
             ema_p.lerp_(p.detach().to(ema_p.dtype), 1.0 - decay)
+
+    def with_full_student(self, fn):
+        """`fn(student)` for a rollout: a sharded student is gathered whole once for it (§4.6)."""
+        return generate_with_full_weights(self.student_call, fn) if self.sharded else fn(self.student)
+
+    def gradient_sync(self, accelerator, last: bool):
+        """DDP all-reduces at the last micro-batch only; FSDP reduce-scatters each (no unsharded gradients kept)."""
+        if last or self.sharded:
+            return contextlib.nullcontext()
+        return accelerator.no_sync(self.student_call)
+
+    def clip_grad_norm(self, accelerator, max_norm: float) -> float:
+        """Clip the student's gradient; the norm before clipping (over every shard under FSDP)."""
+        if self.sharded:  # DTensor gradients: torch's clip takes them; the norm is reduced over the shards
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], max_norm)
+            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        return float(accelerator.clip_grad_norm_(self.student_call.parameters(), max_norm))
 
     def sharded_frozen(self) -> dict[str, nn.Module]:
         """Sharded state a checkpoint keeps besides the student: the EMA privileged student."""

@@ -16,7 +16,6 @@ batch is split into micro-batches or processes.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -35,7 +34,6 @@ from dopd_vl.method.routing import REGIME_NAMES, assign_regimes
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS, SCORING_VIEWS
 from dopd_vl.models.parallel import (
     gather,
-    generate_with_full_weights,
     reduce_sum,
     sum_over_processes,
 )
@@ -181,13 +179,13 @@ class Trainer:
             return MicroBatch(records, self._sample(records))
 
     def _sample(self, records: list[dict]):
-        """The student's responses; a sharded student is gathered whole once for the rollout (§4.6)."""
+        """The student's responses (a sharded student gathered whole once for them, §4.6)."""
         m, config = self.models, dataclasses.replace(self.config.rollout, generation=self.backends.generation)
-
-        def sample(model):
-            return sample_responses(model, self.adapters["student"], records, config, m.eos_token_ids, m.suppress_ids)
-
-        return generate_with_full_weights(m.student_call, sample) if m.sharded else sample(m.student)
+        return m.with_full_student(
+            lambda model: sample_responses(
+                model, self.adapters["student"], records, config, m.eos_token_ids, m.suppress_ids
+            )
+        )
 
     def train_step(self, micro_batches: list[MicroBatch], update: bool = True) -> dict:
         """One optimizer step on this process's rollouts (docs/design.md §4), in the method's order.
@@ -215,7 +213,7 @@ class Trainer:
             weight = token_weights(self.objective, mask, route_bt, local, s.signals, s.groups, sequences, tokens)[
                 mask
             ]  # weigh
-            with self._gradient_sync(last=i == len(scored) - 1):  # forward + backward
+            with self.models.gradient_sync(self.accelerator, last=i == len(scored) - 1):  # forward + backward
                 out = self.models.student_call(
                     self.routed_loss, s.student_view, route=route, token_weight=weight, targets=s.targets
                 )
@@ -241,21 +239,11 @@ class Trainer:
         self.last_step_tokens = tokens
         return metrics
 
-    def _gradient_sync(self, last: bool):
-        """DDP all-reduces at the last micro-batch only; FSDP reduce-scatters each (no unsharded gradients kept)."""
-        if last or self.models.sharded:
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(self.models.student_call)
-
     def apply_update(self, loss: float) -> dict:
         """Clip and step, unless the loss or the gradient is not finite (then the step is skipped)."""
         c, m = self.config, self.models
         max_norm = c.optim.max_grad_norm if c.optim.max_grad_norm > 0 else math.inf
-        if m.sharded:  # DTensor gradients: torch's clip takes them; the norm is reduced over the shards
-            norm = torch.nn.utils.clip_grad_norm_([p for p in m.student.parameters() if p.requires_grad], max_norm)
-            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        else:
-            grad_norm = float(self.accelerator.clip_grad_norm_(m.student_call.parameters(), max_norm))
+        grad_norm = m.clip_grad_norm(self.accelerator, max_norm)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()

@@ -50,6 +50,7 @@ class ChunkedLossOutput:
     loss: Tensor  # scalar; gradient to the student's hidden states and output embedding
     token_loss: Tensor  # [N] route-weighted divergence per token (detached)
     student_entropy: Tensor  # [N] entropy of the student's distribution per token (detached)
+    student_logprob: Tensor | None = None  # [N] log p of each sampled token, when asked (engine health metric)
 
 
 def auto_chunk_size(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +12,7 @@ from dopd_vl.data.answers import is_correct
 from dopd_vl.modality.prompts import pad_batch
 
 __all__ = [
+    "VllmConfig",
     "RolloutConfig",
     "Rollout",
     "MicroBatch",
@@ -21,6 +22,44 @@ __all__ = [
     "step_prompt_indices",
     "seed_step",
 ]
+
+
+VLLM_DTYPES = ("", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class VllmConfig:
+    """`rollout.vllm`: the colocated vLLM engine of `rollout.engine: vllm` (dopd_vl/training/engines.py)."""
+
+    gpu_memory_utilization: float = 0.3
+    """Share of the device's memory the engine may take (weights + KV cache), the rest stays with
+    training; on CPU, the share of RAM vLLM's CPU build reserves for its KV cache [ours]."""
+    max_model_len: int = 0
+    """Longest prompt + response the engine holds; 0: `rollout.max_prompt_length` +
+    `max_new_tokens`, or the longest training prompt + `max_new_tokens` when no prompt limit is set."""
+    enforce_eager: bool = True
+    """No CUDA graphs (they cost start-up time and memory); false for long GPU runs [ours]."""
+    sleep_mode: bool = False
+    """Free the engine's KV cache while the trainer runs its step, wake it for the next rollout
+    (vLLM sleep level 1; CUDA / ROCm only, an error on CPU)."""
+    tensor_parallel_size: int = 1
+    """GPUs per engine; 1 on CPU and in every tested setup (under torchrun each rank drives its own engine)."""
+    dtype: str = ""
+    """Engine dtype; empty: the student's."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.max_model_len < 0:
+            raise ValueError(f"rollout.vllm.max_model_len must be >= 0 (0: derived), got {self.max_model_len}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if self.dtype not in VLLM_DTYPES:
+            raise ValueError(
+                f"rollout.vllm.dtype must be empty (the student's), float32, bfloat16 or float16, got {self.dtype!r}"
+            )
 
 
 @dataclass
@@ -47,8 +86,28 @@ class RolloutConfig:
     generation_batch_size: int = 0
     """Responses per `generate` call (0: the whole micro-batch at once). With a limit, prompts are
     sorted by length first, so each call pads less; results come back in the original order."""
+    engine: str = "hf"
+    """What samples the rollouts: `hf` (Hugging Face `generate`, with `generation`) or `vllm`
+    (a colocated vLLM engine whose weights follow the student every step; `rollout.vllm`) [ours]."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def __post_init__(self) -> None:
+        if self.engine not in ("hf", "vllm"):
+            raise ValueError(f"rollout.engine must be hf or vllm, got {self.engine!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise ValueError(f"rollout.temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.engine == "vllm" and self.generation != "eager":
+            raise ValueError(
+                f"rollout.generation={self.generation!r} is an option of the hf engine; rollout.engine: vllm "
+                "has its own (rollout.vllm.enforce_eager)"
+            )
+        if self.engine == "vllm" and self.generation_batch_size:
+            raise ValueError(
+                "rollout.generation_batch_size is an option of the hf engine; vLLM schedules its own batches "
+                "(rollout.vllm.gpu_memory_utilization bounds them)"
+            )
         if self.generation not in ("eager", "compiled", "auto"):
             raise ValueError(f"rollout.generation must be eager, compiled or auto, got {self.generation!r}")
         if self.max_prompt_length < 0:
@@ -62,6 +121,7 @@ class Rollout:
     record_index: list[int]  # the record each response answers
     responses: list[Tensor]  # valid ids only; ends with the EOS when the stop reason is "eos"
     stop_reasons: list[str]  # "eos" | "length"
+    engine_logprobs: list[Tensor] | None = None  # the engine's log p of each sampled token (vllm; health metric only)
 
     @property
     def lengths(self) -> Tensor:

@@ -8,11 +8,13 @@ and its output embedding go into `chunked_objective_loss` (dopd_vl/loss/chunked.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-from dopd_vl.loss.chunked import ChunkedLossOutput, TargetStates, chunked_objective_loss
+from dopd_vl.loss.chunked import ChunkedLossOutput, TargetStates, chunked_objective_loss, chunked_token_logprobs
 from dopd_vl.method.objectives import Objective
 from dopd_vl.modality.batches import ViewBatch
 from dopd_vl.models.loading import final_hidden_states, output_embedding_weight
@@ -42,12 +44,16 @@ class RoutedLoss:
         route: Tensor,
         token_weight: Tensor,
         targets: dict[str, TargetStates],
+        with_logprob: bool = False,
     ) -> ChunkedLossOutput:
+        """`with_logprob`: also the student's log p of each sampled token (detached), for the
+        rollout engine's mismatch metric: one more chunked pass over the head, no extra forward.
+        Normalised over every head row, as vLLM's raw log-probs are (like with like)."""
         inputs, positions, mask = view.inputs, view.response_positions, view.response_mask
         hidden = final_hidden_states(model, inputs)
         hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
         ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
-        return chunked_objective_loss(
+        out = chunked_objective_loss(
             self.objective,
             hidden,
             output_embedding_weight(model),
@@ -59,3 +65,11 @@ class RoutedLoss:
             self.chunk_size,
             self.backend,
         )
+        if with_logprob:
+            with torch.no_grad():
+                weight = output_embedding_weight(model).detach()
+                logprob, _ = chunked_token_logprobs(
+                    hidden.detach(), weight, ids, weight.shape[0], self.chunk_size, with_entropy=False
+                )
+            out = dataclasses.replace(out, student_logprob=logprob)
+        return out

@@ -5,7 +5,8 @@
   them), each sharded under `parallel: fsdp` (§4.6);
 * `setup_data`: the adapters, the preflight of every record (§3.1), the mid-run record picker;
 * `setup_optimizer`: AdamW with the cosine schedule, and DDP through accelerate (`parallel: ddp`);
-* `setup_loss_backend`: the loss backend (the Triton kernels' self-check, §2), chunking and generation.
+* `setup_loss_backend`: the loss backend (the Triton kernels' self-check, §2), chunking and generation;
+* `setup_rollout_engine`: what samples the rollouts (Hugging Face `generate` or a colocated vLLM, §4.1).
 
 `RunModels` then answers which model scores each view, so the trainer never asks whether a model
 is sharded.
@@ -53,7 +54,9 @@ from dopd_vl.models.parallel import (
     shard_model,
     sum_over_processes,
 )
+from dopd_vl.models.tiny import resolve_model_path
 from dopd_vl.training.config import TrainConfig
+from dopd_vl.training.engines import HFEngine, VllmEngine
 from dopd_vl.training.rollout import resolve_generation
 from dopd_vl.training.run_info import RunBackends
 
@@ -307,6 +310,35 @@ def setup_loss_backend(
     if chunk == "auto":
         chunk = auto_chunk_size(device, models.vocab_size, backend=backend)
     return RunBackends(backend, check, chunk, resolve_generation(c.rollout.generation, device))
+
+
+def setup_rollout_engine(c: TrainConfig, models: RunModels, data: TrainingData, accelerator):
+    """`rollout.engine`: `hf` samples with the live student; `vllm` starts one colocated engine per
+    process from the student's folder and loads the live student's weights into it at once."""
+    if c.rollout.engine == "hf":
+        return HFEngine()
+    adapter = data.adapters["student"]
+    max_model_len = c.rollout.vllm.max_model_len
+    if not max_model_len:
+        longest = c.rollout.max_prompt_length or max(
+            adapter.prompt(data.records[i], "student").input_ids.numel() for i in range(len(data.records))
+        )
+        max_model_len = longest + c.rollout.max_new_tokens
+    engine = VllmEngine(
+        resolve_model_path(c.student.name_or_path),
+        c.rollout,
+        dtype=str(next(models.student.parameters()).dtype).removeprefix("torch."),
+        device=accelerator.device,
+        max_model_len=max_model_len,
+        vocab_size=models.vocab_size,
+        eos_token_ids=models.eos_token_ids,
+        suppress_token_ids=models.suppress_ids,
+        num_processes=accelerator.num_processes,
+        seed=c.seed + accelerator.process_index,
+        vision=hasattr(models.processing, "image_processor"),
+    )
+    engine.sync(models.student)
+    return engine
 
 
 def _check_image_context(records, source: str) -> None:

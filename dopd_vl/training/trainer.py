@@ -39,20 +39,26 @@ from dopd_vl.models.parallel import (
 )
 from dopd_vl.training.checkpointer import Checkpointer
 from dopd_vl.training.config import TrainConfig, flat_config
+from dopd_vl.training.engines import LOGPROB_MISMATCH_WARN, engine_logprob_mismatch
 from dopd_vl.training.guard import CollapseAlarm, CollapseGuard, collapse_message
 from dopd_vl.training.metrics import LossShare, step_metrics
 from dopd_vl.training.preemption import StopSignals
 from dopd_vl.training.rollout import (
     MicroBatch,
     rollout_metrics,
-    sample_responses,
     seed_step,
     step_prompt_indices,
 )
 from dopd_vl.training.routed_loss import RoutedLoss
 from dopd_vl.training.run_info import backend_metrics, run_info, write_run_files
 from dopd_vl.training.scoring import ScoredBatch, score_micro_batch
-from dopd_vl.training.setup import setup_data, setup_loss_backend, setup_models, setup_optimizer
+from dopd_vl.training.setup import (
+    setup_data,
+    setup_loss_backend,
+    setup_models,
+    setup_optimizer,
+    setup_rollout_engine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +96,8 @@ class Trainer:
         self.backends = setup_loss_backend(c, self.objective, self.models, self.scored_views, self.accelerator)
         b = self.backends
         self.routed_loss = RoutedLoss(self.objective, self.vocab_size, b.loss_chunk_size, b.loss_backend)
+        self.engine = setup_rollout_engine(c, self.models, self.data, self.accelerator)
+        self.mismatch_warned = False
         self.guard = CollapseGuard(c.collapse_guard)
         self.step = self.skipped_steps = self.consecutive_skips = 0
 
@@ -100,6 +108,7 @@ class Trainer:
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.consecutive_skips = state["consecutive_skips"]
             self.guard.load_state_dict(state.get("guard", {}))
+            self.engine.sync(self.models.student)  # the engine samples from the resumed weights
         if self.accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
         self._write_run_files()
@@ -130,8 +139,14 @@ class Trainer:
         started = time.perf_counter()
         micro_batches = self.sample()
         rollout_time = time.perf_counter() - started
+        skipped_before = self.skipped_steps
         metrics = self.train_step(micro_batches)
-        metrics["time/rollout"] = rollout_time
+        metrics["time/rollout"] = metrics["rollout/generate_seconds"] = rollout_time
+        if self.engine.needs_sync:  # a skipped step left the weights as the engine holds them
+            synced = self.skipped_steps == skipped_before
+            metrics["rollout/sync_seconds"] = self.engine.sync(self.models.student) if synced else 0.0
+            metrics["rollout/weight_sync"] = int(synced)
+            self._check_mismatch(metrics)
         metrics["tokens_per_s"] = self.last_step_tokens / (time.perf_counter() - started)
         metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.reduce_sum))
         alarm = self.guard.update(metrics) if self.config.collapse_action != "off" else None
@@ -179,13 +194,9 @@ class Trainer:
             return MicroBatch(records, self._sample(records))
 
     def _sample(self, records: list[dict]):
-        """The student's responses (a sharded student gathered whole once for them, §4.6)."""
-        m, config = self.models, dataclasses.replace(self.config.rollout, generation=self.backends.generation)
-        return m.with_full_student(
-            lambda model: sample_responses(
-                model, self.adapters["student"], records, config, m.eos_token_ids, m.suppress_ids
-            )
-        )
+        """The student's responses from the run's rollout engine (§4.1)."""
+        config = dataclasses.replace(self.config.rollout, generation=self.backends.generation)
+        return self.engine.sample(self.models, self.adapters["student"], records, config)
 
     def train_step(self, micro_batches: list[MicroBatch], update: bool = True) -> dict:
         """One optimizer step on this process's rollouts (docs/design.md §4), in the method's order.
@@ -200,7 +211,9 @@ class Trainer:
             self._sum(sum(int(m.sum()) for m in masks)),
         )
         self.models.student_call.train()
-        shares = []
+        if hasattr(self.engine, "sleep"):
+            self.engine.sleep()  # sleep_mode: the engine's KV cache is freed for the step
+        shares, mismatch = [], [0.0, 0]
         for i, s in enumerate(scored):  # §4.4: each micro-batch's share of the step's loss
             local = (
                 stats
@@ -215,8 +228,9 @@ class Trainer:
             ]  # weigh
             with self.models.gradient_sync(self.accelerator, last=i == len(scored) - 1):  # forward + backward
                 out = self.models.student_call(
-                    self.routed_loss, s.student_view, route=route, token_weight=weight, targets=s.targets
-                )
+                    self.routed_loss, s.student_view, route=route, token_weight=weight, targets=s.targets,
+                    with_logprob=self.engine.needs_sync,
+                )  # fmt: skip
                 # DDP / FSDP average gradients over processes; the shares must add up instead.
                 self.accelerator.backward(out.loss * self.accelerator.num_processes)
             regime = (
@@ -227,6 +241,9 @@ class Trainer:
             shares.append(
                 LossShare(float(out.loss.detach().double()), out.token_loss, out.student_entropy, regime, route)
             )
+            if out.student_logprob is not None:  # the engine's log-probs against the trainer's own
+                total, count = engine_logprob_mismatch([micro_batches[i].rollout], [out.student_logprob])
+                mismatch = [mismatch[0] + total, mismatch[1] + count]
         self.models.release(self.scored_views)  # FSDP: the frozen models' heads, gathered for the step
         t2 = time.perf_counter()
         metrics = {"step": self.step + 1, "loss": self._sum(sum(share.loss for share in shares))}
@@ -236,6 +253,9 @@ class Trainer:
             step_metrics(self.objective, scored, shares, stats, self.gather, self.config.diagnostics)
         )  # §4.5
         metrics.update({"time/scoring": t1 - t0, "time/loss": t2 - t1})
+        if self.engine.needs_sync:
+            total, count = self.reduce_sum(torch.tensor(mismatch, dtype=torch.float64)).tolist()
+            metrics["rollout/logprob_mismatch"] = total / max(count, 1)
         self.last_step_tokens = tokens
         return metrics
 
@@ -287,6 +307,18 @@ class Trainer:
             gathered = parts[0].map(lambda name, _: self.gather(torch.cat([getattr(p, name) for p in parts])))
         keys = self.gather(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
         return self.objective.step_statistics(gathered, keys)
+
+    def _check_mismatch(self, metrics: dict) -> None:
+        """Warn once when the engine's log-probs drift from the trainer's (`LOGPROB_MISMATCH_WARN`)."""
+        value = metrics.get("rollout/logprob_mismatch", 0.0)
+        if value > LOGPROB_MISMATCH_WARN and not self.mismatch_warned:
+            self.mismatch_warned = True
+            logger.warning(
+                "step %d: rollout/logprob_mismatch %.3g > %.3g nats per token: the vLLM engine samples from a policy "
+                "the trainer does not score (dtype or kernel drift, or a failed weight sync); check "
+                "rollout.vllm.dtype against the student's",
+                self.step, value, LOGPROB_MISMATCH_WARN,
+            )  # fmt: skip
 
     def _on_collapse(self, alarm: CollapseAlarm) -> None:
         """Warn once with what was seen and what avoids it; with `collapse_action: stop`, save and stop."""

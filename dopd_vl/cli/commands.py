@@ -96,14 +96,17 @@ def cmd_eval(args) -> int:
         raise ConfigError("dopd eval needs --data (or --harness with --tasks)")
 
     records = load_records(args.data, split=args.split, columns=_columns(args.column))[: args.limit]
-    model, _, adapter, eos, never = _load_for_generation(args.model, _data_image_roots(args), args.device, args.dtype)
-    answers = generate_answers(
-        model, adapter, records, EvalConfig(args.max_new_tokens, args.batch_size, args.privileged), eos, never
+    model, processing, adapter, eos, never = _load_for_generation(
+        args.model, _data_image_roots(args), args.device, args.dtype
     )
+    config = EvalConfig(args.max_new_tokens, args.batch_size, args.privileged)
+    engine = _eval_engine(args, model, processing, adapter, records, config, eos, never)
+    answers = generate_answers(model, adapter, records, config, eos, never, engine=engine)
     placed = next(model.parameters())
     report = {
         "model": str(args.model),
         "data": str(args.data),
+        "engine": args.engine,
         "privileged": args.privileged,
         "device": str(placed.device),
         "dtype": str(placed.dtype).removeprefix("torch."),
@@ -117,6 +120,33 @@ def cmd_eval(args) -> int:
     else:
         print(text)
     return 0
+
+
+def _eval_engine(args, model, processing, adapter, records, config, eos, never):
+    """`--engine vllm`: a vLLM engine on the model's folder (its own weights, nothing to sync)."""
+    if args.engine == "hf":
+        return None
+    import torch
+
+    from dopd_vl.models.loading import vocab_size
+    from dopd_vl.models.tiny import resolve_model_path
+    from dopd_vl.training.engines import VllmEngine
+    from dopd_vl.training.rollout import RolloutConfig
+
+    view = "student_priv" if config.privileged else "student"
+    longest = max(adapter.prompt(r, view).input_ids.numel() for r in records)
+    placed = next(model.parameters())
+    return VllmEngine(
+        resolve_model_path(args.model),
+        RolloutConfig(engine="vllm", num_generations=1, temperature=0.0, max_new_tokens=config.max_new_tokens),
+        dtype=str(placed.dtype).removeprefix("torch."),
+        device=torch.device(placed.device),
+        max_model_len=longest + config.max_new_tokens,
+        vocab_size=vocab_size(processing),
+        eos_token_ids=eos,
+        suppress_token_ids=never,
+        vision=hasattr(processing, "image_processor"),
+    )
 
 
 def _eval_harness(args) -> int:

@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.add_argument(
+        "--engine",
+        choices=("hf", "vllm"),
+        default="hf",
+        help="what generates the greedy answers: Hugging Face generate, or vLLM (installed separately: README, "
+        "'Fast rollouts with vLLM'); the same answers",
+    )
+    evaluate.add_argument(
         "--batch-size", type=int, default=8, help="records per generate call (--harness: the harness's batch size)"
     )
     evaluate.add_argument("--limit", type=int, help="evaluate the first N records only")

@@ -41,8 +41,10 @@ def generate_answers(
     config: EvalConfig,
     eos_token_ids: list[int],
     suppress_token_ids=None,
+    engine=None,
 ) -> list[str]:
-    """Greedy answers, one per record (temperature 0 through `sample_responses`' greedy mode)."""
+    """Greedy answers, one per record (temperature 0 through `sample_responses`' greedy mode), or
+    from a rollout `engine` (a `VllmEngine`, dopd_vl/training/engines.py) when one is given."""
     view = "student_priv" if config.privileged else "student"
     rollout = RolloutConfig(num_generations=1, max_new_tokens=config.max_new_tokens, temperature=0.0)
     answers = []
@@ -50,7 +52,10 @@ def generate_answers(
         range(0, len(records), config.batch_size), desc="eval", leave=False, disable=len(records) <= config.batch_size
     ):
         batch = records[start : start + config.batch_size]
-        out = sample_responses(model, adapter, batch, rollout, eos_token_ids, suppress_token_ids, view=view)
+        if engine is not None:
+            out = engine.sample(None, adapter, batch, rollout, view=view)
+        else:
+            out = sample_responses(model, adapter, batch, rollout, eos_token_ids, suppress_token_ids, view=view)
         answers += [adapter.tokenizer.decode(r, skip_special_tokens=True).strip() for r in out.responses]
     return answers
 

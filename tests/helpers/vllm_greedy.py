@@ -34,21 +34,21 @@ def main(out: Path) -> None:
     for engine in ("vllm", "hf"):
         trainer = Trainer(load_config(RECIPE, [*common, f"rollout.engine={engine}", f"output_dir={out / engine}"]))
         records = [trainer.data.records[i] for i in range(8)]
+        both = lambda: {"vllm": responses(trainer, trainer.engine, records), "hf": responses(trainer, HFEngine(), records)}
         if engine == "vllm":
-            hf = HFEngine()
-            result["before"] = {"vllm": responses(trainer, trainer.engine, records), "hf": responses(trainer, hf, records)}
+            result["before"] = both()
         trainer.train()
         metrics = [json.loads(line) for line in (out / engine / "metrics.jsonl").read_text().splitlines()]
         result[f"{engine}_losses"] = [m["loss"] for m in metrics]
         result[f"{engine}_metrics"] = metrics
         if engine == "vllm":
-            result["after"] = {"vllm": responses(trainer, trainer.engine, records), "hf": responses(trainer, hf, records)}
+            result["after"] = both()
             with torch.no_grad():  # the live student moves; the engine keeps the last synced weights
                 for p in trainer.student.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
-            result["unsynced"] = {"vllm": responses(trainer, trainer.engine, records), "hf": responses(trainer, hf, records)}
+            result["unsynced"] = both()
             trainer.engine.sync(trainer.student)
-            result["resynced"] = {"vllm": responses(trainer, trainer.engine, records), "hf": responses(trainer, hf, records)}
+            result["resynced"] = both()
             del trainer
     (out / "result.json").write_text(json.dumps(result))
 

@@ -34,7 +34,7 @@ def main(out: Path) -> None:
     for engine in ("vllm", "hf"):
         trainer = Trainer(load_config(RECIPE, [*common, f"rollout.engine={engine}", f"output_dir={out / engine}"]))
         records = [trainer.data.records[i] for i in range(8)]
-        both = lambda: {"vllm": responses(trainer, trainer.engine, records), "hf": responses(trainer, HFEngine(), records)}
+        both = lambda: {engine.name: responses(trainer, engine, records) for engine in (trainer.engine, HFEngine())}
         if engine == "vllm":
             result["before"] = both()
         trainer.train()

@@ -16,7 +16,6 @@ in torch (vLLM's log-probs only feed the `rollout/logprob_mismatch` health metri
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -184,7 +183,7 @@ class VllmEngine:
         """Load the student's current weights into the running engine, in place; seconds taken."""
         started = time.perf_counter()
         self.wake()
-        with _merged_lora(student):
+        with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_items(student)})
         return time.perf_counter() - started
 
@@ -223,29 +222,24 @@ def vllm_request(adapter, record: dict, view: str = "student") -> dict:
 def full_state_items(model: nn.Module):
     """(name, full tensor) in the checkpoint's names, one tensor at a time: a sharded (FSDP2)
     parameter is gathered just before it is handed over, so no process holds a second full copy.
-    LoRA: the base model's names, the (merged) base weights only."""
+    LoRA: the base model's names, each adapted weight merged on the fly (W + the adapter's delta),
+    never in place: merging and unmerging the live weights would round the frozen base each step."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora = base is not model
+    deltas = {}
+    if lora:
+        for module_name, module in base.named_modules():
+            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                deltas[f"{module_name}.base_layer.weight"] = module
     for name, tensor in base.state_dict().items():
         if lora and "lora_" in name:
             continue
-        if lora:
-            name = name.replace(".base_layer.", ".")
         full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-        yield name, full.detach()
-
-
-@contextlib.contextmanager
-def _merged_lora(model: nn.Module):
-    """A LoRA student's adapters merged into its base weights for the sync, unmerged after."""
-    if not hasattr(model, "merge_adapter"):
-        yield
-        return
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        model.unmerge_adapter()
+        if name in deltas:
+            layer = deltas[name]
+            for adapter in layer.active_adapters:
+                full = full + layer.get_delta_weight(adapter).to(full.dtype)
+        yield name.replace(".base_layer.", ".") if lora else name, full.detach()
 
 
 def engine_logprob_mismatch(rollouts: list[Rollout], trainer_logprobs: list[Tensor]) -> tuple[float, int]:

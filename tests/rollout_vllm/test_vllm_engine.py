@@ -130,3 +130,11 @@ def test_sleep_mode_on_cpu_is_one_clear_line(tmp_path):
     assert done.returncode != 0
     assert "rollout.vllm.sleep_mode needs a CUDA or ROCm device" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_lora_students_engine_samples_the_merged_weights(tmp_path):
+    """LoRA B starts at zero: step 2 samples after the adapters moved, so only a merged sync matches."""
+    done = _train("max_steps=2", "save_steps=100", "optim.lr=1e-2", "lora.enabled=true", f"output_dir={tmp_path}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics[1]["grad_norm"] > 0 and metrics[1]["rollout/logprob_mismatch"] < MISMATCH_BOUND

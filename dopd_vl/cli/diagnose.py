@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dopd_vl.eval.trust import token_correct, trust_answers
 from dopd_vl.method.routing import (
     INFORMATION_EDGE_NATS,
     REGIME_NAMES,
@@ -85,6 +86,8 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
     saved_step = trainer.step
     names = route_names(objective)
     step_tokens, step_rows, rollouts = [], [], []
+    # The trust readout (`answers`) needs every training record to carry an answer.
+    answered, prompts = all("answer" in r for r in trainer.records), {}
     try:
         for k in tqdm(range(steps), desc="diagnose", disable=not (progress and trainer.accelerator.is_main_process)):
             trainer.step = saved_step + k
@@ -110,6 +113,12 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
                 torch.cat([s.targets["teacher_priv"].entropy for s in scored]).double()
             )
             per_token["q_teacher_plain"] = logprob["teacher_plain"].exp()
+            if answered:  # each token's response right (1) or wrong (0) against its record's answer
+                per_token["correct"] = trainer.gather(
+                    torch.cat([token_correct(trainer, mb, s) for mb, s in zip(micro_batches, scored)])
+                )
+                for mb in micro_batches:
+                    prompts.update({str(mb.records[i].get("id")): mb.records[i] for i in mb.rollout.record_index})
             step_tokens.append(per_token)
             row = {
                 "step": k + 1,
@@ -154,6 +163,8 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
         "route_names": list(names),
         "student_weights_unchanged": unchanged,
     }
+    if answered:
+        result["answers"] = trust_answers(trainer, list(prompts.values()), pooled["regime"], pooled["correct"])
     result["reading"] = reading(result)
     if out is not None and trainer.accelerator.is_main_process:
         result["files"] = _write(Path(out), result, pooled, step_rows, rollouts)
@@ -227,6 +238,16 @@ def reading(result: dict, study: dict | None = None) -> list[str]:
         f"{s['eos_only_frac']:.3f} the end token alone"
         + (f"; rollout accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""),
     ]
+    answers = result.get("answers")
+    if answers:
+        shares = [answers["hs_share_correct"], answers["hs_share_wrong"]]
+        right, wrong = ("none" if v is None else f"{v:.3f}" for v in shares)
+        lines.append(
+            f"answers on the {answers['n']} sampled prompts (greedy): student {answers['student_accuracy']:.3f}, "
+            f"privileged teacher {answers['teacher_priv_accuracy']:.3f}, plain teacher "
+            f"{answers['teacher_plain_accuracy']:.3f}; HS share of tokens in the student's right responses {right}, "
+            f"in its wrong ones {wrong}"
+        )
     study = study if study is not None else strength_study()
     if not study:
         return lines + ["(no measured study is installed to compare with)"]

@@ -208,3 +208,74 @@ def test_diagnose_reads_every_objective_and_reports_its_routes(tmp_path, objecti
     assert set(routes) == names and sum(routes.values()) == pytest.approx(1.0)
     assert sum(result["summary"][f"frac/{g}"] for g in ("LH", "LL", "HT", "HS")) == pytest.approx(1.0)
     assert result["recipe"]["objective"] == objective and f"routes of {objective}" in "\n".join(result["reading"])
+
+
+def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
+    """`answers`: greedy accuracies of the student and both teacher views on the sampled prompts, and
+    the HS share in right vs wrong sampled responses, against plain `generate` calls and the
+    full-vocabulary regimes of the same rollouts. Each record's answer is set to one of its own
+    sampled responses (sampling does not read answers), so both right and wrong responses occur."""
+    from dopd_vl.data.answers import is_correct
+    from dopd_vl.training.trainer import Trainer
+
+    from helpers.independent_diagnostics import independent_statistics
+    from helpers.runs import ARITH
+
+    def run(data, out):
+        config = load_config(
+            REPO / "configs" / "tiny_text.yaml",
+            [f"output_dir={tmp_path / 'run'}", f"data.train={data}", "diagnostics=true"],
+        )
+        trainer = Trainer(config)
+        result = diagnose_trainer(trainer, steps=2, out=out, progress=False)
+        rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]
+        return config, trainer, result, rollouts
+
+    _, trainer, _, first = run(ARITH, tmp_path / "first")
+
+    def text(ids) -> str:
+        return trainer.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    records = {r["id"]: r for r in (json.loads(line) for line in ARITH.read_text().splitlines())}
+    answered = set()
+    for r in first:  # each sampled record's answer: its first non-empty sampled response
+        if text(r["response_ids"]) and r["id"] not in answered:
+            records[r["id"]]["answer"] = text(r["response_ids"])
+            answered.add(r["id"])
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
+    config, trainer, result, rollouts = run(data, tmp_path / "diag")
+    assert [r["response_ids"] for r in rollouts] == [r["response_ids"] for r in first]
+    answers, m = result["answers"], trainer.models
+
+    @torch.no_grad()
+    def greedy(model, adapter, record, view) -> str:
+        ids = adapter.prompt(record, view).input_ids[None]
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+            max_new_tokens=config.rollout.max_new_tokens, eos_token_id=m.eos_token_ids,
+            suppress_tokens=m.suppress_ids or None, pad_token_id=m.eos_token_ids[0],
+        )  # fmt: skip
+        return text(out[0, ids.shape[1] :])
+
+    sampled = [records[i] for i in dict.fromkeys(r["id"] for r in rollouts)]
+    expected = {
+        "student_accuracy": (m.student, "student", "student"),
+        "teacher_priv_accuracy": (m.teacher, "teacher", "teacher_priv"),
+        "teacher_plain_accuracy": (m.teacher, "teacher", "teacher_plain"),
+    }
+    for key, (model, adapter, view) in expected.items():
+        right = [is_correct(greedy(model, trainer.adapters[adapter], r, view), r["answer"]) for r in sampled]
+        assert answers[key] == pytest.approx(sum(right) / len(sampled), abs=1e-12), key
+    assert answers["n"] == len(sampled)
+
+    regimes, correct = [], []
+    for step, ref in enumerate(independent_statistics(rollouts, config, steps=2), start=1):
+        regimes += ref["paper"]
+        for r in (r for r in rollouts if r["step"] == step):
+            correct += [is_correct(text(r["response_ids"]), records[r["id"]]["answer"])] * len(r["response_ids"])
+    assert len(regimes) == len(correct) == result["tokens"] and any(correct) and not all(correct)
+    for key, want in (("hs_share_correct", True), ("hs_share_wrong", False)):
+        picked = [g for g, c in zip(regimes, correct) if c == want]
+        assert answers[key] == pytest.approx(picked.count(3) / len(picked), abs=1e-12), key
+    assert "answers on the" in "\n".join(result["reading"])

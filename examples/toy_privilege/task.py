@@ -78,9 +78,12 @@ def make_problem(rng: random.Random, index: int, hide_fraction: float = 0.5) -> 
     }
 
 
-def two_step_solution(a: int, b: int, c: int) -> str:
+def two_step_solution(a: int, b: int, c: int, drop_carry: bool = False) -> str:
+    """The worked solution; `drop_carry`: the trust study's blind-spot teacher target, whose second
+    line forgets the carry into the tens (off by 10 on carry problems, right elsewhere)."""
     product = a * b
-    return f"{a}*{b}={product}\n{product}+{c}={product + c}\nthe answer is {product + c}"
+    total = product + c - (10 if drop_carry and product % 10 + c >= 10 else 0)
+    return f"{a}*{b}={product}\n{product}+{c}={total}\nthe answer is {total}"
 
 
 def make_two_step_problem(a: int, b: int, c: int, index: int) -> dict:
@@ -93,6 +96,7 @@ def make_two_step_problem(a: int, b: int, c: int, index: int) -> dict:
         "meta": {
             "question_type": "carry" if product % 10 + c >= 10 else "no_carry",
             "solution": two_step_solution(a, b, c),
+            "blind_solution": two_step_solution(a, b, c, drop_carry=True),  # wrong exactly on carry problems
         },
         "answer": str(product + c),
     }

@@ -107,6 +107,12 @@ def test_two_step_task_hints_are_intermediate_results_and_heldout_triples_are_un
         assert r["answer"] not in r["privileged_context"].split("=")[-1:]  # the hint never states the final answer
         solution = r["meta"]["solution"]
         assert solution.endswith(f"the answer is {a * b + c}") and 20 <= len(solution) <= 40
+        # the blind-spot target: the same hint and first line, the carry dropped on carry problems only
+        carry = (a * b) % 10 + c >= 10
+        assert r["meta"]["question_type"] == ("carry" if carry else "no_carry")
+        blind = r["meta"]["blind_solution"]
+        assert blind.endswith(f"the answer is {a * b + c - 10 * carry}")
+        assert blind.split("\n")[0] == solution.split("\n")[0] and (blind == solution) == (not carry)
 
 
 def test_comparison_study_lists_the_paper_methods():

@@ -25,7 +25,7 @@ for recipe in configs/qwen3_8b_to_1.7b.yaml configs/qwen3vl_8b_to_2b.yaml; do
   done
 done
 # Rollout engines side by side at the 1.7B student's shape (the README's 'Fast rollouts with vLLM');
-# the image has no vLLM unless `pip install vllm` ran first, and then only the hf engines are timed.
+# the image has no vLLM unless `pip install vllm` ran first; without it only the hf engines are timed.
 engines=eager,compiled
 python -c "import vllm" 2>/dev/null && engines=eager,compiled,vllm || echo "vllm not installed: rollout bench without it"
 timeout 150 python bench/rollout_bench.py --shape Qwen/Qwen3-1.7B --device cuda --dtype bfloat16 --engines "$engines" \

@@ -78,11 +78,16 @@ def make_problem(rng: random.Random, index: int, hide_fraction: float = 0.5) -> 
     }
 
 
+def has_carry(product: int, c: int) -> bool:
+    """Whether `product + c` carries into the tens: the `carry` question type, the blind spot's problems."""
+    return product % 10 + c >= 10
+
+
 def two_step_solution(a: int, b: int, c: int, drop_carry: bool = False) -> str:
     """The worked solution; `drop_carry`: the trust study's blind-spot teacher target, whose second
     line forgets the carry into the tens (off by 10 on carry problems, right elsewhere)."""
     product = a * b
-    total = product + c - (10 if drop_carry and product % 10 + c >= 10 else 0)
+    total = product + c - (10 if drop_carry and has_carry(product, c) else 0)
     return f"{a}*{b}={product}\n{product}+{c}={total}\nthe answer is {total}"
 
 
@@ -94,7 +99,7 @@ def make_two_step_problem(a: int, b: int, c: int, index: int) -> dict:
         "privileged_context": f"hint: {a}*{b}={product}",  # an intermediate result, never the answer (c >= 1)
         "privileged": {"format": "toy_step_hint", "step": f"{a}*{b}={product}"},
         "meta": {
-            "question_type": "carry" if product % 10 + c >= 10 else "no_carry",
+            "question_type": "carry" if has_carry(product, c) else "no_carry",
             "solution": two_step_solution(a, b, c),
             "blind_solution": two_step_solution(a, b, c, drop_carry=True),  # wrong exactly on carry problems
         },

@@ -30,6 +30,7 @@ seed's data / models / eval reports, and runs/LABEL-seedS/ (metrics.jsonl, final
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shutil
@@ -251,10 +252,19 @@ def write_data(out: Path, task_name: str, size: Size, seed: int) -> tuple[Path, 
 
 
 def train_model(
-    folder: Path, role: str, task_name: str, train: Path, seed: int, steps: int, device: str = "auto", on_step=None
+    folder: Path,
+    role: str,
+    task_name: str,
+    train: Path,
+    seed: int,
+    steps: int,
+    device: str = "auto",
+    on_step=None,
+    target: str | None = None,
 ) -> Path:
     """Build seed `seed`'s teacher (4 layers x 128, trained with and without the context) or student
-    (2 layers x 64, warmed up briefly: capable but weak) and train it on the reference responses.
+    (2 layers x 64, warmed up briefly: capable but weak) and train it on the reference responses
+    (`target`, default the task's `sft_target`; the trust study's blind-spot teacher: `meta.blind_solution`).
     `on_step(n, model)` is called after every update (the strength study's warm-up curve)."""
     tokenizer = build_char_tokenizer()
     shape = (
@@ -266,7 +276,12 @@ def train_model(
     build_tiny_qwen3(folder, tokenizer=tokenizer, num_heads=4, num_kv_heads=2, lm_head_rows=0, seed=model_seed, **shape)
     views = ("teacher_priv", "teacher_plain") if role == "teacher" else ("student", "student_priv")
     config = SFTConfig(
-        steps=steps, batch_size=64, lr=1e-3, views=views, seed=model_seed, target=TASKS[task_name].sft_target
+        steps=steps,
+        batch_size=64,
+        lr=1e-3,
+        views=views,
+        seed=model_seed,
+        target=target or TASKS[task_name].sft_target,
     )
     model = load_model(folder, device=device)
     print(f"seed {seed}: supervised training of {folder.name}: {config.steps} steps on {config.views}", flush=True)
@@ -345,8 +360,13 @@ def prepared_seed(
 def distill(
     spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str = "auto"
 ) -> Path:
+    return Trainer(distill_config(spec, seed, prepared, run_dir, steps, task, device)).train()
+
+
+def distill_config(spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str):
+    """The shared recipe (config.yaml) with the seed's models and data and the method's overrides."""
     _, method, overrides = parse_method(spec)
-    config = load_config(
+    return load_config(
         HERE / "config.yaml",
         [
             f"student.name_or_path={prepared.student}",
@@ -361,7 +381,6 @@ def distill(
             *overrides,
         ],
     )
-    return Trainer(config).train()
 
 
 def parse_method(spec: str) -> tuple[str, str, tuple[str, ...]]:
@@ -639,12 +658,13 @@ def cli() -> None:
     parser.add_argument("--size", choices=["full", "quick", "smoke"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--study",
-        choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength"],
+        choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength", "trust"],
         default="main",
         help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, "
         "privileged and DOPD (initial); "
         "calibrate / strength = the student-strength study (strength.py): the warm-up curve, then 3 strengths x 3 "
-        "seeds x 5 methods",
+        "seeds x 5 methods; trust = the trust study (trust.py, two_step): a blind-spot and a clean teacher, 6 methods "
+        "each at its dev-chosen lr, 3 seeds, and a first-step readout",
     )
     parser.add_argument(
         "--methods",
@@ -664,6 +684,16 @@ def cli() -> None:
     logging.basicConfig(level=logging.WARNING)
     task = TASKS[args.task]
     size_name = args.size or ("quick" if args.quick else "full")
+    if args.study == "trust":
+        from examples.toy_privilege import strength, trust
+
+        if args.task != "two_step":
+            parser.error("--study trust needs --task two_step (the blind-spot teacher drops two_step's carry)")
+        size = task.sizes[size_name]
+        if size_name != "smoke":  # the strength study's high student
+            size = dataclasses.replace(size, student_sft_steps=strength.WARMUP_STEPS[args.task][-1])
+        trust.run_study(Path(args.out or f"runs/toy_privilege/trust/{args.task}"), args.task, size, args.device)
+        return
     if args.study in ("calibrate", "strength"):
         from examples.toy_privilege import strength
 

@@ -14,7 +14,8 @@ the per-token signals DOPD routes on are summarised:
 
 The same statistics (`token_diagnostics`, `summarise_diagnostics`) are logged at every training
 step with `diagnostics: true` (metrics `diag/*`), and the reading quotes the toy student-strength
-study (`assets/strength_study.json`, written from examples/toy_privilege/results/strength).
+study (`assets/strength_study.json`, written from examples/toy_privilege/results/strength) and, where
+records carry answers, the trust study (`assets/trust_study.json`, from results/trust).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dopd_vl.eval.trust import token_correct, trust_answers
+from dopd_vl.eval.trust import mean_std, token_correct, trust_answers, trust_reading
 from dopd_vl.method.routing import (
     INFORMATION_EDGE_NATS,
     REGIME_NAMES,
@@ -46,7 +47,7 @@ __all__ = [
     "diagnose",
     "diagnose_trainer",
     "reading",
-    "strength_study",
+    "measured_study",
 ]
 
 
@@ -203,10 +204,11 @@ def _recipe_summary(c, objective, steps: int, trainer) -> dict:
 
 
 # ------------------------------------------------------------------------------ the reading
-def strength_study() -> dict | None:
-    """The toy student-strength study's measured points (None if the asset is missing)."""
+def measured_study(name: str) -> dict | None:
+    """A toy study's measured points, `assets/{name}_study.json`: "strength" (the student-strength
+    study) or "trust" (the trust study). None if the asset is missing."""
     try:
-        text = resources.files("dopd_vl").joinpath("assets/strength_study.json").read_text(encoding="utf-8")
+        text = resources.files("dopd_vl").joinpath(f"assets/{name}_study.json").read_text(encoding="utf-8")
     except FileNotFoundError:
         return None
     return json.loads(text)
@@ -216,8 +218,9 @@ def _fmt_shares(summary: dict, prefix: str, names) -> str:
     return "  ".join(f"{name} {summary[f'{prefix}/{name}']:.3f}" for name in names if f"{prefix}/{name}" in summary)
 
 
-def reading(result: dict, study: dict | None = None) -> list[str]:
-    """The plain-text reading: the numbers, then what the measured study says about such numbers."""
+def reading(result: dict, study: dict | None = None, trust: dict | None = None) -> list[str]:
+    """The plain-text reading: the numbers, then what the measured studies (`study`: the strength
+    study, `trust`: the trust study; default the installed assets) say about such numbers."""
     s, r = result["summary"], result["recipe"]
     lines = [
         f"dopd diagnose: {r['steps']} step(s) x {r['responses_per_step']} responses ({result['tokens']} tokens) of "
@@ -248,10 +251,16 @@ def reading(result: dict, study: dict | None = None) -> list[str]:
             f"{answers['teacher_plain_accuracy']:.3f}; HS share of tokens in the student's right responses {right}, "
             f"in its wrong ones {wrong}"
         )
-    study = study if study is not None else strength_study()
+    study = study if study is not None else measured_study("strength")
     if not study:
         return lines + ["(no measured study is installed to compare with)"]
-    return lines + ["", *_study_reading(result["steps"][0], study)]
+    lines += ["", *_study_reading(result["steps"][0], study)]
+    trust = trust if trust is not None else measured_study("trust")
+    if answers and trust:
+        return lines + ["", *trust_reading(answers, trust)]
+    if trust:  # the trust study compares who is right, which needs answers
+        lines.append(f"- The trust study ({trust['source']}) compares who is right; records with `answer` get it.")
+    return lines
 
 
 def _study_reading(s: dict, study: dict) -> list[str]:
@@ -279,11 +288,11 @@ def _study_reading(s: dict, study: dict) -> list[str]:
     )
     nearest = min(cells, key=lambda cell: abs(statistics.fmean(cell["first_step"]["endorsement"]) - s["endorsement"]))
     gains = "; ".join(
-        f"{label} {_mean_std(nearest['gain_over_vanilla'][key])}" for key, label in study["variants"].items()
+        f"{label} {mean_std(nearest['gain_over_vanilla'][key])}" for key, label in study["variants"].items()
     )
     lines.append(
         f"- The measured cell nearest by endorsement is {nearest['task']} / {nearest['strength']} student (endorsement "
-        f"{_mean_std(nearest['first_step']['endorsement'])}, start at {_mean_std(nearest['start_relative'])} of the "
+        f"{mean_std(nearest['first_step']['endorsement'])}, start at {mean_std(nearest['start_relative'])} of the "
         f"teacher's accuracy): "
         f"held-out accuracy minus vanilla OPD's, over {len(nearest['start_relative'])} seeds: {gains}."
     )
@@ -302,8 +311,8 @@ def _study_reading(s: dict, study: dict) -> list[str]:
             lines.append(
                 f"- Measured where a DOPD configuration beat vanilla OPD by more than one seed-to-seed std: "
                 f"{win['variant']} on "
-                f"{win['task']} / {win['strength']} (endorsement {_mean_std(win['endorsement'])}; gain "
-                f"{_mean_std(win['gain'])})."
+                f"{win['task']} / {win['strength']} (endorsement {mean_std(win['endorsement'])}; gain "
+                f"{mean_std(win['gain'])})."
             )
     else:
         lines.append(
@@ -312,12 +321,6 @@ def _study_reading(s: dict, study: dict) -> list[str]:
         )
     lines.append(f"- {study['caveat']}")
     return lines
-
-
-def _mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.3f}" if values[0] < 0 else f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 # ------------------------------------------------------------------------------ outputs

@@ -5,6 +5,8 @@ the rule pays only if that happens where the student is right and the teacher is
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from torch import Tensor
 
@@ -13,7 +15,7 @@ from dopd_vl.eval.evaluate import EvalConfig, generate_answers
 from dopd_vl.method.routing import Regime
 from dopd_vl.models.parallel import generate_with_full_weights, is_sharded
 
-__all__ = ["token_correct", "trust_answers"]
+__all__ = ["mean_std", "token_correct", "trust_answers", "trust_reading"]
 
 
 def token_correct(trainer, mb, scored) -> Tensor:
@@ -61,3 +63,74 @@ def trust_answers(trainer, records: list[dict], regime: Tensor, correct: Tensor)
         "hs_share_wrong": hs_share(~correct),
         "n": int(n),
     }
+
+
+def trust_reading(answers: dict, study: dict) -> list[str]:
+    """Compare the diagnosis's `answers` with the trust study's measured cells (`study`: the asset
+    assets/trust_study.json): the privileged teacher's lead over the student and the HS shares in
+    right vs wrong responses, each said to lie inside or outside what was measured; then each
+    method's measured gain over vanilla OPD in the cell nearest by the teacher's lead. No thresholds
+    of our own: the user's numbers are placed among the measured ones, nothing more."""
+    cells = study["cells"]
+    lead = answers["teacher_priv_accuracy"] - answers["student_accuracy"]
+
+    def leads(cell: dict) -> list[float]:
+        return [t - s for t, s in zip(cell["teacher_priv_accuracy"], cell["student_accuracy"])]
+
+    lines = [f"What the trust study measured ({study['source']}; {study['scope']}):"]
+    measured = [value for cell in cells for value in leads(cell)]
+    lines.append(
+        f"- The privileged teacher's lead over the student (greedy accuracy, held-out in the study): "
+        f"{_range(measured)} measured, per cell "
+        + "; ".join(f"{cell['teacher']} teacher {mean_std(leads(cell), signed=True)}" for cell in cells)
+        + f". Yours, on the sampled prompts, is {lead:+.3f}: {_placed(lead, measured)}"
+    )
+    for key, what in (("hs_share_correct", "right"), ("hs_share_wrong", "wrong")):
+        measured = [value for cell in cells for value in cell[key] if value is not None]
+        yours = answers[key]
+        placed = "you have no such responses." if yours is None else f"yours is {yours:.3f}: {_placed(yours, measured)}"
+        lines.append(
+            f"- HS share of tokens in the student's {what} responses: {_range(measured, signed=False)} measured, "
+            "per cell " + "; ".join(f"{cell['teacher']} {_measured(cell[key])}" for cell in cells) + f"; {placed}"
+        )
+    precision = "; ".join(f"{cell['teacher']} teacher {_measured(cell['hs_precision'])}" for cell in cells)
+    lines.append(
+        f"- HS precision measured at the first step (share of on-track HS tokens where the student is right and "
+        f"the teacher wrong, against the reference continuation): {precision}."
+    )
+    nearest = min(cells, key=lambda cell: abs(statistics.fmean(leads(cell)) - lead))
+    gains = {
+        key: "; ".join(f"{label} {mean_std(nearest[key][label], signed=True)}" for label in nearest[key])
+        for key in ("gain_over_vanilla", "carry_gain_over_vanilla")
+    }
+    lines.append(
+        f"- Nearest measured cell by the teacher's lead: the {nearest['teacher']} teacher. Held-out accuracy minus "
+        f"vanilla OPD's over {len(nearest['student_accuracy'])} seeds, each method at its dev-chosen lr: "
+        f"{gains['gain_over_vanilla']}; on carry problems alone (the blind-spot teacher's blind spot): "
+        f"{gains['carry_gain_over_vanilla']}."
+    )
+    lines.append(f"- {study['caveat']}")
+    return lines
+
+
+def _measured(values: list[float | None]) -> str:
+    """mean ± std over the seeds that had such tokens (None: a seed with none)."""
+    present = [v for v in values if v is not None]
+    return mean_std(present) if present else "none"
+
+
+def _range(values: list[float], signed: bool = True) -> str:
+    spec = "+.3f" if signed else ".3f"
+    return f"{min(values):{spec}} to {max(values):{spec}}"
+
+
+def _placed(value: float, measured: list[float]) -> str:
+    if min(measured) <= value <= max(measured):
+        return "inside that range."
+    return "outside anything measured: the study says nothing about this case."
+
+
+def mean_std(values: list[float], signed: bool = False) -> str:
+    """'mean ± std' over seeds (the value alone for one seed); `signed` for differences."""
+    mean = f"{statistics.fmean(values):+.3f}" if signed else f"{statistics.fmean(values):.3f}"
+    return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.3f}"

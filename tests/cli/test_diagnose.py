@@ -173,12 +173,12 @@ def test_reading_places_the_numbers_among_the_measured_cells(endorsement, inside
 def test_the_installed_study_is_the_committed_strength_study():
     """dopd diagnose quotes dopd_vl/assets/strength_study.json: exactly the measured points the
     strength study wrote (examples/toy_privilege/results/strength), nothing edited by hand."""
-    from dopd_vl.cli.diagnose import strength_study
+    from dopd_vl.cli.diagnose import measured_study
 
     committed = json.loads(
         (REPO / "examples" / "toy_privilege" / "results" / "strength" / "strength_study.json").read_text()
     )
-    assert strength_study() == committed
+    assert measured_study("strength") == committed
     payloads = [
         json.loads((REPO / "examples" / "toy_privilege" / "results" / "strength" / t / "results.json").read_text())
         for t in ("add_hidden", "two_step")
@@ -186,6 +186,86 @@ def test_the_installed_study_is_the_committed_strength_study():
     from examples.toy_privilege import strength  # noqa: E402 - the study's own summary of its results
 
     assert [cell for payload in payloads for cell in strength.study_cells(payload)] == committed["cells"]
+
+
+def test_the_installed_trust_study_is_the_committed_trust_study():
+    """dopd diagnose quotes dopd_vl/assets/trust_study.json: the trust study's own summary of its
+    committed results (examples/toy_privilege/results/trust), nothing edited by hand."""
+    from dopd_vl.cli.diagnose import measured_study
+    from examples.toy_privilege import trust  # noqa: E402 - the study's own summary of its results
+
+    results = REPO / "examples" / "toy_privilege" / "results" / "trust"
+    committed = json.loads((results / "trust_study.json").read_text())
+    assert measured_study("trust") == committed
+    assert trust.study_summary(json.loads((results / "two_step" / "results.json").read_text())) == committed
+    assert [cell["teacher"] for cell in committed["cells"]] == list(trust.TEACHERS)
+
+
+TRUST = {
+    "source": "the trust study",
+    "scope": "two cells",
+    "caveat": "Tiny models.",
+    "methods": {"dopd_initial": "DOPD initial", "hs_to_teacher": "HS to the teacher"},
+    "cells": [
+        {
+            "teacher": "clean",
+            "student_accuracy": [0.70, 0.70],
+            "teacher_priv_accuracy": [0.95, 1.00],
+            "teacher_plain_accuracy": [0.9, 0.9],
+            "hs_precision": [0.1, None],
+            "hs_share_correct": [0.02, 0.04],
+            "hs_share_wrong": [0.10, 0.20],
+            "gain_over_vanilla": {"dopd_initial": [-0.05, -0.03], "hs_to_teacher": [0.01, 0.01]},
+            "carry_gain_over_vanilla": {"dopd_initial": [0.0, 0.0], "hs_to_teacher": [0.0, 0.02]},
+        },
+        {
+            "teacher": "blind",
+            "student_accuracy": [0.70, 0.70],
+            "teacher_priv_accuracy": [0.55, 0.65],
+            "teacher_plain_accuracy": [0.4, 0.4],
+            "hs_precision": [0.6, 0.8],
+            "hs_share_correct": [0.10, 0.12],
+            "hs_share_wrong": [0.05, 0.07],
+            "gain_over_vanilla": {"dopd_initial": [0.40, 0.42], "hs_to_teacher": [0.0, 0.02]},
+            "carry_gain_over_vanilla": {"dopd_initial": [0.80, 0.84], "hs_to_teacher": [0.0, 0.0]},
+        },
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "teacher, share_right, nearest, lead_inside, right_inside",
+    [(0.97, 0.03, "clean", True, True), (0.6, None, "blind", True, None), (0.3, 0.5, "blind", False, False)],
+)
+def test_trust_reading_places_the_answers_among_the_measured_cells(
+    teacher, share_right, nearest, lead_inside, right_inside
+):
+    """The lead (privileged teacher minus student) and the HS shares are placed inside or outside
+    the measured range (-0.150 to +0.300, 0.020 to 0.120); the nearest cell's gains are quoted."""
+    from dopd_vl.eval.trust import trust_reading
+
+    answers = {
+        "student_accuracy": 0.7,
+        "teacher_priv_accuracy": teacher,
+        "teacher_plain_accuracy": 0.5,
+        "hs_share_correct": share_right,
+        "hs_share_wrong": 0.06,
+        "n": 8,
+    }
+    text = "\n".join(trust_reading(answers, TRUST))
+    lead = f"{teacher - 0.7:+.3f}"
+    assert "measured, per cell clean teacher +0.275 ± 0.035; blind teacher -0.100 ± 0.071" in text
+    placed = "inside that range" if lead_inside else "outside anything measured"
+    assert f"Yours, on the sampled prompts, is {lead}: {placed}" in text
+    if right_inside is None:
+        assert "you have no such responses" in text
+    else:
+        placed = "inside that range" if right_inside else "outside anything measured"
+        assert f"yours is {share_right:.3f}: {placed}" in text
+    assert "clean teacher 0.100; blind teacher 0.700 ± 0.141" in text  # HS precision, None seeds left out
+    gains = {"clean": "dopd_initial -0.040 ± 0.014", "blind": "dopd_initial +0.410 ± 0.014"}
+    assert f"Nearest measured cell by the teacher's lead: the {nearest} teacher" in text and gains[nearest] in text
+    assert text.endswith("Tiny models.")
 
 
 @pytest.mark.parametrize("objective", ["vanilla_opd", "eopd", "pruned_opd"])
@@ -278,4 +358,5 @@ def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
     for key, want in (("hs_share_correct", True), ("hs_share_wrong", False)):
         picked = [g for g, c in zip(regimes, correct) if c == want]
         assert answers[key] == pytest.approx(picked.count(3) / len(picked), abs=1e-12), key
-    assert "answers on the" in "\n".join(result["reading"])
+    text = "\n".join(result["reading"])
+    assert "answers on the" in text and "What the trust study measured" in text

@@ -171,13 +171,13 @@ def test_readout_equals_an_independent_computation(tmp_path):
 
 
 def test_trust_study_pipeline_smoke(tmp_path):
-    """`--study trust` at its smallest size, two methods and two rates: both teachers, the dev
+    """`--study trust` at its smallest size, two methods and one rate: both teachers, the dev
     selection, the readout, the tables, the figure and the measured cells."""
     size = toy.TASKS["two_step"].sizes["smoke"]
     methods = (trust.METHODS[0], trust.METHODS[-1])
     payload = trust.run_study(
-        tmp_path / "two_step", "two_step", size, "cpu", methods=methods, learning_rates=(3e-4, 1e-3)
-    )
+        tmp_path / "two_step", "two_step", size, "cpu", methods=methods, learning_rates=(3e-4,)
+    )  # one rate keeps the suite fast; choose_lr's choice among rates is the same code at any count
     selection = json.loads((tmp_path / "two_step" / "selection.json").read_text())
     assert set(selection["chosen"]) == set(trust.TEACHERS) and set(selection["chosen"]["blind"]) == {
         "vanilla_opd",
@@ -198,3 +198,9 @@ def test_trust_study_pipeline_smoke(tmp_path):
     # the blind-spot teacher was trained on the dropped carry: its targets differ from the clean one's
     records = [json.loads(line) for line in (tmp_path / "two_step" / "seed0" / "data" / "train.jsonl").open()]
     assert any(r["meta"]["blind_solution"] != r["meta"]["solution"] for r in records)
+
+
+def test_choose_lr_takes_the_best_dev_accuracy_and_breaks_ties_by_run_order():
+    dev = {lr: {"dev": {"accuracy": a}} for lr, a in zip(trust.LEARNING_RATES, (0.5, 0.7, 0.7))}
+    assert trust.choose_lr(dev) == trust.LEARNING_RATES[1]
+    assert trust.choose_lr({lr: {"dev": {"accuracy": 0.4}} for lr in trust.LEARNING_RATES}) == trust.LEARNING_RATES[0]

@@ -1,6 +1,6 @@
 """The trust study: when should the student trust its teacher? (run through `run.py --study trust`)
 
-    python examples/toy_privilege/run.py --task two_step --study trust     # ~2 h on 2 cores
+    python examples/toy_privilege/run.py --task two_step --study trust     # ~70 min on 2 cores
 
 DOPD's HS rule (high advantage gap, q_S > q_T: learn from the student's own privileged view) is
 justified by the privileged teacher being unreliable there. Every earlier toy teacher was an

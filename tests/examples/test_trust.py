@@ -171,18 +171,23 @@ def test_readout_equals_an_independent_computation(tmp_path):
 
 
 def test_trust_study_pipeline_smoke(tmp_path):
-    """`--study trust` at its smallest size, two methods and one rate: both teachers, the dev
+    """`--study trust` at its smallest size, two methods and two rates: both teachers, the dev
     selection, the readout, the tables, the figure and the measured cells."""
     size = toy.TASKS["two_step"].sizes["smoke"]
     methods = (trust.METHODS[0], trust.METHODS[-1])
     payload = trust.run_study(
-        tmp_path / "two_step", "two_step", size, "cpu", methods=methods, learning_rates=(3e-4,)
-    )  # one rate keeps the suite fast; choose_lr's choice among rates is the same code at any count
+        tmp_path / "two_step", "two_step", size, "cpu", methods=methods, learning_rates=(3e-4, 1e-3)
+    )
     selection = json.loads((tmp_path / "two_step" / "selection.json").read_text())
     assert set(selection["chosen"]) == set(trust.TEACHERS) and set(selection["chosen"]["blind"]) == {
         "vanilla_opd",
         "hs_to_teacher",
     }
+    for teacher, per_label in selection["dev_accuracy"].items():
+        for label, per_lr in per_label.items():
+            assert list(per_lr) == ["0.0003", "0.001"], (teacher, label)
+            best = max(per_lr.values())
+            assert per_lr[f"{selection['chosen'][teacher][label]:g}"] == best, (teacher, label)
     text = (tmp_path / "two_step" / "results.md").read_text()
     for row in (
         "| blind teacher, with context |",
@@ -204,3 +209,4 @@ def test_choose_lr_takes_the_best_dev_accuracy_and_breaks_ties_by_run_order():
     dev = {lr: {"dev": {"accuracy": a}} for lr, a in zip(trust.LEARNING_RATES, (0.5, 0.7, 0.7))}
     assert trust.choose_lr(dev) == trust.LEARNING_RATES[1]
     assert trust.choose_lr({lr: {"dev": {"accuracy": 0.4}} for lr in trust.LEARNING_RATES}) == trust.LEARNING_RATES[0]
+    assert trust.choose_lr({1e-2: {"dev": {"accuracy": 0.7}}, 5e-5: {"dev": {"accuracy": 0.7}}}) == 1e-2  # any rates

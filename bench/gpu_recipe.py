@@ -165,8 +165,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a check that runs anywhere)")
     args = parser.parse_intermixed_args()
 
-    import dopd_vl.training.setup as setup_module  # internal: random real-shape weights built on the GPU, no checkpoint
-    from dopd_vl import Trainer, load_config
+    import dopd_vl.training.run_models as setup_module  # internal: random real-shape weights built on the GPU
+    from dopd_vl import Trainer, load_config, sample_step
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -198,7 +198,7 @@ def main() -> None:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
-            micro_batches = trainer.sample()
+            micro_batches = sample_step(trainer.run, trainer.step)
             rollout = time.perf_counter() - start
             metrics = trainer.train_step(micro_batches, update=False)
             update_start = time.perf_counter()
@@ -236,7 +236,7 @@ def main() -> None:
             "num_generations": recipe.rollout.num_generations,
             "max_new_tokens": recipe.rollout.max_new_tokens,
             "gradient_checkpointing": recipe.gradient_checkpointing,
-            "loss_chunk_size": trainer.backends.loss_chunk_size,
+            "loss_chunk_size": trainer.run.backends.loss_chunk_size,
             "peak_memory_gb": max((r["peak_memory_gb"] or 0) for r in rows) if cuda else None,
             "step_s_last": rows[-1]["step_s"],
         }

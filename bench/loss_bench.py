@@ -71,7 +71,7 @@ def worker(method: str, h: int, t: int) -> dict:
     student_w, teacher_w, student_h, teacher_h, spriv_h, ids = _inputs(h, t)
     objective = build_objective(ObjectiveConfig())
     mask = torch.ones(1, t, dtype=torch.bool)
-    weight = normalization_weights(mask, "sequence")[0]
+    weight = normalization_weights(mask.sum(-1), "sequence")
 
     def signals_and_targets():
         targets = {
@@ -213,7 +213,7 @@ def gpu_case(method: str, h: int, t: int, device, dtype, vocab: int = VOCAB, row
     spriv_h = (student_h.detach().float() + 0.3 * torch.randn(t, h, generator=g, device=device)).to(dtype)
     ids = torch.randint(0, vocab, (t,), generator=g, device=device)
     mask = torch.ones(1, t, dtype=torch.bool, device=device)
-    weight = normalization_weights(mask, "sequence")[0]
+    weight = normalization_weights(mask.sum(-1), "sequence")
     config = ObjectiveConfig(name="vanilla_opd", baseline_support="full") if method == "vanilla" else ObjectiveConfig()
     objective = build_objective(config)
     backend = "torch" if method == "dopd_torch" or not triton_available(device) else "triton"

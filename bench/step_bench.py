@@ -59,7 +59,7 @@ def _data(folder: Path, n: int) -> Path:
 
 
 def run_ours(objective: str, args, work: Path) -> list[float]:
-    from dopd_vl import Trainer, load_config
+    from dopd_vl import Trainer, load_config, sample_step
 
     student, teacher = _models(args.hidden)
     config = load_config(
@@ -78,14 +78,14 @@ def run_ours(objective: str, args, work: Path) -> list[float]:
         ],
     )
     trainer = Trainer(config)
-    trainer.models.eos_token_ids = [trainer.tokenizer.eos_token_id]
-    trainer.models.suppress_ids = trainer.models.suppress_ids + sorted(
-        {trainer.tokenizer.eos_token_id, *trainer.student.generation_config.eos_token_id}
+    trainer.run.models.eos_token_ids = [trainer.run.tokenizer.eos_token_id]
+    trainer.run.models.suppress_ids = trainer.run.models.suppress_ids + sorted(
+        {trainer.run.tokenizer.eos_token_id, *trainer.run.models.student.generation_config.eos_token_id}
     )
     times, parts = [], []
     for _ in range(args.steps + 1):
         start = time.perf_counter()
-        micro_batches = trainer.sample()
+        micro_batches = sample_step(trainer.run, trainer.step)
         rollout = time.perf_counter() - start
         metrics = trainer.train_step(micro_batches)
         times.append(time.perf_counter() - start)

@@ -317,7 +317,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_diagnose(args) -> int:
-    from dopd_vl.cli.diagnose import diagnose
+    from dopd_vl.eval.diagnose import diagnose
     from dopd_vl.training.config import load_config
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])

@@ -99,7 +99,7 @@ def export_student(
 # ------------------------------------------------------------------------------- the run
 def run_config(run_dir: Path) -> dict:
     """The run's recipe as trained: RUN_DIR/config.yaml, else the newest checkpoint's."""
-    from dopd_vl.training.checkpoint import latest_checkpoint
+    from dopd_vl.training.checkpointing.files import latest_checkpoint
 
     candidates = [run_dir / "config.yaml"]
     if (newest := latest_checkpoint(run_dir, clean=False)) is not None:
@@ -111,7 +111,7 @@ def run_config(run_dir: Path) -> dict:
 
 
 def _source_folder(run_dir: Path, config: dict, checkpoint: int | None, adapter: bool) -> Path:
-    from dopd_vl.training.checkpoint import latest_checkpoint
+    from dopd_vl.training.checkpointing.files import latest_checkpoint
 
     if adapter and not config["lora"]["enabled"]:
         raise ExportError(
@@ -141,7 +141,7 @@ def _load_student(config: dict, source: Path):
         return PeftModel.from_pretrained(base, str(source)), load_processing(config["student"]["name_or_path"])
     if (source.parent / "sharded").is_dir():  # a `parallel: fsdp` checkpoint: the config here, the weights in shards
         from dopd_vl.models.loading import model_from_config
-        from dopd_vl.training.checkpoint import load_student_weights
+        from dopd_vl.training.checkpointing.files import load_student_weights
 
         model = model_from_config(source, _saved_dtype(source) or "float32")
         load_student_weights(model, source.parent)

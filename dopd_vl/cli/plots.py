@@ -7,13 +7,12 @@ import logging
 from pathlib import Path
 
 from dopd_vl.errors import DopdError
-from dopd_vl.method.routing import REGIME_NAMES
+from dopd_vl.method.routing import REGIME_COLORS, REGIME_NAMES
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["read_metrics", "plot_run"]
 
-REGIME_COLORS = {"LH": "#4e9be6", "LL": "#9a9a9a", "HT": "#e4572e", "HS": "#59a14f"}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dopd_vl.cli.plots import REGIME_COLORS
 from dopd_vl.data.image_roots import ImageRoots, image_roots
 from dopd_vl.data.images import image_parts, load_image
 from dopd_vl.data.records import context_text
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
-from dopd_vl.method.routing import REGIME_NAMES, assign_regimes, token_signals
+from dopd_vl.method.routing import REGIME_COLORS, REGIME_NAMES, assign_regimes, token_signals
+from dopd_vl.method.views import TEACHER_VIEWS
 from dopd_vl.modality.batches import build_views
-from dopd_vl.training.scoring import score_views
+from dopd_vl.training.run_models import ModelScorer
 
 __all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html", "label_rectangle"]
 
@@ -87,7 +87,8 @@ def route_records(
     views = build_views(adapters, names, records, responses)
     was_training = student.training
     student.eval()
-    targets = score_views(views, teacher, student, vocab_size)
+    scorers = {v: ModelScorer(teacher if v in TEACHER_VIEWS else student) for v in names if v != "student"}
+    targets = {v: scorer.score(views[v], vocab_size, 256, True, True) for v, scorer in scorers.items()}
     student.train(was_training)
     logprob = {v: t.token_logprob for v, t in targets.items()}
     signals = (

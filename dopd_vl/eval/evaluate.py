@@ -15,10 +15,9 @@ from tqdm.auto import tqdm
 from dopd_vl.data.answers import answer_kind, is_correct
 from dopd_vl.loss import chunk_logits
 from dopd_vl.method.divergences import reverse_kl
-from dopd_vl.modality.batches import build_views
+from dopd_vl.modality.batches import build_views, valid_response_states
 from dopd_vl.models.loading import output_embedding_weight
 from dopd_vl.training.rollout import RolloutConfig, sample_responses
-from dopd_vl.training.scoring import valid_response_states
 
 logger = logging.getLogger(__name__)
 

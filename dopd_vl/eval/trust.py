@@ -11,44 +11,43 @@ import torch
 from torch import Tensor
 
 from dopd_vl.data.answers import is_correct
+from dopd_vl.distributed import reduce_sum
 from dopd_vl.eval.evaluate import EvalConfig, generate_answers
 from dopd_vl.method.routing import Regime
-from dopd_vl.models.parallel import generate_with_full_weights, is_sharded
 
 __all__ = ["mean_std", "token_correct", "trust_answers", "trust_reading"]
 
 
-def token_correct(trainer, mb, scored) -> Tensor:
-    """1.0 / 0.0 per valid response token: whether its sampled response answers its record correctly."""
+def token_correct(tokenizer, mb, lengths: Tensor) -> Tensor:
+    """1.0 / 0.0 per valid response token ([N], `lengths` [B] the valid tokens of each response):
+    whether its sampled response answers its record correctly."""
     right = [
-        float(is_correct(trainer.tokenizer.decode(response, skip_special_tokens=True).strip(), mb.records[i]["answer"]))
+        float(is_correct(tokenizer.decode(response, skip_special_tokens=True).strip(), mb.records[i]["answer"]))
         for i, response in zip(mb.rollout.record_index, mb.rollout.responses)
     ]
-    counts = scored.student_view.response_mask.sum(-1).cpu()
-    return torch.repeat_interleave(torch.tensor(right, dtype=torch.float64), counts).to(trainer.device)
+    return torch.repeat_interleave(torch.tensor(right, dtype=torch.float64), lengths.cpu())
 
 
-def trust_answers(trainer, records: list[dict], regime: Tensor, correct: Tensor) -> dict:
-    """Who is right on the sampled prompts (greedy answers of the student, the privileged and the
-    plain teacher), and the paper-rule HS share of tokens in the student's right vs wrong sampled
-    responses: is HS where the student is right and the teacher is not? Counts sum over processes."""
-    m, c = trainer.models, trainer.config
+def trust_answers(run, records: list[dict], regime: Tensor, correct: Tensor) -> dict:
+    """Who is right on the sampled prompts of a run (`setup_run`): greedy answers of the student, the
+    privileged and the plain teacher; and the paper-rule HS share of tokens in the student's right vs
+    wrong sampled responses: is HS where the student is right and the teacher is not? Counts sum over
+    processes."""
+    m, c, adapters = run.models, run.config, run.data.adapters
 
     def right(model, adapter, privileged: bool) -> float:
         config = EvalConfig(max_new_tokens=c.rollout.max_new_tokens, privileged=privileged)
         answers = generate_answers(model, adapter, records, config, m.eos_token_ids, m.suppress_ids)
         return float(sum(is_correct(a, r["answer"]) for a, r in zip(answers, records)))
 
-    def with_teacher(fn):
-        return generate_with_full_weights(m.teacher, fn) if is_sharded(m.teacher) else fn(m.teacher)
-
     counts = [
-        m.with_full_student(lambda model: right(model, trainer.adapters["student"], False)),
-        with_teacher(lambda model: right(model, trainer.adapters["teacher"], True)),
-        with_teacher(lambda model: right(model, trainer.adapters["teacher"], False)),
+        m.with_full_student(lambda model: right(model, adapters["student"], False)),
+        m.with_full_teacher(lambda model: right(model, adapters["teacher"], True)),
+        m.with_full_teacher(lambda model: right(model, adapters["teacher"], False)),
         float(len(records)),
     ]
-    student, teacher_priv, teacher_plain, n = trainer.reduce_sum(torch.tensor(counts, dtype=torch.float64)).tolist()
+    totals = reduce_sum(run.accelerator, torch.tensor(counts, dtype=torch.float64))
+    student, teacher_priv, teacher_plain, n = totals.tolist()
     hs = regime == int(Regime.HS)
     correct = correct == 1
 

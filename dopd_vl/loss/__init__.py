@@ -5,9 +5,10 @@
   with the torch backend (autograd per chunk) or the fused Triton kernels (`kernels`).
 
 What the routes are (targets, divergences, supports, weights) is the objective's
-(dopd_vl/method/objectives.py); what a route costs and how tokens are weighted is `routed`, which
-both paths call; the divergences themselves are dopd_vl/method/divergences.py. This package imports
-only the method layer: it takes tensors and returns tensors.
+(dopd_vl/method/objectives.py); which route each token takes and its weight is the token plan
+(dopd_vl/method/plan.py); what a route costs is `route_terms`, which both paths call; the
+divergences themselves are dopd_vl/method/divergences.py. This package imports only the method
+layer: it takes tensors and returns tensors.
 """
 
 from dopd_vl.loss.chunked import (
@@ -21,13 +22,10 @@ from dopd_vl.loss.chunked import (
 )
 from dopd_vl.loss.kernels import resolve_loss_backend
 from dopd_vl.loss.reference import LossOutput, dopd_loss, objective_loss
-from dopd_vl.loss.routed import normalization_weights, rollout_weights, route_divergence, token_weights
+from dopd_vl.loss.route_terms import route_divergence
 
 __all__ = [
     "route_divergence",
-    "token_weights",
-    "normalization_weights",
-    "rollout_weights",
     "LossOutput",
     "objective_loss",
     "dopd_loss",

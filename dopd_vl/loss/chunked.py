@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dopd_vl.loss.routed import route_divergence
+from dopd_vl.loss.route_terms import route_divergence
 from dopd_vl.method.divergences import entropy, upcast
 from dopd_vl.method.objectives import Objective
 
@@ -330,9 +330,9 @@ def chunked_objective_loss(
         student_hidden: [N, H] the student's final hidden states at the valid positions, with gradient.
         student_head_weight: [V_rows, H] the student's output embedding (gradient flows to it too).
         response_ids: [N] the sampled tokens.
-        route: [N] route index per token, from `Objective.assign_routes` with step-wide statistics
+        route: [N] route index per token, the token plan's (`plan_tokens`) with step-wide statistics
             (-1: no loss).
-        token_weight: [N] normalisation factor per token, from `token_weights` with step totals.
+        token_weight: [N] normalisation factor per token, the token plan's with step totals.
         targets: view -> TargetStates of every scoring view the objective needs.
         vocab_size: the tokenizer's vocabulary (lm-head rows beyond it are never scored).
         chunk_size: tokens per chunk.

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dopd_vl.loss.routed import route_divergence, token_weights
+from dopd_vl.loss.route_terms import route_divergence
 from dopd_vl.method.divergences import entropy, upcast
 from dopd_vl.method.objectives import Objective, ObjectiveConfig, build_objective
-from dopd_vl.method.routing import assign_regimes
+from dopd_vl.method.plan import plan_tokens
 
 __all__ = ["LossOutput", "objective_loss", "dopd_loss"]
 
@@ -79,38 +79,36 @@ def objective_loss(
         logits = torch.where(mask[..., None], upcast(logits[..., :vocab]), 0.0)
         return logits.log_softmax(-1)
 
-    student_logp = log_probs(student_logits)
-    target_logp = {v: log_probs(view_logits[v].detach()) for v in objective.views}
-    ids = torch.where(mask, response_ids, 0)
-    token_logprob = {v: lp.gather(-1, ids[..., None]).squeeze(-1) for v, lp in target_logp.items()}
+    # One shape from here on: the N valid tokens in (sequence, position) order, as the trainer's plan.
+    student_logp = log_probs(student_logits)[mask]
+    target_logp = {v: log_probs(view_logits[v].detach())[mask] for v in objective.views}
+    ids = response_ids[mask]
+    token_logprob = {v: lp.gather(-1, ids[:, None]).squeeze(-1) for v, lp in target_logp.items()}
 
     signals = objective.token_signals(token_logprob, {v: entropy(lp) for v, lp in target_logp.items()})
     prune_keys = objective.prune_keys(signals, prune_generator) if objective.router == "prune" else None
     if thresholds is None:
-        valid_signals = signals.map(lambda _, x: x[mask]) if signals is not None else None
-        thresholds = objective.step_statistics(valid_signals, prune_keys[mask] if prune_keys is not None else None)
-    route = objective.assign_routes(mask, signals, thresholds, prune_keys)
-    routed_by_regime = signals is not None and signals.advantage_gap is not None
-    regime = torch.where(mask, assign_regimes(signals, thresholds), -1) if routed_by_regime else route
+        thresholds = objective.step_statistics(signals, prune_keys)
+    lengths = mask.sum(-1)
+    plan = plan_tokens(objective, lengths, signals, thresholds, prune_keys, groups, num_sequences, num_tokens)
 
-    token_loss = torch.zeros(mask.shape, dtype=student_logp.dtype, device=mask.device)
+    token_loss = torch.zeros(ids.shape, dtype=student_logp.dtype, device=mask.device)
     for r, spec in enumerate(objective.routes):
         if spec is None:
             continue
         d = route_divergence(
-            spec,
-            c,
-            student_logp.flatten(0, 1),
-            target_logp[spec.target].flatten(0, 1),
-            ids.flatten(),
-            {v: token_logprob[v].flatten() for v in spec.views},
-        ).view(mask.shape)
-        token_loss = torch.where(route == r, d, token_loss)
-    weights = token_weights(objective, mask, route, thresholds, signals, groups, num_sequences, num_tokens).to(
-        token_loss.dtype
-    )
-    loss = (token_loss * weights).sum()
-    return LossOutput(loss=loss, token_loss=token_loss.detach(), regime=regime, route=route, thresholds=thresholds)
+            spec, c, student_logp, target_logp[spec.target], ids, {v: token_logprob[v] for v in spec.views}
+        )
+        token_loss = torch.where(plan.route == r, d, token_loss)
+    loss = (token_loss * plan.weight.to(token_loss.dtype)).sum()
+
+    def grid(values: Tensor, fill) -> Tensor:  # [N] -> [B, T] for the caller, `fill` where masked
+        return torch.full(mask.shape, fill, dtype=values.dtype, device=mask.device).masked_scatter(mask, values)
+
+    route = grid(plan.route, -1)
+    regime = grid(plan.regime, -1) if plan.regime is not None else route
+    token_loss = grid(token_loss.detach(), 0)
+    return LossOutput(loss=loss, token_loss=token_loss, regime=regime, route=route, thresholds=thresholds)
 
 
 def dopd_loss(

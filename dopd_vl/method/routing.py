@@ -19,6 +19,7 @@ from dopd_vl.method.views import DIAGNOSTIC_VIEWS
 __all__ = [
     "Regime",
     "REGIME_NAMES",
+    "REGIME_COLORS",
     "Routing",
     "TokenSignals",
     "trimmed_mean",
@@ -44,6 +45,8 @@ class Regime(IntEnum):
 
 
 REGIME_NAMES: tuple[str, ...] = tuple(r.name for r in Regime)
+REGIME_COLORS: dict[str, str] = {"LH": "#4e9be6", "LL": "#9a9a9a", "HT": "#e4572e", "HS": "#59a14f"}
+"""The one regime palette of every plot and page (colour-blind safe pairs: blue / grey, red / green)."""
 
 
 @dataclass

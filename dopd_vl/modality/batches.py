@@ -17,7 +17,14 @@ from dopd_vl.method.views import TEACHER_VIEWS, VIEWS
 from dopd_vl.modality.prompts import PromptInputs, pad_batch
 from dopd_vl.models.loading import final_hidden_states
 
-__all__ = ["ViewBatch", "build_view", "build_views", "check_aligned", "response_hidden_states"]
+__all__ = [
+    "ViewBatch",
+    "build_view",
+    "build_views",
+    "check_aligned",
+    "response_hidden_states",
+    "valid_response_states",
+]
 
 
 @dataclass
@@ -117,3 +124,10 @@ def response_hidden_states(model: nn.Module, batch: ViewBatch) -> Tensor:
     hidden = final_hidden_states(model, batch.inputs)
     index = batch.response_positions[..., None].expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, index)
+
+
+def valid_response_states(model: nn.Module, batch: ViewBatch) -> tuple[Tensor, Tensor]:
+    """Hidden states [N, H] and ids [N] of the valid response tokens, in (sequence, position) order:
+    the token plan's order (docs/design.md §4.4)."""
+    hidden = response_hidden_states(model, batch)
+    return hidden[batch.response_mask], batch.response_ids[batch.response_mask]

@@ -18,8 +18,7 @@ runs inside that wrapper's forward (`call_model`), so FSDP's root hooks run arou
   model in the compute dtype on each device while sampling, what DDP holds all the time.
 The engine is PyTorch's; this module only decides what is a unit and when it is gathered.
 
-It also holds the collectives every layer above uses (`process_rank`, `gather`, `reduce_sum`,
-`sum_over_processes`): one way to read the rank and one gather and one reduce over processes.
+The collectives over processes live in dopd_vl/distributed.py.
 """
 
 from __future__ import annotations
@@ -41,10 +40,6 @@ __all__ = [
     "release",
     "is_sharded",
     "full_state_dict",
-    "process_rank",
-    "gather",
-    "reduce_sum",
-    "sum_over_processes",
 ]
 
 
@@ -141,33 +136,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     ):  # tied: gathered as two tensors, saved once (as save_pretrained does)
         state.pop(next(f"{name}.weight" for name, module in model.named_modules() if module is head), None)
     return state
-
-
-# ---------------------------------------------------------------------------------- collectives
-def process_rank() -> int:
-    """This process's rank in an initialised process group (0 without one): the one rank accessor."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def gather(accelerator, values: torch.Tensor) -> torch.Tensor:
-    """Concatenate a variable-length 1-D tensor over processes (exact, no sampling)."""
-    if accelerator.num_processes == 1:
-        return values
-    values = values.to(accelerator.device)
-    lengths = accelerator.gather(torch.tensor([values.numel()], device=accelerator.device))
-    padded = accelerator.pad_across_processes(values, dim=0)
-    rows = accelerator.gather(padded[None]).reshape(len(lengths), -1)
-    return torch.cat([row[: int(n)] for row, n in zip(rows, lengths)])
-
-
-def reduce_sum(accelerator, values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum of a tensor over processes."""
-    values = values.to(accelerator.device)
-    return accelerator.reduce(values, "sum") if accelerator.num_processes > 1 else values
-
-
-def sum_over_processes(accelerator, value) -> float:
-    """A number summed over processes (also a barrier: every process must call it)."""
-    return float(reduce_sum(accelerator, torch.as_tensor(value, dtype=torch.float64, device=accelerator.device)))

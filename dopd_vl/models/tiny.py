@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from dopd_vl.distributed import process_rank
 from dopd_vl.errors import ModelError
 from dopd_vl.models.folders import QWEN3_VL_CHAT_TEMPLATE, VISION_SPECIAL_TOKENS, load_tokenizer, save_model_folder
-from dopd_vl.models.parallel import process_rank
 
 logger = logging.getLogger(__name__)
 

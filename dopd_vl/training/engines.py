@@ -1,12 +1,18 @@
 """Rollout engines (docs/design.md §4.1): what samples the student's responses.
 
-Every engine has one shape, so a future one (e.g. a vLLM server, as TRL's `vllm_mode="server"`)
-plugs in without touching the trainer:
+Every engine implements the `RolloutEngine` protocol, so a future one (e.g. a vLLM server, as TRL's
+`vllm_mode="server"`) plugs in without touching the trainer, whose step never asks which engine it
+has:
 
-    engine.sample(models, adapter, records, config) -> Rollout   # the student's responses, seeded
-    engine.sync(student) -> seconds                              # after each applied optimizer step
+    engine.sample(models, adapter, records, config) -> Rollout      # the student's responses, seeded
+    engine.sync(student) -> seconds                                 # load the student's weights now
+    engine.before_step()                                            # the trainer's step begins
+    engine.after_update(student, applied, step) -> metrics          # after each optimizer step
+    engine.health(rollouts, trainer_logprobs, step) -> metrics      # the engine's policy vs the trainer's
+    engine.compares_logprobs                                        # whether health reads the trainer's log-probs
 
-`HFEngine` samples with the live student (Hugging Face `generate`, nothing to sync). `VllmEngine`
+`HFEngine` samples with the live student (Hugging Face `generate`, nothing to sync; it owns the
+`auto` generation's fall-back from a failed compile). `VllmEngine`
 holds a colocated `vllm.LLM` in the training process (TRL's colocate mode), whose weights are
 the student's: loaded in place after every update through the running model's layer-wise reload
 (`reload_weights`), never by writing a folder and restarting the engine. Prompts are our own
@@ -16,20 +22,24 @@ in torch (vLLM's log-probs only feed the `rollout/logprob_mismatch` health metri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from dopd_vl.errors import ConfigError, ModelError
+from dopd_vl.distributed import reduce_sum
+from dopd_vl.errors import ConfigError, DopdError, ModelError
 from dopd_vl.modality.prompts import prompt_messages
 from dopd_vl.training.rollout import Rollout, RolloutConfig, sample_responses
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "RolloutEngine",
     "HFEngine",
     "VllmEngine",
     "LOGPROB_MISMATCH_WARN",
@@ -53,13 +63,66 @@ def vllm_install_hint() -> str:
     )
 
 
-class HFEngine:
-    """Hugging Face `generate` on the live student (a sharded student gathered whole for it)."""
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What samples the student's responses during training (docs/design.md §4.1)."""
 
-    name = "hf"
-    needs_sync = False
+    name: str
+    compares_logprobs: bool
+    """True: `health` reads the trainer's log-prob of every sampled token (the loss pass computes it)."""
 
     def sample(self, models, adapter, records: list[dict], config: RolloutConfig, view: str = "student") -> Rollout:
+        """`config.num_generations` responses per record, seeded by the step's generator."""
+        ...
+
+    def sync(self, student: nn.Module) -> float:
+        """Load the student's current weights (after setup and after a resume); seconds taken."""
+        ...
+
+    def before_step(self) -> None:
+        """The trainer's scoring and loss begin: free what sampling holds that the step needs."""
+        ...
+
+    def after_update(self, student: nn.Module, applied: bool, step: int) -> dict[str, float]:
+        """After an optimizer step (`applied` False: skipped, the weights unchanged); its metrics."""
+        ...
+
+    def health(self, rollouts: list[Rollout], trainer_logprobs: list[Tensor], step: int) -> dict[str, float]:
+        """Metrics comparing the engine's sampling policy with the trainer's (summed over processes)."""
+        ...
+
+
+class HFEngine:
+    """Hugging Face `generate` on the live student (a sharded student gathered whole for it).
+
+    `generation` is the resolved mode (eager | compiled); with `fallback` (the recipe asked for
+    `auto`), a failed compiled call falls back to eager once, with one warning, recorded in
+    `backends` (run.json's `rollout_generation`)."""
+
+    name = "hf"
+    compares_logprobs = False
+
+    def __init__(self, generation: str = "eager", fallback: bool = False, backends=None):
+        self.generation, self.fallback, self.backends = generation, fallback, backends
+
+    def sample(self, models, adapter, records: list[dict], config: RolloutConfig, view: str = "student") -> Rollout:
+        try:
+            return self._sample(models, adapter, records, config, view, self.generation)
+        except DopdError:
+            raise
+        except Exception as err:  # noqa: BLE001 - `auto` falls back from a failed compile; anything else raises again
+            if not (self.fallback and self.generation == "compiled"):
+                raise
+            reason = f"{type(err).__name__}: {err}"[:500]
+            logger.warning("rollout.generation auto: compiled generation failed (%s); generating eagerly", reason)
+            self.generation = "eager"
+            if self.backends is not None:
+                self.backends.generation, self.backends.generation_error = "eager", reason
+            return self._sample(models, adapter, records, config, view, self.generation)
+
+    @staticmethod
+    def _sample(models, adapter, records, config: RolloutConfig, view: str, generation: str) -> Rollout:
+        config = dataclasses.replace(config, generation=generation)
         return models.with_full_student(
             lambda model: sample_responses(
                 model, adapter, records, config, models.eos_token_ids, models.suppress_ids, view=view
@@ -68,6 +131,15 @@ class HFEngine:
 
     def sync(self, student: nn.Module) -> float:
         return 0.0  # generate reads the live weights
+
+    def before_step(self) -> None:
+        return None
+
+    def after_update(self, student: nn.Module, applied: bool, step: int) -> dict[str, float]:
+        return {}
+
+    def health(self, rollouts: list[Rollout], trainer_logprobs: list[Tensor], step: int) -> dict[str, float]:
+        return {}
 
 
 class VllmEngine:
@@ -78,7 +150,7 @@ class VllmEngine:
     """
 
     name = "vllm"
-    needs_sync = True
+    compares_logprobs = True
 
     def __init__(
         self,
@@ -94,7 +166,9 @@ class VllmEngine:
         num_processes: int = 1,
         seed: int = 0,
         vision: bool = False,
+        accelerator=None,
     ):
+        """`accelerator`: the run's, for `health`'s sum over processes (None: one process)."""
         options = config.vllm
         on_cpu = torch.device(device).type == "cpu"
         if options.sleep_mode and on_cpu:
@@ -137,6 +211,7 @@ class VllmEngine:
             raise ModelError(f"vLLM cannot run the student {model_path}: {type(err).__name__}: {err}") from err
         self.asleep = False
         self.mismatch_warned = False
+        self.accelerator = accelerator
 
     # --------------------------------------------------------------------------------- sampling
     def sample(self, models, adapter, records: list[dict], config: RolloutConfig, view: str = "student") -> Rollout:
@@ -188,6 +263,26 @@ class VllmEngine:
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_state_items(student)})
         return time.perf_counter() - started
 
+    def before_step(self) -> None:
+        """`sleep_mode`: free the KV cache while the trainer runs its step."""
+        if self.config.vllm.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def after_update(self, student: nn.Module, applied: bool, step: int) -> dict[str, float]:
+        """Sync the updated weights; a skipped step left them as the engine holds them."""
+        return {"rollout/sync_seconds": self.sync(student) if applied else 0.0, "rollout/weight_sync": int(applied)}
+
+    def health(self, rollouts: list[Rollout], trainer_logprobs: list[Tensor], step: int) -> dict[str, float]:
+        """`rollout/logprob_mismatch` over every process (a collective); warns once above
+        `LOGPROB_MISMATCH_WARN` (TRL and verl watch the same signal)."""
+        total, count = engine_logprob_mismatch(rollouts, trainer_logprobs)
+        if self.accelerator is not None:
+            total, count = reduce_sum(self.accelerator, torch.tensor([total, count], dtype=torch.float64)).tolist()
+        value = total / max(count, 1)
+        self.check_mismatch(value, step)
+        return {"rollout/logprob_mismatch": value}
+
     def check_mismatch(self, value: float, step: int) -> None:
         """Warn once when the engine's log-probs drift from the trainer's (`LOGPROB_MISMATCH_WARN`)."""
         if value > LOGPROB_MISMATCH_WARN and not self.mismatch_warned:
@@ -198,12 +293,6 @@ class VllmEngine:
                 "rollout.vllm.dtype against the student's",
                 step, value, LOGPROB_MISMATCH_WARN,
             )  # fmt: skip
-
-    def sleep(self) -> None:
-        """Free the KV cache while the trainer runs its step (`sleep_mode`)."""
-        if self.config.vllm.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
 
     def wake(self) -> None:
         if self.asleep:

@@ -3,16 +3,17 @@ step's metrics over every token of the step on every process."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from dopd_vl.distributed import gather
 from dopd_vl.method.objectives import Objective
+from dopd_vl.method.plan import TokenPlan
 from dopd_vl.method.routing import REGIME_NAMES, summarise_diagnostics, token_diagnostics
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS
-from dopd_vl.training.scoring import ScoredBatch
+from dopd_vl.training.step import ScoredBatch
 
 __all__ = ["LossShare", "step_metrics"]
 
@@ -26,8 +27,7 @@ class LossShare:
     loss: float
     token_loss: Tensor  # [N] route-weighted divergence per valid token (detached)
     entropy: Tensor  # [N] the student's entropy per valid token
-    regime: Tensor | None  # [N] DOPD regime when the objective has DOPD's signals
-    route: Tensor  # [N] route index (-1: no loss)
+    plan: TokenPlan  # [N] the route, weight and DOPD regime each token had
 
 
 def step_metrics(
@@ -35,22 +35,22 @@ def step_metrics(
     scored: list[ScoredBatch],
     shares: list[LossShare],
     stats: dict[str, float],
-    gather: Callable[[Tensor], Tensor],
+    accelerator,
     diagnostics: bool = False,
 ) -> dict[str, float]:
-    """Thresholds, regime fractions, per-regime loss and A, entropies (and with `diagnostics`, the
-    diag/* figures, §1.11) over the step's tokens, all processes (`gather` concatenates over them)."""
+    """Thresholds, regime fractions (the plans' regimes), per-regime loss and A, entropies (and with
+    `diagnostics`, the diag/* figures, §1.11) over the step's tokens, gathered over all processes."""
 
     def pooled(parts) -> Tensor:
-        return gather(torch.cat(list(parts)).double())
+        return gather(accelerator, torch.cat(list(parts)).double())
 
     metrics = {f"threshold/{k}": v for k, v in stats.items() if k in THRESHOLD_METRICS}
     token_loss = pooled(share.token_loss for share in shares)
     metrics["entropy/student"] = pooled(share.entropy for share in shares).mean().item()
     if "teacher_priv" in scored[0].targets:
         metrics["entropy/teacher_priv"] = pooled(s.targets["teacher_priv"].entropy for s in scored).mean().item()
-    if shares[0].regime is not None:
-        regime = pooled(share.regime for share in shares)
+    if shares[0].plan.regime is not None:
+        regime = pooled(share.plan.regime for share in shares)
         gap = pooled(s.signals.advantage_gap for s in scored)
         for code, name in enumerate(REGIME_NAMES):
             sel = regime == code
@@ -59,7 +59,7 @@ def step_metrics(
             metrics[f"loss/{name}"] = token_loss[sel].mean().item() if count else 0.0
             metrics[f"A/{name}"] = gap[sel].mean().item() if count else 0.0
     elif objective.router == "split":  # EOPD / VA-OPD: the share of tokens at or above the split threshold
-        route = pooled(share.route for share in shares)
+        route = pooled(share.plan.route for share in shares)
         metrics[f"frac/high_{objective.split_on}"] = (route == 1).double().mean().item()
     if diagnostics:  # what DOPD's routing would see on this step, whatever the objective
         logprob = {v: pooled(s.targets[v].token_logprob for s in scored) for v in DIAGNOSTIC_VIEWS}

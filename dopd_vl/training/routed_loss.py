@@ -12,20 +12,22 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dopd_vl.loss.chunked import ChunkedLossOutput, TargetStates, chunked_objective_loss, chunked_token_logprobs
 from dopd_vl.method.objectives import Objective
-from dopd_vl.modality.batches import ViewBatch
-from dopd_vl.models.loading import final_hidden_states, output_embedding_weight
+from dopd_vl.method.plan import TokenPlan
+from dopd_vl.modality.batches import ViewBatch, valid_response_states
+from dopd_vl.models.loading import output_embedding_weight
 
 __all__ = ["RoutedLoss"]
 
 
 @dataclass(frozen=True)
 class RoutedLoss:
-    """`loss(model, view, route=..., token_weight=..., targets=...)`: the routed loss of the student
-    `model` over a micro-batch's valid tokens (its share of the step's loss, §1.6).
+    """`loss(model, view, plan=..., targets=...)`: the routed loss of the student `model` over a
+    micro-batch's valid tokens, each on its plan's route with its plan's weight (its share of the
+    step's loss, §1.6).
 
     Passed as the function of a `ModelCall` (`student_call(loss, view, ...)`), so the model it gets
     is the one inside the DDP / FSDP wrapper.
@@ -41,25 +43,21 @@ class RoutedLoss:
         model: nn.Module,
         view: ViewBatch,
         *,
-        route: Tensor,
-        token_weight: Tensor,
+        plan: TokenPlan,
         targets: dict[str, TargetStates],
         with_logprob: bool = False,
     ) -> ChunkedLossOutput:
         """`with_logprob`: also the student's log p of each sampled token (detached), for the
         rollout engine's mismatch metric: one more chunked pass over the head, no extra forward.
         Normalised over every head row, as vLLM's raw log-probs are (like with like)."""
-        inputs, positions, mask = view.inputs, view.response_positions, view.response_mask
-        hidden = final_hidden_states(model, inputs)
-        hidden = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))[mask]
-        ids = inputs["input_ids"].gather(1, (positions + 1).clamp_max(inputs["input_ids"].shape[1] - 1))[mask]
+        hidden, ids = valid_response_states(model, view)
         out = chunked_objective_loss(
             self.objective,
             hidden,
             output_embedding_weight(model),
             ids,
-            route,
-            token_weight,
+            plan.route,
+            plan.weight,
             targets,
             self.vocab_size,
             self.chunk_size,

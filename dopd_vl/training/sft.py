@@ -18,9 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dopd_vl.loss import chunk_logits
-from dopd_vl.modality.batches import build_view
+from dopd_vl.modality.batches import build_view, valid_response_states
 from dopd_vl.models.loading import output_embedding_weight
-from dopd_vl.training.scoring import valid_response_states
 
 logger = logging.getLogger(__name__)
 

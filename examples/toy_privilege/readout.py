@@ -50,9 +50,9 @@ def first_step(out: Path, spec: str, seed: int, prepared: toy.Prepared, task: to
 
     config = toy.distill_config(f"readout={spec};diagnostics=false", seed, prepared, out, 1, task, device)
     trainer = Trainer(config)
-    micro_batches = trainer.sample()
+    micro_batches = sample_step(trainer.run, trainer.step)
     trainer.train_step(micro_batches, update=False)
-    params = [p for p in trainer.models.student.parameters() if p.requires_grad]
+    params = [p for p in trainer.run.models.student.parameters() if p.requires_grad]
     grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double() for p in params])
     return trainer, micro_batches, grad
 
@@ -64,11 +64,11 @@ def token_labels(trainer, micro_batches, target: str = "meta.solution") -> dict[
     correctly), each 0/1."""
     from dopd_vl import answer_ids, build_view, final_hidden_states, is_correct, output_embedding_weight
 
-    tokenizer, teacher = trainer.tokenizer, trainer.models.teacher
+    tokenizer, teacher = trainer.run.tokenizer, trainer.run.models.teacher
     columns: dict[str, list[float]] = {"on_track": [], "student_right": [], "teacher_right": [], "response_right": []}
     for mb in micro_batches:
         records = [mb.records[i] for i in mb.rollout.record_index]
-        view = build_view(trainer.adapters["teacher"], "teacher_priv", records, mb.rollout.responses).to(
+        view = build_view(trainer.run.data.adapters["teacher"], "teacher_priv", records, mb.rollout.responses).to(
             next(teacher.parameters()).device
         )
         with torch.no_grad():

@@ -7,12 +7,14 @@ import sys
 import pytest
 import torch
 
+from dopd_vl.training.step import sample_step
+
 from conftest import REPO
 from helpers.independent_diagnostics import assert_equals_independent_statistics
 
 sys.path.insert(0, str(REPO))  # examples.toy_privilege
 from dopd_vl.cli import main as dopd
-from dopd_vl.cli.diagnose import diagnose_trainer, reading
+from dopd_vl.eval.diagnose import diagnose_run, reading
 from dopd_vl.training.config import load_config
 
 
@@ -55,11 +57,11 @@ def test_diagnose_never_changes_the_weights_and_logs_nothing(tmp_path):
         [f"output_dir={tmp_path / 'run'}", "objective.privileged_student=live", "diagnostics=true"],
     )
     trainer = Trainer(config)
-    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
-    result = diagnose_trainer(trainer, steps=2, progress=False)
-    after = trainer.student.state_dict()
+    before = {k: v.clone() for k, v in trainer.run.models.student.state_dict().items()}
+    result = diagnose_run(trainer.run, steps=2, progress=False)
+    after = trainer.run.models.student.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not trainer.optimizer.state and trainer.step == 0 and not (tmp_path / "run").exists()
+    assert not trainer.run.optimizer.state and trainer.step == 0 and not (tmp_path / "run").exists()
     assert result["recipe"]["privileged_student"] == "live" and len(result["steps"]) == 2
 
 
@@ -79,7 +81,9 @@ def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_
             ],
         )
         trainer = Trainer(config)
-        rows = [trainer.train_step(trainer.sample()) for _ in range(2)]  # the loop's step, without saving
+        rows = [
+            trainer.train_step(sample_step(trainer.run, trainer.step)) for _ in range(2)
+        ]  # the loop's step, without saving
         losses[diagnostics] = [(r["loss"], r["grad_norm"]) for r in rows]
         diag = [k for k in rows[0] if k.startswith("diag/")]
         if diagnostics:
@@ -98,7 +102,7 @@ def test_training_diagnostics_log_diag_metrics_and_leave_training_unchanged(tmp_
 
 def test_the_python_api_is_dopd_vl_diagnose():
     import dopd_vl
-    from dopd_vl.cli.diagnose import diagnose
+    from dopd_vl.eval.diagnose import diagnose
 
     assert dopd_vl.diagnose is diagnose
 
@@ -173,7 +177,7 @@ def test_reading_places_the_numbers_among_the_measured_cells(endorsement, inside
 def test_the_installed_study_is_the_committed_strength_study():
     """dopd diagnose quotes dopd_vl/assets/strength_study.json: exactly the measured points the
     strength study wrote (examples/toy_privilege/results/strength), nothing edited by hand."""
-    from dopd_vl.cli.diagnose import measured_study
+    from dopd_vl.eval.diagnose import measured_study
 
     committed = json.loads(
         (REPO / "examples" / "toy_privilege" / "results" / "strength" / "strength_study.json").read_text()
@@ -191,7 +195,7 @@ def test_the_installed_study_is_the_committed_strength_study():
 def test_the_installed_trust_study_is_the_committed_trust_study():
     """dopd diagnose quotes dopd_vl/assets/trust_study.json: the trust study's own summary of its
     committed results (examples/toy_privilege/results/trust), nothing edited by hand."""
-    from dopd_vl.cli.diagnose import measured_study
+    from dopd_vl.eval.diagnose import measured_study
     from examples.toy_privilege import trust  # noqa: E402 - the study's own summary of its results
 
     results = REPO / "examples" / "toy_privilege" / "results" / "trust"
@@ -278,7 +282,7 @@ def test_diagnose_reads_every_objective_and_reports_its_routes(tmp_path, objecti
         REPO / "configs" / "tiny_text.yaml",
         [f"output_dir={tmp_path}", f"objective.name={objective}", "diagnostics=true", "objective.top_k=16"],
     )
-    result = diagnose_trainer(Trainer(config), steps=1, progress=False)
+    result = diagnose_run(Trainer(config).run, steps=1, progress=False)
     routes = {k: v for k, v in result["summary"].items() if k.startswith("route/")}
     names = {
         "vanilla_opd": {"route/vanilla_opd"},
@@ -307,14 +311,14 @@ def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
             [f"output_dir={tmp_path / 'run'}", f"data.train={data}", "diagnostics=true"],
         )
         trainer = Trainer(config)
-        result = diagnose_trainer(trainer, steps=2, out=out, progress=False)
+        result = diagnose_run(trainer.run, steps=2, out=out, progress=False)
         rollouts = [json.loads(line) for line in (out / "diagnose_rollouts.jsonl").read_text().splitlines()]
         return config, trainer, result, rollouts
 
     _, trainer, _, first = run(ARITH, tmp_path / "first")
 
     def text(ids) -> str:
-        return trainer.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return trainer.run.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     records = {r["id"]: r for r in (json.loads(line) for line in ARITH.read_text().splitlines())}
     answered = set()
@@ -326,7 +330,7 @@ def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in records.values()))
     config, trainer, result, rollouts = run(data, tmp_path / "diag")
     assert [r["response_ids"] for r in rollouts] == [r["response_ids"] for r in first]
-    answers, m = result["answers"], trainer.models
+    answers, m = result["answers"], trainer.run.models
 
     @torch.no_grad()
     def greedy(model, adapter, record, view) -> str:
@@ -345,7 +349,7 @@ def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
         "teacher_plain_accuracy": (m.teacher, "teacher", "teacher_plain"),
     }
     for key, (model, adapter, view) in expected.items():
-        right = [is_correct(greedy(model, trainer.adapters[adapter], r, view), r["answer"]) for r in sampled]
+        right = [is_correct(greedy(model, trainer.run.data.adapters[adapter], r, view), r["answer"]) for r in sampled]
         assert answers[key] == pytest.approx(sum(right) / len(sampled), abs=1e-12), key
     assert answers["n"] == len(sampled)
 

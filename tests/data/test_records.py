@@ -13,6 +13,7 @@ import torch
 from dopd_vl.cli import main
 from dopd_vl.data.records import load_records, records_root
 from dopd_vl.errors import DatasetError
+from dopd_vl.training.step import sample_step
 
 from conftest import COCO128, REPO
 
@@ -99,7 +100,7 @@ def _trainer(model_dir, data, out, extra=()):
 
 
 def _first_step(trainer):
-    batch = trainer.sample()[0]
+    batch = sample_step(trainer.run, trainer.step)[0]
     responses = [r.tolist() for r in batch.rollout.responses]
     return responses, trainer.train_step([batch])["loss"]
 

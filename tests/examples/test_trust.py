@@ -59,14 +59,14 @@ def independent_readout(trainer, micro_batches, student_path, teacher_path):
 
     from dopd_vl import build_views
 
-    config, tokenizer = trainer.config.objective, trainer.tokenizer
+    config, tokenizer = trainer.run.config.objective, trainer.run.tokenizer
     vocab = len(tokenizer)
     student = AutoModelForCausalLM.from_pretrained(student_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     records = [mb.records[i] for mb in micro_batches for i in mb.rollout.record_index]
     responses = [r for mb in micro_batches for r in mb.rollout.responses]
     views = build_views(
-        trainer.adapters, ("student", "teacher_priv", "student_priv", "teacher_plain"), records, responses
+        trainer.run.data.adapters, ("student", "teacher_priv", "student_priv", "teacher_plain"), records, responses
     )
 
     def logp(model, view, grad=False):

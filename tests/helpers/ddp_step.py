@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dopd_vl.distributed import reduce_sum
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
@@ -93,8 +95,8 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
     )
     trainer = Trainer(config)
     gathers = count_root_gathers(trainer) if parallel == "fsdp" else {}
-    records = trainer.records[:NUM_RECORDS]
-    responses = fixed_responses(trainer.tokenizer.eos_token_id)
+    records = trainer.run.data.records[:NUM_RECORDS]
+    responses = fixed_responses(trainer.run.tokenizer.eos_token_id)
     owner = [i // PER_RECORD for i in range(len(responses))]
 
     def micro_batch(rows: list[int]) -> MicroBatch:
@@ -104,7 +106,7 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
             Rollout([used.index(owner[r]) for r in rows], [responses[r] for r in rows], ["eos"] * len(rows)),
         )
 
-    process, processes = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    process, processes = trainer.run.accelerator.process_index, trainer.run.accelerator.num_processes
     splits = {"1x8": [list(range(8))], "4x2": [[0, 1], [2, 3], [4, 5], [6, 7]]}
     if mode == "2x2x2":
         assert processes == 2, "2x2x2 runs under torchrun with 2 processes"
@@ -112,22 +114,25 @@ def run_case(mode: str, parallel: str, case: str, args) -> dict:
     else:
         mine = splits[mode]
     results = {}
-    before = {n: whole(p) for n, p in trainer.student.named_parameters()}
+    before = {n: whole(p) for n, p in trainer.run.models.student.named_parameters()}
     norms = args.normalizations.split(",")
     for normalization in norms:
-        trainer.config.objective.normalization = normalization
+        trainer.run.config.objective.normalization = normalization
         metrics = trainer.train_step([micro_batch(rows) for rows in mine], update=False)
-        grads = {n: whole(p.grad) for n, p in trainer.student.named_parameters() if p.grad is not None}
-        results[normalization] = {"metrics": metrics, "grads": grads, "tokens": trainer.last_step_tokens}
+        grads = {n: whole(p.grad) for n, p in trainer.run.models.student.named_parameters() if p.grad is not None}
+        tokens = reduce_sum(trainer.run.accelerator, sum(responses[r].numel() for rows in mine for r in rows))
+        results[normalization] = {"metrics": metrics, "grads": grads, "tokens": int(tokens)}
         if args.update and normalization == norms[-1]:  # AdamW on the last normalisation's gradient
             trainer.apply_update(metrics["loss"])
             results["update"] = {
                 "before": before,
-                "after": {n: whole(p) for n, p in trainer.student.named_parameters()},
+                "after": {n: whole(p) for n, p in trainer.run.models.student.named_parameters()},
             }
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.run.optimizer.zero_grad(set_to_none=True)
     results["root_gathers"] = dict(gathers)
-    results["loss_backend"] = trainer.backends.loss_backend  # after the kernels' self-check (it may fall back to torch)
+    results["loss_backend"] = (
+        trainer.run.backends.loss_backend
+    )  # after the kernels' self-check (it may fall back to torch)
     return results
 
 
@@ -137,9 +142,9 @@ def count_root_gathers(trainer: Trainer) -> dict[str, int]:
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
     roots = {
-        "student": trainer.models.student_call,
-        "teacher": trainer.models.teacher,
-        "privileged_student": trainer.models.privileged_student,
+        "student": trainer.run.models.student_call,
+        "teacher": trainer.run.models.teacher,
+        "privileged_student": trainer.run.models.privileged_student,
     }
     counts = dict.fromkeys(roots, 0)
     real = FSDPParamGroup.unshard

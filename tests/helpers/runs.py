@@ -21,10 +21,12 @@ def text_config(out: Path, *overrides: str):
 
 
 def run_steps(trainer, steps: int) -> list[dict]:
+    from dopd_vl.training.step import sample_step
+
     """The body of Trainer.train without saving: rollout + step, `steps` times."""
     out = []
     for _ in range(steps):
-        out.append(trainer.train_step(trainer.sample()))
+        out.append(trainer.train_step(sample_step(trainer.run, trainer.step)))
     return out
 
 

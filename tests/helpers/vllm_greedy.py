@@ -20,7 +20,7 @@ ARITH = REPO / "configs" / "data" / "arith" / "data.jsonl"
 
 
 def responses(trainer, engine, records) -> list[list[int]]:
-    out = engine.sample(trainer.models, trainer.adapters["student"], records, trainer.config.rollout)
+    out = engine.sample(trainer.run.models, trainer.run.data.adapters["student"], records, trainer.run.config.rollout)
     return [r.tolist() for r in out.responses]
 
 
@@ -33,8 +33,8 @@ def main(out: Path) -> None:
     result = {}
     for engine in ("vllm", "hf"):
         trainer = Trainer(load_config(RECIPE, [*common, f"rollout.engine={engine}", f"output_dir={out / engine}"]))
-        records = [trainer.data.records[i] for i in range(8)]
-        both = lambda: {engine.name: responses(trainer, engine, records) for engine in (trainer.engine, HFEngine())}
+        records = [trainer.run.data.records[i] for i in range(8)]
+        both = lambda: {engine.name: responses(trainer, engine, records) for engine in (trainer.run.engine, HFEngine())}
         if engine == "vllm":
             result["before"] = both()
         trainer.train()
@@ -44,10 +44,10 @@ def main(out: Path) -> None:
         if engine == "vllm":
             result["after"] = both()
             with torch.no_grad():  # the live student moves; the engine keeps the last synced weights
-                for p in trainer.student.parameters():
+                for p in trainer.run.models.student.parameters():
                     p.add_(torch.randn_like(p) * 0.05)
             result["unsynced"] = both()
-            trainer.engine.sync(trainer.student)
+            trainer.run.engine.sync(trainer.run.models.student)
             result["resynced"] = both()
             del trainer
     (out / "result.json").write_text(json.dumps(result))

@@ -8,8 +8,8 @@ import torch
 
 from dopd_vl.loss.chunked import TargetStates, chunked_objective_loss, target_states
 from dopd_vl.loss.reference import objective_loss
-from dopd_vl.loss.routed import token_weights
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+from dopd_vl.method.plan import plan_tokens
 from dopd_vl.method.routing import Regime
 
 # -------------------------------------------------------------------------------- chunked path
@@ -79,9 +79,8 @@ def _run_both_paths(setup, config, tied):
             )
             keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
             stats = obj.step_statistics(signals, keys)
-            route = obj.assign_routes(torch.ones_like(flat_ids, dtype=torch.bool), signals, stats, keys)
-            route_bt = torch.full(mask.shape, -1).masked_scatter(mask, route)
-            weight = token_weights(obj, mask, route_bt, stats, signals)[mask]
+            plan = plan_tokens(obj, mask.sum(-1), signals, stats, keys)
+            route, weight = plan.route, plan.weight
             out = chunked_objective_loss(
                 obj, student_hidden[mask], head, flat_ids, route, weight, targets, REAL_V, chunk_size=3
             )

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from dopd_vl.loss import chunked_objective_loss, objective_loss, target_states
-from dopd_vl.loss.routed import token_weights
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+from dopd_vl.method.plan import plan_tokens
+from dopd_vl.training.step import sample_step
 
 pytest.importorskip("triton")
 
@@ -73,10 +74,8 @@ def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
         )
         keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
         stats = obj.step_statistics(signals, keys)
-        route = obj.assign_routes(torch.ones_like(flat, dtype=torch.bool), signals, stats, keys)
-        weight = token_weights(
-            obj, mask, torch.full(mask.shape, -1, device=mask.device).masked_scatter(mask, route), stats, signals
-        )[mask]
+        plan = plan_tokens(obj, mask.sum(-1), signals, stats, keys)
+        route, weight = plan.route, plan.weight
         out = chunked_objective_loss(
             obj, student_hidden[mask], head, flat, route, weight, targets, VOCAB, chunk_size=5, backend=backend
         )
@@ -163,8 +162,8 @@ def test_a_training_step_is_the_same_with_either_backend(tmp_path):
             ],
         )
         trainer = Trainer(config)
-        assert trainer.backends.loss_backend == backend
-        results[backend] = trainer.train_step(trainer.sample())
+        assert trainer.run.backends.loss_backend == backend
+        results[backend] = trainer.train_step(sample_step(trainer.run, trainer.step))
     # Random tiny models at the real vocabulary are near-uniform (a loss of ~1e-5 per token), which
     # fp32 cannot resolve to better than ~1%; in float64 both backends agree to rounding.
     for key in ("loss", "grad_norm", "entropy/student", "frac/HT"):
@@ -181,7 +180,7 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     import logging
 
     import dopd_vl.loss.kernels as kernels
-    import dopd_vl.training.setup as setup_module
+    import dopd_vl.training.run as setup_module
     import dopd_vl.training.trainer as trainer_module
     from dopd_vl.errors import BackendCheckError
     from dopd_vl.training.config import load_config
@@ -208,12 +207,12 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     with caplog.at_level(logging.WARNING):
         trainer = trainer_module.Trainer(config("ok", "loss_backend=triton", vanilla))
     assert (
-        trainer.backends.loss_backend == "triton"
-        and trainer.backends.backend_check.passed
-        and trainer.backends.backend_check.rows == 1
+        trainer.run.backends.loss_backend == "triton"
+        and trainer.run.backends.backend_check.passed
+        and trainer.run.backends.backend_check.rows == 1
     )
     assert (
-        trainer.backends.backend_check.max_rel_error < 1e-5
+        trainer.run.backends.backend_check.max_rel_error < 1e-5
         and [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     )
 
@@ -230,7 +229,9 @@ def test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_bac
     with caplog.at_level(logging.WARNING):
         fallback = trainer_module.Trainer(config("fallback", "loss_backend=auto", vanilla))
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "uses the torch backend" in warnings[0] and fallback.backends.loss_backend == "torch"
+    assert (
+        len(warnings) == 1 and "uses the torch backend" in warnings[0] and fallback.run.backends.loss_backend == "torch"
+    )
     fallback.train()
     torch_run = trainer_module.Trainer(config("torch", "loss_backend=torch", vanilla))
     torch_run.train()

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dopd_vl.loss.reference import objective_loss
-from dopd_vl.loss.routed import rollout_weights
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+from dopd_vl.method.plan import rollout_weights
 
 from conftest import REPO
 
@@ -175,11 +175,13 @@ def test_va_opd_rollout_weights_are_per_prompt_group():
     va = torch.tensor([[1.0, 1.0], [0.0, 0.0], [5.0, 5.0], [5.0, 5.0]], dtype=torch.float64)
     from dopd_vl.method.routing import TokenSignals
 
-    w = rollout_weights(obj, mask, TokenSignals(visual_advantage=va), torch.tensor([0, 0, 1, 1]))
+    w = rollout_weights(obj, mask.sum(-1), TokenSignals(visual_advantage=va[mask]), torch.tensor([0, 0, 1, 1]))
     e = math.e
     assert w.tolist() == pytest.approx([2 * e / (e + 1), 2 / (e + 1), 1.0, 1.0])
-    flat = rollout_weights(obj, mask, TokenSignals(visual_advantage=va[mask]), torch.tensor([0, 0, 1, 1]))
-    assert torch.allclose(w, flat)  # [N] over valid tokens, as the trainer passes them
+    ragged = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    # [N] over the valid tokens, as the plan passes them: a shorter response's mean is over its own tokens
+    short = rollout_weights(obj, ragged.sum(-1), TokenSignals(visual_advantage=va[ragged]), torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(w, short)
 
 
 # ----------------------------------------------------------------------------------- Vision-OPD
@@ -272,10 +274,10 @@ def test_exopd_reference_is_the_frozen_initial_student(tmp_path):
 
     recipe = REPO / "configs" / "baselines" / "exopd.yaml"
     trainer = Trainer(load_config(recipe, [*TINY["text"], f"output_dir={tmp_path / 'a'}", *SMALL, "optim.lr=1e-2"]))
-    start = {k: v.clone() for k, v in trainer.student.state_dict().items()}
+    start = {k: v.clone() for k, v in trainer.run.models.student.state_dict().items()}
     trainer.train()
-    assert all(torch.equal(start[k], v) for k, v in trainer.models.reference.state_dict().items())
-    assert any(not torch.equal(start[k], v) for k, v in trainer.student.state_dict().items())
+    assert all(torch.equal(start[k], v) for k, v in trainer.run.models.reference.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in trainer.run.models.student.state_dict().items())
     shared = Trainer(
         load_config(
             recipe, [*TINY["text"], f"output_dir={tmp_path / 'b'}", *SMALL, "objective.privileged_student=initial"]

@@ -126,9 +126,9 @@ def test_trainer_resolves_auto_dtype_and_device_cpu(tiny_text_dir, text_records,
     )
     trainer = Trainer(config)
     assert (
-        trainer.device.type == "cpu"
-        and next(trainer.student.parameters()).dtype == torch.float32
-        and next(trainer.models.teacher.parameters()).dtype == torch.float32
+        trainer.run.device.type == "cpu"
+        and next(trainer.run.models.student.parameters()).dtype == torch.float32
+        and next(trainer.run.models.teacher.parameters()).dtype == torch.float32
     )
     with pytest.raises(ConfigError, match="device must be auto or cpu"):
         load_config(None, ["device=cuda:7"])

@@ -19,7 +19,7 @@ if os.environ.get("DOPD_REQUIRE_VLLM"):  # `make test-vllm`: a broken vLLM insta
 else:
     pytest.importorskip("vllm", reason="vLLM is not installed here: `make test-vllm` runs these in .venv-vllm")
 
-from dopd_vl.training.checkpoint import latest_checkpoint
+from dopd_vl.training.checkpointing.files import latest_checkpoint
 from dopd_vl.training.engines import LOGPROB_MISMATCH_WARN
 
 from conftest import REPO

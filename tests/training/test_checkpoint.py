@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from dopd_vl.cli import main
 from dopd_vl.errors import PREEMPTED_EXIT_CODE
-from dopd_vl.training.checkpoint import latest_checkpoint
+from dopd_vl.training.checkpointing.files import latest_checkpoint
 
 from conftest import REPO
 from helpers.runs import ARITH, ENV, PYTHON, read_metrics, text_config
@@ -205,7 +205,7 @@ def test_a_sharded_checkpoint_index_cannot_run_code(tmp_path, tiny_text_dir):
     from transformers import AutoModelForCausalLM
 
     from dopd_vl.errors import CheckpointError
-    from dopd_vl.training.checkpoint import load_student_weights
+    from dopd_vl.training.checkpointing.files import load_student_weights
 
     class Payload:
         def __reduce__(self):
@@ -229,7 +229,7 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
 
     from transformers import AutoModelForCausalLM
 
-    import dopd_vl.training.checkpoint as checkpoint
+    import dopd_vl.training.checkpointing.files as checkpoint
     from dopd_vl.errors import CheckpointError
     from dopd_vl.training.trainer import Trainer
 

@@ -7,6 +7,7 @@ from dopd_vl.data.records import load_records
 from dopd_vl.modality.adapters import make_adapter
 from dopd_vl.models.loading import load_model, load_processing, vision_token_ids
 from dopd_vl.training.rollout import RolloutConfig, sample_responses
+from dopd_vl.training.step import sample_step
 
 EOS = 151645
 
@@ -166,7 +167,7 @@ def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monk
     fails makes the run generate eagerly with one warning; an explicit `compiled` keeps raising."""
     import logging
 
-    import dopd_vl.training.setup as setup_module
+    import dopd_vl.training.run as setup_module
     import dopd_vl.training.trainer as trainer_module
     from dopd_vl.training.config import load_config
 
@@ -183,13 +184,13 @@ def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monk
     trainer = trainer_module.Trainer(
         load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=auto"])
     )
-    assert trainer.backends.generation == "compiled"
+    assert trainer.run.backends.generation == "compiled"
     with caplog.at_level(logging.WARNING):
-        first, second = trainer.sample(), trainer.sample()
+        first, second = sample_step(trainer.run, trainer.step), sample_step(trainer.run, trainer.step)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "deliberately failing compile" in warnings[0]
-    assert trainer.backends.generation == "eager" and first[0].rollout.responses and second[0].rollout.responses
-    assert trainer.run_info()["rollout_generation"] == {
+    assert trainer.run.backends.generation == "eager" and first[0].rollout.responses and second[0].rollout.responses
+    assert trainer.run.info()["rollout_generation"] == {
         "requested": "auto",
         "used": "eager",
         "fallback_reason": "RuntimeError: deliberately failing compile",
@@ -198,4 +199,4 @@ def test_auto_generation_falls_back_to_eager_when_compiling_fails(tmp_path, monk
         load_config(REPO / "configs" / "tiny_text.yaml", overrides + ["rollout.generation=compiled"])
     )
     with pytest.raises(RuntimeError, match="deliberately failing compile"):
-        explicit.sample()
+        sample_step(explicit.run, explicit.step)

@@ -162,19 +162,20 @@ def test_vanilla_opd_halves_held_out_reverse_kl(tmp_path):
         "max_steps=30",
     )
     trainer = Trainer(config)
-    held_out, trainer.records = trainer.records[-8:], trainer.records[:-8]
+    run = trainer.run
+    held_out, run.data.records = run.data.records[-8:], run.data.records[:-8]
 
     def held_out_rkl() -> float:
         return reverse_kl_to_teacher(
-            trainer.student,
-            trainer.models.teacher,
-            trainer.adapters,
+            run.models.student,
+            run.models.teacher,
+            run.data.adapters,
             held_out,
             RolloutConfig(num_generations=2, max_new_tokens=8),
-            trainer.models.eos_token_ids,
-            trainer.vocab_size,
+            run.models.eos_token_ids,
+            run.models.vocab_size,
             seed=0,
-            suppress_token_ids=trainer.models.suppress_ids,
+            suppress_token_ids=run.models.suppress_ids,
         )
 
     before = held_out_rkl()
@@ -200,17 +201,17 @@ def test_injected_non_finite_loss_skips_exactly_that_step(tmp_path, monkeypatch)
         return out
 
     monkeypatch.setattr(loss_module, "chunked_objective_loss", poisoned)
-    snapshots = [{k: v.clone() for k, v in trainer.student.state_dict().items()}]
+    snapshots = [{k: v.clone() for k, v in trainer.run.models.student.state_dict().items()}]
     metrics = []
     for _ in range(3):
         metrics += run_steps(trainer, 1)
-        snapshots.append({k: v.clone() for k, v in trainer.student.state_dict().items()})
+        snapshots.append({k: v.clone() for k, v in trainer.run.models.student.state_dict().items()})
     changed = [any(not torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
     assert changed == [True, False, True]
     assert [m["skipped_steps"] for m in metrics] == [0, 1, 1]
     assert math.isnan(metrics[1]["loss"]) and math.isfinite(metrics[2]["loss"])
     # Too many in a row stops training with a clear message.
-    trainer.config.max_consecutive_skips = 0
+    trainer.run.config.max_consecutive_skips = 0
     monkeypatch.setattr(loss_module, "chunked_objective_loss", lambda *a, **k: _nan(real_loss(*a, **k)))
     with pytest.raises(trainer_module.TrainingError, match="non-finite steps in a row"):
         run_steps(trainer, 1)
@@ -225,9 +226,9 @@ def _nan(out):
 def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dopd_vl.modality.batches import build_views
+    from dopd_vl.modality.batches import build_views, valid_response_states
     from dopd_vl.models.loading import output_embedding_weight, resolve_model_path
-    from dopd_vl.training.scoring import score_targets, valid_response_states
+    from dopd_vl.training.step import sample_micro_batch, score_targets
     from dopd_vl.training.trainer import Trainer
 
     trainer = Trainer(
@@ -240,23 +241,23 @@ def test_lora_trains_only_adapters_and_initial_is_the_base_model(tmp_path):
             "max_steps=2",
         )
     )
-    before = {k: v.clone() for k, v in trainer.student.named_parameters()}
+    run = trainer.run
+    before = {k: v.clone() for k, v in run.models.student.named_parameters()}
     run_steps(trainer, 2)
-    after = dict(trainer.student.named_parameters())
+    after = dict(run.models.student.named_parameters())
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("lora_" in k for k in changed)
     assert {k for k, p in after.items() if p.requires_grad} == {k for k in after if "lora_" in k}
 
     # The privileged student ("initial", adapter disabled) scores exactly like the untouched base model.
-    mb = trainer.rollout([0, 1])
+    mb = sample_micro_batch(run, [0, 1], trainer.step)
     records = [mb.records[i] for i in mb.rollout.record_index]
-    views = build_views(trainer.adapters, ("student", "student_priv"), records, mb.rollout.responses)
-    targets = score_targets(trainer.models, views)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(trainer.config.student.name_or_path))
+    views = build_views(run.data.adapters, ("student", "student_priv"), records, mb.rollout.responses)
+    targets = score_targets(run.models, views)
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(run.config.student.name_or_path))
     hidden, ids = valid_response_states(base, views["student_priv"])
-    logp = (
-        (hidden @ output_embedding_weight(base)[: trainer.vocab_size].T).log_softmax(-1).gather(-1, ids[:, None])[:, 0]
-    )
+    vocab_size = run.models.vocab_size
+    logp = (hidden @ output_embedding_weight(base)[:vocab_size].T).log_softmax(-1).gather(-1, ids[:, None])[:, 0]
     torch.testing.assert_close(targets["student_priv"].token_logprob, logp, rtol=1e-5, atol=1e-5)
-    live_hidden, _ = valid_response_states(trainer.student, views["student_priv"])
+    live_hidden, _ = valid_response_states(run.models.student, views["student_priv"])
     assert not torch.allclose(live_hidden, hidden, atol=1e-4)  # the adapters did change the live student

@@ -1,6 +1,6 @@
 """A run's checkpoints (docs/design.md §4.6): save, resume and the final student, for one process
-or many, whole (DDP) or sharded (FSDP2). The file format and its safety live in checkpoint.py;
-this module decides who writes what, and keeps every process in step when a write fails.
+or many, whole (DDP) or sharded (FSDP2). The file format and its safety live in files.py; this
+module decides who writes what, and keeps every process in step when a write fails.
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import logging
 import shutil
 from pathlib import Path
 
+from dopd_vl.distributed import any_process
 from dopd_vl.errors import CheckpointError
 from dopd_vl.models.folders import save_model_folder
-from dopd_vl.models.parallel import full_state_dict, sum_over_processes
-from dopd_vl.training.checkpoint import (
+from dopd_vl.models.parallel import full_state_dict
+from dopd_vl.training.checkpointing.files import (
     latest_checkpoint,
     load_checkpoint_state,
     load_sharded_state,
@@ -39,7 +40,7 @@ class Checkpointer:
         self.output_dir = Path(config.output_dir)
 
     def _any_failed(self, failed: bool) -> bool:
-        return sum_over_processes(self.accelerator, float(failed)) > 0  # also a barrier
+        return any_process(self.accelerator, failed)  # also a barrier
 
     def _student(self):
         """The student module whose weights a checkpoint holds (DDP's wrapper unwrapped)."""

@@ -31,21 +31,30 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dopd_vl.distributed import gather, reduce_sum
 from dopd_vl.eval.trust import mean_std, token_correct, trust_answers, trust_reading
+from dopd_vl.loss.chunked import chunked_token_logprobs
 from dopd_vl.method.routing import (
     INFORMATION_EDGE_NATS,
+    REGIME_COLORS,
     REGIME_NAMES,
     route_names,
     summarise_diagnostics,
     token_diagnostics,
 )
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS
+from dopd_vl.modality.batches import valid_response_states
+from dopd_vl.models.loading import output_embedding_weight
+from dopd_vl.training.config import TrainConfig, load_config
+from dopd_vl.training.rollout import rollout_metrics
+from dopd_vl.training.run import setup_run
+from dopd_vl.training.step import plan_micro_batch, sample_step, score_micro_batch, step_statistics, step_totals
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "diagnose",
-    "diagnose_trainer",
+    "diagnose_run",
     "reading",
     "measured_study",
 ]
@@ -57,98 +66,83 @@ def diagnose(
 ) -> dict:
     """Load the recipe's models and data, run `steps` steps of rollouts without updating, score all
     views and return (and, with `out`, write) the diagnosis. `config`: a TrainConfig or a YAML path."""
-    from dopd_vl.training.config import TrainConfig, load_config
-    from dopd_vl.training.trainer import Trainer
-
     if not isinstance(config, TrainConfig):
         config = load_config(config, overrides)
     elif overrides:
         raise ValueError("overrides apply to a recipe path; change the TrainConfig itself instead")
-    trainer = Trainer(dataclasses.replace(config, diagnostics=True))
-    return diagnose_trainer(trainer, steps, out, progress)
+    return diagnose_run(setup_run(dataclasses.replace(config, diagnostics=True)), steps, out, progress)
 
 
 @torch.no_grad()
-def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, progress: bool = True) -> dict:
-    """The diagnosis with an already built Trainer (its config must have `diagnostics: true`): the
-    first `steps` steps of its run, sampled and scored but never trained on. Nothing is updated:
-    no backward, no optimizer step; the student's weights are fingerprinted before and after."""
-    from dopd_vl.loss import chunked_token_logprobs
-    from dopd_vl.models.loading import output_embedding_weight
-    from dopd_vl.training.rollout import rollout_metrics
-    from dopd_vl.training.scoring import valid_response_states
-
+def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: bool = True) -> dict:
+    """The diagnosis of a built run (`setup_run`, with `diagnostics: true`): its first `steps` steps,
+    sampled and scored through the step's own functions (dopd_vl/training/step.py) but never trained
+    on. Nothing is updated: no backward, no optimizer step; the student's weights are fingerprinted
+    before and after."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    c, objective = trainer.config, trainer.objective
+    c, objective, a = run.config, run.objective, run.accelerator
     if not c.diagnostics:
-        raise ValueError("diagnose_trainer needs a Trainer built with diagnostics: true (diagnose() sets it)")
-    before = _fingerprint(trainer.student)
-    saved_step = trainer.step
+        raise ValueError("diagnose_run needs a run built with diagnostics: true (diagnose() sets it)")
+    student, tokenizer = run.models.student, run.tokenizer
+    before = _fingerprint(student)
     names = route_names(objective)
     step_tokens, step_rows, rollouts = [], [], []
     # The trust readout (`answers`) needs every training record to carry an answer.
-    answered, prompts = all("answer" in r for r in trainer.records), {}
-    try:
-        for k in tqdm(range(steps), desc="diagnose", disable=not (progress and trainer.accelerator.is_main_process)):
-            trainer.step = saved_step + k
-            micro_batches = trainer.sample()
-            scored = [trainer.score(mb) for mb in micro_batches]
-            stats = trainer.step_statistics(scored)
-            logprob = {
-                v: trainer.gather(torch.cat([s.targets[v].token_logprob for s in scored]).double())
-                for v in DIAGNOSTIC_VIEWS
-            }
-            student_logprob = []
-            for s in scored:  # the student's own plain view: the capability edge's second term
-                hidden, ids = valid_response_states(trainer.student, s.student_view)
-                student_logprob.append(
-                    chunked_token_logprobs(hidden, output_embedding_weight(trainer.student), ids, trainer.vocab_size)[
-                        0
-                    ].double()
-                )
-            logprob["student"] = trainer.gather(torch.cat(student_logprob))
-            per_token, thresholds = token_diagnostics(logprob, c.objective.outlier_fraction)
-            per_token["route"] = trainer.gather(torch.cat([trainer.routes(s, stats).double() for s in scored]))
-            per_token["teacher_entropy"] = trainer.gather(
-                torch.cat([s.targets["teacher_priv"].entropy for s in scored]).double()
-            )
-            per_token["q_teacher_plain"] = logprob["teacher_plain"].exp()
-            if answered:  # each token's response right (1) or wrong (0) against its record's answer
-                per_token["correct"] = trainer.gather(
-                    torch.cat([token_correct(trainer, mb, s) for mb, s in zip(micro_batches, scored)])
-                )
-                for mb in micro_batches:
-                    prompts.update({str(mb.records[i].get("id")): mb.records[i] for i in mb.rollout.record_index})
-            step_tokens.append(per_token)
-            row = {
-                "step": k + 1,
-                "tokens": int(per_token["regime"].numel()),
-                **summarise_diagnostics(per_token),
-                **_route_shares(per_token["route"], names),
-                "teacher_entropy/mean": float(per_token["teacher_entropy"].mean()),
-                **{f"threshold/{key}": value for key, value in thresholds.items()},
-                **rollout_metrics(micro_batches, trainer.tokenizer, trainer.reduce_sum),
-            }
-            step_rows.append(row)
+    answered, prompts = all("answer" in r for r in run.data.records), {}
+    for k in tqdm(range(steps), desc="diagnose", disable=not (progress and a.is_main_process)):
+        micro_batches = sample_step(run, k)
+        scored = [score_micro_batch(run, mb, k) for mb in micro_batches]
+        stats = step_statistics(run, scored)
+        totals = step_totals(run, scored)
+        logprob = {
+            v: gather(a, torch.cat([s.targets[v].token_logprob for s in scored]).double()) for v in DIAGNOSTIC_VIEWS
+        }
+        student_logprob = []
+        for s in scored:  # the student's own plain view: the capability edge's second term
+            hidden, ids = valid_response_states(student, s.student_view)
+            weight = output_embedding_weight(student)
+            student_logprob.append(chunked_token_logprobs(hidden, weight, ids, run.models.vocab_size)[0].double())
+        logprob["student"] = gather(a, torch.cat(student_logprob))
+        per_token, thresholds = token_diagnostics(logprob, c.objective.outlier_fraction)
+        routes = [plan_micro_batch(run, s, stats, totals).route.double() for s in scored]
+        per_token["route"] = gather(a, torch.cat(routes))
+        per_token["teacher_entropy"] = gather(
+            a, torch.cat([s.targets["teacher_priv"].entropy for s in scored]).double()
+        )
+        per_token["q_teacher_plain"] = logprob["teacher_plain"].exp()
+        if answered:  # each token's response right (1) or wrong (0) against its record's answer
+            right = [token_correct(tokenizer, mb, s.lengths).to(run.device) for mb, s in zip(micro_batches, scored)]
+            per_token["correct"] = gather(a, torch.cat(right))
             for mb in micro_batches:
-                for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
-                    rollouts.append(
-                        {
-                            "step": k + 1,
-                            "id": str(mb.records[i].get("id")),
-                            "response_ids": response.tolist(),
-                            "response": trainer.tokenizer.decode(response, skip_special_tokens=False),
-                        }
-                    )
-    finally:
-        trainer.step = saved_step
-    unchanged = _fingerprint(trainer.student) == before
+                prompts.update({str(mb.records[i].get("id")): mb.records[i] for i in mb.rollout.record_index})
+        step_tokens.append(per_token)
+        row = {
+            "step": k + 1,
+            "tokens": int(per_token["regime"].numel()),
+            **summarise_diagnostics(per_token),
+            **_route_shares(per_token["route"], names),
+            "teacher_entropy/mean": float(per_token["teacher_entropy"].mean()),
+            **{f"threshold/{key}": value for key, value in thresholds.items()},
+            **rollout_metrics(micro_batches, tokenizer, lambda t: reduce_sum(a, t)),
+        }
+        step_rows.append(row)
+        for mb in micro_batches:
+            for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
+                rollouts.append(
+                    {
+                        "step": k + 1,
+                        "id": str(mb.records[i].get("id")),
+                        "response_ids": response.tolist(),
+                        "response": tokenizer.decode(response, skip_special_tokens=False),
+                    }
+                )
+    unchanged = _fingerprint(student) == before
     if not unchanged:  # cannot happen unless a component trains in place; say so loudly
         raise RuntimeError("dopd diagnose changed the student's weights; please report this as a bug")
     pooled = {key: torch.cat([t[key] for t in step_tokens]) for key in step_tokens[0]}
     result = {
-        "recipe": _recipe_summary(c, objective, steps, trainer),
+        "recipe": _recipe_summary(c, objective, steps, run),
         "tokens": int(pooled["regime"].numel()),
         "summary": {
             **summarise_diagnostics(pooled),
@@ -165,9 +159,9 @@ def diagnose_trainer(trainer, steps: int = 4, out: str | Path | None = None, pro
         "student_weights_unchanged": unchanged,
     }
     if answered:
-        result["answers"] = trust_answers(trainer, list(prompts.values()), pooled["regime"], pooled["correct"])
+        result["answers"] = trust_answers(run, list(prompts.values()), pooled["regime"], pooled["correct"])
     result["reading"] = reading(result)
-    if out is not None and trainer.accelerator.is_main_process:
+    if out is not None and a.is_main_process:
         result["files"] = _write(Path(out), result, pooled, step_rows, rollouts)
     return result
 
@@ -185,8 +179,8 @@ def _fingerprint(model) -> tuple[float, ...]:
     return tuple(float(p.detach().double().sum()) for p in model.parameters())
 
 
-def _recipe_summary(c, objective, steps: int, trainer) -> dict:
-    per_step = c.optim.batch_size * c.optim.gradient_accumulation_steps * trainer.accelerator.num_processes
+def _recipe_summary(c, objective, steps: int, run) -> dict:
+    per_step = c.optim.batch_size * c.optim.gradient_accumulation_steps * run.accelerator.num_processes
     return {
         "student": c.student.name_or_path,
         "teacher": c.teacher.name_or_path,
@@ -199,7 +193,7 @@ def _recipe_summary(c, objective, steps: int, trainer) -> dict:
         "responses_per_step": per_step * c.rollout.num_generations,
         "max_new_tokens": c.rollout.max_new_tokens,
         "seed": c.seed,
-        "device": str(trainer.device),
+        "device": str(run.device),
     }
 
 
@@ -343,7 +337,6 @@ def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dopd_vl.cli.plots import REGIME_COLORS
 
     s = result["summary"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))

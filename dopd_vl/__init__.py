@@ -138,10 +138,10 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.eval.evaluate": ("EvalConfig", "generate_answers", "accuracy_report", "reverse_kl_to_teacher"),
     "dopd_vl.eval.harness": ("run_lm_eval", "run_lmms_eval", "records_task"),
     "dopd_vl.eval.diagnose": ("diagnose", "diagnose_run"),
-    "dopd_vl.cli.export": ("export_student",),
-    "dopd_vl.cli.plots": ("plot_run", "read_metrics"),
-    "dopd_vl.cli.demo": ("run_demo", "DemoConfig", "heldout_accuracy", "finetune_model", "split_by_image"),
-    "dopd_vl.cli.routing_page": ("route_records", "write_routing_html"),
+    "dopd_vl.apps.export": ("export_student",),
+    "dopd_vl.apps.plots": ("plot_run", "read_metrics"),
+    "dopd_vl.apps.demo": ("run_demo", "DemoConfig", "heldout_accuracy", "finetune_model", "split_by_image"),
+    "dopd_vl.apps.routing_page": ("route_records", "write_routing_html"),
     "dopd_vl.cli": ("main",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

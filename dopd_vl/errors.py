@@ -11,6 +11,9 @@ i.e. requeue and `--resume`); distinct from 0 (finished) and 1 (an error)."""
 class DopdError(Exception):
     """Base of every error dopd-vl raises on purpose."""
 
+    exit_code: int = 1
+    """The `dopd` command's exit status when this error stops it."""
+
 
 # ------------------------------------------------------------------------------------- data
 class DatasetError(DopdError, ValueError):

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.integration]  # loadg
 
 @pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
 def demo_dir(tmp_path_factory):
-    from dopd_vl.cli.demo import DemoConfig, run_demo
+    from dopd_vl.apps.demo import DemoConfig, run_demo
 
     out = tmp_path_factory.mktemp("demo") / "demo_out"
     config = DemoConfig(
@@ -74,7 +74,7 @@ def test_demo_writes_every_artifact(demo_dir, capsys):
 
 
 def test_routing_view_has_one_element_per_response_token(demo_dir):
-    from dopd_vl.cli.routing_page import route_records, write_routing_html
+    from dopd_vl.apps.routing_page import route_records, write_routing_html
     from dopd_vl.data.records import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_model, load_processing
@@ -201,7 +201,7 @@ def test_dopd_plot_cli(demo_dir, capsys, tmp_path):
 
 
 def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
-    from dopd_vl.cli.demo import run_demo
+    from dopd_vl.apps.demo import run_demo
 
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(DopdError, match="not a demo folder"):
@@ -219,7 +219,7 @@ def test_dopd_demo_shows_our_progress_bars_and_none_of_transformers(tmp_path, ca
 
     from transformers.utils import logging as transformers_logging
 
-    import dopd_vl.cli.demo as demo_module
+    import dopd_vl.apps.demo as demo_module
 
     small = functools.partial(
         demo_module.DemoConfig, eval_images=3, teacher_sft_steps=3, student_sft_steps=2, routing_records=2

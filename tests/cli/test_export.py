@@ -236,7 +236,7 @@ def test_lm_eval_harness_on_the_exported_toy_student_matches_dopd_eval(tmp_path)
 
 
 def test_export_refuses_what_it_cannot_export_and_leaves_nothing(tmp_path, capsys):
-    from dopd_vl.cli.export import export_student
+    from dopd_vl.apps.export import export_student
 
     with pytest.raises(DopdError, match="not a run folder"):
         export_student(tmp_path / "nothing", tmp_path / "out")

@@ -1,9 +1,9 @@
-"""The routing page (dopd_vl/cli/routing_page.py): the legend follows the objective, box labels
+"""The routing page (dopd_vl/apps/routing_page.py): the legend follows the objective, box labels
 stay readable."""
 
 
 def test_routing_legend_follows_the_objective_config():
-    from dopd_vl.cli.routing_page import regime_legend
+    from dopd_vl.apps.routing_page import regime_legend
     from dopd_vl.method.objectives import ObjectiveConfig
 
     legend = regime_legend()
@@ -25,7 +25,7 @@ def test_a_box_touching_the_top_edge_gets_its_label_inside_the_box(tmp_path):
 
     from PIL import Image
 
-    from dopd_vl.cli.routing_page import RoutedResponse, write_routing_html
+    from dopd_vl.apps.routing_page import RoutedResponse, write_routing_html
 
     Image.new("RGB", (120, 90), "white").save(tmp_path / "scene.png")
     objects = [

@@ -191,7 +191,7 @@ def test_data_image_roots_admits_a_folder_the_user_names(corpus, tmp_path):
 
 
 def test_the_routing_page_never_inlines_an_image_outside_the_roots(corpus, tmp_path):
-    from dopd_vl.cli.routing_page import RoutedResponse, write_routing_html
+    from dopd_vl.apps.routing_page import RoutedResponse, write_routing_html
     from dopd_vl.data.images import load_image
     from dopd_vl.errors import ImageOutsideRoots
 

@@ -141,7 +141,7 @@ def test_toy_experiment_and_demo_pass_the_device_on():
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    from dopd_vl.cli.demo import DemoConfig, run_demo
+    from dopd_vl.apps.demo import DemoConfig, run_demo
     from examples.toy_privilege import run as toy
 
     assert DemoConfig().device == "auto" and "device" in pyinspect.signature(run_demo).parameters

@@ -14,6 +14,7 @@ from dopd_vl.cli import main
 from dopd_vl.errors import ConfigError
 from dopd_vl.loss.chunked import TargetStates
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+from dopd_vl.method.plan import TokenPlan
 from dopd_vl.modality.adapters import make_adapter
 from dopd_vl.modality.batches import build_view, response_hidden_states
 from dopd_vl.models.loading import load_model, load_processing, output_embedding_weight
@@ -145,7 +146,7 @@ def test_trainer_logprobs_for_the_mismatch_are_normalised_over_every_head_row(ti
     head = output_embedding_weight(model).detach()
     targets = {v: TargetStates(hidden, head, torch.zeros(n)) for v in objective.views}
     out = RoutedLoss(objective, vocab, chunk_size=2)(
-        model, view, route=torch.zeros(n, dtype=torch.long), token_weight=torch.ones(n) / n, targets=targets,
+        model, view, plan=TokenPlan(torch.zeros(n, dtype=torch.long), torch.ones(n) / n, None), targets=targets,
         with_logprob=True,
     )  # fmt: skip
     logits = model(**view.inputs).logits.float()  # naive: every row of the head, like vLLM's raw log-probs

@@ -245,7 +245,7 @@ def _draw_labels(image, boxes: list[list[float]], names: list[str], colors) -> l
 
 
 def _tint(regime: str) -> str:
-    """The plots' regime colour, translucent behind text (one palette: dopd_vl/cli/plots.py)."""
+    """The plots' regime colour, translucent behind text (one palette: dopd_vl/apps/plots.py)."""
     return f"{REGIME_COLORS[regime]}66"
 
 

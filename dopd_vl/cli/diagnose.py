@@ -1,0 +1,40 @@
+"""`dopd diagnose`: the preflight of a recipe, what DOPD's routing will do on its data
+(dopd_vl/eval/diagnose.py, docs/design.md §1.11)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_parser(commands) -> None:
+    diagnose = commands.add_parser(
+        "diagnose", help="preflight: what DOPD's routing will do on your data (rollouts and scoring, no update)"
+    )
+    diagnose.add_argument("config", help="YAML recipe (configs/*.yaml)")
+    diagnose.add_argument("overrides", nargs="*", help="key=value or section.key=value overrides")
+    diagnose.add_argument(
+        "--steps",
+        type=int,
+        default=4,
+        help="steps of rollouts to score (default 4; the run's first steps, never trained on)",
+    )
+    diagnose.add_argument(
+        "--out", help="folder for diagnose.json, diagnose.png and diagnose_rollouts.jsonl (default OUTPUT_DIR/diagnose)"
+    )
+    diagnose.add_argument(
+        "--device", choices=("auto", "cpu"), help="auto (the GPU when present) or cpu; default: the recipe's"
+    )
+    diagnose.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from dopd_vl.eval.diagnose import diagnose
+    from dopd_vl.training.config import load_config
+
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    config = load_config(args.config, overrides)
+    out = Path(args.out) if args.out else Path(config.output_dir) / "diagnose"
+    result = diagnose(config, steps=args.steps, out=out)
+    print("\n".join(result["reading"]))
+    print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}")
+    return 0

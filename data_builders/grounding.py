@@ -38,7 +38,7 @@ from data_builders.formats.voc import load_voc
 from data_builders.formats.yolo import load_yolo
 from data_builders.output import BuildReport, check_on_error, finish_build, portable_source
 from data_builders.privileged import get_format
-from dopd_vl.data.records import json_lines
+from dopd_vl.data.sources import json_lines
 from dopd_vl.errors import DatasetError
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from typing import Protocol, runtime_checkable
 from data_builders.output import BuildReport, check_on_error, finish_build, portable_source
 from data_builders.privileged import get_format
 from dopd_vl.data.number_match import find_numbers, parse_number, same_number
-from dopd_vl.data.records import json_lines
+from dopd_vl.data.sources import json_lines
 from dopd_vl.errors import DatasetError
 
 __all__ = ["STYLES", "HintGenerator", "parse_solution", "make_hints", "find_leaks", "build_hints"]

@@ -4,7 +4,7 @@ Outputs: `.jsonl` (image paths relative to the file's folder), `.parquet`, or an
 `save_to_disk` folder; `embed_images=True` stores the image bytes in an `images` column (TRL's
 vision convention) so the dataset is one portable artifact. In Parquet and folder outputs the
 free-form `privileged` and `meta` fields are JSON text (Arrow needs one type per column);
-`dopd_vl.data.records.load_records` reads them back as dicts.
+`dopd_vl.data.sources.load_records` reads them back as dicts.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dopd_vl.data.image_roots import trust_image_roots
 from dopd_vl.data.images import image_parts
-from dopd_vl.data.records import validate_record
+from dopd_vl.data.schema import validate_record
 from dopd_vl.errors import DatasetError
 from dopd_vl.files import created_mode
 

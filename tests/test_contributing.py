@@ -99,7 +99,7 @@ def test_recipe_new_privileged_format(tmp_path):
 
     from data_builders.grounding import build_grounding, load_annotations
     from data_builders.privileged import get_format, register_format
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
 
     register_format(CountSentence(), overwrite=True)  # step 2
     assert get_format("count_sentence").name == "count_sentence"

@@ -44,7 +44,7 @@ def load_hf_detections(
     through `sv.Detections` like a detector's output, with the same validation, skip mode and
     degenerate-box policy as the file formats.
     """
-    from dopd_vl.data.records import _open_dataset, _undecoded_images, records_root
+    from dopd_vl.data.sources import _open_dataset, _undecoded_images, records_root
 
     check_on_error(on_error)
     if bbox_format not in BBOX_FORMATS:

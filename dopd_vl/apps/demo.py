@@ -77,7 +77,7 @@ def make_demo_dataset(root: Path, num_images: int = 4, seed: int = 0) -> Path:
 def split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
     """train.jsonl / eval.jsonl beside data.jsonl, split by scene so no eval image is trained on."""
     from dopd_vl.data.images import image_parts
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
 
     records = load_records(data)
     scenes = sorted({next(iter(image_parts(r))) for r in records})
@@ -93,7 +93,7 @@ def split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
 
 
 def heldout_accuracy(model_path: Path | str, data: Path, config: DemoConfig, privileged: bool = False) -> dict:
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.eval.evaluate import EvalConfig, accuracy_report, generate_answers
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import eos_token_ids, load_model, load_processing, never_sampled_token_ids
@@ -120,7 +120,7 @@ def finetune_model(
     folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config: DemoConfig
 ) -> None:
     """Fine-tune a built tiny model on the answers, in place (views in turn, one per step)."""
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.folders import save_model_folder
     from dopd_vl.models.loading import load_model, load_processing, vocab_size
@@ -148,7 +148,7 @@ def run_demo(
 ) -> dict:
     from dopd_vl.apps.plots import plot_run, read_metrics
     from dopd_vl.apps.routing_page import route_records, write_routing_html
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.method.routing import REGIME_NAMES
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.folders import load_tokenizer

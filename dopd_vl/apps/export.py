@@ -252,7 +252,7 @@ def _make_portable(folder: Path, config: dict) -> None:
 # ------------------------------------------------------------------------------- evaluation
 def _before_after(config: dict, model, processing, data: str | Path, limit: int | None, max_new_tokens: int) -> dict:
     """Greedy accuracy (the `dopd eval` path) of the base student and of the exported student."""
-    from dopd_vl.data.records import load_records, records_root
+    from dopd_vl.data.sources import load_records, records_root
     from dopd_vl.eval.evaluate import EvalConfig, accuracy_report, generate_answers
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import eos_token_ids, load_model, never_sampled_token_ids

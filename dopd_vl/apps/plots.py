@@ -14,7 +14,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["read_metrics", "plot_run"]
 
 
-
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():

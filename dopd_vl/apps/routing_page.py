@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from dopd_vl.data.image_roots import ImageRoots, image_roots
 from dopd_vl.data.images import image_parts, load_image
-from dopd_vl.data.records import context_text
+from dopd_vl.data.schema import context_text
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
 from dopd_vl.method.routing import REGIME_COLORS, REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.method.views import TEACHER_VIEWS

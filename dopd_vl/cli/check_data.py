@@ -27,7 +27,7 @@ def add_parser(commands) -> None:
 def run(args) -> int:
     from dopd_vl.data.image_roots import image_roots
     from dopd_vl.data.preflight import check_data
-    from dopd_vl.data.records import records_root
+    from dopd_vl.data.sources import records_root
     from dopd_vl.method.objectives import build_objective
     from dopd_vl.method.views import PRIVILEGED_VIEWS
     from dopd_vl.modality.adapters import make_adapter

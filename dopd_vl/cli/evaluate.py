@@ -57,7 +57,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.eval.evaluate import EvalConfig, accuracy_report, generate_answers
 
     if args.harness:

@@ -33,7 +33,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.errors import DatasetError
     from dopd_vl.method.views import PRIVILEGED_VIEWS, TEACHER_VIEWS, VIEWS
     from dopd_vl.modality.adapters import make_adapter

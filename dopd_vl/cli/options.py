@@ -35,7 +35,7 @@ def add_data_options(parser) -> None:
 def data_image_roots(args):
     """Where the --data records' image paths may lead (docs/design.md §3.1)."""
     from dopd_vl.data.image_roots import image_roots
-    from dopd_vl.data.records import records_root
+    from dopd_vl.data.sources import records_root
 
     return image_roots(records_root(args.data), args.image_root)
 

@@ -26,13 +26,8 @@ from tqdm.auto import tqdm
 
 from dopd_vl.data.image_roots import ImageRoots, image_roots
 from dopd_vl.data.images import image_parts
-from dopd_vl.data.records import (
-    DatasetRecords,
-    json_lines,
-    record_id,
-    records_root,
-    validate_record,
-)
+from dopd_vl.data.schema import record_id, validate_record
+from dopd_vl.data.sources import DatasetRecords, json_lines, records_root
 from dopd_vl.errors import DatasetError, ImageOutsideRoots
 
 __all__ = ["FAULT_KINDS", "Fault", "DataReport", "check_data", "check_image"]

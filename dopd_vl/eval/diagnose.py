@@ -337,7 +337,6 @@ def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     s = result["summary"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0][0]

@@ -60,7 +60,7 @@ def records_task(
     """An lm-evaluation-harness task config (a dict, with our callables) over our records: their
     plain-view prompts rendered by our adapter, written to OUT/records_task.jsonl."""
     from dopd_vl.data.answers import is_correct
-    from dopd_vl.data.records import load_records, records_root
+    from dopd_vl.data.sources import load_records, records_root
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_processing, tokenizer_of
 
@@ -163,7 +163,7 @@ def lmms_records_task(
     from dopd_vl.data.answers import is_correct
     from dopd_vl.data.image_roots import image_roots as allowed_roots
     from dopd_vl.data.images import image_parts
-    from dopd_vl.data.records import load_records, records_root
+    from dopd_vl.data.sources import load_records, records_root
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_processing
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from dopd_vl.data.image_roots import image_roots
-from dopd_vl.data.records import records_root
-from dopd_vl.data.training_records import RecordPicker, preflight_records
+from dopd_vl.data.sources import records_root
+from dopd_vl.data.training_set import RecordPicker, preflight_records
 from dopd_vl.distributed import any_process
 from dopd_vl.errors import ConfigError, DatasetError
 from dopd_vl.loss.chunked import auto_chunk_size

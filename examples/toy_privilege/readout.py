@@ -1,6 +1,6 @@
 """The trust study's first-step readout: who is right on each routed token, and what each regime
 does to the gradient. No training: every number comes from the first step's rollouts (the same
-in every method's run of a seed) through `Trainer.train_step(update=False)`.
+in every method's run of a seed) through the package's step functions and `Trainer.train_step(update=False)`.
 
 Token labels. A sampled token is *on track* when its prefix equals the reference solution's
 (`meta.solution`, the true one) up to it; there the reference next token is known. The student is
@@ -44,31 +44,31 @@ READOUT_VARIANTS = {
 
 
 def first_step(out: Path, spec: str, seed: int, prepared: toy.Prepared, task: toy.Task, device: str = "cpu"):
-    """A Trainer for METHOD;overrides on the seed's models, its first step's rollouts, scored
-    batches and gradient (`train_step(update=False)`), as (trainer, micro_batches, scored, grad)."""
-    from dopd_vl import Trainer
+    """The run of METHOD;overrides on the seed's models, its first step's rollouts and gradient
+    (`train_step(update=False)`), as (run, micro_batches, grad)."""
+    from dopd_vl import Trainer, sample_step, setup_run
 
     config = toy.distill_config(f"readout={spec};diagnostics=false", seed, prepared, out, 1, task, device)
-    trainer = Trainer(config)
-    micro_batches = sample_step(trainer.run, trainer.step)
-    trainer.train_step(micro_batches, update=False)
-    params = [p for p in trainer.run.models.student.parameters() if p.requires_grad]
+    run = setup_run(config)
+    micro_batches = sample_step(run, 0)
+    Trainer(run).train_step(micro_batches, update=False)
+    params = [p for p in run.models.student.parameters() if p.requires_grad]
     grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double() for p in params])
-    return trainer, micro_batches, grad
+    return run, micro_batches, grad
 
 
-def token_labels(trainer, micro_batches, target: str = "meta.solution") -> dict[str, torch.Tensor]:
+def token_labels(run, micro_batches, target: str = "meta.solution") -> dict[str, torch.Tensor]:
     """Over the step's valid response tokens, flattened in (micro-batch, sequence, position)
     order: on_track, student_right (the sampled token is the reference's next), teacher_right
     (the privileged teacher's argmax is) and response_right (its response answers the record
     correctly), each 0/1."""
     from dopd_vl import answer_ids, build_view, final_hidden_states, is_correct, output_embedding_weight
 
-    tokenizer, teacher = trainer.run.tokenizer, trainer.run.models.teacher
+    tokenizer, teacher = run.tokenizer, run.models.teacher
     columns: dict[str, list[float]] = {"on_track": [], "student_right": [], "teacher_right": [], "response_right": []}
     for mb in micro_batches:
         records = [mb.records[i] for i in mb.rollout.record_index]
-        view = build_view(trainer.run.data.adapters["teacher"], "teacher_priv", records, mb.rollout.responses).to(
+        view = build_view(run.data.adapters["teacher"], "teacher_priv", records, mb.rollout.responses).to(
             next(teacher.parameters()).device
         )
         with torch.no_grad():
@@ -88,13 +88,13 @@ def token_labels(trainer, micro_batches, target: str = "meta.solution") -> dict[
     return {k: torch.tensor(v, dtype=torch.float64) for k, v in columns.items()}
 
 
-def step_regimes(trainer, micro_batches) -> torch.Tensor:
-    """The paper-rule regime of each valid token of the step, same order as `token_labels`."""
-    from dopd_vl import assign_regimes
+def step_regimes(run, micro_batches) -> torch.Tensor:
+    """The paper-rule regime of each valid token of the first step, same order as `token_labels`."""
+    from dopd_vl import plan_micro_batch, score_micro_batch, step_statistics, step_totals
 
-    scored = [trainer.score(mb) for mb in micro_batches]
-    stats = trainer.step_statistics(scored)
-    return torch.cat([assign_regimes(s.signals, stats).cpu() for s in scored])
+    scored = [score_micro_batch(run, mb, 0) for mb in micro_batches]
+    stats, totals = step_statistics(run, scored), step_totals(run, scored)
+    return torch.cat([plan_micro_batch(run, s, stats, totals).regime.cpu() for s in scored])
 
 
 def label_shares(regime: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict:
@@ -149,10 +149,10 @@ def readout(out: Path, seed: int, prepared: toy.Prepared, task: toy.Task, device
     """The first-step readout of one seed's student with one teacher (`prepared.teacher`)."""
     grads, labels, regime, responses = {}, None, None, None
     for name, spec in READOUT_VARIANTS.items():
-        trainer, micro_batches, grads[name] = first_step(out / name, spec, seed, prepared, task, device)
+        run, micro_batches, grads[name] = first_step(out / name, spec, seed, prepared, task, device)
         ids = [r.tolist() for mb in micro_batches for r in mb.rollout.responses]
         if name == "dopd":  # DOPD's trainer scores the routing signals
-            labels, regime = token_labels(trainer, micro_batches), step_regimes(trainer, micro_batches)
+            labels, regime = token_labels(run, micro_batches), step_regimes(run, micro_batches)
         if responses is None:  # rollouts are seeded by (seed, step): the same in every variant
             responses = ids
         elif ids != responses:

@@ -13,7 +13,8 @@ from PIL import Image
 from data_builders.grounding import annotated_image_from_detections, build_grounding, load_annotations
 from data_builders.privileged import get_format, register_format
 from dopd_vl.cli import main
-from dopd_vl.data.records import load_records, validate_record
+from dopd_vl.data.schema import validate_record
+from dopd_vl.data.sources import load_records
 from dopd_vl.errors import DatasetError
 
 from conftest import COCO128, REPO
@@ -126,7 +127,7 @@ def test_the_builder_trusts_its_image_folder_so_its_output_needs_no_configuratio
 ):
     from dopd_vl.data.image_roots import image_roots, trusted_image_roots
     from dopd_vl.data.images import image_parts, load_image
-    from dopd_vl.data.records import records_root
+    from dopd_vl.data.sources import records_root
     from dopd_vl.errors import ImageOutsideRoots
 
     out, records = coco128_records  # the output lies in a temporary folder, its images in ../shared

@@ -7,7 +7,7 @@ import pytest
 
 from data_builders.hints import build_hints, make_hints, parse_solution
 from dopd_vl.cli import main
-from dopd_vl.data.records import load_records
+from dopd_vl.data.sources import load_records
 
 from conftest import GSM8K
 

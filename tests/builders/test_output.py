@@ -10,7 +10,7 @@ import pytest
 from test_grounding import _cli_args, mini  # noqa: F401  (the fixture)
 
 from dopd_vl.cli import main
-from dopd_vl.data.records import load_records
+from dopd_vl.data.sources import load_records
 
 from conftest import REPO
 

@@ -75,7 +75,7 @@ def test_demo_writes_every_artifact(demo_dir, capsys):
 
 def test_routing_view_has_one_element_per_response_token(demo_dir):
     from dopd_vl.apps.routing_page import route_records, write_routing_html
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_model, load_processing
 
@@ -128,7 +128,7 @@ def test_routing_page_draws_the_privileged_boxes_and_their_labels(demo_dir):
     import base64
     import io
 
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
 
     page = (demo_dir / "routing.html").read_text()
     records = {r["id"]: r for r in load_records(demo_dir / "data" / "eval.jsonl")}

@@ -268,7 +268,7 @@ def test_quick_counts_vision_prompt_tokens_from_image_sizes_as_the_processor_doe
 
     from dopd_vl.data.image_roots import image_roots
     from dopd_vl.data.images import image_parts
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_processing
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dopd_vl.cli import main
-from dopd_vl.data.records import load_records, records_root
+from dopd_vl.data.sources import load_records, records_root
 from dopd_vl.errors import DatasetError
 from dopd_vl.training.step import sample_step
 

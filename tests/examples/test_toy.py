@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration  # see pyproject.toml's markers
 def test_task_records_and_char_tokenizer_round_trip():
     import random
 
-    from dopd_vl.data.records import validate_record
+    from dopd_vl.data.schema import validate_record
 
     rng = random.Random(0)
     problems = [make_problem(rng, i) for i in range(200)]
@@ -89,7 +89,8 @@ def test_toy_pipeline_smoke(tmp_path, task):
 
 
 def test_two_step_task_hints_are_intermediate_results_and_heldout_triples_are_unseen(tmp_path):
-    from dopd_vl.data.records import load_records, validate_record
+    from dopd_vl.data.schema import validate_record
+    from dopd_vl.data.sources import load_records
 
     train = load_records(write_split(tmp_path / "train.jsonl", 2000, seed=1, task="two_step", split_seed=3))
     heldout = load_records(

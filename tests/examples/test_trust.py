@@ -53,20 +53,20 @@ def _js(s, t):
     return 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)
 
 
-def independent_readout(trainer, micro_batches, student_path, teacher_path):
+def independent_readout(run, micro_batches, student_path, teacher_path):
     """Labels, regimes and gradients from plain HF forwards, float64, every rule written out here."""
     from transformers import AutoModelForCausalLM
 
     from dopd_vl import build_views
 
-    config, tokenizer = trainer.run.config.objective, trainer.run.tokenizer
+    config, tokenizer = run.config.objective, run.tokenizer
     vocab = len(tokenizer)
     student = AutoModelForCausalLM.from_pretrained(student_path)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path).eval()
     records = [mb.records[i] for mb in micro_batches for i in mb.rollout.record_index]
     responses = [r for mb in micro_batches for r in mb.rollout.responses]
     views = build_views(
-        trainer.run.data.adapters, ("student", "teacher_priv", "student_priv", "teacher_plain"), records, responses
+        run.data.adapters, ("student", "teacher_priv", "student_priv", "teacher_plain"), records, responses
     )
 
     def logp(model, view, grad=False):
@@ -148,8 +148,8 @@ def test_readout_equals_an_independent_computation(tmp_path):
     prepared = toy.Prepared(train, train, teacher, student, {})
     task = toy.TASKS["two_step"]
     result = readout.readout(tmp_path / "readout", 0, prepared, task, "cpu")
-    trainer, micro_batches, _ = readout.first_step(tmp_path / "again", "dopd", 0, prepared, task, "cpu")
-    ref = independent_readout(trainer, micro_batches, student, teacher)
+    run, micro_batches, _ = readout.first_step(tmp_path / "again", "dopd", 0, prepared, task, "cpu")
+    ref = independent_readout(run, micro_batches, student, teacher)
 
     for code, name in enumerate(readout.REGIMES):
         assert result[f"frac/{name}"] == pytest.approx(float((ref["regime"] == code).double().mean()), abs=1e-12)

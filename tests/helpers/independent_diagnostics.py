@@ -12,7 +12,7 @@ def independent_statistics(rollouts, config, steps):
     (one batched forward per view and step), log-softmax in float64, routing written out here."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    from dopd_vl.data.records import load_records, records_root
+    from dopd_vl.data.sources import load_records, records_root
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.modality.batches import build_views
     from dopd_vl.models.loading import load_processing, resolve_model_path

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dopd_vl.data.records import load_records
+from dopd_vl.data.sources import load_records
 from dopd_vl.errors import DatasetError
 from dopd_vl.method.views import VIEWS
 from dopd_vl.modality.adapters import make_adapter

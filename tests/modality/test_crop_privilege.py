@@ -11,7 +11,8 @@ from PIL import Image
 from data_builders.grounding import build_grounding, load_annotations
 from data_builders.privileged import CropFormat, get_format
 from dopd_vl.cli import main
-from dopd_vl.data.records import context_text, load_records, validate_record
+from dopd_vl.data.schema import context_text, validate_record
+from dopd_vl.data.sources import load_records
 from dopd_vl.errors import DatasetError
 from dopd_vl.method.views import VIEWS
 from dopd_vl.modality.adapters import make_adapter

@@ -122,7 +122,7 @@ def toy_models(tmp_path_factory):
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    from dopd_vl.data.records import load_records
+    from dopd_vl.data.sources import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_model
     from dopd_vl.models.tiny import build_tiny_qwen3

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dopd_vl.data.records import load_records
+from dopd_vl.data.sources import load_records
 from dopd_vl.modality.adapters import make_adapter
 from dopd_vl.models.loading import load_model, load_processing, vision_token_ids
 from dopd_vl.training.rollout import RolloutConfig, sample_responses

@@ -11,7 +11,7 @@ from typing import Any
 from dopd_vl.data.image_roots import ImageRoots, image_roots
 from dopd_vl.data.images import image_parts
 from dopd_vl.data.preflight import check_data
-from dopd_vl.data.records import load_records
+from dopd_vl.data.sources import load_records
 from dopd_vl.errors import DatasetError
 
 __all__ = ["preflight_records", "RecordPicker"]

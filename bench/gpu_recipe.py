@@ -165,7 +165,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (a check that runs anywhere)")
     args = parser.parse_intermixed_args()
 
-    import dopd_vl.training.run_models as setup_module  # internal: random real-shape weights built on the GPU
+    import dopd_vl.training.models as setup_module  # internal: random real-shape weights built on the GPU
     from dopd_vl import Trainer, load_config, sample_step
 
     with tempfile.TemporaryDirectory() as tmp:

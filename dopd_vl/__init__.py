@@ -47,7 +47,6 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "information_edge",
         "compute_thresholds",
         "assign_regimes",
-        "route_tokens",
         "token_diagnostics",
         "summarise_diagnostics",
         "route_names",
@@ -61,7 +60,15 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "build_objective",
         "register_objective",
     ),
-    "dopd_vl.method.plan": ("TokenPlan", "plan_tokens", "token_weights", "normalization_weights", "rollout_weights"),
+    "dopd_vl.method.plan": (
+        "TokenPlan",
+        "plan_tokens",
+        "token_weights",
+        "normalization_weights",
+        "rollout_weights",
+        "Routing",
+        "route_tokens",
+    ),
     "dopd_vl.loss.route_terms": ("route_divergence",),
     "dopd_vl.loss.reference": ("LossOutput", "objective_loss", "dopd_loss"),
     "dopd_vl.loss.chunked": (
@@ -82,7 +89,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.data.image_roots": ("image_roots", "ImageRoots", "trust_image_roots", "trusted_roots_file"),
     "dopd_vl.data.answers": ("is_correct", "answer_kind", "extract_number", "normalize_text"),
     "dopd_vl.modality.prompts": ("PromptConfig", "PromptInputs", "prompt_messages", "pad_batch"),
-    "dopd_vl.modality.adapters": ("make_adapter", "register_adapter"),
+    "dopd_vl.modality.adapters": ("Adapter", "ImageAdapter", "make_adapter", "register_adapter"),
     "dopd_vl.modality.batches": (
         "ViewBatch",
         "build_view",
@@ -118,7 +125,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.training.rollout": ("RolloutConfig", "VllmConfig", "Rollout", "MicroBatch", "sample_responses"),
     "dopd_vl.training.engines": ("RolloutEngine", "HFEngine", "VllmEngine", "LOGPROB_MISMATCH_WARN"),
     "dopd_vl.training.run": ("Run", "setup_run"),
-    "dopd_vl.training.run_models": ("RunModels", "ViewScorer", "ModelScorer"),
+    "dopd_vl.training.models": ("RunModels", "ViewScorer", "ModelScorer"),
     "dopd_vl.training.step": (
         "ScoredBatch",
         "sample_step",
@@ -136,7 +143,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.eval.diagnose": ("diagnose", "diagnose_run"),
     "dopd_vl.apps.export": ("export_student",),
     "dopd_vl.apps.plots": ("plot_run", "read_metrics"),
-    "dopd_vl.apps.demo": ("run_demo", "DemoConfig", "heldout_accuracy", "finetune_model", "split_by_image"),
+    "dopd_vl.apps.demo": ("run_demo", "DemoConfig"),
+    "dopd_vl.apps.scene_task": ("make_demo_dataset", "heldout_accuracy", "finetune_model", "split_by_image"),
     "dopd_vl.apps.routing_page": ("route_records", "write_routing_html"),
     "dopd_vl.cli": ("main",),
 }

@@ -14,21 +14,43 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from dopd_vl.apps.plots import plot_run, read_metrics
+from dopd_vl.apps.routing_page import route_records, write_routing_html
+from dopd_vl.apps.scene_task import finetune_model, heldout_accuracy, make_demo_dataset, split_by_image
+from dopd_vl.data.sources import load_records
 from dopd_vl.errors import DopdError
+from dopd_vl.method.objectives import ObjectiveConfig
+from dopd_vl.method.routing import REGIME_NAMES
+from dopd_vl.modality.adapters import make_adapter
+from dopd_vl.models.folders import load_tokenizer
+from dopd_vl.models.loading import (
+    check_same_tokenizer,
+    eos_token_ids,
+    load_model,
+    load_processing,
+    never_sampled_token_ids,
+    resolve_device,
+)
+from dopd_vl.models.tiny import build_tiny_qwen3_vl
+from dopd_vl.training.config import TrainConfig
+from dopd_vl.training.rollout import RolloutConfig, sample_responses
+from dopd_vl.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 _MARKER = ".dopd-demo"
 
-__all__ = ["DemoConfig", "make_demo_dataset", "split_by_image", "finetune_model", "heldout_accuracy", "run_demo"]
+__all__ = ["DemoConfig", "run_demo"]
 
 
 @dataclass
@@ -63,78 +85,6 @@ class DemoConfig:
     """auto: bfloat16 on GPUs that support it, float32 on CPU."""
 
 
-def make_demo_dataset(root: Path, num_images: int = 4, seed: int = 0) -> Path:
-    """Generated scenes -> COCO JSON -> the real grounding builder -> root/data.jsonl."""
-    from data_builders.grounding import build_grounding, load_annotations
-    from data_builders.synthetic import write_shape_scenes
-
-    images, annotations = write_shape_scenes(root, num_images, seed)
-    path = root / "data.jsonl"
-    build_grounding(load_annotations("coco", images, annotations), path, seed=seed)
-    return path
-
-
-def split_by_image(data: Path, eval_images: int) -> tuple[Path, Path]:
-    """train.jsonl / eval.jsonl beside data.jsonl, split by scene so no eval image is trained on."""
-    from dopd_vl.data.images import image_parts
-    from dopd_vl.data.sources import load_records
-
-    records = load_records(data)
-    scenes = sorted({next(iter(image_parts(r))) for r in records})
-    held_out = set(scenes[-eval_images:])
-    paths = {}
-    for name, keep in (
-        ("train", lambda r: next(iter(image_parts(r))) not in held_out),
-        ("eval", lambda r: next(iter(image_parts(r))) in held_out),
-    ):
-        paths[name] = data.parent / f"{name}.jsonl"
-        paths[name].write_text("".join(json.dumps(r) + "\n" for r in records if keep(r)), encoding="utf-8")
-    return paths["train"], paths["eval"]
-
-
-def heldout_accuracy(model_path: Path | str, data: Path, config: DemoConfig, privileged: bool = False) -> dict:
-    from dopd_vl.data.sources import load_records
-    from dopd_vl.eval.evaluate import EvalConfig, accuracy_report, generate_answers
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import eos_token_ids, load_model, load_processing, never_sampled_token_ids
-
-    model, processing = load_model(model_path, config.dtype, device=config.device).eval(), load_processing(model_path)
-    records = load_records(data)
-    answers = generate_answers(
-        model,
-        make_adapter(processing, image_root=data.parent),
-        records,
-        EvalConfig(max_new_tokens=8, privileged=privileged),
-        eos_token_ids(processing, model),
-        never_sampled_token_ids(processing, model),
-    )
-    report = accuracy_report(records, answers)
-    return {
-        "accuracy": report["accuracy"],
-        "per_type": {k: v["accuracy"] for k, v in report["per_type"].items()},
-        "count": report["count"],
-    }
-
-
-def finetune_model(
-    folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config: DemoConfig
-) -> None:
-    """Fine-tune a built tiny model on the answers, in place (views in turn, one per step)."""
-    from dopd_vl.data.sources import load_records
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.folders import save_model_folder
-    from dopd_vl.models.loading import load_model, load_processing, vocab_size
-    from dopd_vl.training.sft import SFTConfig, supervised_finetune
-
-    # Trained in float32 wherever it runs (a few steps from random weights), saved as float32.
-    model, processing = load_model(folder, "float32", device=config.device), load_processing(folder)
-    sft = SFTConfig(steps=steps, views=views, seed=seed)
-    supervised_finetune(
-        model, make_adapter(processing, image_root=train.parent), load_records(train), vocab_size(processing), sft
-    )
-    save_model_folder(model, None, folder)
-
-
 def run_demo(
     out_dir: str | Path = "demo_out",
     seed: int = 0,
@@ -145,155 +95,33 @@ def run_demo(
     config: DemoConfig | None = None,
     device: str | None = None,
     dtype: str | None = None,
+    say: Callable[[str], None] = logger.info,
 ) -> dict:
-    from dopd_vl.apps.plots import plot_run, read_metrics
-    from dopd_vl.apps.routing_page import route_records, write_routing_html
-    from dopd_vl.data.sources import load_records
-    from dopd_vl.method.routing import REGIME_NAMES
-    from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.folders import load_tokenizer
-    from dopd_vl.models.loading import (
-        check_same_tokenizer,
-        eos_token_ids,
-        load_model,
-        load_processing,
-        never_sampled_token_ids,
-        resolve_device,
-    )
-    from dopd_vl.models.tiny import build_tiny_qwen3_vl
-    from dopd_vl.training.config import load_config
-    from dopd_vl.training.rollout import RolloutConfig, sample_responses
-    from dopd_vl.training.trainer import Trainer
-
+    """The demo in its six phases (the module's docstring); `say` reports progress (`dopd demo`
+    passes `print`). Returns the summary also written to OUT/summary.json."""
     config = config or DemoConfig(seed=seed)
     config.steps = steps or config.steps
     config.num_images = num_images or config.num_images
     config.device, config.dtype = device or config.device, dtype or config.dtype
     resolve_device(config.device)  # a bad --device fails before any work
     started = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        if not (out / _MARKER).exists():
-            raise DopdError(f"{out} exists and is not a demo folder; pass --out with a new or earlier demo folder")
-        shutil.rmtree(out)  # an earlier demo's folder: start afresh
-    out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).write_text("written by dopd demo; the next demo run with this --out replaces the folder\n")
+    out = _fresh_demo_folder(Path(out_dir))
     torch.manual_seed(config.seed)
 
-    print(f"[1/6] dataset: {config.num_images} generated scenes -> COCO JSON -> dopd build grounding")
-    data = make_demo_dataset(out / "data", config.num_images, config.seed)
-    train, evaluation = split_by_image(data, config.eval_images)
-    counts = {name: sum(1 for _ in open(p, encoding="utf-8")) for name, p in (("train", train), ("eval", evaluation))}
-    print(f"      {data} ({counts['train']} train / {counts['eval']} eval questions)")
-
-    print("[2/6] models")
-    tokenizer = load_tokenizer()
-    if student:
-        student_path = student
-    else:
-        student_path = str(build_tiny_qwen3_vl(out / "models" / "student", tokenizer=tokenizer, seed=config.seed))
-        if config.student_sft_steps:
-            print(
-                f"      warming up the tiny student on answers, mostly without boxes ({config.student_sft_steps} "
-                f"supervised steps)"
-            )
-            finetune_model(
-                Path(student_path), train, config.student_sft_steps, config.student_sft_views, config.seed, config
-            )
-    if teacher:
-        teacher_path = teacher
-    else:
-        teacher_path = str(
-            build_tiny_qwen3_vl(
-                out / "models" / "teacher",
-                tokenizer=tokenizer,
-                hidden_size=96,
-                num_layers=3,
-                num_heads=6,
-                intermediate_size=192,
-                seed=config.seed + 1,
-            )
-        )
-        print(f"      teaching the tiny teacher to read the boxes ({config.teacher_sft_steps} supervised steps)")
-        finetune_model(
-            Path(teacher_path), train, config.teacher_sft_steps, config.teacher_sft_views, config.seed + 1, config
-        )
-    print(f"      student {student_path}\n      teacher {teacher_path}")
-
-    print("[3/6] accuracy before training (held-out scenes)")
-    before = {
-        "student": heldout_accuracy(student_path, evaluation, config),
-        "teacher_with_boxes": heldout_accuracy(teacher_path, evaluation, config, privileged=True),
-        "teacher_without_boxes": heldout_accuracy(teacher_path, evaluation, config),
-    }
-    for name, report in before.items():
-        print(f"      {name:22s} {report['accuracy']:.2f}  {report['per_type']}")
-
-    print(f"[4/6] DOPD training: {config.steps} steps")
-    run_dir = out / "run"
-    train_config = load_config(
-        None,
-        [
-            f"student.name_or_path={student_path}",
-            f"teacher.name_or_path={teacher_path}",
-            f"data.train={train}",
-            f"data.eval={evaluation}",
-            f"output_dir={run_dir}",
-            f"max_steps={config.steps}",
-            f"save_steps={config.steps}",
-            "save_total_limit=1",
-            f"seed={config.seed}",
-            "objective.name=dopd",
-            f"objective.privileged_student={config.privileged_student}",
-            f"objective.top_k={config.top_k}",
-            f"objective.topk_source={config.topk_source}",
-            f"rollout.num_generations={config.num_generations}",
-            f"rollout.max_new_tokens={config.max_new_tokens}",
-            f"optim.lr={config.lr}",
-            f"optim.batch_size={config.batch_size}",
-            "optim.warmup_steps=2",
-            f"device={config.device}",
-            f"teacher.dtype={config.dtype}",
-        ],
-    )
-    final = Trainer(train_config).train()
-    student_out = out / "student"
-    shutil.copytree(final, student_out)
-
-    print("[5/6] accuracy after training")
+    say(f"[1/6] dataset: {config.num_images} generated scenes -> COCO JSON -> dopd build grounding")
+    data, train, evaluation, counts = _dataset(out, config, say)
+    say("[2/6] models")
+    student_path, teacher_path = _models(out, config, train, student, teacher, say)
+    say("[3/6] accuracy before training (held-out scenes)")
+    before = _accuracy_before(student_path, teacher_path, evaluation, config, say)
+    say(f"[4/6] DOPD training: {config.steps} steps")
+    run_dir, student_out, objective = _train(out, config, student_path, teacher_path, train, evaluation)
+    say("[5/6] accuracy after training")
     after = {"student": heldout_accuracy(student_out, evaluation, config)}
-    print(f"      student                {after['student']['accuracy']:.2f}  {after['student']['per_type']}")
-
-    print("[6/6] plots, routing view, summary")
+    say(f"      student                {after['student']['accuracy']:.2f}  {after['student']['per_type']}")
+    say("[6/6] plots, routing view, summary")
     plots = plot_run(run_dir, out / "plots")
-    s_model = load_model(student_out, config.dtype, device=config.device).eval()
-    t_model = load_model(teacher_path, config.dtype, device=config.device).eval()
-    s_proc, t_proc = load_processing(student_out), load_processing(teacher_path)
-    adapters = {
-        "student": make_adapter(s_proc, image_root=evaluation.parent),
-        "teacher": make_adapter(t_proc, image_root=evaluation.parent),
-    }
-    records = load_records(evaluation)[: config.routing_records]
-    rollout = sample_responses(
-        s_model,
-        adapters["student"],
-        records,
-        RolloutConfig(num_generations=1, max_new_tokens=config.max_new_tokens),
-        eos_token_ids(s_proc, s_model),
-        never_sampled_token_ids(s_proc, s_model),
-    )
-    vocab = check_same_tokenizer(s_proc, t_proc, s_model, t_model)
-    routed, thresholds = route_records(
-        s_model, t_model, adapters, records, rollout.responses, vocab, train_config.objective
-    )
-    routing = write_routing_html(
-        out / "routing.html",
-        routed,
-        thresholds,
-        image_root=evaluation.parent,
-        title="DOPD token routing (demo student, held-out scenes)",
-        objective_config=train_config.objective,
-    )
+    routing = _routing_page(out, config, student_out, teacher_path, evaluation, objective)
 
     metrics = read_metrics(run_dir)
     mean_fractions = {r: sum(m[f"frac/{r}"] for m in metrics) / len(metrics) for r in REGIME_NAMES}
@@ -318,18 +146,142 @@ def run_demo(
     (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     (out / "summary.md").write_text(_summary_markdown(summary), encoding="utf-8")
     fractions = ", ".join(f"{r} {v:.2f}" for r, v in mean_fractions.items())
-    print(f"\nregime fractions (mean over steps): {fractions}")
-    print(
+    say(f"\nregime fractions (mean over steps): {fractions}")
+    say(
         f"student accuracy on held-out scenes: {before['student']['accuracy']:.2f} before -> "
         f"{after['student']['accuracy']:.2f} after "
         f"(teacher {before['teacher_with_boxes']['accuracy']:.2f} with boxes, "
         f"{before['teacher_without_boxes']['accuracy']:.2f} without)"
     )
-    print(
-        f"everything is in {out}/ (summary.md, routing.html, plots/, run/metrics.jsonl, student/); "
-        f"{summary['seconds']:.0f} s"
-    )
+    files = "summary.md, routing.html, plots/, run/metrics.jsonl, student/"
+    say(f"everything is in {out}/ ({files}); {summary['seconds']:.0f} s")
     return summary
+
+
+# ------------------------------------------------------------------------------ the phases
+def _fresh_demo_folder(out: Path) -> Path:
+    """OUT, new or an earlier demo's (replaced); any other non-empty folder is refused."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / _MARKER).exists():
+            raise DopdError(f"{out} exists and is not a demo folder; pass --out with a new or earlier demo folder")
+        shutil.rmtree(out)  # an earlier demo's folder: start afresh
+    out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("written by dopd demo; the next demo run with this --out replaces the folder\n")
+    return out
+
+
+def _dataset(out: Path, config: DemoConfig, say) -> tuple[Path, Path, Path, dict]:
+    """[1/6] generated scenes built into data.jsonl, split by scene into train / eval."""
+    data = make_demo_dataset(out / "data", config.num_images, config.seed)
+    train, evaluation = split_by_image(data, config.eval_images)
+    counts = {name: sum(1 for _ in open(p, encoding="utf-8")) for name, p in (("train", train), ("eval", evaluation))}
+    say(f"      {data} ({counts['train']} train / {counts['eval']} eval questions)")
+    return data, train, evaluation, counts
+
+
+def _models(out: Path, config: DemoConfig, train: Path, student: str | None, teacher: str | None, say):
+    """[2/6] the given models, or tiny ones built offline: a student warmed up on the answers
+    (mostly without boxes) and a teacher taught to read the boxes."""
+    tokenizer = load_tokenizer()
+    student_path = student
+    if not student_path:
+        student_path = str(build_tiny_qwen3_vl(out / "models" / "student", tokenizer=tokenizer, seed=config.seed))
+        if config.student_sft_steps:
+            say(
+                f"      warming up the tiny student on answers, mostly without boxes ({config.student_sft_steps} "
+                f"supervised steps)"
+            )
+            finetune_model(
+                Path(student_path), train, config.student_sft_steps, config.student_sft_views, config.seed, config
+            )
+    teacher_path = teacher
+    if not teacher_path:
+        shape = dict(hidden_size=96, num_layers=3, num_heads=6, intermediate_size=192)
+        teacher_path = str(
+            build_tiny_qwen3_vl(out / "models" / "teacher", tokenizer=tokenizer, seed=config.seed + 1, **shape)
+        )
+        say(f"      teaching the tiny teacher to read the boxes ({config.teacher_sft_steps} supervised steps)")
+        finetune_model(
+            Path(teacher_path), train, config.teacher_sft_steps, config.teacher_sft_views, config.seed + 1, config
+        )
+    say(f"      student {student_path}\n      teacher {teacher_path}")
+    return student_path, teacher_path
+
+
+def _accuracy_before(student_path: str, teacher_path: str, evaluation: Path, config: DemoConfig, say) -> dict:
+    """[3/6] held-out accuracy of the student and of the teacher with and without the boxes."""
+    before = {
+        "student": heldout_accuracy(student_path, evaluation, config),
+        "teacher_with_boxes": heldout_accuracy(teacher_path, evaluation, config, privileged=True),
+        "teacher_without_boxes": heldout_accuracy(teacher_path, evaluation, config),
+    }
+    for name, report in before.items():
+        say(f"      {name:22s} {report['accuracy']:.2f}  {report['per_type']}")
+    return before
+
+
+def _train(out: Path, config: DemoConfig, student_path: str, teacher_path: str, train: Path, evaluation: Path):
+    """[4/6] DOPD through the same Trainer as `dopd train`; the final student copied to OUT/student."""
+    run_dir = out / "run"
+    base = TrainConfig()
+    train_config = dataclasses.replace(
+        base,
+        student=dataclasses.replace(base.student, name_or_path=student_path),
+        teacher=dataclasses.replace(base.teacher, name_or_path=teacher_path, dtype=config.dtype),
+        data=dataclasses.replace(base.data, train=str(train), eval=str(evaluation)),
+        output_dir=str(run_dir),
+        max_steps=config.steps,
+        save_steps=config.steps,
+        save_total_limit=1,
+        seed=config.seed,
+        objective=ObjectiveConfig(
+            name="dopd",
+            privileged_student=config.privileged_student,
+            top_k=config.top_k,
+            topk_source=config.topk_source,
+        ),
+        rollout=dataclasses.replace(
+            base.rollout, num_generations=config.num_generations, max_new_tokens=config.max_new_tokens
+        ),
+        optim=dataclasses.replace(base.optim, lr=config.lr, batch_size=config.batch_size, warmup_steps=2),
+        device=config.device,
+    )
+    final = Trainer(train_config).train()
+    student_out = out / "student"
+    shutil.copytree(final, student_out)
+    return run_dir, student_out, train_config.objective
+
+
+def _routing_page(
+    out: Path, config: DemoConfig, student_out: Path, teacher_path: str, evaluation: Path, objective: ObjectiveConfig
+) -> Path:
+    """[6/6] the trained student answers held-out records; each token coloured by its regime."""
+    s_model = load_model(student_out, config.dtype, device=config.device).eval()
+    t_model = load_model(teacher_path, config.dtype, device=config.device).eval()
+    s_proc, t_proc = load_processing(student_out), load_processing(teacher_path)
+    adapters = {
+        "student": make_adapter(s_proc, image_root=evaluation.parent),
+        "teacher": make_adapter(t_proc, image_root=evaluation.parent),
+    }
+    records = load_records(evaluation)[: config.routing_records]
+    rollout = sample_responses(
+        s_model,
+        adapters["student"],
+        records,
+        RolloutConfig(num_generations=1, max_new_tokens=config.max_new_tokens),
+        eos_token_ids(s_proc, s_model),
+        never_sampled_token_ids(s_proc, s_model),
+    )
+    vocab = check_same_tokenizer(s_proc, t_proc, s_model, t_model)
+    routed, thresholds = route_records(s_model, t_model, adapters, records, rollout.responses, vocab, objective)
+    return write_routing_html(
+        out / "routing.html",
+        routed,
+        thresholds,
+        image_root=evaluation.parent,
+        title="DOPD token routing (demo student, held-out scenes)",
+        objective_config=objective,
+    )
 
 
 def _summary_markdown(s: dict) -> str:

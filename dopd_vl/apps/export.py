@@ -16,7 +16,9 @@ import json
 import logging
 import os
 import shutil
+import string
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -280,7 +282,8 @@ def _before_after(config: dict, model, processing, data: str | Path, limit: int 
 
 # ------------------------------------------------------------------------------- the card
 def model_card(summary: dict, adapter: bool = False) -> str:
-    """README.md: Hub front matter, then how the student was made."""
+    """README.md: Hub front matter, then how the student was made, rendered from the template
+    `assets/model_card.md` (each `$name` filled from the run's summary)."""
     config = summary["config"]
     student, teacher = (
         portable_name(config["student"]["name_or_path"]),
@@ -296,35 +299,47 @@ def model_card(summary: dict, adapter: bool = False) -> str:
         **({"datasets": datasets} if datasets else {}),
     }
     objective = config["objective"]
+    dopd = objective["name"] == "dopd"
     version = summary["versions"].get("dopd_vl", "?")
-    lines = [
-        "---",
-        yaml.safe_dump(front, sort_keys=False).strip(),
-        "# license: fill in the licence of the base model and the data",
-        "---",
-        "",
-        f"# {student} distilled with DOPD"
-        if objective["name"] == "dopd"
-        else f"# {student} distilled with {objective['name']}",
-        "",
+    intro = (
         f"A {'Qwen3-VL' if vision else 'Qwen3'} student trained with [dopd-vl](https://github.com/dopd-vl/dopd-vl) "
-        f"{version} by on-policy "
-        "distillation: the student samples its own answers and minimises a per-token divergence to the teacher, who "
-        "sees privileged "
-        "context the student never has at inference."
-        + (
-            " DOPD (Dual On-policy Distillation) also scores every token with the student "
-            "given the same context and routes each token by the teacher's capability edge "
-            "to one of four losses."
-            if objective["name"] == "dopd"
-            else ""
-        ),
-        "",
-        "## How it was made",
-        "",
-        "| setting | value |",
-        "|---|---|",
-    ]
+        f"{version} by on-policy distillation: the student samples its own answers and minimises a per-token "
+        "divergence to the teacher, who sees privileged context the student never has at inference."
+    )
+    if dopd:
+        intro += (
+            " DOPD (Dual On-policy Distillation) also scores every token with the student given the same context "
+            "and routes each token by the teacher's capability edge to one of four losses."
+        )
+    local = any(
+        Path(str(p)).is_absolute()
+        for p in (config["student"]["name_or_path"], config["teacher"]["name_or_path"] or "", config["data"]["train"])
+    )
+    local_note = (
+        "The run used local models or data; the recipe names them by folder or file name only: point those keys at "
+        "your copies.\n\n"
+        if local
+        else ""
+    )
+    template = resources.files("dopd_vl").joinpath("assets/model_card.md").read_text(encoding="utf-8")
+    return string.Template(template).substitute(
+        front=yaml.safe_dump(front, sort_keys=False).strip(),
+        title=f"# {student} distilled with {'DOPD' if dopd else objective['name']}",
+        intro=intro,
+        settings="\n".join(f"| {k} | {v} |" for k, v in _settings(summary, config, student, teacher, adapter).items()),
+        recipe=_RECIPE,
+        results="\n".join(_results(summary)),
+        alarms=summary["collapse_alarms"],
+        skipped=summary["skipped_steps"],
+        version=version,
+        local_note=local_note,
+        use="\n".join(_use_code(student, vision, adapter)),
+    )
+
+
+def _settings(summary: dict, config: dict, student: str, teacher: str, adapter: bool) -> dict:
+    """The card's "How it was made" table (rows without a value are left out)."""
+    objective = config["objective"]
     rows = {
         "objective": objective["name"],
         "teacher": teacher or "(none)",
@@ -342,9 +357,12 @@ def model_card(summary: dict, adapter: bool = False) -> str:
         "exported from": summary["source"]
         + (" (adapter kept)" if adapter else " (LoRA merged)" if config["lora"]["enabled"] else ""),
     }
-    lines += [f"| {k} | {v} |" for k, v in rows.items() if v is not None]
-    lines += ["", "Full recipe: `dopd_recipe.yaml` in this folder (every setting of the run)."]
-    lines += ["", "## Results", ""]
+    return {k: v for k, v in rows.items() if v is not None}
+
+
+def _results(summary: dict) -> list[str]:
+    """The card's results: accuracy before and after (with --eval-data), the last step, the occupancy."""
+    lines = []
     if summary.get("evaluation"):
         ev = summary["evaluation"]
         lines += [
@@ -371,31 +389,14 @@ def model_card(summary: dict, adapter: bool = False) -> str:
             + ", ".join(f"{r} {_fmt(v)}" for r, v in summary["mean_regime_occupancy"].items())
             + ".",
         ]
-    lines += [
-        "",
-        f"Collapse guard alarms: {summary['collapse_alarms']}; skipped (non-finite) steps: {summary['skipped_steps']}.",
-        "",
-        "## Reproduce",
-        "",
-        "```bash",
-        f"pip install 'dopd-vl=={version}'",
-        f"dopd train {_RECIPE}",
-        "```",
-        "",
-    ]
-    if any(
-        Path(str(p)).is_absolute()
-        for p in (config["student"]["name_or_path"], config["teacher"]["name_or_path"] or "", config["data"]["train"])
-    ):
-        lines += [
-            "The run used local models or data; the recipe names them by folder or file name only: point those keys at "
-            "your copies.",
-            "",
-        ]
-    lines += ["## Use", "", "```python"]
+    return lines
+
+
+def _use_code(student: str, vision: bool, adapter: bool) -> list[str]:
+    """How to load the exported folder."""
     if adapter:
         auto = "AutoModelForImageTextToText" if vision else "AutoModelForCausalLM"
-        lines += [
+        return [
             "from peft import PeftModel",
             f"from transformers import {auto}, GenerationConfig",
             f"base = {auto}.from_pretrained({student!r})",
@@ -403,20 +404,17 @@ def model_card(summary: dict, adapter: bool = False) -> str:
             "generation_config = GenerationConfig.from_pretrained('THIS_FOLDER')  # the chat template's stop tokens; "
             "pass it to generate",
         ]
-    elif vision:
-        lines += [
+    if vision:
+        return [
             "from transformers import AutoModelForImageTextToText, AutoProcessor",
             "model = AutoModelForImageTextToText.from_pretrained('THIS_FOLDER')",
             "processor = AutoProcessor.from_pretrained('THIS_FOLDER')",
         ]
-    else:
-        lines += [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
-            "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')",
-        ]
-    lines += ["```", ""]
-    return "\n".join(lines)
+    return [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained('THIS_FOLDER')",
+        "tokenizer = AutoTokenizer.from_pretrained('THIS_FOLDER')",
+    ]
 
 
 def _looks_like_hub_id(name: str) -> bool:

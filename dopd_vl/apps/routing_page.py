@@ -25,7 +25,7 @@ from dopd_vl.method.objectives import ObjectiveConfig, build_objective
 from dopd_vl.method.routing import REGIME_COLORS, REGIME_NAMES, assign_regimes, token_signals
 from dopd_vl.method.views import TEACHER_VIEWS
 from dopd_vl.modality.batches import build_views
-from dopd_vl.training.run_models import ModelScorer
+from dopd_vl.training.models import ModelScorer
 
 __all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html", "label_rectangle"]
 

@@ -32,5 +32,6 @@ def run(args) -> int:
         num_images=args.images,
         device=args.device,
         dtype=args.dtype,
+        say=print,
     )
     return 0

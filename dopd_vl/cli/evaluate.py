@@ -98,7 +98,7 @@ def _eval_engine(args, model, processing, adapter, records, config, eos, never):
         return None
     import torch
 
-    from dopd_vl.models.loading import vocab_size
+    from dopd_vl.models.loading import is_vision_processing, vocab_size
     from dopd_vl.models.tiny import resolve_model_path
     from dopd_vl.training.engines import VllmEngine
     from dopd_vl.training.rollout import RolloutConfig
@@ -115,7 +115,7 @@ def _eval_engine(args, model, processing, adapter, records, config, eos, never):
         vocab_size=vocab_size(processing),
         eos_token_ids=eos,
         suppress_token_ids=never,
-        vision=hasattr(processing, "image_processor"),
+        vision=is_vision_processing(processing),
     )
 
 

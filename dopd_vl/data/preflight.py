@@ -20,7 +20,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from tqdm.auto import tqdm
 
@@ -259,13 +259,27 @@ def check_data(
     return valid, report, rows
 
 
+@runtime_checkable
+class RendersText(Protocol):
+    """A text adapter: its prompt is rendered chat text, tokenised by the preflight many at once."""
+
+    def prompt_text(self, record: dict, view: str) -> str: ...
+
+
+@runtime_checkable
+class CountsPromptTokens(Protocol):
+    """A vision adapter that counts a prompt's tokens from the image sizes, without decoding them."""
+
+    def prompt_length(self, record: dict, view: str, image_sizes: list[tuple[int, int]]) -> int | None: ...
+
+
 def _rendered(adapter, record: dict, view: str, image_sizes: list[tuple[int, int]], mode: str) -> str | int:
     """The view's rendered text (text adapters: tokenised in batches by the caller) or its length.
     `quick` counts a vision prompt's tokens from the image sizes without decoding them; `full`
     renders it through the processor, images decoded, as training does."""
-    if hasattr(adapter, "prompt_text"):
+    if isinstance(adapter, RendersText):
         return adapter.prompt_text(record, view)
-    if mode == "quick" and hasattr(adapter, "prompt_length"):
+    if mode == "quick" and isinstance(adapter, CountsPromptTokens):
         counted = adapter.prompt_length(record, view, image_sizes)
         if counted is not None:
             return counted

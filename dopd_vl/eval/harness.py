@@ -62,11 +62,11 @@ def records_task(
     from dopd_vl.data.answers import is_correct
     from dopd_vl.data.sources import load_records, records_root
     from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import load_processing, tokenizer_of
+    from dopd_vl.models.loading import is_vision_processing, load_processing, tokenizer_of
 
     records = list(load_records(data, split=split))[:limit]
     processing = load_processing(model)
-    if hasattr(processing, "image_processor"):
+    if is_vision_processing(processing):
         raise HarnessError(
             "a local records task of lm-eval is text-only; a vision student is evaluated by `dopd eval` (see "
             "docs/design.md §4.7)"
@@ -165,13 +165,13 @@ def lmms_records_task(
     from dopd_vl.data.images import image_parts
     from dopd_vl.data.sources import load_records, records_root
     from dopd_vl.modality.adapters import make_adapter
-    from dopd_vl.models.loading import load_processing
+    from dopd_vl.models.loading import is_vision_processing, load_processing
 
     records = [r for r in list(load_records(data, split=split))[:limit] if r.get("answer") is not None]
     if not records:
         raise ConfigError(f"{data}: no record has an `answer` to evaluate against")
     processing = load_processing(model)
-    if not hasattr(processing, "image_processor"):
+    if not is_vision_processing(processing):
         raise HarnessError("lmms-eval evaluates vision students; a text student's records go through --harness lm-eval")
     adapter = make_adapter(processing, image_root=allowed_roots(records_root(data), image_roots))
     out.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dopd_vl.method.objectives import Objective
+from dopd_vl.method.objectives import Objective, ObjectiveConfig, build_objective
 from dopd_vl.method.routing import TokenSignals, assign_regimes
 
-__all__ = ["TokenPlan", "plan_tokens", "token_weights", "normalization_weights", "rollout_weights"]
+__all__ = [
+    "TokenPlan",
+    "plan_tokens",
+    "token_weights",
+    "normalization_weights",
+    "rollout_weights",
+    "Routing",
+    "route_tokens",
+]
 
 
 @dataclass
@@ -169,3 +177,64 @@ def normalization_weights(
 def _per_token(per_sequence: Tensor, lengths: Tensor) -> Tensor:
     """[B] -> [N]: each sequence's value repeated over its valid tokens."""
     return torch.repeat_interleave(per_sequence, lengths.to(per_sequence.device))
+
+
+@dataclass
+class Routing:
+    """DOPD's routing of a [B, T] batch (`route_tokens`): per token, -1 / 0 where masked."""
+
+    regime: Tensor  # LongTensor like the inputs, -1 where mask is False
+    advantage_gap: Tensor  # 0 where mask is False
+    q_teacher: Tensor
+    q_student: Tensor
+    thresholds: dict[str, float]  # keys "A", "q_student", "q_teacher"
+
+
+def route_tokens(
+    teacher_logprob: Tensor,
+    student_priv_logprob: Tensor,
+    mask: Tensor,
+    outlier_fraction: float = 0.05,
+    thresholds: dict[str, float] | None = None,
+) -> Routing:
+    """Route every valid token of a [B, T] batch to one DOPD regime (Table 1.4), through the engine's
+    own path: the valid tokens flattened once, DOPD's signals, step statistics and token plan, the
+    regimes put back on the [B, T] grid.
+
+    Args:
+        teacher_logprob: [B, T] the privileged teacher's log-probs of the sampled tokens.
+        student_priv_logprob: [B, T] the privileged student's.
+        mask: [B, T] valid response tokens.
+        outlier_fraction: the share of largest values left out of the threshold means.
+        thresholds: None computes them over the valid tokens of this batch (`threshold_scope:
+            local`); the trainer passes step-wide thresholds from `compute_thresholds` instead.
+
+    Returns:
+        Routing: the regime per token (-1 where masked), the advantage gap, both confidences and
+        the thresholds.
+    """
+    if teacher_logprob.shape != student_priv_logprob.shape or teacher_logprob.shape != mask.shape:
+        raise ValueError(
+            "route_tokens: teacher_logprob, student_priv_logprob and mask must have one shape, got "
+            f"{tuple(teacher_logprob.shape)}, {tuple(student_priv_logprob.shape)}, {tuple(mask.shape)}"
+        )
+    mask = mask.bool()
+    objective = build_objective(ObjectiveConfig(outlier_fraction=outlier_fraction))
+    # Only the valid tokens are read: masked slots may hold anything (inf, nan).
+    signals = objective.token_signals(
+        {"teacher_priv": teacher_logprob[mask], "student_priv": student_priv_logprob[mask]}
+    )
+    if thresholds is None:
+        thresholds = objective.step_statistics(signals)
+    plan = plan_tokens(objective, mask.sum(-1), signals, thresholds)
+
+    def grid(values: Tensor, fill) -> Tensor:
+        return torch.full(mask.shape, fill, dtype=values.dtype, device=mask.device).masked_scatter(mask, values)
+
+    return Routing(
+        regime=grid(plan.regime, -1),
+        advantage_gap=grid(signals.advantage_gap, 0.0),
+        q_teacher=grid(signals.q_teacher, 0.0),
+        q_student=grid(signals.q_student, 0.0),
+        thresholds=thresholds,
+    )

@@ -20,14 +20,12 @@ __all__ = [
     "Regime",
     "REGIME_NAMES",
     "REGIME_COLORS",
-    "Routing",
     "TokenSignals",
     "trimmed_mean",
     "token_signals",
     "information_edge",
     "compute_thresholds",
     "assign_regimes",
-    "route_tokens",
     "token_diagnostics",
     "summarise_diagnostics",
     "route_names",
@@ -75,15 +73,6 @@ class TokenSignals:
     def map(self, fn) -> TokenSignals:
         """The same signals with `fn` applied to each present one (selecting, gathering, concatenating)."""
         return TokenSignals(**{name: fn(name, value) for name, value in self.present().items()})
-
-
-@dataclass
-class Routing:
-    regime: Tensor  # LongTensor like the inputs, -1 where mask is False
-    advantage_gap: Tensor  # 0 where mask is False
-    q_teacher: Tensor
-    q_student: Tensor
-    thresholds: dict[str, float]  # keys "A", "q_student", "q_teacher"
 
 
 def trimmed_mean(values: Tensor, outlier_fraction: float = 0.05) -> Tensor:
@@ -152,51 +141,6 @@ def assign_regimes(signals: TokenSignals, thresholds: dict[str, float]) -> Tenso
     low = torch.where(confident, int(Regime.LH), int(Regime.LL))
     high = torch.where(teacher_wins, int(Regime.HT), int(Regime.HS))
     return torch.where(high_gap, high, low).long()
-
-
-def route_tokens(
-    teacher_logprob: Tensor,
-    student_priv_logprob: Tensor,
-    mask: Tensor,
-    outlier_fraction: float = 0.05,
-    thresholds: dict[str, float] | None = None,
-) -> Routing:
-    """Route every valid token of a [B, T] batch to one DOPD regime (Table 1.4).
-
-    Args:
-        teacher_logprob: [B, T] the privileged teacher's log-probs of the sampled tokens.
-        student_priv_logprob: [B, T] the privileged student's.
-        mask: [B, T] valid response tokens.
-        outlier_fraction: the share of largest values left out of the threshold means.
-        thresholds: None computes them over the valid tokens of this batch (`threshold_scope:
-            local`); the trainer passes step-wide thresholds from `compute_thresholds` instead.
-
-    Returns:
-        Routing: the regime per token (-1 where masked), the advantage gap, both confidences and
-        the thresholds.
-    """
-    if teacher_logprob.shape != student_priv_logprob.shape or teacher_logprob.shape != mask.shape:
-        raise ValueError(
-            "route_tokens: teacher_logprob, student_priv_logprob and mask must have one shape, got "
-            f"{tuple(teacher_logprob.shape)}, {tuple(student_priv_logprob.shape)}, {tuple(mask.shape)}"
-        )
-    mask = mask.bool()
-    # Masked slots may hold anything (inf, nan); replace them before any arithmetic.
-    l_t = torch.where(mask, teacher_logprob.detach(), torch.zeros_like(teacher_logprob))
-    l_s = torch.where(mask, student_priv_logprob.detach(), torch.zeros_like(student_priv_logprob))
-    signals = token_signals(l_t, l_s)
-    if thresholds is None:
-        valid = TokenSignals(*(x[mask] for x in (signals.advantage_gap, signals.q_teacher, signals.q_student)))
-        thresholds = compute_thresholds(valid, outlier_fraction)
-    regime = torch.where(mask, assign_regimes(signals, thresholds), -1)
-    zero = torch.zeros((), dtype=torch.float64, device=mask.device)
-    return Routing(
-        regime=regime,
-        advantage_gap=torch.where(mask, signals.advantage_gap, zero),
-        q_teacher=torch.where(mask, signals.q_teacher, zero),
-        q_student=torch.where(mask, signals.q_student, zero),
-        thresholds=thresholds,
-    )
 
 
 # ------------------------------------------------------------ routing statistics (§1.11)

@@ -132,6 +132,11 @@ def is_vision_model(model: nn.Module) -> bool:
     return getattr(_unwrap(model).config, "vision_config", None) is not None
 
 
+def is_vision_processing(processing) -> bool:
+    """Whether a model's processing object is a processor with an image processor (Qwen3-VL), not a tokenizer."""
+    return getattr(processing, "image_processor", None) is not None
+
+
 def tokenizer_of(processing):
     """The tokenizer inside a processor, or the tokenizer itself."""
     return getattr(processing, "tokenizer", processing)

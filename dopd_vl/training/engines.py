@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from dopd_vl.distributed import reduce_sum
 from dopd_vl.errors import ConfigError, DopdError, ModelError
+from dopd_vl.modality.adapters import ImageAdapter
 from dopd_vl.modality.prompts import prompt_messages
 from dopd_vl.training.rollout import Rollout, RolloutConfig, sample_responses
 
@@ -313,7 +314,7 @@ def vllm_request(adapter, record: dict, view: str = "student") -> dict:
     settings of the same model folder, so its image placeholders are the ones already in the ids."""
     prompt = adapter.prompt(record, view)
     request = {"prompt_token_ids": prompt.input_ids.tolist()}
-    if hasattr(adapter, "view_images"):
+    if isinstance(adapter, ImageAdapter):
         images = adapter.view_images(record, prompt_messages(record, view, adapter.config.privileged_template))
         if images:
             request["multi_modal_data"] = {"image": images}

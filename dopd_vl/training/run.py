@@ -1,7 +1,7 @@
 """A run, built once before its first step (docs/design.md §4): `setup_run(config)` returns the
 `Run` every driver uses (the trainer, `dopd diagnose`, the studies' readouts), in named steps:
 
-* `setup_models` (run_models.py): the student, the teacher, the frozen copies, sharded under
+* `setup_models` (models.py): the student, the teacher, the frozen copies, sharded under
   `parallel: fsdp` (§4.6), and the scorer table (which model scores each view);
 * `setup_data`: the adapters, the preflight of every record (§3.1), the mid-run record picker;
 * `setup_optimizer`: AdamW with the cosine schedule, and DDP through accelerate (`parallel: ddp`);
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from dopd_vl.data.image_roots import image_roots
 from dopd_vl.data.sources import records_root
@@ -33,21 +34,25 @@ from dopd_vl.loss.selfcheck import checked_triton_backend
 from dopd_vl.method.objectives import Objective, build_objective
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS, PRIVILEGED_VIEWS, SCORING_VIEWS
 from dopd_vl.modality.adapters import make_adapter
-from dopd_vl.models.loading import output_embedding_weight
+from dopd_vl.models.loading import is_vision_processing, output_embedding_weight
 from dopd_vl.models.parallel import call_model, release
 from dopd_vl.models.tiny import resolve_model_path
 from dopd_vl.training.checkpointing import Checkpointer
-from dopd_vl.training.config import TrainConfig
+from dopd_vl.training.config import TrainConfig, config_to_dict
 from dopd_vl.training.engines import HFEngine, RolloutEngine, VllmEngine
+from dopd_vl.training.models import RunModels, setup_models
 from dopd_vl.training.rollout import resolve_generation
 from dopd_vl.training.routed_loss import RoutedLoss
-from dopd_vl.training.run_info import RunBackends, run_info, write_run_files
-from dopd_vl.training.run_models import RunModels, setup_models
+from dopd_vl.version import __version__
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Run",
+    "RunBackends",
+    "run_info",
+    "write_run_files",
+    "backend_metrics",
     "setup_run",
     "TrainingData",
     "setup_data",
@@ -249,7 +254,7 @@ def setup_rollout_engine(
         suppress_token_ids=models.suppress_ids,
         num_processes=accelerator.num_processes,
         seed=c.seed + accelerator.process_index,
-        vision=hasattr(models.processing, "image_processor"),
+        vision=is_vision_processing(models.processing),
         accelerator=accelerator,
     )
     engine.sync(models.student)
@@ -268,3 +273,66 @@ def _check_image_context(records, source: str) -> None:
             record=record.get("id", "?"),
             field="privileged_context",
         )
+
+
+# ------------------------------------------------------------------- what the run used (run.json)
+# What a run used where a setting left the choice open (docs/design.md §2, §4.6): `run.json` and
+# the recipe as trained (`config.yaml`) in the output folder, which `dopd export` puts in the card,
+# and the same facts as metrics on the first line the run logs.
+@dataclass
+class RunBackends:
+    """How this run computes: the loss backend, its self-check, chunking and generation."""
+
+    loss_backend: str
+    backend_check: object | None  # a BackendCheck, when the Triton backend was asked for
+    loss_chunk_size: int
+    generation: str  # eager | compiled: what rollouts use now
+    generation_error: str | None = None  # why `auto` fell back to eager generation, if it did
+
+
+def run_info(
+    config: TrainConfig, backends: RunBackends, device, processes: int, train_records: int, skipped_records: int
+) -> dict:
+    """The contents of output_dir/run.json."""
+    import transformers
+
+    check = backends.backend_check.to_dict() if backends.backend_check is not None else None
+    return {
+        "versions": {"dopd_vl": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
+        "device": str(device),
+        "processes": processes,
+        "loss_backend": {"requested": config.loss_backend, "used": backends.loss_backend, "self_check": check},
+        "loss_chunk_size": backends.loss_chunk_size,
+        "rollout_generation": {
+            "requested": config.rollout.generation,
+            "used": backends.generation,
+            "fallback_reason": backends.generation_error,
+        },
+        "data": {
+            "train": config.data.train,
+            "train_records": train_records,
+            "preflight": config.data.preflight,
+            "skipped_records": skipped_records,
+        },
+    }
+
+
+def write_run_files(output_dir: Path, config: TrainConfig, info: dict) -> None:
+    """run.json and config.yaml (the main process calls this; the folder must exist)."""
+    (output_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    recipe = yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    (output_dir / "config.yaml").write_text(recipe, encoding="utf-8")
+
+
+def backend_metrics(backends: RunBackends) -> dict:
+    """`loss_backend/*` and `rollout/compiled`, logged on the run's first metrics line."""
+    check = backends.backend_check
+    metrics = {
+        "loss_backend/triton": float(backends.loss_backend == "triton"),
+        "rollout/compiled": float(backends.generation == "compiled"),
+    }
+    if check is not None:
+        metrics["loss_backend/self_check_passed"] = float(check.passed)
+        if check.max_rel_error is not None:
+            metrics["loss_backend/self_check_rel_error"] = check.max_rel_error
+    return metrics

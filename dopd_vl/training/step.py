@@ -20,9 +20,9 @@ from dopd_vl.method.plan import TokenPlan, plan_tokens
 from dopd_vl.method.routing import TokenSignals
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS
 from dopd_vl.modality.batches import ViewBatch, build_views
+from dopd_vl.training.models import RunModels
 from dopd_vl.training.rollout import MicroBatch, seed_step, step_prompt_indices
 from dopd_vl.training.run import Run
-from dopd_vl.training.run_models import RunModels
 
 __all__ = [
     "ScoredBatch",

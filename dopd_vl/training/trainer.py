@@ -33,8 +33,7 @@ from dopd_vl.training.guard import CollapseAlarm, CollapseGuard, collapse_messag
 from dopd_vl.training.metrics import LossShare, step_metrics
 from dopd_vl.training.preemption import StopSignals
 from dopd_vl.training.rollout import MicroBatch, rollout_metrics
-from dopd_vl.training.run import Run, setup_run
-from dopd_vl.training.run_info import backend_metrics
+from dopd_vl.training.run import Run, backend_metrics, setup_run
 from dopd_vl.training.step import plan_micro_batch, sample_step, score_micro_batch, step_statistics, step_totals
 
 logger = logging.getLogger(__name__)

@@ -283,4 +283,4 @@ def test_exopd_reference_is_the_frozen_initial_student(tmp_path):
             recipe, [*TINY["text"], f"output_dir={tmp_path / 'b'}", *SMALL, "objective.privileged_student=initial"]
         )
     )
-    assert shared.models.reference is shared.models.privileged_student is not None  # one frozen copy, not two
+    assert shared.run.models.reference is shared.run.models.privileged_student is not None  # one frozen copy, not two

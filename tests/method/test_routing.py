@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dopd_vl.method.routing import Regime, route_tokens, trimmed_mean
+from dopd_vl.method.plan import route_tokens
+from dopd_vl.method.routing import Regime, trimmed_mean
 
 
 @pytest.mark.parametrize("n", [19, 20, 21, 1000])

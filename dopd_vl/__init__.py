@@ -113,6 +113,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.models.folders": ("load_tokenizer", "save_model_folder", "SHIPPED_TOKENIZER_DIR"),
     "dopd_vl.models.tiny": (
         "resolve_model_path",
+        "build_char_tokenizer",
         "build_tiny_qwen3",
         "build_tiny_qwen3_vl",
         "qwen3_config",

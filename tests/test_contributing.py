@@ -145,7 +145,7 @@ def test_recipe_new_modality_adapter(tmp_path, text_records):
     sys.path.insert(0, str(REPO))
     from dopd_vl.modality.adapters import make_adapter, register_adapter
     from dopd_vl.modality.batches import build_views
-    from examples.toy_privilege.task import build_char_tokenizer
+    from dopd_vl import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     tokenizer.chat_template = None  # a base model's tokenizer

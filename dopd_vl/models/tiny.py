@@ -8,6 +8,7 @@ in a recipe is built once into a cache folder and then loads like any other mode
 from __future__ import annotations
 
 import logging
+import string
 from pathlib import Path
 
 import torch
@@ -20,12 +21,45 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "resolve_model_path",
+    "build_char_tokenizer",
     "qwen3_config",
     "build_tiny_qwen3",
     "qwen3_vl_config_and_processor",
     "build_tiny_qwen3_vl",
     "set_generation_defaults",
 ]
+
+
+CHAR_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAR_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+
+def build_char_tokenizer(out_dir: str | Path | None = None):
+    """A character-level PreTrainedTokenizerFast with ChatML special tokens (EOS <|im_end|>): ~100
+    ids, for toy tasks and tests whose tiny models learn in minutes (examples/toy_privilege)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
+    vocab = {tok: i for i, tok in enumerate(CHAR_SPECIALS + chars)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHAR_CHAT_TEMPLATE
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
 
 
 def resolve_model_path(name_or_path: str | Path) -> str:

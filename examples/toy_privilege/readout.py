@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from examples.toy_privilege import run as toy
+from examples.toy_privilege import harness as toy
 
 REGIMES = ("LH", "LL", "HT", "HS")
 
@@ -62,7 +62,7 @@ def token_labels(run, micro_batches, target: str = "meta.solution") -> dict[str,
     order: on_track, student_right (the sampled token is the reference's next), teacher_right
     (the privileged teacher's argmax is) and response_right (its response answers the record
     correctly), each 0/1."""
-    from dopd_vl import answer_ids, build_view, final_hidden_states, is_correct, output_embedding_weight
+    from dopd_vl import answer_ids, build_view, is_correct, output_embedding_weight, response_hidden_states
 
     tokenizer, teacher = run.tokenizer, run.models.teacher
     columns: dict[str, list[float]] = {"on_track": [], "student_right": [], "teacher_right": [], "response_right": []}
@@ -72,8 +72,7 @@ def token_labels(run, micro_batches, target: str = "meta.solution") -> dict[str,
             next(teacher.parameters()).device
         )
         with torch.no_grad():
-            hidden = final_hidden_states(teacher, view.inputs)
-            hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))
+            hidden = response_hidden_states(teacher, view)
             argmax = (hidden @ output_embedding_weight(teacher)[: len(tokenizer)].T).argmax(-1).cpu()
         for b, (record, response) in enumerate(zip(records, mb.rollout.responses)):
             reference = answer_ids(tokenizer, record, target).tolist()

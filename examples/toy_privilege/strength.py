@@ -1,8 +1,8 @@
 """The student-strength study: where does DOPD help? (run through `run.py --study calibrate|strength`)
 
-    python examples/toy_privilege/run.py --task add_hidden --study calibrate   # warm-up curve -> WARMUP_STEPS
+    python -m examples.toy_privilege.run --task add_hidden --study calibrate   # warm-up curve -> WARMUP_STEPS
     # 3 strengths x 3 seeds x 5 methods + the longer run
-    python examples/toy_privilege/run.py --task add_hidden --study strength
+    python -m examples.toy_privilege.run --task add_hidden --study strength
 
 The hypothesis from the main study: DOPD trails vanilla OPD because the toy students are weak, so
 their sampled mistakes are tokens the teacher rejects (q_T < q_S) and the capability edge lands in
@@ -30,7 +30,7 @@ import statistics
 import time
 from pathlib import Path
 
-from examples.toy_privilege import run as toy
+from examples.toy_privilege import harness as toy
 
 LEVELS = ("low", "middle", "high")
 TARGET_RATIOS = (0.25, 0.5, 0.75)
@@ -75,13 +75,13 @@ def calibrate(
     from dopd_vl import (
         EvalConfig,
         accuracy_report,
+        build_char_tokenizer,
         eos_token_ids,
         generate_answers,
         load_model,
         load_records,
         make_adapter,
     )
-    from examples.toy_privilege.task import build_char_tokenizer
 
     started = time.perf_counter()
     task, grid = toy.TASKS[task_name], tuple(grid or CALIBRATION_GRID[task_name])
@@ -184,7 +184,7 @@ def run_study(
     for level, steps in zip(LEVELS, warmup):
         print(f"== {task_name}: {level} student ({steps} warm-up steps)", flush=True)
         level_size = dataclasses.replace(size, student_sft_steps=steps)
-        levels[level] = toy.run(
+        levels[level] = toy.run_methods(
             out / level,
             task_name,
             level_size,
@@ -231,7 +231,7 @@ def long_runs(out: Path, task_name: str, size: toy.Size, device: str, reuse: boo
     if not reuse:  # the level's preparation is reused below; its earlier long runs are not
         for stale in [*level_dir.glob("runs/long_*"), *level_dir.glob("seed0/eval/long_*")]:
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    results = toy.run(
+    results = toy.run_methods(
         level_dir,
         task_name,
         size,
@@ -285,7 +285,7 @@ def first_step(level: dict, key: str) -> list[float]:
 
 
 def strength_tables(payload: dict) -> str:
-    fmt = toy._fmt
+    fmt = toy.mean_std
     levels = payload["levels"]
     text = (
         f"# Student-strength study `{payload['task']}`\n\nWarm-up steps {payload['warmup_steps']} (from "

@@ -16,46 +16,16 @@ most of them easy copies, the final answer last; the privileged context is the f
 (`hint: 7*6=42`), which a capable model can work out itself and which is never the final answer
 (c >= 1). Held-out problems are (a, b, c) triples never seen in training.
 
-The tokenizer is character-level (printable ASCII + Qwen's chat special tokens) with a minimal
-ChatML template, so prompts are a few dozen tokens and the output layer has ~100 rows.
+The tokenizer is the package's character-level one (`build_char_tokenizer`: printable ASCII +
+Qwen's chat special tokens, a minimal ChatML template), so prompts are a few dozen tokens and the
+output layer has ~100 rows.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import string
 from pathlib import Path
-
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def build_char_tokenizer(out_dir: str | Path | None = None):
-    """A character-level PreTrainedTokenizerFast with ChatML special tokens (EOS <|im_end|>)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        unk_token="<|endoftext|>",
-        additional_special_tokens=["<|im_start|>"],
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    if out_dir is not None:
-        tokenizer.save_pretrained(out_dir)
-    return tokenizer
-
 
 A_RANGE, B_RANGE = (0, 9), (0, 9)
 

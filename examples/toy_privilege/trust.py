@@ -1,6 +1,6 @@
 """The trust study: when should the student trust its teacher? (run through `run.py --study trust`)
 
-    python examples/toy_privilege/run.py --task two_step --study trust     # ~70 min on 2 cores
+    python -m examples.toy_privilege.run --task two_step --study trust     # ~70 min on 2 cores
 
 DOPD's HS rule (high advantage gap, q_S > q_T: learn from the student's own privileged view) is
 justified by the privileged teacher being unreliable there. Every earlier toy teacher was an
@@ -31,7 +31,7 @@ import statistics
 import time
 from pathlib import Path
 
-from examples.toy_privilege import run as toy
+from examples.toy_privilege import harness as toy
 from examples.toy_privilege import strength
 
 TEACHERS = {"clean": "meta.solution", "blind": "meta.blind_solution"}
@@ -321,7 +321,7 @@ def _readout(payload: dict, teacher: str, key, default=None) -> list[float]:
 
 
 def trust_tables(payload: dict) -> str:
-    fmt, size = toy._fmt, payload["size"]
+    fmt, size = toy.mean_std, payload["size"]
     selection = payload["selection"]
     text = (
         f"# Trust study `{payload['task']}`\n\nThe strength study's high student ({size['student_sft_steps']} warm-up "

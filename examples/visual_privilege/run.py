@@ -1,7 +1,7 @@
 """The paper's VLM comparison methods on the demo's generated scenes, on CPU.
 
-    python examples/visual_privilege/run.py            # 3 seeds (<= 30 min on 2 cores)
-    python examples/visual_privilege/run.py --quick    # 1 seed
+    python -m examples.visual_privilege.run            # 3 seeds (<= 30 min on 2 cores)
+    python -m examples.visual_privilege.run --quick    # 1 seed
 
 A seed covers the whole pipeline: generated scenes (COCO boxes) built twice by the grounding
 builder, once with boxes as text (`qwen3vl_grounding`) and once with the evidence crop (`crop`);
@@ -26,39 +26,31 @@ import argparse
 import json
 import logging
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))  # the repository root
-
-from data_builders import (  # noqa: E402
-    build_grounding,
-    load_annotations,
-    write_shape_scenes,  # noqa: E402
-)
-from dopd_vl import (  # noqa: E402  # noqa: E402
+from data_builders import build_grounding, load_annotations, write_shape_scenes
+from dopd_vl import (
     DemoConfig,
-    Trainer,  # noqa: E402
-    answer_ids,  # noqa: E402
-    build_tiny_qwen3_vl,  # noqa: E402
-    build_view,  # noqa: E402
-    final_hidden_states,
+    Trainer,
+    answer_ids,
+    build_tiny_qwen3_vl,
+    build_view,
     finetune_model,
     heldout_accuracy,
-    load_config,  # noqa: E402
+    load_config,
     load_model,
     load_processing,
-    load_records,  # noqa: E402
-    load_tokenizer,  # noqa: E402
-    make_adapter,  # noqa: E402
+    load_records,
+    load_tokenizer,
+    make_adapter,
     output_embedding_weight,
-    read_metrics,  # noqa: E402
+    read_metrics,
     split_by_image,
+    valid_response_states,
 )
 
 # label = (objective overrides, which privileged context the run trains with)
@@ -101,12 +93,8 @@ def answer_likelihood(model_dir: Path | str, data: Path) -> dict:
     for start in range(0, len(records), 16):
         batch = records[start : start + 16]
         view = build_view(adapter, "student", batch, [answer_ids(adapter.tokenizer, r) for r in batch])
-        hidden = final_hidden_states(model, view.inputs)
-        hidden = hidden.gather(1, view.response_positions[..., None].expand(-1, -1, hidden.shape[-1]))[
-            view.response_mask
-        ]
+        hidden, ids = valid_response_states(model, view)
         logp = (hidden @ output_embedding_weight(model).T).float().log_softmax(-1)
-        ids = view.response_ids[view.response_mask]
         total += logp.gather(1, ids[:, None]).sum().item()
         hits += int((logp.argmax(-1) == ids).sum())
         count += ids.numel()

@@ -168,7 +168,7 @@ def test_adapter_export_loads_with_peft_and_answers_as_the_merged_export(tmp_pat
 def test_lm_eval_harness_on_the_exported_toy_student_matches_dopd_eval(tmp_path):
     pytest.importorskip("lm_eval", reason="the [eval] extra (lm-evaluation-harness) is part of make test's install")
     sys.path.insert(0, str(REPO))
-    from examples.toy_privilege import run as toy
+    from examples.toy_privilege import harness as toy
 
     train, heldout = toy.write_data(tmp_path, "add_hidden", toy.TASKS["add_hidden"].sizes["smoke"], 0)
     student = toy.train_model(tmp_path / "student", "student", "add_hidden", train, 0, 60, device="cpu")

@@ -10,8 +10,9 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 
-from examples.toy_privilege import run as toy  # noqa: E402
-from examples.toy_privilege.task import build_char_tokenizer, make_problem, write_split  # noqa: E402
+from examples.toy_privilege import harness as toy  # noqa: E402
+from dopd_vl import build_char_tokenizer  # noqa: E402
+from examples.toy_privilege.task import make_problem, write_split  # noqa: E402
 
 pytestmark = pytest.mark.integration  # see pyproject.toml's markers
 
@@ -53,7 +54,7 @@ def test_toy_pipeline_smoke(tmp_path, task):
     ]
     if task == "two_step":  # the comparison study's methods go through the same pipeline
         specs += [("eopd", None), ("exopd_plain=exopd;objective.teacher_view=teacher_plain", None)]
-    payload = toy.run(tmp_path, task, size, specs)
+    payload = toy.run_methods(tmp_path, task, size, specs)
     table = (tmp_path / "results.md").read_text()
     for row in (
         "| student (start) |",
@@ -84,7 +85,7 @@ def test_toy_pipeline_smoke(tmp_path, task):
     )
     assert 0.0 <= payload["prepared"][0]["student_start"]["token_accuracy"] <= 1.0
     # --reuse: nothing is trained again, the same table comes back.
-    again = toy.run(tmp_path, task, size, specs, reuse=True)
+    again = toy.run_methods(tmp_path, task, size, specs, reuse=True)
     assert again["table"] == json.loads(json.dumps(payload["table"]))
 
 

@@ -142,8 +142,8 @@ def test_toy_experiment_and_demo_pass_the_device_on():
 
     sys.path.insert(0, str(REPO))
     from dopd_vl.apps.demo import DemoConfig, run_demo
-    from examples.toy_privilege import run as toy
+    from examples.toy_privilege import harness as toy
 
     assert DemoConfig().device == "auto" and "device" in pyinspect.signature(run_demo).parameters
-    for fn in (toy.run, toy.prepare, toy.evaluate, toy.distill, toy.per_token_report):
+    for fn in (toy.run_methods, toy.prepare, toy.evaluate, toy.distill, toy.per_token_report):
         assert pyinspect.signature(fn).parameters["device"].default == "auto"

@@ -127,7 +127,8 @@ def toy_models(tmp_path_factory):
     from dopd_vl.models.loading import load_model
     from dopd_vl.models.tiny import build_tiny_qwen3
     from dopd_vl.training.sft import SFTConfig, supervised_finetune
-    from examples.toy_privilege.task import build_char_tokenizer, write_split
+    from dopd_vl import build_char_tokenizer
+    from examples.toy_privilege.task import write_split
 
     root = tmp_path_factory.mktemp("guard")
     tokenizer = build_char_tokenizer()

@@ -143,9 +143,9 @@ class CompletionAdapter:
 
 def test_recipe_new_modality_adapter(tmp_path, text_records):
     sys.path.insert(0, str(REPO))
+    from dopd_vl import build_char_tokenizer
     from dopd_vl.modality.adapters import make_adapter, register_adapter
     from dopd_vl.modality.batches import build_views
-    from dopd_vl import build_char_tokenizer
 
     tokenizer = build_char_tokenizer()
     tokenizer.chat_template = None  # a base model's tokenizer

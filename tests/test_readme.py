@@ -57,6 +57,8 @@ def test_readme_command_is_valid(argv):
         rest = argv[argv.index("dopd_vl.cli") + 1 :]
         args = build_parser().parse_args(rest)
         load_config(REPO / args.config, args.overrides)
+    elif program == "python" and argv[1] == "-m":
+        _module_answers_help(argv[2:])
     elif program == "python":
         script = REPO / argv[1]
         assert script.is_file(), script
@@ -73,3 +75,41 @@ def test_cli_reference_lists_every_subcommand():
     commands = parser._subparsers._group_actions[0].choices  # argparse keeps them here
     for name in commands:
         assert f"dopd {name}" in README, name
+
+
+def _module_answers_help(argv: list[str]) -> None:
+    """`python -m MODULE ARGS`: run from the repository root with ARGS then --help, so argparse checks
+    every argument before it (choices, types) and exits 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", *argv, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def _example_commands() -> list[list[str]]:
+    """Every `python -m examples...` command in the docs' bash blocks (README, CONTRIBUTING, RESULTS)."""
+    found = []
+    docs = [REPO / "README.md", REPO / "CONTRIBUTING.md", *sorted((REPO / "examples").glob("*/RESULTS.md"))]
+    for doc in docs:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S):
+            for line in block.splitlines():
+                command = line.split("  #")[0].strip()
+                if re.match(r"\S*python -m examples\.", command):  # other lines are other tests' business
+                    found.append(shlex.split(command)[2:])
+    return [list(a) for a in dict.fromkeys(map(tuple, found))]
+
+
+EXAMPLE_COMMANDS = _example_commands()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("argv", EXAMPLE_COMMANDS, ids=[" ".join(c)[:60] for c in EXAMPLE_COMMANDS])
+def test_the_studies_commands_in_the_docs_parse(argv):
+    _module_answers_help(argv)
+
+
+def test_the_docs_run_the_studies_as_modules():
+    """The studies are a package run with `python -m` (no path hacks): no doc runs their scripts by path."""
+    assert len(EXAMPLE_COMMANDS) >= 5
+    for doc in [REPO / "README.md", REPO / "CONTRIBUTING.md", *(REPO / "examples").glob("*/RESULTS.md")]:
+        assert "privilege/run.py" not in doc.read_text(encoding="utf-8"), doc

@@ -42,6 +42,8 @@ __all__ = [
     "never_sampled_token_ids",
     "eos_token_ids",
     "with_lora",
+    "lora_parts",
+    "is_vision_processing",
 ]
 
 
@@ -135,6 +137,20 @@ def is_vision_model(model: nn.Module) -> bool:
 def is_vision_processing(processing) -> bool:
     """Whether a model's processing object is a processor with an image processor (Qwen3-VL), not a tokenizer."""
     return getattr(processing, "image_processor", None) is not None
+
+
+def lora_parts(model: nn.Module) -> tuple[nn.Module, list[tuple[str, nn.Module]]]:
+    """A peft (LoRA) model's base model and its adapted layers (name, layer); any other model is its
+    own base with no adapted layer."""
+    try:
+        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is an extra: without it no model is a peft model
+        return model, []
+    if not isinstance(model, PeftModel):
+        return model, []
+    base = model.get_base_model()
+    return base, [(name, m) for name, m in base.named_modules() if isinstance(m, BaseTunerLayer)]
 
 
 def tokenizer_of(processing):

@@ -39,6 +39,7 @@ __all__ = [
     "generate_with_full_weights",
     "release",
     "is_sharded",
+    "full_tensor",
     "full_state_dict",
 ]
 
@@ -58,6 +59,13 @@ class ModelCall(nn.Module):
 def call_model(model: nn.Module, fn: Callable, *args: Any) -> Any:
     """`fn(model, *args)`, through the wrapper's forward when `model` is a (sharded) ModelCall."""
     return model(fn, *args) if isinstance(model, ModelCall) else fn(model, *args)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: a sharded DTensor gathered from every process (a collective), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def is_sharded(model: nn.Module | None) -> bool:

@@ -37,7 +37,6 @@ CHAR_CHAT_TEMPLATE = (
 )
 
 
-
 def build_char_tokenizer(out_dir: str | Path | None = None):
     """A character-level PreTrainedTokenizerFast with ChatML special tokens (EOS <|im_end|>): ~100
     ids, for toy tasks and tests whose tiny models learn in minutes (examples/toy_privilege)."""

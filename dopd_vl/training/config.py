@@ -54,7 +54,7 @@ class ModelConfig:
 class DataConfig:
     train: str = ""
     """Training records: JSONL, Parquet / Arrow file, `save_to_disk` folder, or a dataset id /
-    folder for `load_dataset` (dopd_vl/data/records.py); relative image paths resolve against its folder."""
+    folder for `load_dataset` (dopd_vl/data/sources.py); relative image paths resolve against its folder."""
     split: str = "train"
     """Split of a datasets source."""
     columns: dict = field(default_factory=dict)

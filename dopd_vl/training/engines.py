@@ -35,6 +35,8 @@ from dopd_vl.distributed import reduce_sum
 from dopd_vl.errors import ConfigError, DopdError, ModelError
 from dopd_vl.modality.adapters import ImageAdapter
 from dopd_vl.modality.prompts import prompt_messages
+from dopd_vl.models.loading import lora_parts
+from dopd_vl.models.parallel import full_tensor
 from dopd_vl.training.rollout import Rollout, RolloutConfig, sample_responses
 
 logger = logging.getLogger(__name__)
@@ -326,17 +328,13 @@ def full_state_items(model: nn.Module):
     parameter is gathered just before it is handed over, so no process holds a second full copy.
     LoRA: the base model's names, each adapted weight merged on the fly (W + the adapter's delta),
     never in place: merging and unmerging the live weights would round the frozen base each step."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base, lora_layers = lora_parts(model)
     lora = base is not model
-    deltas = {}
-    if lora:
-        for module_name, module in base.named_modules():
-            if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
-                deltas[f"{module_name}.base_layer.weight"] = module
+    deltas = {f"{module_name}.base_layer.weight": layer for module_name, layer in lora_layers}
     for name, tensor in base.state_dict().items():
         if lora and "lora_" in name:
             continue
-        full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+        full = full_tensor(tensor)
         if name in deltas:
             layer = deltas[name]
             for adapter in layer.active_adapters:

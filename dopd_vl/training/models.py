@@ -42,6 +42,7 @@ from dopd_vl.models.loading import (
 from dopd_vl.models.parallel import (
     ModelCall,
     call_model,
+    full_tensor,
     generate_with_full_weights,
     is_sharded,
     release,
@@ -149,7 +150,7 @@ class RunModels:
         """Clip the student's gradient; the norm before clipping (over every shard under FSDP)."""
         if self.sharded:  # DTensor gradients: torch's clip takes them; the norm is reduced over the shards
             norm = torch.nn.utils.clip_grad_norm_([p for p in self.student.parameters() if p.requires_grad], max_norm)
-            return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            return float(full_tensor(norm))
         return float(accelerator.clip_grad_norm_(self.student_call.parameters(), max_norm))
 
     def with_full_teacher(self, fn):

@@ -23,6 +23,7 @@ seed's data / models / runs; `--reuse` keeps finished preparations and runs (e.g
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -35,13 +36,14 @@ import torch
 from data_builders import build_grounding, load_annotations, write_shape_scenes
 from dopd_vl import (
     DemoConfig,
+    ObjectiveConfig,
+    TrainConfig,
     Trainer,
     answer_ids,
     build_tiny_qwen3_vl,
     build_view,
     finetune_model,
     heldout_accuracy,
-    load_config,
     load_model,
     load_processing,
     load_records,
@@ -53,14 +55,14 @@ from dopd_vl import (
     valid_response_states,
 )
 
-# label = (objective overrides, which privileged context the run trains with)
+# label = (the objective, which privileged context the run trains with)
 METHODS = {
-    "vanilla_opd": (["objective.name=vanilla_opd"], "boxes"),
-    "privileged_opd": (["objective.name=privileged_opd"], "boxes"),
-    "dopd_initial": (["objective.name=dopd", "objective.privileged_student=initial"], "boxes"),
-    "va_opd": (["objective.name=va_opd"], "boxes"),
-    "vision_opd": (["objective.name=vision_opd", "objective.privileged_student=live"], "crop"),
-    "vision_opd_initial": (["objective.name=vision_opd", "objective.privileged_student=initial"], "crop"),
+    "vanilla_opd": (ObjectiveConfig(name="vanilla_opd"), "boxes"),
+    "privileged_opd": (ObjectiveConfig(name="privileged_opd"), "boxes"),
+    "dopd_initial": (ObjectiveConfig(name="dopd", privileged_student="initial"), "boxes"),
+    "va_opd": (ObjectiveConfig(name="va_opd"), "boxes"),
+    "vision_opd": (ObjectiveConfig(name="vision_opd", privileged_student="live"), "crop"),
+    "vision_opd_initial": (ObjectiveConfig(name="vision_opd", privileged_student="initial"), "crop"),
 }
 
 
@@ -163,30 +165,27 @@ def prepare(out: Path, size: Size, seed: int, reuse: bool = False) -> dict:
 
 
 def distill(label: str, seed: int, prepared: dict, run_dir: Path, size: Size, reuse: bool = False) -> dict:
-    overrides, context = METHODS[label]
+    objective, context = METHODS[label]
     demo = DemoConfig(seed=seed, device="cpu", dtype="float32")
     if reuse and (run_dir / "final" / "config.json").exists():  # trained earlier: evaluate only
         return _evaluated(run_dir, run_dir / "final", prepared, demo)
-    config = load_config(
-        None,
-        [
-            f"student.name_or_path={prepared['student']}",
-            f"teacher.name_or_path={prepared['teacher']}",
-            f"data.train={prepared['data'][context]['train']}",
-            f"output_dir={run_dir}",
-            f"max_steps={size.steps}",
-            f"save_steps={size.steps}",
-            "save_total_limit=1",
-            f"seed={seed}",
-            "device=cpu",
-            f"objective.top_k={demo.top_k}",
-            f"rollout.num_generations={demo.num_generations}",
-            f"rollout.max_new_tokens={demo.max_new_tokens}",
-            f"optim.lr={size.lr}",
-            f"optim.batch_size={demo.batch_size}",
-            "optim.warmup_steps=2",
-            *overrides,
-        ],
+    base = TrainConfig()
+    config = dataclasses.replace(
+        base,
+        student=dataclasses.replace(base.student, name_or_path=str(prepared["student"])),
+        teacher=dataclasses.replace(base.teacher, name_or_path=str(prepared["teacher"])),
+        data=dataclasses.replace(base.data, train=str(prepared["data"][context]["train"])),
+        output_dir=str(run_dir),
+        max_steps=size.steps,
+        save_steps=size.steps,
+        save_total_limit=1,
+        seed=seed,
+        device="cpu",
+        objective=dataclasses.replace(objective, top_k=demo.top_k),
+        rollout=dataclasses.replace(
+            base.rollout, num_generations=demo.num_generations, max_new_tokens=demo.max_new_tokens
+        ),
+        optim=dataclasses.replace(base.optim, lr=size.lr, batch_size=demo.batch_size, warmup_steps=2),
     )
     return _evaluated(run_dir, Trainer(config).train(), prepared, demo)
 

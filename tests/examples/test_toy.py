@@ -10,8 +10,8 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 
-from examples.toy_privilege import harness as toy  # noqa: E402
 from dopd_vl import build_char_tokenizer  # noqa: E402
+from examples.toy_privilege import harness as toy  # noqa: E402
 from examples.toy_privilege.task import make_problem, write_split  # noqa: E402
 
 pytestmark = pytest.mark.integration  # see pyproject.toml's markers

@@ -12,8 +12,8 @@ from conftest import REPO
 
 sys.path.insert(0, str(REPO))
 
-from examples.toy_privilege import readout, trust  # noqa: E402
 from examples.toy_privilege import harness as toy  # noqa: E402
+from examples.toy_privilege import readout, trust  # noqa: E402
 
 pytestmark = pytest.mark.integration  # see pyproject.toml's markers
 

@@ -122,12 +122,12 @@ def toy_models(tmp_path_factory):
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
+    from dopd_vl import build_char_tokenizer
     from dopd_vl.data.sources import load_records
     from dopd_vl.modality.adapters import make_adapter
     from dopd_vl.models.loading import load_model
     from dopd_vl.models.tiny import build_tiny_qwen3
     from dopd_vl.training.sft import SFTConfig, supervised_finetune
-    from dopd_vl import build_char_tokenizer
     from examples.toy_privilege.task import write_split
 
     root = tmp_path_factory.mktemp("guard")

@@ -103,8 +103,8 @@ def test_length_sorted_generation_batches_give_the_same_greedy_answers_in_order(
     from conftest import REPO
 
     sys.path.insert(0, str(REPO))
-    from dopd_vl.models.tiny import build_tiny_qwen3
     from dopd_vl import build_char_tokenizer
+    from dopd_vl.models.tiny import build_tiny_qwen3
 
     tok = build_char_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

@@ -38,7 +38,8 @@ from examples.toy_privilege import harness as toy
 from examples.toy_privilege import strength, trust
 
 
-def cli() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=sorted(toy.TASKS), default="add_hidden")
     parser.add_argument("--out", help="default runs/toy_privilege/TASK")
@@ -68,6 +69,11 @@ def cli() -> None:
         action="store_true",
         help="reuse OUT's prepared seeds and finished runs, e.g. after a crash or for another study",
     )
+    return parser
+
+
+def cli() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     task = toy.TASKS[args.task]

@@ -267,7 +267,8 @@ def run(out: Path, size: Size, labels: list[str], reuse: bool = False) -> dict:
     return payload
 
 
-def cli() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command's arguments (the docs' commands are checked against it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/visual_privilege")
     parser.add_argument("--quick", action="store_true", help="1 seed")
@@ -278,6 +279,11 @@ def cli() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="reuse OUT's finished preparations and runs (evaluate only)"
     )
+    return parser
+
+
+def cli() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     size = SIZES[args.size or ("quick" if args.quick else "full")]

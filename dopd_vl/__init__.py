@@ -23,6 +23,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "TrainingError",
         "CollapseDetected",
         "Preempted",
+        "RunExistsError",
         "CheckpointError",
         "ExportError",
         "HarnessError",

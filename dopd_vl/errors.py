@@ -60,6 +60,11 @@ class Preempted(TrainingError):
     exit_code = PREEMPTED_EXIT_CODE
 
 
+class RunExistsError(TrainingError):
+    """`dopd train` into an output_dir that already holds a run, without `--resume` or `--overwrite`:
+    nothing was loaded and nothing of the earlier run was touched."""
+
+
 class CheckpointError(DopdError):
     """A checkpoint that cannot be written, or loaded into this run."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from dopd_vl.cli.options import data_report_path, replaced
+
 
 def add_parser(commands) -> None:
     check = commands.add_parser(
@@ -19,7 +21,9 @@ def add_parser(commands) -> None:
         default="full",
         help="full (default): decode every image; quick: open it and check its end marker",
     )
-    check.add_argument("--out", help="JSON report (default OUTPUT_DIR/data_check.json)")
+    check.add_argument(
+        "--out", help="JSON report (default: check-data/DATA.json beside the recipe's output_dir; never a run's folder)"
+    )
     check.add_argument("--workers", type=int, default=8, help="threads checking images")
     check.set_defaults(run=run)
 
@@ -40,7 +44,8 @@ def run(args) -> int:
     )  # the processor only: no weights
     privileged = bool(PRIVILEGED_VIEWS & set(build_objective(config.objective).views)) or config.diagnostics
     reports, faults = [], 0
-    out = Path(args.out) if args.out else Path(config.output_dir) / "data_check.json"
+    default = data_report_path(config.output_dir, "check-data", config.data.train, ".json")
+    out = Path(args.out) if args.out else default
     for split_name, source in (("train", config.data.train), ("eval", config.data.eval)):
         if not source:
             continue
@@ -61,7 +66,8 @@ def run(args) -> int:
         print(report.summary(report=out))
         reports.append({"split": split_name, **report.to_dict()})
         faults += len(report.faults)
+    earlier = replaced(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"reports": reports}, indent=2) + "\n", encoding="utf-8")
-    print(f"report in {out}")
+    print(f"report in {out}{earlier}")
     return 1 if faults else 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dopd_vl.cli.options import data_report_path, replaced
+
 
 def add_parser(commands) -> None:
     diagnose = commands.add_parser(
@@ -19,7 +21,9 @@ def add_parser(commands) -> None:
         help="steps of rollouts to score (default 4; the run's first steps, never trained on)",
     )
     diagnose.add_argument(
-        "--out", help="folder for diagnose.json, diagnose.png and diagnose_rollouts.jsonl (default OUTPUT_DIR/diagnose)"
+        "--out",
+        help="folder for diagnose.json, diagnose.png and diagnose_rollouts.jsonl (default: diagnose/DATA beside the "
+        "recipe's output_dir, DATA the training data's name; never a run's folder)",
     )
     diagnose.add_argument(
         "--device", choices=("auto", "cpu"), help="auto (the GPU when present) or cpu; default: the recipe's"
@@ -33,8 +37,9 @@ def run(args) -> int:
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     config = load_config(args.config, overrides)
-    out = Path(args.out) if args.out else Path(config.output_dir) / "diagnose"
+    out = Path(args.out) if args.out else data_report_path(config.output_dir, "diagnose", config.data.train)
+    earlier = replaced(out / "diagnose.json")
     result = diagnose(config, steps=args.steps, out=out)
     print("\n".join(result["reading"]))
-    print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}")
+    print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}{earlier}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dopd_vl.errors import ConfigError
 
 
@@ -64,3 +66,17 @@ def load_for_generation(name_or_path: str, root, device: str = "auto", dtype: st
         eos_token_ids(processing, model),
         never_sampled_token_ids(processing, model),
     )
+
+
+def data_report_path(output_dir: str, kind: str, source: str, suffix: str = "") -> Path:
+    """Where a report about a recipe's data goes by default: `KIND/DATA` beside the recipe's
+    output_dir (runs/tiny_vlm and data/coco128.jsonl: runs/diagnose/coco128), named for the data it
+    read and never inside a run's folder."""
+    from dopd_vl.data.sources import data_label
+
+    return Path(output_dir).parent / kind / f"{data_label(source)}{suffix}"
+
+
+def replaced(path: Path) -> str:
+    """`; replaces the earlier report` when `path` exists already (said before it is overwritten)."""
+    return f" (replacing the earlier {path})" if path.exists() else ""

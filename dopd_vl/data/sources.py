@@ -9,6 +9,7 @@ a string prompt becomes one user turn. Datasets stay memory-mapped: rows become 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from dopd_vl.data.schema import RECORD_FIELDS, validate_record
 from dopd_vl.errors import DatasetError
 
-__all__ = ["load_records", "records_root", "DatasetRecords", "json_lines"]
+__all__ = ["load_records", "records_root", "data_label", "DatasetRecords", "json_lines"]
 
 _JSONL_SUFFIXES = (".jsonl", ".json")
 
@@ -28,6 +29,14 @@ def load_records(source: str | Path, *, split: str = "train", columns: dict[str,
     if path.suffix in _JSONL_SUFFIXES and not columns:
         return _load_jsonl(path)
     return DatasetRecords(_open_dataset(source, split), columns or {}, str(source))
+
+
+def data_label(source: str | Path) -> str:
+    """A short file-name-safe name for a data source: a file's stem, a folder's name, a dataset id
+    with `/` as `_` (`data/coco128.jsonl` -> `coco128`): what reports about the data are named for."""
+    path = Path(str(source))
+    name = path.stem if path.suffix else str(source).strip("/").replace("/", "_")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
 def records_root(source: str | Path) -> Path | None:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from dopd_vl.distributed import any_process, reduce_sum
 from dopd_vl.errors import CollapseDetected, Preempted, TrainingError
 from dopd_vl.method.routing import REGIME_NAMES
+from dopd_vl.training.checkpointing import check_new_run, remove_run
 from dopd_vl.training.config import TrainConfig, flat_config
 from dopd_vl.training.guard import CollapseAlarm, CollapseGuard, collapse_message
 from dopd_vl.training.metrics import LossShare, step_metrics
@@ -60,8 +61,15 @@ class Trainer:
         return self._step
 
     # ------------------------------------------------------------------------------- the loop
-    def train(self, resume: bool = False) -> Path:
+    def train(self, resume: bool = False, overwrite: bool = False) -> Path:
+        """Train to `max_steps`; the final student's folder. A run never overwrites another: an
+        output_dir holding a run needs `resume` (continue it) or `overwrite` (its files removed first)."""
         run, c = self._run, self._run.config
+        check_new_run(run.output_dir, resume, overwrite)  # every process sees the same folder
+        if overwrite and run.accelerator.is_main_process:
+            for path in remove_run(run.output_dir):
+                logger.info("--overwrite: removed %s of the earlier run", path)
+        run.accelerator.wait_for_everyone()
         if resume and (state := run.checkpointer.resume()) is not None:
             self._step, self._skipped_steps = state["step"], state["skipped_steps"]
             self._consecutive_skips = state["consecutive_skips"]

@@ -336,7 +336,7 @@ def prepared_seed(
 def distill(
     spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str = "auto"
 ) -> Path:
-    return Trainer(distill_config(spec, seed, prepared, run_dir, steps, task, device)).train()
+    return Trainer(distill_config(spec, seed, prepared, run_dir, steps, task, device)).train(overwrite=True)
 
 
 def distill_config(spec: str, seed: int, prepared: Prepared, run_dir: Path, steps: int, task: Task, device: str):

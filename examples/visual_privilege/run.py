@@ -187,7 +187,7 @@ def distill(label: str, seed: int, prepared: dict, run_dir: Path, size: Size, re
         ),
         optim=dataclasses.replace(base.optim, lr=size.lr, batch_size=demo.batch_size, warmup_steps=2),
     )
-    return _evaluated(run_dir, Trainer(config).train(), prepared, demo)
+    return _evaluated(run_dir, Trainer(config).train(overwrite=True), prepared, demo)
 
 
 def _evaluated(run_dir: Path, final: Path, prepared: dict, demo: DemoConfig) -> dict:

@@ -170,6 +170,19 @@ def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_
     )
 
 
+def test_check_data_writes_under_a_folder_named_for_the_data_and_names_a_report_it_replaces(corpus, tmp_path, capsys):
+    """Without --out the report goes beside the run folder, named for the data read (never into the
+    run's folder); a second check names the report it replaces."""
+    run = tmp_path / "runs" / "tiny"
+    args = ["check-data", str(RECIPE), f"data.train={corpus}", f"output_dir={run}", "--mode", "quick"]
+    main(args)
+    report = tmp_path / "runs" / "check-data" / f"{corpus.stem}.json"
+    assert json.loads(report.read_text())["reports"][0]["records"] == 15 and not run.exists()
+    assert "replacing" not in capsys.readouterr().out
+    main(args)
+    assert f"report in {report} (replacing the earlier {report})" in capsys.readouterr().out
+
+
 def test_data_image_roots_admits_a_folder_the_user_names(corpus, tmp_path):
     out = tmp_path / "report.json"
     main(

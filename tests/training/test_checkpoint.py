@@ -1,6 +1,7 @@
 """Checkpoints: exact resume after a kill or SIGTERM (one process and two sharded ones), an index
 that cannot run code, and a failed write that keeps the previous checkpoint."""
 
+import hashlib
 import os
 import shutil
 import signal
@@ -20,6 +21,35 @@ from conftest import REPO
 from helpers.runs import ARITH, ENV, PYTHON, read_metrics, text_config
 
 pytestmark = pytest.mark.integration  # see pyproject.toml's markers
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file below `folder`, by relative path."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------- a run never overwrites a run
+def test_a_second_train_into_a_finished_run_is_refused_and_overwrite_starts_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    recipe = REPO / "configs" / "tiny_text.yaml"
+    args = ["train", str(recipe), f"data.train={ARITH}", f"output_dir={run}", "max_steps=2", "save_steps=1"]
+    args += ["rollout.max_new_tokens=3", "optim.batch_size=1"]
+    assert main(args) == 0
+    finished = file_hashes(run)
+    capsys.readouterr()
+    assert main(args) == 1
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dopd train:")]
+    assert len(said) == 1 and str(run) in said[0] and "--resume" in said[0] and "--overwrite" in said[0], said
+    assert file_hashes(run) == finished  # byte-identical: nothing was loaded or written
+    (run / "notes.txt").write_text("the user's own file")
+    assert main([*args, "--overwrite"]) == 0  # the earlier run's files go first: the metrics never mix
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    assert (run / "notes.txt").read_text() == "the user's own file"  # only the run's files are removed
+    assert main([*args, "--resume", "--overwrite"]) == 1  # one or the other
 
 
 # ------------------------------------------------------------------------- resume after a kill
@@ -143,6 +173,12 @@ def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tm
     straight, preempted = tmp_path / "straight", tmp_path / "preempted"
     done = subprocess.run(torchrun(straight, 29651), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    # A second run into the finished folder, without --resume or --overwrite: both processes refuse
+    # before loading anything, and not a byte of the first run changes.
+    finished = file_hashes(straight)
+    done = subprocess.run(torchrun(straight, 29655), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and done.stderr.count("already holds a run") == 2, done.stderr[-3000:]
+    assert file_hashes(straight) == finished
     proc = subprocess.Popen(
         torchrun(preempted, 29652),
         env=env,

@@ -3,6 +3,6 @@ whole or not at all, read back with weights_only / safetensors); `checkpointer` 
 what across processes, resumes and exports the final student."""
 
 from dopd_vl.training.checkpointing.checkpointer import Checkpointer
-from dopd_vl.training.checkpointing.files import latest_checkpoint, load_student_weights
+from dopd_vl.training.checkpointing.files import check_new_run, latest_checkpoint, load_student_weights, remove_run
 
-__all__ = ["Checkpointer", "latest_checkpoint", "load_student_weights"]
+__all__ = ["Checkpointer", "check_new_run", "remove_run", "latest_checkpoint", "load_student_weights"]

@@ -35,10 +35,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from dopd_vl.errors import CheckpointError
+from dopd_vl.errors import CheckpointError, ConfigError, RunExistsError
 from dopd_vl.models.folders import save_model_folder
 
 __all__ = [
+    "RUN_FILES",
+    "run_files",
+    "check_new_run",
+    "remove_run",
     "save_checkpoint",
     "new_checkpoint_folder",
     "save_sharded_state",
@@ -52,6 +56,48 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+RUN_FILES = ("metrics.jsonl", "run.json", "config.yaml", "final", "skipped.jsonl")
+"""What a run writes into its output_dir besides `checkpoint-N` (and partial `.tmp-checkpoint-N`)
+folders and `skipped.rankN.jsonl`: what `--overwrite` removes, and what marks a folder as a run's."""
+
+
+def run_files(output_dir: str | Path) -> list[Path]:
+    """The files and folders an earlier run left in `output_dir`, sorted (none for a new folder)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [output_dir / name for name in RUN_FILES if (output_dir / name).exists()]
+    found += [p for p in output_dir.iterdir() if _NAME.match(p.name) or p.name.startswith(".tmp-checkpoint-")]
+    found += list(output_dir.glob("skipped.rank*.jsonl"))
+    return sorted(set(found))
+
+
+def check_new_run(output_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """A run never overwrites another: without `resume` or `overwrite`, an output_dir holding a
+    run's checkpoints, final student or metrics is refused, naming what it holds and both options."""
+    if resume and overwrite:
+        raise ConfigError("--resume continues the run in output_dir and --overwrite removes it: pass one of them")
+    marks = [p.name for p in run_files(output_dir) if p.name in ("metrics.jsonl", "final") or _NAME.match(p.name)]
+    if marks and not (resume or overwrite):
+        shown = ", ".join(marks[:4]) + (f" and {len(marks) - 4} more" if len(marks) > 4 else "")
+        raise RunExistsError(
+            f"output_dir {output_dir} already holds a run ({shown}): add --resume to continue it, or --overwrite "
+            "to remove its files and start over (or set output_dir=... to train elsewhere)"
+        )
+
+
+def remove_run(output_dir: str | Path) -> list[Path]:
+    """`--overwrite`: the earlier run's files (`run_files`) removed, nothing else in the folder; what
+    was removed."""
+    removed = run_files(output_dir)
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return removed
 
 
 def rng_state() -> dict:

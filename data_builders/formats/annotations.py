@@ -225,9 +225,8 @@ def read_json(path: Path):
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise DatasetError(
-            f"invalid JSON: {err.msg}", file=str(path), record=f"line {err.lineno}", field=f"column {err.colno}"
-        ) from err
+        # Python's whole message (with line and column); no field: the file is not yet records
+        raise DatasetError(f"invalid JSON: {err}", file=str(path), record=f"line {err.lineno}") from err
 
 
 def confined(root: Path, name: str, *, file: str, record: str, field: str) -> Path:

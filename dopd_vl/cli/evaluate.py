@@ -6,7 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dopd_vl.cli.options import add_data_options, add_device_options, columns, data_image_roots, load_for_generation
+from dopd_vl.cli.options import (
+    add_data_options,
+    add_device_options,
+    columns,
+    data_image_roots,
+    load_for_generation,
+    replaced,
+)
 from dopd_vl.errors import ConfigError
 
 
@@ -38,7 +45,8 @@ def add_parser(commands) -> None:
     evaluate.add_argument("--privileged", action="store_true", help="answer with the privileged context in the prompt")
     evaluate.add_argument(
         "--out",
-        help="write the JSON report here instead of stdout (--harness: the results folder, default harness_out)",
+        help="the JSON report (every answer); default: eval/MODEL-DATA.json beside the model folder (a hub id: in "
+        "the current folder); --harness: the results folder, default harness_out",
     )
     evaluate.add_argument("--max-new-tokens", type=int, default=32)
     evaluate.add_argument(
@@ -82,14 +90,24 @@ def run(args) -> int:
         "dtype": str(placed.dtype).removeprefix("torch."),
         **accuracy_report(records, answers),
     }
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-        print(f"accuracy {report['accuracy']} over {report['count']} records; report in {args.out}")
-    else:
-        print(text)
+    out = Path(args.out) if args.out else default_report(args.model, args.data, args.privileged)
+    earlier = replaced(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    per_type = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in sorted(report["per_type"].items()))
+    print(f"accuracy {report['accuracy']:.3f} over {report['count']} records ({per_type}); report in {out}{earlier}")
     return 0
+
+
+def default_report(model: str, data: str, privileged: bool) -> Path:
+    """eval/MODEL-DATA[-privileged].json beside a model folder (the terminal gets a summary line, the
+    file every answer); for a hub id, in the current folder."""
+    from dopd_vl.data.sources import data_label
+
+    folder = Path(model)
+    base = folder.parent if folder.is_dir() else Path(".")
+    name = f"{data_label(model)}-{data_label(data)}{'-privileged' if privileged else ''}.json"
+    return base / "eval" / name
 
 
 def _eval_engine(args, model, processing, adapter, records, config, eos, never):

@@ -107,11 +107,16 @@ class DataReport:
             f"{counts}"
         ]
         shown = self.faults if len(self.faults) <= examples + 5 else self.faults[:examples]
-        lines += [f"  {f.where}: record {f.record}, field {f.field}: {f.kind}: {f.message}" for f in shown]
+        lines += [f"  {f.where}: {_fault_subject(f)}: {f.kind}: {f.message}" for f in shown]
         if len(shown) < len(self.faults):
             where = f"in {report}" if report is not None else "in the JSON report"
             lines.append(f"  ... and {len(self.faults) - len(shown)} more: every fault is listed {where}")
         return "\n".join(lines)
+
+
+def _fault_subject(fault: Fault) -> str:
+    """`record ID, field F`, or `record ID` where no field applies (a line that is not JSON)."""
+    return f"record {fault.record}, field {fault.field}" if fault.field else f"record {fault.record}"
 
 
 def check_image(
@@ -302,9 +307,8 @@ def _read(source, split: str, columns: dict | None, report: DataReport) -> tuple
             i = len(rows)
             rows.append(value if not isinstance(value, DatasetError) else None)
             if isinstance(value, DatasetError):
-                report.faults.append(
-                    Fault("invalid_json", where, f"line {line_no}", value.field or "", str(value).split(": ", 1)[-1], i)
-                )
+                message = str(value).removeprefix(f"file {where}, record line {line_no}: ")
+                report.faults.append(Fault("invalid_json", where, f"line {line_no}", "", message, i))
                 continue
             _schema(report, value, i, where, seen, records)
         return rows, records, places

@@ -35,7 +35,12 @@ def data_label(source: str | Path) -> str:
     """A short file-name-safe name for a data source: a file's stem, a folder's name, a dataset id
     with `/` as `_` (`data/coco128.jsonl` -> `coco128`): what reports about the data are named for."""
     path = Path(str(source))
-    name = path.stem if path.suffix else str(source).strip("/").replace("/", "_")
+    if path.is_dir():
+        name = path.name
+    elif path.is_file() or path.suffix:
+        name = path.stem
+    else:  # a dataset id
+        name = str(source).strip("/").replace("/", "_")
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "data"
 
 
@@ -175,12 +180,11 @@ def json_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 continue
             try:
                 value = json.loads(line.rstrip("\r\n"))  # without the newline, so an error's column is on this line
-            except json.JSONDecodeError as err:
+            except json.JSONDecodeError as err:  # Python's whole message, its position on the file's line
                 value = DatasetError(
-                    f"invalid JSON: {err.msg}",
+                    f"invalid JSON: {err.msg}: line {line_no} column {err.colno} (char {err.pos})",
                     file=f"{path}:{line_no}",
                     record=f"line {line_no}",
-                    field=f"column {err.colno}",
                 )
             yield line_no, value
 

@@ -360,7 +360,7 @@ MALFORMED = {
     "invalid json": (
         "coco",
         lambda r: _set(r / "coco.json", '{"images": [}'),
-        ["coco.json", "record line 1", "field column", "invalid JSON"],
+        ["coco.json", "record line 1: invalid JSON: Expecting value: line 1 column 13 (char 12)"],
     ),
     "invalid xml": (
         "voc",

@@ -1,5 +1,7 @@
 """The `dopd` command: --version, inspect, and one-line errors."""
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -33,3 +35,22 @@ def test_inspect_errors_are_one_line_naming_file_and_record(tiny_text_dir, tmp_p
     assert "\n" not in err and "bad.jsonl:2" in err and "record b" in err and "field prompt" in err
     assert main(["inspect", "--student", str(tiny_text_dir), "--data", str(tmp_path / "missing.jsonl")]) == 1
     assert "file not found" in capsys.readouterr().err
+
+
+def test_eval_prints_a_summary_line_and_writes_the_report_beside_the_model(tiny_text_dir, tmp_path, capsys):
+    """Without --out the terminal gets one summary line and the answers go to eval/MODEL-DATA.json beside
+    the model folder; a second run names the report it replaces."""
+    from helpers.runs import ARITH
+
+    model = tmp_path / "student"
+    shutil.copytree(tiny_text_dir, model)
+    args = ["eval", "--model", str(model), "--data", str(ARITH), "--limit", "3", "--max-new-tokens", "2"]
+    assert main([*args, "--device", "cpu"]) == 0
+    report = tmp_path / "eval" / "student-data.json"
+    said = capsys.readouterr().out.strip()
+    written = json.loads(report.read_text())
+    per_type = ", ".join(f"{kind} {v['accuracy']:.3f}" for kind, v in sorted(written["per_type"].items()))
+    assert said == f"accuracy {written['accuracy']:.3f} over 3 records ({per_type}); report in {report}"
+    assert len(written["responses"]) == 3
+    assert main([*args, "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"report in {report} (replacing the earlier {report})")

@@ -179,7 +179,10 @@ def test_dopd_eval_reports_accuracy_per_question_type(demo_dir, capsys):
         )
         == 0
     )
-    report = json.loads(capsys.readouterr().out)
+    said = capsys.readouterr().out.strip()
+    written = demo_dir / "models" / "eval" / "teacher-eval-privileged.json"  # the default: beside the model
+    assert said.startswith("accuracy ") and said.endswith(f"report in {written}") and "count " in said
+    report = json.loads(written.read_text())
     types = {json.loads(line)["meta"]["question_type"] for line in data.read_text().splitlines()}
     assert set(report["per_type"]) == types and report["privileged"] is True
     assert report["count"] == len(data.read_text().splitlines())

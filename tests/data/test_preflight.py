@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 
 from dopd_vl.cli import main
-from dopd_vl.data.preflight import check_image
+from dopd_vl.data.preflight import check_data, check_image
+from dopd_vl.data.sources import load_records
 from dopd_vl.errors import DatasetError
+from dopd_vl.modality.adapters import make_adapter
+from dopd_vl.models.tiny import build_char_tokenizer
 from dopd_vl.training.config import load_config
 from dopd_vl.training.step import sample_step
 
@@ -108,7 +111,7 @@ EXPECTED = {
     "no_context": ("context_unrenderable", "privileged_context"),
     "escape_dots": ("image_outside_roots", "prompt.image[0]"),
     "escape_link": ("image_outside_roots", "prompt.image[0]"),
-    "line 12": ("invalid_json", "column 23"),
+    "line 12": ("invalid_json", ""),
     "no_prompt": ("schema", "prompt"),
 }
 
@@ -168,6 +171,25 @@ def test_training_stops_before_the_first_step_under_fail_and_trains_on_the_rest_
         metrics["data/skipped_records"] == 11
         and json.loads((run / "run.json").read_text())["data"]["train_records"] == 4
     )
+
+
+def test_a_line_that_is_not_json_keeps_pythons_whole_message(tmp_path):
+    """The position is the file's line and column, and no column poses as a field (README item: the
+    JSON error keeps Python's message whole)."""
+    bad = tmp_path / "bad_line.jsonl"
+    broken = '{"id": "b", "prompt": [{"role": "user", "content": "2+2=}]}'
+    good = json.dumps({"id": "a", "prompt": [{"role": "user", "content": "1+1="}]})
+    bad.write_text(f"{good}\n{broken}\n", encoding="utf-8")
+    try:
+        json.loads(broken)
+    except json.JSONDecodeError as python:
+        told = f"invalid JSON: {python.msg}: line 2 column {python.colno} (char {python.pos})"
+    with pytest.raises(DatasetError) as err:
+        load_records(bad)
+    assert str(err.value) == f"file {bad}:2, record line 2: {told}" and "column 52" in told
+    _, report, _ = check_data(bad, make_adapter(build_char_tokenizer()), privileged=False, progress=False)
+    (fault,) = report.faults
+    assert fault.field == "" and report.summary().splitlines()[1] == f"  {bad}:2: record line 2: invalid_json: {told}"
 
 
 def test_check_data_writes_under_a_folder_named_for_the_data_and_names_a_report_it_replaces(corpus, tmp_path, capsys):

@@ -121,3 +121,14 @@ def test_the_docs_run_the_studies_as_modules():
     assert len(EXAMPLE_COMMANDS) >= 5
     for doc in [REPO / "README.md", REPO / "CONTRIBUTING.md", *(REPO / "examples").glob("*/RESULTS.md")]:
         assert "privilege/run.py" not in doc.read_text(encoding="utf-8"), doc
+
+
+def test_every_in_page_link_names_a_heading():
+    """`[text](#anchor)` links lead somewhere: GitHub's anchor of some heading (lower case, punctuation
+    dropped, spaces as hyphens)."""
+    anchors = {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.*)$", README, flags=re.M)
+    }
+    dead = [link for link in re.findall(r"\]\(#([^)]+)\)", README) if link not in anchors]
+    assert dead == []

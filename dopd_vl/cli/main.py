@@ -29,7 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # e.g. an override after a flag: say where overrides go
+        misplaced = [item for item in extra if "=" in item and not item.startswith("-")]
+        hint = (
+            f"; key=value overrides go before any --flag: dopd {args.command} CONFIG {' '.join(misplaced)} [--flags]"
+            if misplaced
+            else ""
+        )
+        parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )

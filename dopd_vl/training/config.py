@@ -7,6 +7,7 @@ and type-checked against the field they set. Files are read with `yaml.safe_load
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -189,7 +190,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
     raw = apply_overrides(raw, overrides or [])
-    return _build(TrainConfig, raw, "")
+    try:
+        return _build(TrainConfig, raw, "")
+    except ConfigError as err:  # say where an unknown key came from: an override or the file
+        key = getattr(err, "key", None)
+        if key is None:
+            raise
+        given = [item for item in overrides or [] if f"{item.partition('=')[0]}.".startswith(f"{key}.")]
+        source = f"the override {given[0]!r}" if given else f"the recipe {path}" if path else "the defaults"
+        raise ConfigError(f"{err} (from {source})") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -240,10 +249,14 @@ def _build(cls, raw: Any, where: str):
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown config key {prefix}{unknown[0]}; valid keys{' of ' + where if where else ''}: "
+        close = difflib.get_close_matches(unknown[0], list(fields), n=1)
+        guess = f"did you mean {prefix}{close[0]}? " if close else ""
+        err = ConfigError(
+            f"unknown config key {prefix}{unknown[0]}; {guess}valid keys{' of ' + where if where else ''}: "
             f"{', '.join(sorted(fields))}"
         )
+        err.key = f"{prefix}{unknown[0]}"
+        raise err
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in raw.items():

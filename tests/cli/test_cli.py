@@ -54,3 +54,19 @@ def test_eval_prints_a_summary_line_and_writes_the_report_beside_the_model(tiny_
     assert len(written["responses"]) == 3
     assert main([*args, "--device", "cpu"]) == 0
     assert capsys.readouterr().out.strip().endswith(f"report in {report} (replacing the earlier {report})")
+
+
+def test_an_override_after_a_flag_is_told_where_overrides_go(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "configs/tiny_text.yaml", "--dry-run", "optim.lr=1e-3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "overrides go before any --flag" in err
+    assert "dopd train CONFIG optim.lr=1e-3 [--flags]" in err
+
+
+def test_a_mistyped_recipe_key_gets_a_guess_and_its_source(capsys):
+    from conftest import REPO
+
+    assert main(["train", str(REPO / "configs" / "tiny_text.yaml"), "optim.lrr=1e-3", "--dry-run"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "did you mean optim.lr?" in err and err.endswith("(from the override 'optim.lrr=1e-3')")

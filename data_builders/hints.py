@@ -12,7 +12,8 @@ answer as privileged input hurts]:
   (and the final answer) replaced by "?" wherever it appears; the final line dropped.
 * `steps_exec`: the steps with their computations and results; the final line dropped.
 * `summary`: one hint listing the operations in order, earlier results shown as "?".
-* `final_answer`: one hint stating the final answer (for ablations; every record leaks by design).
+* `final_answer`: one hint stating the final answer (for ablations; every record leaks by design,
+  so it is refused unless asked for with `allow_leaking_style=True` / `--allow-leaking-style`).
 
 A leak check reports every record whose hints contain the final answer, unless the question
 itself contains it. Masking and the leak check recognise numbers with one function
@@ -33,11 +34,29 @@ from data_builders.output import BuildReport, check_on_error, finish_build, port
 from data_builders.privileged import get_format
 from dopd_vl.data.number_match import find_numbers, parse_number, same_number
 from dopd_vl.data.sources import json_lines
-from dopd_vl.errors import DatasetError
+from dopd_vl.errors import ConfigError, DatasetError
 
-__all__ = ["STYLES", "HintGenerator", "parse_solution", "make_hints", "find_leaks", "build_hints"]
+__all__ = [
+    "STYLES",
+    "STYLE_HELP",
+    "LEAKING_STYLES",
+    "HintGenerator",
+    "parse_solution",
+    "make_hints",
+    "find_leaks",
+    "build_hints",
+]
 
-STYLES = ("steps", "steps_exec", "summary", "final_answer")
+STYLE_HELP = {
+    "steps": "one hint per solution step, every computed result and the final answer shown as ? (default)",
+    "steps_exec": "the solution steps with their computations and results, the final line dropped",
+    "summary": "one hint listing the operations in order, earlier results shown as ?",
+    "final_answer": "one hint stating the final answer: LEAKS the answer in every record (ablations only)",
+}
+"""What each hint style writes: the one text `--help`, the README and the docs quote."""
+STYLES = tuple(STYLE_HELP)
+LEAKING_STYLES = ("final_answer",)
+"""Styles that put the final answer into the privileged context by design: built only when asked for."""
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
 GLUED_COUNT = "masked numbers glued to units"
 
@@ -102,11 +121,18 @@ def build_hints(
     generator: HintGenerator | None = None,
     on_error: str = "fail",
     embed_images: bool = False,
+    allow_leaking_style: bool = False,
 ) -> BuildReport:
-    """Records with hint privileged context for every input line, written atomically to `out`."""
+    """Records with hint privileged context for every input line, written atomically to `out`. A
+    style in LEAKING_STYLES (the final answer as the hint) is refused unless `allow_leaking_style`."""
     check_on_error(on_error)
     if style not in STYLES:
         raise ValueError(f"unknown hint style {style!r}; styles: {STYLES}")
+    if style in LEAKING_STYLES and not allow_leaking_style:
+        raise ConfigError(
+            f"hint style {style!r} puts the final answer into every record's privileged context (it leaks by "
+            "design, for ablations): pass --allow-leaking-style (allow_leaking_style=True) to build it anyway"
+        )
     fmt = get_format(privileged_format)
     path = Path(input_path)
     if not path.is_file():

@@ -3,6 +3,7 @@ or worked solutions (step-wise hints), written whole or not at all."""
 
 from __future__ import annotations
 
+from data_builders.hints import STYLE_HELP, STYLES
 from dopd_vl.errors import ConfigError
 
 
@@ -61,7 +62,17 @@ def add_parser(commands) -> None:
     hints = build.add_parser("hints", help="worked solutions -> step-wise hints (text)")
     hints.add_argument("--input", required=True, help="JSONL with question + answer (GSM8K) / solution / hints")
     hints.add_argument("--out", required=True, help="output: FILE.jsonl, FILE.parquet or a folder (save_to_disk)")
-    hints.add_argument("--style", choices=("steps", "steps_exec", "summary", "final_answer"), default="steps")
+    hints.add_argument(
+        "--style",
+        choices=STYLES,
+        default="steps",
+        help="; ".join(f"{name}: {text}" for name, text in STYLE_HELP.items()),
+    )
+    hints.add_argument(
+        "--allow-leaking-style",
+        action="store_true",
+        help="build a style that leaks the final answer by design (final_answer); refused without it",
+    )
     hints.add_argument("--generator", help="module:attr of a HintGenerator that writes the hints")
     _add_build_options(hints)
     hints.set_defaults(run=run_hints)
@@ -135,6 +146,7 @@ def run_hints(args) -> int:
         generator=generator,
         on_error=args.on_error,
         embed_images=args.embed_images,
+        allow_leaking_style=args.allow_leaking_style,
     )
     _print_report(report, args.out)
     return 0

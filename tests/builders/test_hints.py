@@ -89,7 +89,8 @@ def test_all_gsm8k_test_records_build_with_clean_step_hints(steps_records):
 def test_leak_report_matches_an_independent_check(tmp_path, capsys):
     for style in ("steps", "steps_exec", "final_answer"):
         out = tmp_path / f"{style}.jsonl"
-        assert main(["build", "hints", "--input", str(TEST), "--out", str(out), "--style", style]) == 0
+        leaking = ["--allow-leaking-style"] if style == "final_answer" else []
+        assert main(["build", "hints", "--input", str(TEST), "--out", str(out), "--style", style, *leaking]) == 0
         printed = capsys.readouterr().out
         reported = int(re.search(r"leaks (\d+)", printed).group(1))
         expected = 0
@@ -185,7 +186,10 @@ def test_generic_records_and_a_hint_generator(tmp_path):
         ('{"question": "", "answer": "a\\n#### 1"}', "field question"),
         ('{"question": "q", "answer": "#### 1"}', "field answer"),
         ('{"question": "q", "solution": 5}', "field solution"),
-        ("{not json", "field column"),
+        (
+            "{not json",
+            "record line 2: invalid JSON: Expecting property name enclosed in double quotes: line 2 column 2",
+        ),
     ],
 )
 def test_malformed_hint_inputs_fail_cleanly(tmp_path, capsys, line, field):
@@ -201,3 +205,25 @@ def test_malformed_hint_inputs_fail_cleanly(tmp_path, capsys, line, field):
     assert len(load_records(out)) == 1 and json.loads((tmp_path / "out.jsonl.skipped.jsonl").read_text())[
         "file"
     ].endswith(":2")
+
+
+def test_the_leaking_style_is_refused_unless_asked_for_and_every_style_is_explained(tmp_path, capsys):
+    from data_builders.hints import STYLE_HELP, STYLES
+
+    out = tmp_path / "leaky.jsonl"
+    assert main(["build", "hints", "--input", str(TEST), "--out", str(out), "--style", "final_answer"]) == 1
+    assert "leaks by design" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit):
+        main(["build", "hints", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert all(f"{name}: {' '.join(STYLE_HELP[name].split())}" in shown for name in STYLES)
+    assert "LEAKS the answer" in STYLE_HELP["final_answer"]
+
+
+def test_the_readme_explains_every_hint_style_in_the_words_of_the_help():
+    from data_builders.hints import STYLE_HELP
+
+    from conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert all(f"| `{name}` | {text} |" in readme for name, text in STYLE_HELP.items())

@@ -51,11 +51,12 @@ __all__ = [
     "synthesize_questions",
     "build_grounding",
     "pluralize",
+    "with_article",
 ]
 
 _IRREGULAR_PLURALS = {
     "person": "people",
-    "broccoli": "broccoli",
+    "broccoli": "heads of broccoli",  # a mass noun: counted in heads
     "mouse": "mice",
     "knife": "knives",
     "sheep": "sheep",
@@ -68,7 +69,17 @@ _IRREGULAR_PLURALS = {
     "sandwich": "sandwiches",
     "toothbrush": "toothbrushes",
     "wine glass": "wine glasses",
+    "tv": "TVs",
 }
+_MASS_NOUNS = frozenset({"broccoli"})
+"""Labels that take no article in a question ("Is there broccoli ...")."""
+
+
+def with_article(label: str) -> str:
+    """`a` / `an` by the label's first letter (`an airplane`, `a umbrella` never), none for a mass noun."""
+    if label in _MASS_NOUNS:
+        return label
+    return f"{'an' if label[:1].lower() in 'aeiou' else 'a'} {label}"
 
 
 def pluralize(label: str) -> str:
@@ -147,12 +158,22 @@ def synthesize_questions(image: AnnotatedImage, all_labels: list[str], seed: int
     if absent and rng.random() < 0.5:
         other = rng.choice(absent)
         questions.append(
-            {"type": "exists", "question": f"Is there a {other} in the image?", "answer": "no", "labels": [other]}
+            {
+                "type": "exists",
+                "question": f"Is there {with_article(other)} in the image?",
+                "answer": "no",
+                "labels": [other],
+            }
         )
     else:
         other = rng.choice(sorted(counts))
         questions.append(
-            {"type": "exists", "question": f"Is there a {other} in the image?", "answer": "yes", "labels": [other]}
+            {
+                "type": "exists",
+                "question": f"Is there {with_article(other)} in the image?",
+                "answer": "yes",
+                "labels": [other],
+            }
         )
     singles = sorted(l for l, c in counts.items() if c == 1)
     W = image.image_size[0]

@@ -707,3 +707,38 @@ def test_zero_width_boxes_are_dropped_and_counted_kept_or_fatal_by_option(tmp_pa
         and ("000000000540" in printed.err or "annotation id" in printed.err)
     )
     assert not failed.exists()
+
+
+def test_synthesised_questions_about_every_coco_class_read_as_english():
+    """Articles by the first sound's letter (an airplane, an umbrella), no article for a mass noun,
+    the plurals people write (TVs, heads of broccoli, mice): for each of COCO's 80 classes."""
+    from data_builders.grounding import AnnotatedImage, pluralize, synthesize_questions, with_article
+
+    from conftest import REPO
+
+    classes = (REPO.parent / "shared" / "data" / "coco128" / "classes.txt").read_text().split("\n")
+    classes = [c.strip() for c in classes if c.strip()]
+    assert len(classes) == 80
+    assert [with_article(c) for c in ("airplane", "umbrella", "elephant", "car", "broccoli")] == [
+        "an airplane",
+        "an umbrella",
+        "an elephant",
+        "a car",
+        "broccoli",
+    ]
+    assert [pluralize(c) for c in ("tv", "broccoli", "mouse", "bus", "person")] == [
+        "TVs",
+        "heads of broccoli",
+        "mice",
+        "buses",
+        "people",
+    ]
+    for label in classes:
+        image = AnnotatedImage(Path("x.png"), (100, 100), [{"label": label, "bbox_px": [1, 1, 9, 9]}], "k.json")
+        for q in synthesize_questions(image, classes):
+            words = q["question"].split()
+            for article, noun in zip(words, words[1:]):
+                if article == "a":
+                    assert noun[0] not in "aeiou", q["question"]
+                if article == "an":
+                    assert noun[0] in "aeiou", q["question"]

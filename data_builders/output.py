@@ -28,6 +28,7 @@ __all__ = [
     "write_jsonl_atomic",
     "write_dataset_atomic",
     "finish_build",
+    "skipped_path",
     "trust_image_folders",
     "check_on_error",
     "created_mode",
@@ -187,9 +188,16 @@ def _arrow_row(record: dict, out_dir: Path, base: Path, embed_images: bool) -> d
     return row
 
 
+def skipped_path(out: str | Path) -> Path:
+    """Where a build lists the inputs it skipped: OUT.skipped.jsonl for OUT.jsonl (or OUT.parquet, or
+    a dataset folder OUT)."""
+    out = Path(out)
+    return out.with_suffix(".skipped.jsonl") if out.suffix in (".jsonl", ".parquet") else Path(f"{out}.skipped.jsonl")
+
+
 def finish_build(report: BuildReport, out: str | Path, embed_images: bool = False) -> BuildReport:
-    """Validate every record with the engine's schema, check ids, then write OUT (and
-    OUT.skipped.jsonl): JSONL, Parquet or a `save_to_disk` folder by OUT's name."""
+    """Validate every record with the engine's schema, check ids, then write OUT (and its skip list,
+    `skipped_path`): JSONL, Parquet or a `save_to_disk` folder by OUT's name."""
     if Path(out).suffix == ".jsonl" and embed_images:
         raise DatasetError("--embed-images needs a .parquet file or a dataset folder as --out", file=str(out))
     if not report.records:
@@ -201,9 +209,8 @@ def finish_build(report: BuildReport, out: str | Path, embed_images: bool = Fals
         if record["id"] in seen:
             raise DatasetError("duplicate record id", file=str(out), record=record["id"], field="id")
         seen.add(record["id"])
-    skipped_path = Path(f"{out}.skipped.jsonl")
     if report.skipped:
-        write_jsonl_atomic(skipped_path, report.skipped)
+        write_jsonl_atomic(skipped_path(out), report.skipped)
     if Path(out).suffix == ".jsonl":
         write_jsonl_atomic(out, report.records, report.files)
     else:

@@ -3,6 +3,7 @@ height` in 0-1 per line; class names from a data.yaml (`names`) or a classes.txt
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from data_builders.formats.annotations import (
     reading_order,
 )
 from dopd_vl.errors import DatasetError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["load_yolo"]
 
@@ -46,10 +49,10 @@ def load_yolo(loader: AnnotationLoader, images: Path, labels: Path, classes: str
                 rid = f"line {n}"
                 if len(fields) != 5:
                     raise DatasetError(
-                        f"expected 5 fields (class x_center y_center width height), got {len(fields)}",
+                        f"expected 5 columns (class x_center y_center width height), got {len(fields)}",
                         file=str(label_file),
                         record=rid,
-                        field="fields",
+                        field="columns",
                     )
                 values = {}
                 for name, value in zip(("class", "x_center", "y_center", "width", "height"), fields):
@@ -93,6 +96,13 @@ def load_yolo(loader: AnnotationLoader, images: Path, labels: Path, classes: str
             )
 
         loader.add(str(label_file), image.stem, build)
+    # Label files whose image is not in the images folder: nothing is built from them; said, not silent.
+    stems = {image.stem for image in image_files}
+    orphans = sorted(p.name for p in labels.glob("*.txt") if p.stem not in stems and p.name != "classes.txt")
+    if orphans:
+        loader.report.counts["label files without an image"] += len(orphans)
+        shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+        logger.warning("%d label files in %s have no image in %s (not built): %s", len(orphans), labels, images, shown)
 
 
 def _find_yolo_classes(labels: Path) -> Path:

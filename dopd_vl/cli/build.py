@@ -4,6 +4,7 @@ or worked solutions (step-wise hints), written whole or not at all."""
 from __future__ import annotations
 
 from data_builders.hints import STYLE_HELP, STYLES
+from data_builders.output import skipped_path
 from dopd_vl.errors import ConfigError
 
 
@@ -155,7 +156,7 @@ def run_hints(args) -> int:
 def _print_report(report, out) -> None:
     print(f"wrote {out}: {report.summary()}")
     if report.skipped:
-        print(f"skipped records listed in {out}.skipped.jsonl")
+        print(f"{len(report.skipped)} skipped inputs (images or input lines) listed with why in {skipped_path(out)}")
     for leak in report.leaks[:10]:
         print(f"leak: record {leak['id']}: hints {leak['hints']} contain the final answer {leak['answer']!r}")
     if len(report.leaks) > 10:

@@ -97,7 +97,8 @@ def test_coco128_counting_answers_equal_label_counts(coco128_records):
         stem = Path(r["prompt"][0]["content"][0]["image"]).stem
         counts = Counter(lab for lab, _, _ in _yolo_boxes_px(stem))
         asked = r["prompt"][0]["content"][1]["text"].removeprefix("How many ").removesuffix(" are in the image?")
-        irregular = {("person", "people"), ("knife", "knives"), ("mouse", "mice")}
+        irregular = {("person", "people"), ("knife", "knives"), ("mouse", "mice"), ("broccoli", "heads of broccoli")}
+        irregular |= {("tv", "TVs")}
         labels = [
             lab
             for lab in counts
@@ -425,7 +426,7 @@ MALFORMED = {
     "yolo field count": (
         "yolo",
         lambda r: _set(r / "labels" / "im1.txt", "1 0.3 0.3 0.2\n"),
-        ["im1.txt", "record line 1", "field fields"],
+        ["im1.txt", "record line 1", "field columns: expected 5 columns (class x_center y_center width height), got 4"],
     ),
     "yolo non-numeric": (
         "yolo",
@@ -545,7 +546,7 @@ def test_questions_file_duplicate_ids_and_skip_mode(mini, capsys):
     assert main(_cli_args("coco", root, out, ["--questions", str(qa), "--on-error", "skip"])) == 0
     records = load_records(out)
     assert [r["id"] for r in records] == ["a"] and records[0]["privileged"]["objects"][0]["label"] == "cat"
-    skipped = [json.loads(line) for line in Path(f"{out}.skipped.jsonl").read_text().splitlines()]
+    skipped = [json.loads(line) for line in Path(out).with_suffix(".skipped.jsonl").read_text().splitlines()]
     assert [s["id"] for s in skipped] == ["a", "b"] and "escapes" in skipped[1]["reason"]
 
 
@@ -572,7 +573,7 @@ def test_skip_mode_skips_the_faulty_image_keeps_the_rest_and_lists_it(mini, case
     break_it(root)
     extra = ["--on-error", "skip"] + (["--degenerate", "fail"] if "--degenerate fail" in case else [])
     assert main(_cli_args(fmt, root, out, extra)) == 0, capsys.readouterr().err
-    skipped = [json.loads(line) for line in Path(f"{out}.skipped.jsonl").read_text().splitlines()]
+    skipped = [json.loads(line) for line in Path(out).with_suffix(".skipped.jsonl").read_text().splitlines()]
     # A duplicated image id also orphans the annotations of the image it hid: listed too.
     assert len(skipped) == (2 if case == "duplicate image ids" else 1) and skipped[0]["id"]
     for fragment in expected:
@@ -742,3 +743,16 @@ def test_synthesised_questions_about_every_coco_class_read_as_english():
                     assert noun[0] not in "aeiou", q["question"]
                 if article == "an":
                     assert noun[0] in "aeiou", q["question"]
+
+
+def test_label_files_without_an_image_are_counted_and_the_skip_list_is_named_for_the_output(mini, capsys):
+    """Every dropped input is reported: a YOLO label file whose image is missing (COCO128 has two) is
+    counted in the summary, and a skipped image is listed in OUT.skipped.jsonl, named by the output."""
+    root, out = mini
+    (root / "labels" / "orphan.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    _set(root / "labels" / "im1.txt", "1 0.3 0.3 0.2\n")  # a broken label file: its image is skipped
+    assert main(_cli_args("yolo", root, out, ["--on-error", "skip"])) == 0
+    printed = capsys.readouterr().out
+    skip_list = out.parent / f"{out.stem}.skipped.jsonl"
+    assert "label files without an image 1" in printed and f"listed with why in {skip_list}" in printed
+    assert [json.loads(line)["id"] for line in skip_list.read_text().splitlines()] == ["im1"]

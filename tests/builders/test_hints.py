@@ -202,9 +202,9 @@ def test_malformed_hint_inputs_fail_cleanly(tmp_path, capsys, line, field):
     assert "\n" not in err and "in.jsonl:2" in err and field in err
     assert out.read_text() == "KEEP\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
     assert main(["build", "hints", "--input", str(data), "--out", str(out), "--on-error", "skip"]) == 0
-    assert len(load_records(out)) == 1 and json.loads((tmp_path / "out.jsonl.skipped.jsonl").read_text())[
-        "file"
-    ].endswith(":2")
+    assert len(load_records(out)) == 1 and json.loads((tmp_path / "out.skipped.jsonl").read_text())["file"].endswith(
+        ":2"
+    )
 
 
 def test_the_leaking_style_is_refused_unless_asked_for_and_every_style_is_explained(tmp_path, capsys):

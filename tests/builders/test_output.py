@@ -166,7 +166,7 @@ def test_builder_outputs_get_the_mode_the_umask_gives(mini, tmp_path, umask, mas
     assert main(["build", "grounding", "--format", "hf", "--dataset", str(dataset), "--out", str(embedded)]) == 0
     written = [
         out,
-        Path(f"{out}.skipped.jsonl"),
+        Path(out).with_suffix(".skipped.jsonl"),
         parquet,
         embedded,
         *(out.parent / "e_images").iterdir(),

@@ -343,7 +343,7 @@ def test_detection_dataset_faults_fail_in_one_line_or_are_skipped(tmp_path, caps
     err = error_line(capsys.readouterr().err)
     assert "row 1 object 0" in err and "non-finite" in err and not out.exists()
     assert main(args + ["--on-error", "skip"]) == 0
-    skipped = [json.loads(line) for line in Path(f"{out}.skipped.jsonl").read_text().splitlines()]
+    skipped = [json.loads(line) for line in Path(out).with_suffix(".skipped.jsonl").read_text().splitlines()]
     built = {r["images"][0]["path"] for r in load_records(out)}
     assert [s["id"] for s in skipped] == ["row 1"] and built == {f"{stems[0]}.jpg", f"{stems[2]}.jpg"}
     assert (

@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return args.run(args) or 0
+        with logging_redirect_tqdm():  # a log line goes above a live bar, never into it
+            return args.run(args) or 0
     except DopdError as err:
         code = err.exit_code  # a preempted run is not an error: it says so and exits 75
         print(f"dopd {args.command}: {'error: ' if code == 1 else ''}{err}", file=sys.stderr)

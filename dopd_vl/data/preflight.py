@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from tqdm.auto import tqdm
-
 from dopd_vl.data.image_roots import ImageRoots, image_roots
 from dopd_vl.data.images import image_parts
 from dopd_vl.data.schema import record_id, validate_record
 from dopd_vl.data.sources import DatasetRecords, json_lines, records_root
 from dopd_vl.errors import DatasetError, ImageOutsideRoots
+from dopd_vl.progress import progress_bar
 
 __all__ = ["FAULT_KINDS", "Fault", "DataReport", "check_data", "check_image"]
 
@@ -194,7 +193,7 @@ def check_data(
     sizes: dict[tuple[int, int], tuple[int, int]] = {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = pool.map(lambda item: (item[0], check_image(item[1], root, mode)), refs.items())
-        for (i, k), (kind, detail) in tqdm(
+        for (i, k), (kind, detail) in progress_bar(
             results, total=len(refs), desc="images", disable=not progress or not refs, leave=False
         ):
             if kind is None:
@@ -205,7 +204,7 @@ def check_data(
     # The longest view (the privileged one when the objective reads it) rendered as training will.
     view = "student_priv" if privileged else "student"
     lengths, pending = [], []
-    for i, record in tqdm(records.items(), desc="records", disable=not progress, leave=False):
+    for i, record in progress_bar(records.items(), desc="records", disable=not progress, leave=False):
         n_images = len(list(image_parts(record)))
         if any((i, k) not in sizes for k in range(n_images)):
             continue  # its image is already a fault; rendering would only repeat it

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from dopd_vl.distributed import gather, reduce_sum
 from dopd_vl.eval.trust import mean_std, token_correct, trust_answers, trust_reading
@@ -45,6 +44,7 @@ from dopd_vl.method.routing import (
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS
 from dopd_vl.modality.batches import valid_response_states
 from dopd_vl.models.loading import output_embedding_weight
+from dopd_vl.progress import progress_bar
 from dopd_vl.training.config import TrainConfig, load_config
 from dopd_vl.training.rollout import rollout_metrics
 from dopd_vl.training.run import setup_run
@@ -90,7 +90,7 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
     step_tokens, step_rows, rollouts = [], [], []
     # The trust readout (`answers`) needs every training record to carry an answer.
     answered, prompts = all("answer" in r for r in run.data.records), {}
-    for k in tqdm(range(steps), desc="diagnose", disable=not (progress and a.is_main_process)):
+    for k in progress_bar(range(steps), desc="diagnose", disable=not (progress and a.is_main_process)):
         micro_batches = sample_step(run, k)
         scored = [score_micro_batch(run, mb, k) for mb in micro_batches]
         stats = step_statistics(run, scored)

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from dopd_vl.data.answers import answer_kind, is_correct
 from dopd_vl.loss import chunk_logits
 from dopd_vl.method.divergences import reverse_kl
 from dopd_vl.modality.batches import build_views, valid_response_states
 from dopd_vl.models.loading import output_embedding_weight
+from dopd_vl.progress import progress_bar
 from dopd_vl.training.rollout import RolloutConfig, sample_responses
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def generate_answers(
     view = "student_priv" if config.privileged else "student"
     rollout = RolloutConfig(num_generations=1, max_new_tokens=config.max_new_tokens, temperature=0.0)
     answers = []
-    for start in tqdm(
+    for start in progress_bar(
         range(0, len(records), config.batch_size), desc="eval", leave=False, disable=len(records) <= config.batch_size
     ):
         batch = records[start : start + config.batch_size]

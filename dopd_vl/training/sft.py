@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from dopd_vl.loss import chunk_logits
 from dopd_vl.modality.batches import build_view, valid_response_states
 from dopd_vl.models.loading import output_embedding_weight
+from dopd_vl.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def supervised_finetune(
     model.train()
     losses = []
     prompts: dict[tuple[int, str], object] = {}  # rendered prompts, reused across steps
-    for step in tqdm(range(config.steps), desc=f"sft ({', '.join(config.views)})", leave=False):
+    for step in progress_bar(range(config.steps), desc=f"sft ({', '.join(config.views)})", leave=False):
         picked = rng.sample(range(len(usable)), min(config.batch_size, len(usable)))
         batch, view_name = [usable[i] for i in picked], config.views[step % len(config.views)]
         for i in picked:

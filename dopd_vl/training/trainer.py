@@ -23,11 +23,10 @@ import math
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from dopd_vl.distributed import any_process, reduce_sum
 from dopd_vl.errors import CollapseDetected, Preempted, TrainingError
 from dopd_vl.method.routing import REGIME_NAMES
+from dopd_vl.progress import progress_bar
 from dopd_vl.training.checkpointing import check_new_run, remove_run
 from dopd_vl.training.config import TrainConfig, flat_config
 from dopd_vl.training.guard import CollapseAlarm, CollapseGuard, collapse_message
@@ -81,7 +80,7 @@ class Trainer:
         self._info = run.info()
         if c.report_to:
             run.accelerator.init_trackers("dopd", config=flat_config(c))
-        bar = tqdm(
+        bar = progress_bar(
             total=c.max_steps, initial=self._step, desc=run.objective.name, disable=not run.accelerator.is_main_process
         )
         with StopSignals() as stop:

@@ -68,6 +68,12 @@ def test_resume_after_kill_and_after_sigterm_reproduces_the_straight_run(tmp_pat
         _train_cmd(recipe, *common, f"output_dir={straight}"), env=ENV, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    # stderr is not a terminal here (a CI log, a nohup file): plain lines, no carriage returns, and
+    # every log line on a line of its own, none glued to a progress bar.
+    lines = done.stderr.splitlines()
+    assert "\r" not in done.stderr and any(line.startswith("dopd:") and "6/6" in line for line in lines)
+    saved = [line for line in lines if "saved" in line and "checkpoint-" in line]
+    assert len(saved) == 6 and all(line.startswith("INFO dopd_vl.training.checkpointing") for line in saved)
 
     # Kill -9 as soon as checkpoint-3 is complete (the run is then inside step 4 or its checkpoint).
     proc = subprocess.Popen(

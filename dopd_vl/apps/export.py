@@ -33,6 +33,11 @@ logger = logging.getLogger(__name__)
 MAX_SHARD_SIZE = "5GB"
 CARD_TAGS = ("dopd", "distillation", "on-policy-distillation", "privileged-information")
 _RECIPE = "dopd_recipe.yaml"
+_RECIPE_HEADER = (
+    "# The recipe this student was trained with (`dopd train dopd_recipe.yaml`). Model and data keys name what\n"
+    "# the run read: hub ids as they are, local files by their name or their path relative to where the run\n"
+    "# ran. Point local ones at your copies (e.g. data.train=PATH) before training.\n"
+)
 
 
 def portable_name(name_or_path: str) -> str:
@@ -82,7 +87,8 @@ def export_student(
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
         processing.save_pretrained(tmp)
         _make_portable(tmp, config)
-        (tmp / _RECIPE).write_text(yaml.safe_dump(portable_recipe(config), sort_keys=False), encoding="utf-8")
+        recipe = _RECIPE_HEADER + yaml.safe_dump(portable_recipe(config), sort_keys=False)
+        (tmp / _RECIPE).write_text(recipe, encoding="utf-8")
         if "evaluation" in summary:
             (tmp / "eval_results.json").write_text(json.dumps(summary["evaluation"], indent=2) + "\n", encoding="utf-8")
         (tmp / "README.md").write_text(model_card(summary, adapter=adapter), encoding="utf-8")
@@ -302,22 +308,28 @@ def model_card(summary: dict, adapter: bool = False) -> str:
     dopd = objective["name"] == "dopd"
     version = summary["versions"].get("dopd_vl", "?")
     intro = (
-        f"A {'Qwen3-VL' if vision else 'Qwen3'} student trained with [dopd-vl](https://github.com/dopd-vl/dopd-vl) "
-        f"{version} by on-policy distillation: the student samples its own answers and minimises a per-token "
-        "divergence to the teacher, who sees privileged context the student never has at inference."
+        f"A {'Qwen3-VL' if vision else 'Qwen3'} student trained with dopd-vl {version} by on-policy distillation: "
+        "the student samples its own answers and minimises a per-token divergence to the teacher, who sees "
+        "privileged context the student never has at inference."
     )
     if dopd:
         intro += (
             " DOPD (Dual On-policy Distillation) also scores every token with the student given the same context "
             "and routes each token by the teacher's capability edge to one of four losses."
         )
-    local = any(
-        Path(str(p)).is_absolute()
-        for p in (config["student"]["name_or_path"], config["teacher"]["name_or_path"] or "", config["data"]["train"])
-    )
+    local = [
+        f"`{key}`"
+        for key, value in (
+            ("student.name_or_path", config["student"]["name_or_path"]),
+            ("teacher.name_or_path", config["teacher"]["name_or_path"]),
+            ("data.train", config["data"]["train"]),
+            ("data.eval", config["data"].get("eval")),
+        )
+        if value and not _looks_like_hub_id(str(value)) and not str(value).startswith("tiny:")
+    ]
     local_note = (
-        "The run used local models or data; the recipe names them by folder or file name only: point those keys at "
-        "your copies.\n\n"
+        f"The run read local files: in the recipe {', '.join(local)} name them as the run did (a folder or file name, "
+        "or a path relative to where it ran): point those keys at your copies first.\n\n"
         if local
         else ""
     )
@@ -418,8 +430,13 @@ def _use_code(student: str, vision: bool, adapter: bool) -> list[str]:
 
 
 def _looks_like_hub_id(name: str) -> bool:
+    """`org/name` that is no local path nor a data file (`Qwen/Qwen3-1.7B` is an id despite its dot)."""
+    files = (".jsonl", ".json", ".parquet", ".arrow", ".yaml", ".txt")
     return (
-        name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/")) and Path(name).suffix == ""
+        name.count("/") == 1
+        and not Path(name).exists()
+        and not name.startswith((".", "/"))
+        and Path(name).suffix.lower() not in files
     )
 
 

@@ -305,3 +305,23 @@ def test_lmms_eval_runs_a_local_records_task_on_the_exported_vision_student(tmp_
     results = json.loads((tmp_path / "harness" / "lmms_eval_results.json").read_text())
     assert 0.0 <= results["results"]["dopd_records"]["acc,none"] <= 1.0 and len(results["samples"]["dopd_records"]) == 4
     assert "| dopd_records | acc |" in (tmp_path / "harness" / "summary.md").read_text()
+
+
+def test_the_card_names_only_what_the_project_declares_and_says_which_recipe_keys_to_point_at_copies():
+    from dopd_vl.apps.export import model_card
+
+    config = {
+        "student": {"name_or_path": "Qwen/Qwen3-1.7B"},
+        "teacher": {"name_or_path": "Qwen/Qwen3-8B"},
+        "data": {"train": "data/coco128.jsonl", "eval": None},
+        "objective": {"name": "dopd", "privileged_student": "live", "top_k": 128},
+        "optim": {"batch_size": 4, "gradient_accumulation_steps": 1, "lr": 5e-6},
+        "rollout": {"num_generations": 4, "max_new_tokens": 256},
+        "lora": {"enabled": False, "r": 16, "alpha": 32},
+    }
+    summary = {"config": config, "versions": {"dopd_vl": "0.1.0"}, "train_records": 3, "steps": 2, "source": "final"}
+    summary.update(final_metrics={}, mean_regime_occupancy={}, collapse_alarms=0, skipped_steps=0)
+    card = model_card(summary)
+    assert "http" not in card and "pip install 'dopd-vl==" not in card  # nothing the project does not declare
+    # A relative data path is a placeholder, said so; hub ids (dots and all) are not.
+    assert "in the recipe `data.train` name them as the run did" in card and "`student.name_or_path`" not in card

@@ -32,7 +32,7 @@ def add_parser(commands) -> None:
 
 
 def run(args) -> int:
-    from dopd_vl.eval.diagnose import diagnose
+    from dopd_vl.eval.diagnose import diagnose, terminal_reading
     from dopd_vl.training.config import load_config
 
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
@@ -40,6 +40,6 @@ def run(args) -> int:
     out = Path(args.out) if args.out else data_report_path(config.output_dir, "diagnose", config.data.train)
     earlier = replaced(out / "diagnose.json")
     result = diagnose(config, steps=args.steps, out=out)
-    print("\n".join(result["reading"]))
+    print(terminal_reading(result["reading"]))  # wrapped to a terminal; diagnose.json keeps each line whole
     print(f"\nwrote {out / 'diagnose.json'}, {out / 'diagnose.png'} and {out / 'diagnose_rollouts.jsonl'}{earlier}")
     return 0

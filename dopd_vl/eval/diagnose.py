@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import statistics
+import textwrap
 from importlib import resources
 from pathlib import Path
 
@@ -53,6 +54,8 @@ from dopd_vl.training.step import plan_micro_batch, sample_step, score_micro_bat
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "terminal_reading",
+    "evidence_faults",
     "diagnose",
     "diagnose_run",
     "reading",
@@ -208,23 +211,84 @@ def measured_study(name: str) -> dict | None:
     return json.loads(text)
 
 
-def _fmt_shares(summary: dict, prefix: str, names) -> str:
-    return "  ".join(f"{name} {summary[f'{prefix}/{name}']:.3f}" for name in names if f"{prefix}/{name}" in summary)
+def _share_table(title: str, names: list[str], rows: dict[str, list[float | None]]) -> list[str]:
+    """The reading's aligned share tables: a header of column names, then one row per label, every
+    column as wide as its name (at least 7), labels in a 24-wide column."""
+    widths = [max(7, len(name)) for name in names]
+    header = f"{title:<24}" + "".join(f"  {name:>{w}}" for name, w in zip(names, widths))
+    lines = [header]
+    for label, values in rows.items():
+        cells = ["" if v is None else f"{v:.3f}" for v in values]
+        lines.append(f"  {label:<22}" + "".join(f"  {cell:>{w}}" for cell, w in zip(cells, widths)))
+    return lines
+
+
+MIN_ANSWERED_PROMPTS = 16
+"""Fewer answered prompts than this and the accuracies' sampling error (about 0.5/sqrt(n), 0.125 at
+16) is as large as the differences between the measured cells: no recommendation [ours]."""
+MAX_CUT_SHARE = 0.5
+"""At least this share of responses cut at max_new_tokens: the tokens read are not the answers the
+run will train on, so the routing figures describe truncated text: no recommendation [ours]."""
+READING_WIDTH = 100
+"""The reading's lines fit a terminal this wide (`dopd diagnose` wraps them; the JSON keeps them whole)."""
+
+
+def terminal_reading(lines: list[str], width: int = READING_WIDTH) -> str:
+    """The reading wrapped to `width` columns (continuations indented), as `dopd diagnose` prints it."""
+    return "\n".join(
+        textwrap.fill(line, width, subsequent_indent="    ", break_on_hyphens=False) if line else "" for line in lines
+    )
+
+
+def evidence_faults(result: dict) -> list[str]:
+    """Why the sampled answers carry no signal to place among the measured cells (empty: they do):
+    most responses cut, every accuracy 0 (or every one 1), too few answered prompts."""
+    s, r, answers = result["summary"], result["recipe"], result.get("answers")
+    faults = []
+    if s["clipped_frac"] >= MAX_CUT_SHARE:
+        faults.append(
+            f"{s['clipped_frac']:.0%} of the responses were cut at max_new_tokens ({r['max_new_tokens']}): the tokens "
+            "read are not the answers the run trains on; raise rollout.max_new_tokens"
+        )
+    if answers:
+        accuracies = [answers[k] for k in ("student_accuracy", "teacher_priv_accuracy", "teacher_plain_accuracy")]
+        if len(set(accuracies)) == 1 and accuracies[0] in (0.0, 1.0):
+            faults.append(
+                f"the student and the teacher with and without the context all answer {accuracies[0]:.0%} of the "
+                "prompts right: who is right cannot be told apart; check the answers (dopd eval) and max_new_tokens"
+            )
+        if answers["n"] < MIN_ANSWERED_PROMPTS:
+            faults.append(
+                f"{answers['n']} answered prompts, fewer than {MIN_ANSWERED_PROMPTS}: accuracies this noisy do not "
+                "separate the measured cells; read more with --steps"
+            )
+    return faults
 
 
 def reading(result: dict, study: dict | None = None, trust: dict | None = None) -> list[str]:
-    """The plain-text reading: the numbers, then what the measured studies (`study`: the strength
-    study, `trust`: the trust study; default the installed assets) say about such numbers."""
+    """The plain-text reading: the evidence read, the numbers in aligned columns, then what the
+    measured studies (`study`: the strength study, `trust`: the trust study; default the installed
+    assets) say about such numbers, unless the evidence carries no signal (`evidence_faults`)."""
     s, r = result["summary"], result["recipe"]
+    answers = result.get("answers")
+    prompts = r["steps"] * r.get("prompts_per_step", r["responses_per_step"])
+    answered = f", {answers['n']} of them with an answer" if answers else ", none with an answer"
+    names = [*REGIME_NAMES]
+    routes = [*result["route_names"], *(["dropped"] if "route/dropped" in s else [])]
     lines = [
-        f"dopd diagnose: {r['steps']} step(s) x {r['responses_per_step']} responses ({result['tokens']} tokens) of "
-        f"{r['student']} "
-        f"on {r['data']}; teacher {r['teacher']}; objective {r['objective']} (privileged student: "
-        f"{r['privileged_student']})",
-        f"regimes, the paper's rule:      {_fmt_shares(s, 'frac', REGIME_NAMES)}",
-        f"regimes with the edge check:    {_fmt_shares(s, 'edge_check/frac', REGIME_NAMES)}",
-        f"routes of {r['objective']}:{' ' * max(1, 20 - len(r['objective']))}"
-        + _fmt_shares(s, "route", [*result["route_names"], "dropped"]),
+        f"dopd diagnose: {r['student']} on {r['data']}; teacher {r['teacher']}; objective {r['objective']} "
+        f"(privileged student: {r['privileged_student']})",
+        f"read: {r['steps']} step(s), {prompts} prompts{answered}, {r['steps'] * r['responses_per_step']} responses, "
+        f"{result['tokens']} response tokens",
+        *_share_table(
+            "regimes (token shares)",
+            names,
+            {
+                "the paper's rule": [s.get(f"frac/{n}") for n in names],
+                "with the edge check": [s.get(f"edge_check/frac/{n}") for n in names],
+            },
+        ),
+        *_share_table(f"routes of {r['objective']}", routes, {"token shares": [s.get(f"route/{n}") for n in routes]}),
         f"teacher endorsement (q_T >= q_S, both with the context): {s['endorsement']:.3f} of tokens",
         f"information edge l_T(y|x,p) - l_T(y|x): mean {s['information_edge/mean']:+.3f} nats, "
         f"{s['information_edge/above_1nat']:.3f} of tokens above 1 nat",
@@ -235,7 +299,6 @@ def reading(result: dict, study: dict | None = None, trust: dict | None = None) 
         f"{s['eos_only_frac']:.3f} the end token alone"
         + (f"; rollout accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""),
     ]
-    answers = result.get("answers")
     if answers:
         shares = [answers["hs_share_correct"], answers["hs_share_wrong"]]
         right, wrong = ("none" if v is None else f"{v:.3f}" for v in shares)
@@ -244,6 +307,13 @@ def reading(result: dict, study: dict | None = None, trust: dict | None = None) 
             f"privileged teacher {answers['teacher_priv_accuracy']:.3f}, plain teacher "
             f"{answers['teacher_plain_accuracy']:.3f}; HS share of tokens in the student's right responses {right}, "
             f"in its wrong ones {wrong}"
+        )
+    faults = evidence_faults(result)
+    if faults:
+        return (
+            lines
+            + ["", "No recommendation: what was read carries no signal to compare with the measured studies:"]
+            + [f"- {fault}." for fault in faults]
         )
     study = study if study is not None else measured_study("strength")
     if not study:

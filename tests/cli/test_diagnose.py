@@ -363,4 +363,72 @@ def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
         picked = [g for g, c in zip(regimes, correct) if c == want]
         assert answers[key] == pytest.approx(picked.count(3) / len(picked), abs=1e-12), key
     text = "\n".join(result["reading"])
-    assert "answers on the" in text and "What the trust study measured" in text
+    # The answers are read; 4 answered prompts are too few to place among the measured cells: said, and why.
+    assert "answers on the" in text and f"{answers['n']} answered prompts, fewer than 16" in text
+    assert "No recommendation" in text and "What the trust study measured" not in text
+
+
+def _diagnosis(clipped: float, accuracies: tuple[float, float, float] | None, n: int = 32) -> dict:
+    summary = {
+        "endorsement": 0.72,
+        "frac/HT": 0.05,
+        "response_length": 8.0,
+        "clipped_frac": clipped,
+        "eos_only_frac": 0.0,
+        "information_edge/mean": 0.3,
+        "information_edge/above_1nat": 0.05,
+        "capability_edge/mean": 0.2,
+        "advantage_gap/mean": 0.4,
+        **{f"{p}/{g}": 0.25 for p in ("frac", "edge_check/frac", "route") for g in ("LH", "LL", "HT", "HS")},
+    }
+    recipe = {"steps": 4, "responses_per_step": 16, "prompts_per_step": 4, "student": "s", "data": "d"}
+    recipe.update(teacher="t", objective="dopd", privileged_student="initial", max_new_tokens=8)
+    result = {"summary": summary, "steps": [summary], "tokens": 512, "route_names": ["LH", "LL", "HT", "HS"]}
+    result["recipe"] = recipe
+    if accuracies is not None:
+        student, priv, plain = accuracies
+        result["answers"] = {
+            "student_accuracy": student,
+            "teacher_priv_accuracy": priv,
+            "teacher_plain_accuracy": plain,
+            "hs_share_correct": 0.05,
+            "hs_share_wrong": 0.1,
+            "n": n,
+        }
+    return result
+
+
+def test_answers_that_are_all_wrong_and_cut_get_no_recommendation_and_say_why():
+    """Every accuracy 0 and every response cut: the reading states what it read, withholds the
+    measured cells and says why and what to change."""
+    text = "\n".join(reading(_diagnosis(clipped=1.0, accuracies=(0.0, 0.0, 0.0)), STUDY, TRUST))
+    assert "read: 4 step(s), 16 prompts, 32 of them with an answer, 64 responses, 512 response tokens" in text
+    assert "No recommendation" in text and "100% of the responses were cut at max_new_tokens (8)" in text
+    assert "raise rollout.max_new_tokens" in text and "all answer 0% of the prompts right" in text
+    assert "What the measured study says" not in text and "Nearest measured cell" not in text
+
+
+def test_a_middle_student_still_gets_the_measured_cells():
+    """The toy study's middle student (right on about half the prompts, the teacher ahead, answers not
+    cut) is placed among the measured cells as before."""
+    text = "\n".join(reading(_diagnosis(clipped=0.1, accuracies=(0.5, 0.8, 0.6))))  # the installed studies
+    assert "No recommendation" not in text
+    assert "What the measured study says" in text and "What the trust study measured" in text
+    assert "The measured cell nearest by endorsement is" in text
+
+
+def test_too_few_answered_prompts_get_no_recommendation():
+    text = "\n".join(reading(_diagnosis(clipped=0.0, accuracies=(0.5, 0.8, 0.6), n=8), STUDY, TRUST))
+    assert "8 answered prompts, fewer than 16" in text and "read more with --steps" in text
+
+
+def test_the_printed_reading_fits_a_terminal_and_its_share_columns_align():
+    from dopd_vl.eval.diagnose import terminal_reading
+
+    lines = reading(_diagnosis(clipped=0.1, accuracies=(0.5, 0.8, 0.6)), STUDY, TRUST)
+    printed = terminal_reading(lines).splitlines()
+    assert max(len(line) for line in printed) <= 100 and any(len(line) > 100 for line in lines)
+    table = [line for line in printed if line.startswith(("regimes (token shares)", "  the paper's rule"))]
+    header, row = table
+    for name in ("LH", "LL", "HT", "HS"):  # each share ends under its column's name
+        assert row[header.index(name) + len(name) - 5 : header.index(name) + len(name)] == "0.250"

@@ -175,7 +175,10 @@ def test_diagnose_reads_a_toy_recipe_through_the_cli(tmp_path):
     result = json.loads((out / "diagnose.json").read_text())
     assert result["recipe"]["responses_per_step"] == 16 and len(result["steps"]) == 2
     assert 0.0 <= result["summary"]["endorsement"] <= 1.0
-    assert any("What the measured study says" in line for line in result["reading"])
+    # 8 answered prompts (2 steps x 4) are too few to place among the measured cells: said, and why
+    # (a middle student with enough prompts gets the cells: tests/cli/test_diagnose.py).
+    assert any("8 answered prompts, fewer than 16" in line for line in result["reading"])
+    assert not any("What the measured study says" in line for line in result["reading"])
     assert (student / "model.safetensors").read_bytes() == weights
     # The same figures computed independently from the same rollouts (full-vocabulary forwards).
     from dopd_vl.training.config import load_config

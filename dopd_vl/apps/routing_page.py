@@ -2,16 +2,19 @@
 advantage gap A and the two confidences on hover, beside the image, question and privileged context.
 
 `route_records` scores student responses with the same views, signals and router the trainer uses;
-`write_routing_html` writes one self-contained HTML page (images inlined), one `<span>` per
-response token carrying `data-regime`, `data-a`, `data-q-student`, `data-q-teacher`.
+`write_routing_html` writes one self-contained HTML page (each image inlined once, in its own
+format; boxes drawn by the browser in SVG), one `<span>` per response token carrying `data-regime`,
+`data-a`, `data-q-student`, `data-q-teacher` at full precision.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +30,7 @@ from dopd_vl.method.views import TEACHER_VIEWS
 from dopd_vl.modality.batches import build_views
 from dopd_vl.training.models import ModelScorer
 
-__all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html", "label_rectangle"]
+__all__ = ["RoutedResponse", "route_records", "regime_legend", "write_routing_html", "place_tags", "LABEL_COLORS"]
 
 REGIME_CONDITION = {
     "LH": "low gap, confident",
@@ -119,6 +122,16 @@ def route_records(
     return out, {k: float(v) for k, v in stats.items() if k in ("A", "q_student", "q_teacher")}
 
 
+LABEL_COLORS = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+    "#fabed4", "#469990", "#dcbeff", "#9a6324", "#800000", "#aaffc3", "#808000", "#000075",
+)  # fmt: skip
+"""Box colours, one per label across the whole page (sorted labels, cycled): a label keeps its colour."""
+DISPLAY_WIDTH = 480
+"""Pixels an image is drawn at (scaled up or down): box tags stay readable at 12 px on any image."""
+_MIME = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp", "GIF": "image/gif"}
+
+
 def write_routing_html(
     path: str | Path,
     routed: list[RoutedResponse],
@@ -127,10 +140,13 @@ def write_routing_html(
     title: str = "DOPD token routing",
     objective_config: ObjectiveConfig | None = None,
 ) -> Path:
-    """One HTML page: per record the image, question, privileged context and the coloured response.
-    The legend is derived from the objective (pass the config used for `route_records`). Images are
-    inlined only from inside `image_root`'s allowed roots (docs/design.md §3.1): the page is meant to
-    be shared, so a record's path must not pull another local file into it."""
+    """One HTML page: per record the image (its privileged boxes drawn by the browser over it), the
+    question, the privileged context and the response coloured by regime. Every number that decides
+    a token's regime is on it: A in nats, q_S and q_T as probabilities in scientific notation and as
+    log-probabilities, and the thresholds in the same units. Each distinct image is embedded once per
+    page in its own format (a JPEG stays a JPEG); one colour per label across the page; box tags are
+    placed so that none covers another. Images are inlined only from inside `image_root`'s allowed
+    roots (docs/design.md §3.1): the page is meant to be shared."""
     path = Path(path)
     roots = image_roots(image_root)
     meaning = regime_legend(objective_config)
@@ -138,17 +154,14 @@ def write_routing_html(
         f'<span class="legend" style="background:{_tint(name)}">{name}</span> {html.escape(meaning[name])}<br>'
         for name in ("HT", "HS", "LH", "LL")
     )
+    labels = sorted({label for item in routed for label, _ in _boxes(item.record)})
+    colors = {label: LABEL_COLORS[k % len(LABEL_COLORS)] for k, label in enumerate(labels)}
+    images: dict[str, tuple[str, str]] = {}  # content hash -> (css class, data URI): each image once
     sections = []
     for item in routed:
-        spans = "".join(
-            f'<span class="tok" data-regime="{r}" data-a="{a:.4f}" data-q-student="{qs:.4f}" data-q-teacher="{qt:.4f}" '
-            f'style="background:{_tint(r)}" title="{r}: A={a:.3f}  q_S={qs:.3f}  '
-            f'q_T={qt:.3f}">{html.escape(t) or "&#8203;"}</span>'
-            for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher)
-        )
-        images = "".join(
-            _image_html(item.record, k, load_image(ref, roots, str(item.record.get("id", ""))))
-            for k, ref in enumerate(image_parts(item.record))
+        record_id = html.escape(str(item.record.get("id", "")))
+        scenes = "".join(
+            _scene(item.record, k, ref, roots, images, colors) for k, ref in enumerate(image_parts(item.record))
         )
         answer = (
             f"<p><b>Reference answer:</b> {html.escape(str(item.record['answer']))}</p>"
@@ -156,108 +169,169 @@ def write_routing_html(
             else ""
         )
         extra = "".join(f"<p><b>{html.escape(k)}:</b> {html.escape(str(v))}</p>" for k, v in item.extra.items())
-        record_id = html.escape(str(item.record.get("id", "")))
         sections.append(
             f'<section class="record" data-id="{record_id}"><h2>{record_id}</h2>'
-            f'<div class="row"><div class="images">{images}</div><div class="text">'
+            f'<div class="row"><div class="images">{scenes}</div><div class="text">'
             f"<p><b>Question:</b> {html.escape(_question(item.record))}</p>"
             f"<p><b>Privileged context</b> (teacher_priv and student_priv "
             f"only):</p><pre>{html.escape(context_text(item.record.get('privileged_context')))}</pre>"
-            f"{answer}{extra}<p><b>Student response</b> (hover a token for A, q_S, q_T):</p><div "
-            f'class="response">{spans}</div></div></div></section>'
+            f"{answer}{extra}<p><b>Student response</b> (hover a token: A, q_S and q_T, "
+            f'ln q_S and ln q_T):</p><div class="response">{_tokens(item)}</div></div></div></section>'
         )
+    image_css = "".join(f'.{css} {{ background-image: url("{uri}"); }}\n' for css, uri in images.values())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>
-body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; }}
-.row {{ display: flex; gap: 1.5em; }} .images img {{ max-width: 320px; image-rendering: pixelated; border: 1px solid
-#ccc; }}
-.box-label {{ padding-left: 4px; margin-right: 6px; font-size: 90%; }} figure {{ margin: 0; }}
+body {{ font-family: sans-serif; max-width: 1200px; margin: 2em auto; }}
+.row {{ display: grid; grid-template-columns: {DISPLAY_WIDTH + 12}px 1fr; gap: 1.5em; align-items: start; }}
+.scene {{ position: relative; background-size: 100% 100%; image-rendering: pixelated; border: 1px solid #ccc; }}
+.scene svg {{ position: absolute; left: 0; top: 0; }} figure {{ margin: 0 0 .5em 0; }}
 .tok, .legend {{ padding: 1px 2px; margin: 0 1px; border-radius: 3px; font-family: monospace; white-space: pre-wrap; }}
-pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }} section {{ border-top: 1px solid #ddd; padding: 1em
-0; }}
-</style></head><body><h1>{html.escape(title)}</h1>
-<p>Thresholds over these tokens: <code>{
-        html.escape(json.dumps({k: round(v, 4) for k, v in thresholds.items()}))
-    }</code></p>
+pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }}
+section {{ border-top: 1px solid #ddd; padding: 1em 0; }} table.thresholds td {{ padding: 0 1em 0 0; }}
+{image_css}</style></head><body><h1>{html.escape(title)}</h1>
+{_thresholds_table(thresholds)}
 <p>{legend}</p>{"".join(sections)}</body></html>"""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page, encoding="utf-8")
     return path
 
 
-def _image_html(record: dict, index: int, image) -> str:
-    """An inlined image; a grounding record's first image with its privileged boxes (supervision's
-    box annotator) and labels drawn, and a legend of the labels in the boxes' colours. Where each
-    label was drawn is in the figure's `data-labels` (label, box and label rectangle, pixels)."""
-    privileged = record.get("privileged") if isinstance(record.get("privileged"), dict) else {}
-    objects = [o for o in privileged.get("objects") or [] if isinstance(o, dict) and isinstance(o.get("bbox_px"), list)]
-    if index != 0 or not objects:
-        return f'<img src="{_data_uri(image)}" alt="image">'
-    import numpy as np
+def _tokens(item: RoutedResponse) -> str:
+    """One span per token; the data attributes keep full precision (a page reader can recompute the regime)."""
+    spans = []
+    for t, r, a, qs, qt in zip(item.tokens, item.regimes, item.advantage_gap, item.q_student, item.q_teacher):
+        shown = f"{r}: A={a:.3f} nats  q_S={qs:.3e} (ln {_ln(qs)})  q_T={qt:.3e} (ln {_ln(qt)})"
+        spans.append(
+            f'<span class="tok" data-regime="{r}" data-a="{a!r}" data-q-student="{qs!r}" data-q-teacher="{qt!r}" '
+            f'style="background:{_tint(r)}" title="{shown}">{html.escape(t) or "&#8203;"}</span>'
+        )
+    return "".join(spans)
 
-    sv = _supervision()
-    names = [str(o.get("label", "")) for o in objects]
-    labels = sorted(set(names))
-    palette = sv.ColorPalette.DEFAULT
-    detections = sv.Detections(
-        xyxy=np.array([o["bbox_px"] for o in objects], dtype=float).reshape(-1, 4),
-        class_id=np.array([labels.index(name) for name in names]),
-    )
-    drawn = sv.BoxAnnotator(color=palette, thickness=2).annotate(image.convert("RGB"), detections)
-    placed = _draw_labels(
-        drawn, [o["bbox_px"] for o in objects], names, [palette.by_idx(labels.index(n)) for n in names]
-    )
-    legend = "".join(
-        f'<span class="box-label" style="border-left: 12px solid '
-        f'{palette.by_idx(k).as_hex()}">{html.escape(label)}</span> '
-        for k, label in enumerate(labels)
-    )
+
+def _ln(q: float) -> str:
+    return f"{math.log(q):.3f}" if q > 0 else "-inf"
+
+
+def _thresholds_table(thresholds: dict[str, float]) -> str:
+    """The thresholds in the tokens' own units: Ā in nats, q̄ as probabilities and log-probabilities."""
+    rows = []
+    if "A" in thresholds:
+        rows.append(f"<tr><td>Ā (advantage gap)</td><td>{thresholds['A']:.3f} nats</td><td></td></tr>")
+    for key, name in (("q_student", "q̄_S (privileged student)"), ("q_teacher", "q̄_T (teacher)")):
+        if key in thresholds:
+            q = thresholds[key]
+            rows.append(f"<tr><td>{name}</td><td>{q:.3e}</td><td>ln {_ln(q)}</td></tr>")
+    data = html.escape(json.dumps(thresholds), quote=True)
     return (
-        f"<figure data-labels='{html.escape(json.dumps(placed), quote=True)}'><img src=\"{_data_uri(drawn)}\" "
-        f'alt="image with the privileged boxes"><figcaption>privileged boxes: {legend}</figcaption></figure>'
+        f"<p>Thresholds over these tokens (trimmed means):</p><table class=\"thresholds\" data-thresholds='{data}'>"
+        + "".join(rows)
+        + "</table>"
     )
 
 
-def label_rectangle(box: list[float], text_size: tuple[int, int], image_size: tuple[int, int]) -> list[int]:
-    """Where a box's label goes ([x1, y1, x2, y2] pixels): on the box's top edge, above it, where
-    there is room; inside the box, under its top edge, where the box touches the top of the image
-    (above it the label would be clipped to a strip). Kept inside the image horizontally."""
-    (w, h), (width, height) = text_size, image_size
-    left = int(min(max(box[0], 0), max(width - w, 0)))
-    top = int(box[1]) - h if box[1] >= h else int(max(box[1], 0))
-    top = min(top, max(height - h, 0))
-    return [left, top, left + w, top + h]
+def _boxes(record: dict) -> list[tuple[str, list[float]]]:
+    """(label, [x1, y1, x2, y2] pixels) of a grounding record's privileged boxes (none otherwise)."""
+    privileged = record.get("privileged") if isinstance(record.get("privileged"), dict) else {}
+    return [
+        (str(o.get("label", "")), [float(v) for v in o["bbox_px"]])
+        for o in privileged.get("objects") or []
+        if isinstance(o, dict) and isinstance(o.get("bbox_px"), list) and len(o["bbox_px"]) == 4
+    ]
 
 
-def _draw_labels(image, boxes: list[list[float]], names: list[str], colors) -> list[dict]:
-    """Each label on a filled rectangle in its box's colour (`label_rectangle` places it)."""
-    from PIL import ImageDraw, ImageFont
+def _scene(record: dict, index: int, ref, roots, images: dict, colors: dict[str, str]) -> str:
+    """An image drawn at DISPLAY_WIDTH, from the page's one copy of it, with (the first image of a
+    grounding record) an SVG layer of its boxes and tags. The figure's `data-labels` says where each
+    tag went (label, box and tag rectangle, in display pixels)."""
+    data, mime, (width, height) = _image_bytes(ref, roots, str(record.get("id", "")))
+    digest = hashlib.sha1(data).hexdigest()[:16]
+    if digest not in images:
+        images[digest] = (f"img-{len(images)}", f"data:{mime};base64,{base64.b64encode(data).decode()}")
+    css = images[digest][0]
+    scale = DISPLAY_WIDTH / width
+    w, h = DISPLAY_WIDTH, round(height * scale)
+    boxes = _boxes(record) if index == 0 else []
+    placed = place_tags([[v * scale for v in box] for _, box in boxes], [label for label, _ in boxes], (w, h))
+    shapes = []
+    for (label, _), tag in zip(boxes, placed):
+        color = colors[label]
+        x1, y1, x2, y2 = tag["box"]
+        tx1, ty1, tx2, ty2 = tag["at"]
+        shapes.append(
+            f'<rect x="{x1:.1f}" y="{y1:.1f}" width="{x2 - x1:.1f}" height="{y2 - y1:.1f}" fill="none" '
+            f'stroke="{color}" stroke-width="2"/><rect x="{tx1}" y="{ty1}" width="{tx2 - tx1}" height="{ty2 - ty1}" '
+            f'fill="{color}"/><text x="{tx1 + 3}" y="{ty2 - 4}" font-size="12" fill="white" '
+            f'style="paint-order: stroke" stroke="black" stroke-width="2">{html.escape(label)}</text>'
+        )
+    svg = f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}">{"".join(shapes)}</svg>'
+    caption = (
+        "<figcaption>privileged boxes: "
+        + " ".join(
+            f'<span class="box-label" style="border-left: 12px solid {colors[label]}; padding-left: 4px">'
+            f"{html.escape(label)}</span>"
+            for label in sorted({label for label, _ in boxes})
+        )
+        + "</figcaption>"
+        if boxes
+        else ""
+    )
+    tags = html.escape(json.dumps(placed), quote=True)
+    return (
+        f"<figure data-labels='{tags}' data-image='{css}'><div class=\"scene {css}\" role=\"img\" "
+        f'aria-label="image {index}" style="width:{w}px;height:{h}px">{svg}</div>{caption}</figure>'
+    )
 
-    draw, font, pad = ImageDraw.Draw(image), ImageFont.load_default(), 2
-    _, line_top, _, line_bottom = draw.textbbox((0, 0), "Tg", font=font)  # one height for every label
-    placed = []
-    for box, name, color in zip(boxes, names, colors):
-        left, _, right, _ = draw.textbbox((0, 0), name, font=font)
-        rect = label_rectangle(box, (right - left + 2 * pad, line_bottom - line_top + 2 * pad), image.size)
-        draw.rectangle(rect, fill=color.as_rgb())
-        draw.text((rect[0] + pad - left, rect[1] + pad - line_top), name, fill="black", font=font)
-        placed.append({"label": name, "box": [round(float(v), 1) for v in box], "at": rect})
+
+def _image_bytes(ref, roots, record_id: str) -> tuple[bytes, str, tuple[int, int]]:
+    """The image's own encoded bytes and type (a JPEG file stays a JPEG) and its size; an image the
+    browser may not show (another format) or one built in memory becomes a PNG."""
+    image = load_image(ref, roots, record_id)  # decoded and confined to the roots: faults named as ever
+    raw = None
+    if isinstance(ref, dict) and ref.get("bytes") is not None:
+        raw = ref["bytes"]
+    elif isinstance(ref, (str, Path)) or (isinstance(ref, dict) and ref.get("path")):
+        raw = roots.resolve(str(ref["path"] if isinstance(ref, dict) else ref), record_id).read_bytes()
+    if raw is not None:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(raw)) as probe:
+            mime = _MIME.get(probe.format or "")
+        if mime:
+            return raw, mime, image.size
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue(), "image/png", image.size
+
+
+def place_tags(boxes: list[list[float]], labels: list[str], size: tuple[int, int]) -> list[dict]:
+    """Where each box's tag goes (display pixels, 12 px text): the first of above the box's top-left
+    corner, inside it under the top edge, below its bottom edge, inside above the bottom edge, that
+    stays in the image and covers no tag placed before it (else the least covering one)."""
+    width, height = size
+    placed: list[dict] = []
+    for box, label in zip(boxes, labels):
+        w, h = 7 * len(label) + 8, 16
+        left = int(min(max(box[0], 0), max(width - w, 0)))
+        candidates = [box[1] - h, box[1], box[3], box[3] - h]
+        best, best_cover = None, None
+        for top in candidates:
+            top = int(min(max(top, 0), max(height - h, 0)))
+            rect = [left, top, left + w, top + h]
+            cover = sum(_overlap(rect, p["at"]) for p in placed)
+            if best is None or cover < best_cover:
+                best, best_cover = rect, cover
+            if cover == 0:
+                break
+        placed.append({"label": label, "box": [round(v, 1) for v in box], "at": best})
     return placed
+
+
+def _overlap(a: list[int], b: list[int]) -> int:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
 
 
 def _tint(regime: str) -> str:
     """The plots' regime colour, translucent behind text (one palette: dopd_vl/apps/plots.py)."""
     return f"{REGIME_COLORS[regime]}66"
-
-
-def _supervision():
-    """supervision warns at import that OpenCV is absent; its Pillow path is what we use."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*OpenCV.*")
-        import supervision
-
-    return supervision
 
 
 def _question(record: dict) -> str:
@@ -270,9 +344,3 @@ def _question(record: dict) -> str:
                 else " ".join(p.get("text", "") for p in content if p.get("type") == "text")
             )
     return ""
-
-
-def _data_uri(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()

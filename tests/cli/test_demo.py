@@ -96,7 +96,9 @@ def test_routing_view_has_one_element_per_response_token(demo_dir):
     assert len(spans) == sum(r.numel() for r in responses)
     assert [s[0] for s in spans] == [reg for r in routed for reg in r.regimes]
     assert all(s[0] in REGIME_NAMES for s in spans)
-    assert page.count('<img src="data:image/png;base64,') == 2 and html.escape(records[0]["privileged_context"]) in page
+    distinct = {r["prompt"][0]["content"][0]["image"] for r in records}  # each image embedded once
+    assert page.count("data:image/png;base64,") == len(distinct)
+    assert html.escape(records[0]["privileged_context"]) in page
 
 
 def test_demo_artifact_routing_html_and_cli_inspect_routing(demo_dir, capsys):
@@ -125,30 +127,35 @@ def test_demo_artifact_routing_html_and_cli_inspect_routing(demo_dir, capsys):
 
 
 def test_routing_page_draws_the_privileged_boxes_and_their_labels(demo_dir):
-    import base64
-    import io
-
+    """Every privileged box is drawn by the browser (an SVG rectangle over the image, at the box's
+    place scaled to the drawn width) in its label's one colour, and the caption names every label."""
+    from dopd_vl.apps.routing_page import DISPLAY_WIDTH
     from dopd_vl.data.sources import load_records
 
     page = (demo_dir / "routing.html").read_text()
     records = {r["id"]: r for r in load_records(demo_dir / "data" / "eval.jsonl")}
-    sections = re.findall(
-        r'<section class="record" data-id="([^"]+)">.*?<img src="data:image/png;base64,([^"]+)"(.*?)</section>',
-        page,
-        re.S,
-    )
+    sections = re.findall(r'<section class="record" data-id="([^"]+)">(.*?)</section>', page, re.S)
     assert sections
-    for record_id, data, rest in sections:
+    colour_of: dict[str, str] = {}
+    for record_id, body in sections:
         record = records[html.unescape(record_id)]
-        drawn = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
-        image_path = demo_dir / "data" / record["prompt"][0]["content"][0]["image"]
-        original = Image.open(image_path).convert("RGB")
-        assert drawn.size == original.size
-        for obj in record["privileged"]["objects"]:
-            x1, y1, x2, y2 = (round(v) for v in obj["bbox_px"])
-            border = [(x, y) for x in range(x1, min(x2, original.width)) for y in (y1, min(y2, original.height - 1))]
-            assert any(drawn.getpixel(p) != original.getpixel(p) for p in border), (record_id, obj)
-            assert f">{html.escape(obj['label'])}</span>" in rest  # the legend names every label, in the boxes' colours
+        width = Image.open(demo_dir / "data" / record["prompt"][0]["content"][0]["image"]).width
+        scale = DISPLAY_WIDTH / width
+        rects = re.findall(
+            r'<rect x="([\d.]+)" y="([\d.]+)" width="([\d.]+)" height="([\d.]+)" fill="none" stroke="(#\w+)"', body
+        )
+        texts = [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", body)]
+        objects = record["privileged"]["objects"]
+        assert len(rects) == len(objects) == len(texts)
+        for obj, (x, y, w, h, colour), label in zip(objects, rects, texts):
+            x1, y1, x2, y2 = obj["bbox_px"]
+            assert label == obj["label"] and colour_of.setdefault(label, colour) == colour  # one colour a label
+            drawn, box = (
+                [float(v) for v in (x, y, w, h)],
+                [x1 * scale, y1 * scale, (x2 - x1) * scale, (y2 - y1) * scale],
+            )
+            assert all(abs(a - b) < 0.1 for a, b in zip(drawn, box))
+            assert f">{html.escape(obj['label'])}</span>" in body  # the caption names every label
 
 
 def test_every_file_the_demo_writes_has_the_mode_a_created_file_gets(demo_dir):

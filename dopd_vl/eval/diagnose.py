@@ -407,6 +407,16 @@ def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[d
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig = diagnose_figure(result, pooled, step_rows)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def diagnose_figure(result: dict, pooled: dict[str, Tensor], step_rows: list[dict]):
+    """diagnose.png: regime occupancy under both rules and histograms of A, q_T - q_S and the
+    information edge; every legend beside its panel, never on the data."""
+    import matplotlib.pyplot as plt
+
     s = result["summary"]
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
     ax = axes[0][0]
@@ -417,7 +427,7 @@ def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[d
             share = s[f"{prefix}/{name}"]
             ax.barh(y, share, left=left, color=REGIME_COLORS[name], label=name if y == 0 else None)
             if share > 0.04:
-                ax.text(left + share / 2, y, f"{name}\n{share:.2f}", ha="center", va="center", fontsize=8)
+                ax.text(left + share / 2, y, f"{name}\n{share:.3f}", ha="center", va="center", fontsize=8)
             left += share
     ax.set(
         yticks=range(len(rows)),
@@ -426,7 +436,7 @@ def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[d
         xlabel="share of tokens",
         title=f"regime occupancy ({result['tokens']} tokens, {len(step_rows)} steps)",
     )
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=len(REGIME_NAMES))
     panels = [
         (
             axes[0][1],
@@ -456,10 +466,9 @@ def _plot(path: Path, result: dict, pooled: dict[str, Tensor], step_rows: list[d
             ax.axvline(x, color="#e4572e", linestyle="--", label=line_label)
         ax.set(title=title, ylabel="tokens")
         if line_label:
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     for ax in axes.flat:
         ax.grid(alpha=0.3)
     fig.suptitle(f"dopd diagnose: {result['recipe']['student']} / {result['recipe']['teacher']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -67,3 +67,34 @@ def test_plot_run_writes_a_png_per_figure(tmp_path):
     written = plot_run(run)
     assert sorted(p.stem for p in written) == ["entropy", "loss", "regimes", "thresholds"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+def test_diagnose_png_keeps_its_legends_off_the_data():
+    """diagnose.png's occupancy legend once covered the HS bar's label: every legend sits outside its panel."""
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dopd_vl.eval.diagnose import diagnose_figure
+
+    summary = {
+        f"{p}/{g}": v
+        for p in ("frac", "edge_check/frac")
+        for g, v in zip(("LH", "LL", "HT", "HS"), (0.4, 0.3, 0.07, 0.23))
+    }
+    summary.update(endorsement=0.7, **{"information_edge/above_1nat": 0.1})
+    result = {"summary": summary, "tokens": 100, "recipe": {"student": "s", "teacher": "t"}}
+    g = torch.Generator().manual_seed(0)
+    pooled = {k: torch.rand(100, generator=g) for k in ("advantage_gap", "q_teacher", "q_student", "information_edge")}
+    fig = diagnose_figure(result, pooled, [{"threshold/A": 0.5}])
+    fig.canvas.draw()
+    for ax in fig.axes:
+        legend = ax.get_legend()
+        if legend is not None:
+            box, area = legend.get_window_extent(), ax.get_window_extent()
+            assert box.y1 <= area.y0 or box.x0 >= area.x1, (ax.get_title(), box, area)
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert "HS\n0.230" in texts  # the share printed whole, uncovered
+    plt.close(fig)

@@ -7,6 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
+
 
 def test_routing_legend_follows_the_objective_config():
     from dopd_vl.apps.routing_page import regime_legend
@@ -103,3 +105,33 @@ def test_tags_avoid_each_other_and_the_image_edges():
     # A box at the top edge: its tag goes inside, under the edge, not above the image.
     (top,) = place_tags([[5, 0, 50, 30]], ["car"], (100, 100))
     assert top["at"][1] == 0
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="no headless Chromium (apt-get install chromium)")
+def test_a_real_browser_draws_each_labels_boxes_in_its_colour(tmp_path):
+    """Headless Chromium renders the page: every label's colour is on screen (its boxes and tag drawn
+    by the browser over the JPEG), and the page carries no image the browser could not decode."""
+    import subprocess
+
+    from PIL import Image
+
+    from dopd_vl.apps.routing_page import RoutedResponse, write_routing_html
+
+    records = _coco128_records(tmp_path, ["000000000009"])[:1]
+    routed = [RoutedResponse(records[0], ["2"], ["HT"], [1.0], [0.1], [0.2])]
+    page = write_routing_html(tmp_path / "page.html", routed, {"A": 0.5}, image_root=tmp_path)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}", "--window-size=1200,900",
+         page.as_uri()],
+        capture_output=True, timeout=120, check=True,
+    )  # fmt: skip
+    pixels = Image.open(shot).convert("RGB")
+    counts = {colour: n for n, colour in pixels.getcolors(1 << 24)}
+    _, figures, _ = _page_data(page.read_text())
+    colours = set(re.findall(r'stroke="(#[0-9a-f]{6})" stroke-width="2"', page.read_text()))
+    assert len(colours) == len({t["label"] for t in figures[0]}) >= 2
+    for colour in colours:
+        rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
+        assert counts.get(rgb, 0) > 100, colour  # its boxes and tag are on screen

@@ -39,8 +39,10 @@ def test_a_second_train_into_a_finished_run_is_refused_and_overwrite_starts_over
     args = ["train", str(recipe), f"data.train={ARITH}", f"output_dir={run}", "max_steps=2", "save_steps=1"]
     args += ["rollout.max_new_tokens=3", "optim.batch_size=1"]
     assert main(args) == 0
+    said = capsys.readouterr().out  # the end of a run: where the student is, the last step, what next
+    assert f"trained student saved to {run / 'final'}" in said and "last step 2: loss " in said
+    assert f"next: dopd plot {run}" in said and f"dopd export {run} --out EXPORT_DIR" in said
     finished = file_hashes(run)
-    capsys.readouterr()
     assert main(args) == 1
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dopd train:")]
     assert len(said) == 1 and str(run) in said[0] and "--resume" in said[0] and "--overwrite" in said[0], said

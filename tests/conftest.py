@@ -23,8 +23,29 @@ os.environ["DOPD_VL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="dopd-config-")
 import pytest
 import torch
 
-# `make test` runs two pytest-xdist workers on the 2 cores: one thread each (alone: both cores).
+# `make test` runs two pytest-xdist workers on the 2 cores: one thread each (alone: both cores), and
+# so do the processes a test starts (a training subprocess beside the other worker would oversubscribe).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+
+# The longest tests (minutes each: torchrun runs, kill-and-resume, the study smokes) start first, so
+# the two workers share them instead of one finishing alone while the other idles.
+LONGEST_FIRST = (
+    "test_split_invariance_over_micro_batches_processes_and_shards",
+    "test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly",
+    "test_resume_after_kill_and_after_sigterm_reproduces_the_straight_run",
+    "test_trust_study_pipeline_smoke",
+    "test_a_training_step_is_the_same_with_either_backend",
+    "test_readout_equals_an_independent_computation",
+    "test_vanilla_opd_halves_held_out_reverse_kl",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every worker collects the same order: the longest tests first, the rest as written."""
+    rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.originalname, len(rank)))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

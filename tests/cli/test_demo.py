@@ -237,7 +237,7 @@ def test_dopd_demo_shows_our_progress_bars_and_none_of_transformers(tmp_path, ca
     monkeypatch.setattr(demo_module, "DemoConfig", small)
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
     transformers_logging.enable_progress_bar()  # as a fresh process starts
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "16", "--steps", "1"]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "8", "--steps", "1"]) == 0
     out, err = capfd.readouterr()
     shown = out + err
     assert "Loading weights" not in shown and "Writing model shards" not in shown

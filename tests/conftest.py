@@ -47,6 +47,7 @@ def pytest_collection_modifyitems(config, items):
     rank = {name: k for k, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.originalname, len(rank)))
 
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 COCO128 = SHARED / "data" / "coco128"

@@ -330,7 +330,7 @@ def _overlap(a: list[int], b: list[int]) -> int:
 
 
 def _tint(regime: str) -> str:
-    """The plots' regime colour, translucent behind text (one palette: dopd_vl/apps/plots.py)."""
+    """The regime colour of every plot (`REGIME_COLORS`, method/routing.py), translucent behind text."""
     return f"{REGIME_COLORS[regime]}66"
 
 

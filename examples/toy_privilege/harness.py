@@ -4,6 +4,11 @@ teacher and warmed-up student (`prepared_seed`), distillation through the packag
 `accuracy_report` (`evaluate`), one mean ± std formatter, and the main study's runner
 (`run_methods`). run.py (the command), strength.py, trust.py and readout.py import it.
 
+A method is a spec `LABEL=METHOD;key=value;...`, the syntax of `--methods` and of `dopd train`'s
+overrides: `distill_config` applies it to config.yaml through `load_config`, so a spec typed on the
+command line and one written in a study are read by the same code (the package itself builds
+configs with `dataclasses.replace`).
+
 Tasks (task.py): `add_hidden`, single-digit addition whose second operand may be hidden (the
 context reveals it: information no student can infer); `two_step`, `a*b+c=` answered with a
 worked solution, the context being the first step's result (inferable: the paper's regime).

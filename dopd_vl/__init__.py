@@ -89,6 +89,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.data.training_set": ("preflight_records",),
     "dopd_vl.data.image_roots": ("image_roots", "ImageRoots", "trust_image_roots", "trusted_roots_file"),
     "dopd_vl.data.answers": ("is_correct", "answer_kind", "extract_number", "normalize_text"),
+    "dopd_vl.data.verify": ("register_verifier", "get_verifier", "VERIFIERS", "Verifier"),
     "dopd_vl.modality.prompts": ("PromptConfig", "PromptInputs", "prompt_messages", "pad_batch"),
     "dopd_vl.modality.adapters": ("Adapter", "ImageAdapter", "make_adapter", "register_adapter"),
     "dopd_vl.modality.batches": (

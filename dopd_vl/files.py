@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["created_mode", "give_created_modes"]
+__all__ = ["created_mode", "give_created_modes", "atomic_write_text"]
 
 
 def created_mode(directory: bool = False) -> int:
@@ -26,3 +26,21 @@ def give_created_modes(folder: str | Path) -> None:
             os.chmod(os.path.join(root, name), file_mode)
         for name in dirs:
             os.chmod(os.path.join(root, name), dir_mode)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file whole or not at all: a temporary file beside it, renamed into place, with
+    the mode a created file gets."""
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, created_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -120,7 +120,7 @@ def test_every_import_follows_the_layer_rule():
 def test_the_graph_sees_lazy_imports_inside_functions(tmp_path):
     """A function-level import is an edge too (the cycle the diagnostics once had was one)."""
     graph = import_graph()
-    assert "dopd_vl.training.engines" in graph["dopd_vl.cli.evaluate"]  # imported inside _eval_engine()
+    assert "dopd_vl.training.engines" in graph["dopd_vl.cli.options"]  # imported inside vllm_engine()
     assert "dopd_vl.modality.text" in graph["dopd_vl.modality.adapters"]
 
 

@@ -13,6 +13,7 @@ from dopd_vl.cli.options import (
     data_image_roots,
     load_for_generation,
     replaced,
+    vllm_engine,
 )
 from dopd_vl.errors import ConfigError
 
@@ -78,7 +79,12 @@ def run(args) -> int:
         args.model, data_image_roots(args), args.device, args.dtype
     )
     config = EvalConfig(args.max_new_tokens, args.batch_size, args.privileged)
-    engine = _eval_engine(args, model, processing, adapter, records, config, eos, never)
+    view = "student_priv" if config.privileged else "student"
+    engine = (
+        vllm_engine(args.model, model, processing, adapter, records, view, config.max_new_tokens, eos, never)
+        if (args.engine == "vllm")
+        else None
+    )
     answers = generate_answers(model, adapter, records, config, eos, never, engine=engine)
     placed = next(model.parameters())
     report = {
@@ -108,33 +114,6 @@ def default_report(model: str, data: str, privileged: bool) -> Path:
     base = folder.parent if folder.is_dir() else Path(".")
     name = f"{data_label(model)}-{data_label(data)}{'-privileged' if privileged else ''}.json"
     return base / "eval" / name
-
-
-def _eval_engine(args, model, processing, adapter, records, config, eos, never):
-    """`--engine vllm`: a vLLM engine on the model's folder (its own weights, nothing to sync)."""
-    if args.engine == "hf":
-        return None
-    import torch
-
-    from dopd_vl.models.loading import is_vision_processing, vocab_size
-    from dopd_vl.models.tiny import resolve_model_path
-    from dopd_vl.training.engines import VllmEngine
-    from dopd_vl.training.rollout import RolloutConfig
-
-    view = "student_priv" if config.privileged else "student"
-    longest = max(adapter.prompt(r, view).input_ids.numel() for r in records)
-    placed = next(model.parameters())
-    return VllmEngine(
-        resolve_model_path(args.model),
-        RolloutConfig(engine="vllm", num_generations=1, temperature=0.0, max_new_tokens=config.max_new_tokens),
-        dtype=str(placed.dtype).removeprefix("torch."),
-        device=torch.device(placed.device),
-        max_model_len=longest + config.max_new_tokens,
-        vocab_size=vocab_size(processing),
-        eos_token_ids=eos,
-        suppress_token_ids=never,
-        vision=is_vision_processing(processing),
-    )
 
 
 def _eval_harness(args) -> int:

@@ -9,11 +9,22 @@ import argparse
 import logging
 import sys
 
-from dopd_vl.cli import build, check_data, demo, diagnose, evaluate, export, inspect_record, plot, train
+from dopd_vl.cli import (
+    build,
+    check_data,
+    demo,
+    diagnose,
+    evaluate,
+    export,
+    inspect_record,
+    plot,
+    train,
+    verify_teacher,
+)
 from dopd_vl.errors import DopdError
 from dopd_vl.version import __version__
 
-SUBCOMMANDS = (inspect_record, evaluate, plot, build, train, diagnose, export, check_data, demo)
+SUBCOMMANDS = (inspect_record, evaluate, plot, build, train, verify_teacher, diagnose, export, check_data, demo)
 """In the order `dopd --help` lists them."""
 
 

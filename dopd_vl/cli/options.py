@@ -80,3 +80,28 @@ def data_report_path(output_dir: str, kind: str, source: str, suffix: str = "") 
 def replaced(path: Path) -> str:
     """`; replaces the earlier report` when `path` exists already (said before it is overwritten)."""
     return f" (replacing the earlier {path})" if path.exists() else ""
+
+
+def vllm_engine(model_path, model, processing, adapter, records, view: str, max_new_tokens: int, eos, never):
+    """A vLLM engine on a model's folder for greedy answers (`--engine vllm`: its own weights, nothing
+    to sync), sized for the longest prompt of `records` on `view`."""
+    import torch
+
+    from dopd_vl.models.loading import is_vision_processing, vocab_size
+    from dopd_vl.models.tiny import resolve_model_path
+    from dopd_vl.training.engines import VllmEngine
+    from dopd_vl.training.rollout import RolloutConfig
+
+    longest = max(adapter.prompt(records[i], view).input_ids.numel() for i in range(len(records)))
+    placed = next(model.parameters())
+    return VllmEngine(
+        resolve_model_path(model_path),
+        RolloutConfig(engine="vllm", num_generations=1, temperature=0.0, max_new_tokens=max_new_tokens),
+        dtype=str(placed.dtype).removeprefix("torch."),
+        device=torch.device(placed.device),
+        max_model_len=longest + max_new_tokens,
+        vocab_size=vocab_size(processing),
+        eos_token_ids=eos,
+        suppress_token_ids=never,
+        vision=is_vision_processing(processing),
+    )

@@ -20,13 +20,51 @@ logger = logging.getLogger(__name__)
 
 
 def preflight_records(
-    data, adapter, *, max_prompt_length: int = 0, privileged: bool = True, progress: bool = True
+    data,
+    adapter,
+    *,
+    max_prompt_length: int = 0,
+    privileged: bool = True,
+    progress: bool = True,
+    answer_needed_by: str | None = None,
 ) -> tuple[Any, list[dict]]:
     """The training records of a recipe's `data` section after the preflight, and the skipped ones
     ({id, where, field, kind, message, step 0}): under `on_error: fail` any fault is a DatasetError
-    here, before the first step; under `skip` the faulty records are left out (logged)."""
+    here, before the first step; under `skip` the faulty records are left out (logged).
+    `answer_needed_by` (what reads verdicts, e.g. "objective.trust: verified"): a record without
+    `answer` is a fault too, even with the preflight off."""
     if data.preflight == "off":
-        return load_records(data.train, split=data.split, columns=data.columns), []
+        records = load_records(data.train, split=data.split, columns=data.columns)
+        return _with_answers(records, data, answer_needed_by, [])
+    records, skipped = _preflight(data, adapter, max_prompt_length, privileged, progress)
+    return _with_answers(records, data, answer_needed_by, skipped)
+
+
+def _with_answers(records, data, needed_by: str | None, skipped: list[dict]) -> tuple[Any, list[dict]]:
+    """Records without `answer` when something reads verdicts: a DatasetError naming them (fail) or
+    left out and listed (skip)."""
+    if needed_by is None:
+        return records, skipped
+    answerless = [i for i in range(len(records)) if records[i].get("answer") is None]
+    if not answerless:
+        return records, skipped
+    ids = [str(records[i].get("id", i)) for i in answerless]
+    shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    message = f"{needed_by} needs an `answer` to verify, and {len(ids)} record(s) have none: {shown}"
+    if data.on_error == "fail":
+        raise DatasetError(message + " (data.on_error=skip trains on the rest)", file=str(data.train), field="answer")
+    logger.warning("data.on_error=skip: %s; left out", message)
+    skipped = skipped + [
+        {"id": i, "where": str(data.train), "field": "answer", "kind": "answer_missing", "message": message, "step": 0}
+        for i in ids
+    ]
+    keep = [i for i in range(len(records)) if records[i].get("answer") is not None]
+    if not keep:
+        raise DatasetError(f"{needed_by} needs an `answer`, and no record has one", file=str(data.train))
+    return ([records[i] for i in keep] if isinstance(records, list) else records.subset(keep)), skipped
+
+
+def _preflight(data, adapter, max_prompt_length: int, privileged: bool, progress: bool) -> tuple[Any, list[dict]]:
     valid, report, rows = check_data(
         data.train,
         adapter,

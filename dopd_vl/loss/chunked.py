@@ -9,6 +9,7 @@ Scoring keeps per view only what this path needs (`TargetStates`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -317,6 +318,7 @@ def chunked_objective_loss(
     vocab_size: int,
     chunk_size: int = 64,
     backend: str = "torch",
+    target_shift: Tensor | None = None,
 ) -> ChunkedLossOutput:
     """Routed loss over N valid tokens from hidden states: what the trainer runs.
 
@@ -338,6 +340,8 @@ def chunked_objective_loss(
         chunk_size: tokens per chunk.
         backend: `torch` (autograd per chunk, everywhere) or `triton` (dopd_vl/loss/kernels.py: CUDA,
             or the interpreter on CPU); both compute the same loss and gradient.
+        target_shift: [N] the token plan's shift of the sampled route's target log-prob (uni_opd's
+            margin), or None.
 
     Returns:
         ChunkedLossOutput: the scalar loss, the per-token loss and the student's per-token entropy.
@@ -361,6 +365,10 @@ def chunked_objective_loss(
         )
     if backend not in ("torch", "triton"):
         raise ValueError(f"backend must be torch or triton, got {backend!r}")
+    if target_shift is not None:  # uni_opd's margin: the sampled route's target log-prob (its reward) shifted
+        target = objective.routes[0].target
+        shifted = targets[target].token_logprob + target_shift.to(targets[target].token_logprob)
+        targets = {**targets, target: dataclasses.replace(targets[target], token_logprob=shifted)}
     loss, token_loss, student_entropy = _ChunkedRoutedLoss.apply(
         student_hidden,
         student_head_weight,

@@ -364,7 +364,8 @@ def routed_chunk_loss(
                     spec.reference, sel
                 ).to(acc)
             coef = (ls - target) * sum(w for _, w in spec.terms)
-            loss[sel] += coef * ls
+            # A clipped route (Uni-OPD) at ratio 1: value -A = coef, the same gradient as the sampled RKL.
+            loss[sel] += coef if spec.clip is not None else coef * ls
             scaled = coef * weight[sel]
             _exp_combination(z, rows, rows, torch.zeros_like(scaled), lse[sel], -scaled, lse[sel], grad)
             grad.index_put_((sel, ids), scaled, accumulate=True)

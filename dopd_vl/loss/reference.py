@@ -7,7 +7,7 @@ which computes the same loss and gradient from hidden states (tested against thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -15,6 +15,7 @@ from torch import Tensor
 from dopd_vl.loss.route_terms import route_divergence
 from dopd_vl.method.divergences import entropy, upcast
 from dopd_vl.method.objectives import Objective, ObjectiveConfig, build_objective
+from dopd_vl.method.outcomes import Outcomes
 from dopd_vl.method.plan import plan_tokens
 
 __all__ = ["LossOutput", "objective_loss", "dopd_loss"]
@@ -42,6 +43,7 @@ def objective_loss(
     num_tokens: int | None = None,
     prune_generator: torch.Generator | None = None,
     groups: Tensor | None = None,
+    outcomes: Outcomes | None = None,
 ) -> LossOutput:
     """Reference path: the objective over full [B, T, V] logits at response positions (position t
     predicts response_ids[:, t]); the chunked path is tested against it.
@@ -58,7 +60,10 @@ def objective_loss(
         num_sequences: the step's sequence count for the normalisation; None: this batch's.
         num_tokens: the step's valid-token count; None: this batch's.
         prune_generator: pruned_opd with `prune_by: random`: the keys' generator.
-        groups: [B] VA-OPD's rollout groups (a prompt index per response); None: one group.
+        groups: [B] VA-OPD's and uni_opd's rollout groups (a prompt index per response); None: one group.
+        outcomes: the verdicts of the B responses (and their records' teacher verdicts), for an
+            objective that reads them (`trust: verified`, uni_opd); the log-probs uni_opd reads
+            are filled in here from the logits.
 
     Returns:
         LossOutput: the scalar loss (gradient to the student only), the per-token loss, regime and
@@ -90,7 +95,13 @@ def objective_loss(
     if thresholds is None:
         thresholds = objective.step_statistics(signals, prune_keys)
     lengths = mask.sum(-1)
-    plan = plan_tokens(objective, lengths, signals, thresholds, prune_keys, groups, num_sequences, num_tokens)
+    if objective.sampling_logprob and outcomes is not None:  # uni_opd: l_old is the sampling policy, these weights
+        sampled = student_logp.detach().gather(-1, ids[:, None]).squeeze(-1)
+        outcomes = replace(outcomes, student_logprob=sampled, target_logprob=token_logprob[objective.routes[0].target])
+    plan = plan_tokens(objective, lengths, signals, thresholds, prune_keys, groups, num_sequences, num_tokens, outcomes)
+    if plan.target_shift is not None:  # uni_opd's margin: a shift of the target's token log-prob (its reward)
+        target = objective.routes[0].target
+        token_logprob = {**token_logprob, target: token_logprob[target] + plan.target_shift.to(token_logprob[target])}
 
     token_loss = torch.zeros(ids.shape, dtype=student_logp.dtype, device=mask.device)
     for r, spec in enumerate(objective.routes):

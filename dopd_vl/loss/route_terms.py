@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dopd_vl.method.divergences import token_divergence, upcast
+from dopd_vl.method.divergences import clipped_policy_loss, token_divergence, upcast
 from dopd_vl.method.objectives import ObjectiveConfig, Route
 
 __all__ = ["route_divergence"]
@@ -45,6 +45,10 @@ def route_divergence(
         if route.reference is not None:  # ExOPD: sampled RKL to lambda*l_T + (1 - lambda)*l_ref
             lam = route.extrapolation
             target_token = lam * target_token + (1.0 - lam) * upcast(token_logprob[route.reference])
+        if route.clip is not None:  # Uni-OPD: advantage l_T - l_old, l_old the sampling policy (these weights)
+            s_tok = student_logp.gather(-1, token_ids[:, None]).squeeze(-1)
+            old = s_tok.detach()
+            return route.weight * clipped_policy_loss(s_tok, old, target_token - old, *route.clip)
     loss = None
     for name, weight in route.terms:
         d = token_divergence(

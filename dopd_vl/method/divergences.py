@@ -29,6 +29,7 @@ __all__ = [
     "divergence",
     "topk_cells",
     "sampled_reverse_kl",
+    "clipped_policy_loss",
     "token_divergence",
 ]
 
@@ -120,6 +121,15 @@ def topk_cells(
 def sampled_reverse_kl(student_token_logp: Tensor, target_token_logp: Tensor) -> Tensor:
     """Per-token policy-gradient form of RKL (vanilla OPD): sg(log s(y) - log t(y)) * log s(y)."""
     return (student_token_logp - target_token_logp).detach() * student_token_logp
+
+
+def clipped_policy_loss(logprob: Tensor, old_logprob: Tensor, advantage: Tensor, eps: float, eps_high: float) -> Tensor:
+    """PPO's clipped surrogate per token (Uni-OPD's loss): -min(rho A, clip(rho, 1 - eps, 1 + eps_high) A),
+    rho = exp(logprob - old_logprob). At rho = 1 its gradient is -A grad(logprob), the sampled RKL's
+    when A = log t(y) - log s(y)."""
+    ratio = (logprob - old_logprob.detach()).exp()
+    advantage = advantage.detach()
+    return -torch.minimum(ratio * advantage, ratio.clamp(1.0 - eps, 1.0 + eps_high) * advantage)
 
 
 def token_divergence(

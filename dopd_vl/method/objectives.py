@@ -50,10 +50,13 @@ OBJECTIVES = (
     "exopd",
     "va_opd",
     "vision_opd",
+    "uni_opd",
 )
 _REGISTERED: dict[str, Callable[[ObjectiveConfig], Objective]] = {}  # register_objective (CONTRIBUTING.md)
 _PRUNE_BY = ("largest_A", "smallest_A", "random")
-_BASELINE_ROUTE = tuple(n for n in OBJECTIVES if n not in ("dopd", "exopd"))  # their divergence/support is set
+_BASELINE_ROUTE = tuple(
+    n for n in OBJECTIVES if n not in ("dopd", "exopd", "uni_opd")
+)  # their divergence/support is set
 # The knobs only some built-in objectives read. Under any other built-in objective a value other than
 # the default would be silently inert, so it is an error naming both; a registered objective or a
 # `module:builder` may read any knob (docs/design.md §1.7).
@@ -62,13 +65,14 @@ KNOB_OBJECTIVES: dict[str, tuple[str, ...]] = {
     "beta_weak": ("dopd",),
     "regime_routes": ("dopd",),
     "edge_check": ("dopd",),
+    "trust": ("dopd",),
     "normalization": tuple(n for n in OBJECTIVES if n != "va_opd"),
     "baseline_divergence": _BASELINE_ROUTE,
     "baseline_support": _BASELINE_ROUTE,
     "prune_fraction": ("pruned_opd",),
     "prune_by": ("pruned_opd",),
     "prune_seed": ("pruned_opd",),
-    "teacher_view": ("eopd", "exopd"),
+    "teacher_view": ("eopd", "exopd", "uni_opd"),
     "fkl_weight": ("eopd",),
     "split_threshold": ("eopd", "va_opd"),
     "split_quantile": ("eopd", "va_opd"),
@@ -76,6 +80,13 @@ KNOB_OBJECTIVES: dict[str, tuple[str, ...]] = {
     "va_high_weight": ("va_opd",),
     "va_low_weight": ("va_opd",),
     "va_temperature": ("va_opd",),
+    "uni_balance_ratio": ("uni_opd",),
+    "uni_margin": ("uni_opd",),
+    "uni_margin_mode": ("uni_opd",),
+    "uni_margin_direction": ("uni_opd",),
+    "uni_clip_eps": ("uni_opd",),
+    "uni_clip_eps_high": ("uni_opd",),
+    "uni_logprob_mask": ("uni_opd",),
 }
 _GAP_SIGNALS = ("advantage_gap", "q_teacher", "q_student")
 
@@ -125,10 +136,15 @@ class ObjectiveConfig:
     """dopd: `none` (the paper's HT/HS rule) or `plain_teacher`: a high-gap token goes to the
     teacher only when the teacher's verdict on it survives without the context (capability, not
     information); needs the teacher_plain view [ours; a variant, not the paper's rule]."""
+    trust: str = "paper"
+    """dopd: `paper` (the HT / HS rule reads confidences only) or `verified`: records whose
+    privileged teacher's greedy answer the verifier marks wrong send every token to the privileged
+    student's view (HS); where the teacher is right, the LL / HS tokens of a response marked wrong
+    go to the teacher's LH route; needs records with `answer` (docs/design.md §1.12) [ours]."""
     # The paper's comparison methods (docs/design.md §1.10). Details their abstracts leave open are
     # our choices, marked [ours].
     teacher_view: str = "teacher_priv"
-    """eopd, exopd: the teacher view distilled from; teacher_priv gives them the same privileged
+    """eopd, exopd, uni_opd: the teacher view distilled from; teacher_priv gives them the same privileged
     teacher as DOPD (the paper's comparison), teacher_plain the methods as published [ours]."""
     fkl_weight: float = 1.0
     """eopd: weight of the forward KL added on high-entropy tokens [ours]."""
@@ -147,6 +163,23 @@ class ObjectiveConfig:
     va_temperature: float | None = 1.0
     """va_opd: rollout weights G*softmax(mean VA / temperature) over each prompt's G rollouts;
     null switches the rollout weighting off [ours]."""
+    uni_balance_ratio: float = 1.0
+    """uni_opd: rho of the correctness-aware balancing, kept correct : incorrect rollouts per group [Uni-OPD]."""
+    uni_margin: float = 0.4
+    """uni_opd: delta, the margin the mean token reward of a group's correct rollouts should keep
+    over its incorrect ones' [Uni-OPD]."""
+    uni_margin_mode: str = "split"
+    """uni_opd: `split` (+s/2 to the correct rollouts' token rewards, -s/2 to the incorrect ones')
+    [Uni-OPD], `correct` (+s to the correct ones) or `incorrect` (-s to the incorrect ones) [ours]."""
+    uni_margin_direction: str = "widen"
+    """uni_opd: `widen` shifts only groups whose margin is below delta [Uni-OPD]; `exact` also
+    narrows larger margins to delta [ours]."""
+    uni_clip_eps: float = 0.2
+    """uni_opd: PPO clip below the ratio 1 [Uni-OPD]."""
+    uni_clip_eps_high: float = 0.28
+    """uni_opd: PPO clip above the ratio 1 [Uni-OPD]."""
+    uni_logprob_mask: float = 10.0
+    """uni_opd: tokens with |log pi_old - log pi_T| >= this get no loss [Uni-OPD]."""
 
     def __post_init__(self) -> None:
         names = OBJECTIVES + tuple(_REGISTERED)
@@ -160,6 +193,9 @@ class ObjectiveConfig:
             "prune_by": _PRUNE_BY,
             "privileged_student": ("live", "initial", "ema"),
             "edge_check": ("none", "plain_teacher"),
+            "trust": ("paper", "verified"),
+            "uni_margin_mode": ("split", "correct", "incorrect"),
+            "uni_margin_direction": ("widen", "exact"),
             "teacher_view": ("teacher_priv", "teacher_plain"),
             "split_threshold": ("trimmed_mean", "quantile"),
         }.items():
@@ -183,6 +219,12 @@ class ObjectiveConfig:
         )
         _check(self.va_high_weight >= 0.0 and self.va_low_weight >= 0.0, "objective.va_*_weight must be >= 0")
         _check(self.va_temperature is None or self.va_temperature > 0.0, "objective.va_temperature must be > 0 or null")
+        _check(self.uni_balance_ratio > 0.0, f"objective.uni_balance_ratio must be > 0, got {self.uni_balance_ratio}")
+        _check(
+            0.0 <= self.uni_clip_eps < 1.0 and self.uni_clip_eps_high >= 0.0,
+            "objective.uni_clip_eps must be in [0, 1) and uni_clip_eps_high >= 0",
+        )
+        _check(self.uni_logprob_mask > 0.0, f"objective.uni_logprob_mask must be > 0, got {self.uni_logprob_mask}")
         unknown = set(self.regime_routes) - set(REGIME_NAMES)
         if unknown:
             raise ValueError(f"objective.regime_routes: unknown regimes {sorted(unknown)}; valid: {list(REGIME_NAMES)}")
@@ -218,6 +260,9 @@ class Route:
     extrapolated target lambda*l_T + (1 - lambda)*l_ref (ExOPD's reward)."""
     extrapolation: float = 1.0
     """lambda of `reference`."""
+    clip: tuple[float, float] | None = None
+    """Sampled support only: (eps, eps_high) of a PPO-clipped surrogate whose advantage is the
+    target's token log-prob minus the sampling policy's (Uni-OPD); None: the plain sampled RKL."""
 
     def __post_init__(self) -> None:
         for view in (self.target, *([self.reference] if self.reference else [])):
@@ -230,6 +275,8 @@ class Route:
             raise ValueError(f"route support must be one of {SUPPORTS}, got {self.support!r}")
         if self.support == "sampled" and any(name != "rkl" for name, _ in self.terms):
             raise ValueError("support 'sampled' is defined for divergence 'rkl' only")
+        if self.clip is not None and self.support != "sampled":
+            raise ValueError("a clipped route (PPO surrogate) needs support 'sampled'")
         if self.reference is not None and self.support != "sampled":
             raise ValueError("a route with a reference view (reward extrapolation) needs support 'sampled'")
 
@@ -283,6 +330,21 @@ class Objective:
     def entropy_views(self) -> tuple[str, ...]:
         """Views whose per-token entropy a signal reads (EOPD's split on its target's entropy)."""
         return (self.routes[0].target,) if self.split_on == "teacher_entropy" else ()
+
+    @property
+    def response_verdicts(self) -> bool:
+        """Whether the plan reads the verifier's verdict on each response (trust: verified, uni_opd)."""
+        return self.config.trust == "verified" or self.config.name == "uni_opd"
+
+    @property
+    def teacher_verdicts(self) -> bool:
+        """Whether the plan reads the privileged teacher's verdict per record (trust: verified)."""
+        return self.config.trust == "verified"
+
+    @property
+    def sampling_logprob(self) -> bool:
+        """Whether the plan reads the sampling policy's token log-probs (uni_opd's l_old)."""
+        return self.config.name == "uni_opd"
 
     @property
     def needs_signals(self) -> bool:
@@ -437,6 +499,9 @@ def build_objective(config: ObjectiveConfig | None = None) -> Objective:
         return Objective(c, "split", (low, high), split_on="teacher_entropy")
     if c.name == "exopd":  # sampled RKL to lambda*l_T + (1 - lambda)*l_ref, ref = the initial student [ExOPD]
         route = Route(c.teacher_view, "rkl", "sampled", 1.0, reference="reference", extrapolation=c.exopd_lambda)
+        return Objective(c, "all", (route,))
+    if c.name == "uni_opd":  # PPO-clipped sampled reward l_T - l_old, balanced and margin-calibrated [Uni-OPD]
+        route = Route(c.teacher_view, "rkl", "sampled", 1.0, clip=(c.uni_clip_eps, c.uni_clip_eps_high))
         return Objective(c, "all", (route,))
     if c.name == "va_opd":  # KL to the privileged teacher, averaged per visual-advantage group [VA-OPD]
         support = c.baseline_support or "topk"

@@ -11,12 +11,13 @@ micro-batch's loss a share of the step's, so the step does not depend on how it 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from dopd_vl.method.objectives import Objective, ObjectiveConfig, build_objective
+from dopd_vl.method.outcomes import Outcomes, balance_rollouts, margin_shifts, rollout_reward_means, trust_routes
 from dopd_vl.method.routing import TokenSignals, assign_regimes
 
 __all__ = [
@@ -40,6 +41,10 @@ class TokenPlan:
     """[N] float64: the factor of the token's route loss in the step's loss."""
     regime: Tensor | None
     """[N] long: the token's DOPD regime (Table 1.4) when the objective has DOPD's signals, else None."""
+    target_shift: Tensor | None = None
+    """[N] float64 added to the sampled route's target log-prob (uni_opd's margin shift), or None."""
+    counts: dict[str, float] = field(default_factory=dict)
+    """Token counts of the verdicts' overrides (`trust/*`, `uni_opd/*`): the step's metrics sum them."""
 
 
 def plan_tokens(
@@ -51,6 +56,7 @@ def plan_tokens(
     groups: Tensor | None = None,
     num_sequences: int | None = None,
     num_tokens: int | None = None,
+    outcomes: Outcomes | None = None,
 ) -> TokenPlan:
     """The plan of a micro-batch's valid tokens: routes, weights and regimes.
 
@@ -63,9 +69,11 @@ def plan_tokens(
         prune_keys: [N] pruned_opd's per-token keys.
         groups: [B] the prompt (record) index of each response: VA-OPD's rollout groups; None: one.
         num_sequences, num_tokens: the step's totals; None: this micro-batch's own.
+        outcomes: the verdicts (and uni_opd's sampling log-probs) when the objective reads them
+            (`Objective.response_verdicts`); their overrides are outcomes.py's.
 
     Returns:
-        TokenPlan: [N] route, weight and regime.
+        TokenPlan: [N] route, weight and regime; uni_opd's target shift; the overrides' counts.
     """
     lengths = lengths.long()
     valid = torch.ones(int(lengths.sum()), dtype=torch.bool, device=lengths.device)
@@ -74,7 +82,38 @@ def plan_tokens(
     if signals is not None and signals.advantage_gap is not None:
         regime = assign_regimes(signals, stats)
     weight = token_weights(objective, lengths, route, stats, signals, groups, num_sequences, num_tokens)
-    return TokenPlan(route, weight, regime)
+    plan = TokenPlan(route, weight, regime)
+    if objective.response_verdicts:
+        if outcomes is None:
+            raise ValueError(f"objective {objective.name!r} reads verdicts: pass the micro-batch's outcomes")
+        _apply_outcomes(objective, plan, lengths, outcomes, groups)
+    return plan
+
+
+def _apply_outcomes(objective: Objective, plan: TokenPlan, lengths: Tensor, outcomes: Outcomes, groups) -> None:
+    """The verdicts' overrides of a plan, in place: DOPD's `trust: verified` routes, or uni_opd's
+    log-prob mask, balancing and margin shift (outcomes.py)."""
+    c = objective.config
+    groups = torch.zeros(lengths.numel(), dtype=torch.long) if groups is None else groups
+    if c.trust == "verified":
+        plan.route, plan.counts = trust_routes(plan.regime, lengths, outcomes)
+        return
+    # uni_opd: the token reward r_t = l_T - l_old, from the teacher view's and the sampling policy's log-probs
+    reward = outcomes.target_logprob.double() - outcomes.student_logprob.double()
+    masked = reward.abs() >= c.uni_logprob_mask
+    keep = balance_rollouts(outcomes.response, groups, c.uni_balance_ratio, outcomes.seed)
+    kept_token = torch.repeat_interleave(keep, lengths.cpu()).to(plan.route.device)
+    means = rollout_reward_means(reward, lengths, ~masked)
+    shift = margin_shifts(
+        means, outcomes.response, groups, keep, c.uni_margin, c.uni_margin_mode, c.uni_margin_direction
+    )
+    plan.target_shift = torch.repeat_interleave(shift, lengths.cpu()).to(reward.device)
+    plan.route = torch.where(masked | ~kept_token, -1, plan.route)
+    plan.counts = {
+        "uni_opd/masked": float(masked.sum()),
+        "uni_opd/dropped": float((~kept_token).sum()),
+        "uni_opd/shifted": float((plan.target_shift != 0).sum()),
+    }
 
 
 def token_weights(

@@ -76,7 +76,20 @@ class DataConfig:
     the file, record and field; `skip` trains on the rest and lists the skipped ones in
     output_dir/skipped.jsonl (`data/skipped_records` in the metrics) [ours]."""
 
+    verifier: str = "auto"
+    """What checks an answer (dopd_vl/data/verify.py): `auto`, `number`, `exact`, `choice`, `box`, a
+    name given to `register_verifier`, or `module:function`. Verdicts on the student's responses
+    give `verify/*` each step; `objective.trust: verified`, `teacher_filter` and uni_opd train on them [ours]."""
+    teacher_verdicts: str | None = None
+    """A teacher_verdicts.jsonl (`dopd verify-teacher`) to read instead of computing the privileged
+    teacher's verdicts before the first step; None: computed once per run, kept in output_dir [ours]."""
+    teacher_filter: str = "none"
+    """`verified`: train only on records whose privileged teacher's greedy answer the verifier marks
+    right (the practitioner's baseline, any objective); `none`: every record [ours]."""
+
     def __post_init__(self) -> None:
+        if self.teacher_filter not in ("none", "verified"):
+            raise ValueError(f"data.teacher_filter must be none or verified, got {self.teacher_filter!r}")
         if self.preflight not in ("quick", "full", "off"):
             raise ValueError(f"data.preflight must be quick, full or off, got {self.preflight!r}")
         if self.on_error not in ("fail", "skip"):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dopd_vl.distributed import gather
+from dopd_vl.distributed import gather, reduce_sum
 from dopd_vl.method.objectives import Objective
 from dopd_vl.method.plan import TokenPlan
 from dopd_vl.method.routing import REGIME_NAMES, summarise_diagnostics, token_diagnostics
@@ -61,6 +61,14 @@ def step_metrics(
     elif objective.router == "split":  # EOPD / VA-OPD: the share of tokens at or above the split threshold
         route = pooled(share.plan.route for share in shares)
         metrics[f"frac/high_{objective.split_on}"] = (route == 1).double().mean().item()
+    counted = sorted({k for share in shares for k in share.plan.counts})
+    if counted:  # the verdicts' overrides (trust/*, uni_opd/*): shares of the step's valid tokens
+        totals = torch.tensor(
+            [[share.plan.counts.get(k, 0.0) for k in counted] + [float(share.plan.route.numel())] for share in shares],
+            dtype=torch.float64,
+        ).sum(0)
+        totals = reduce_sum(accelerator, totals.to(token_loss.device)).cpu()
+        metrics.update({k: float(v) / max(float(totals[-1]), 1.0) for k, v in zip(counted, totals[:-1])})
     if diagnostics:  # what DOPD's routing would see on this step, whatever the objective
         logprob = {v: pooled(s.targets[v].token_logprob for s in scored) for v in DIAGNOSTIC_VIEWS}
         per_token, _ = token_diagnostics(logprob, objective.config.outlier_fraction)

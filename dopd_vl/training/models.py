@@ -244,13 +244,14 @@ def _shard(models: RunModels, c: TrainConfig, device: torch.device) -> None:
 
 
 def scorer_table(models: RunModels) -> dict[str, ViewScorer]:
-    """Which model scores each view, in which weights (docs/design.md §4.2): the teacher views by the
+    """Which model scores each view, in which weights (docs/design.md §4.2): `student` (the sampling
+    policy's log-probs, uni_opd's l_old) by the live student without gradient; the teacher views by the
     teacher; `student_priv` by the privileged student (a frozen `initial` copy or the EMA; the live
     student, stop-grad, when `live`; under LoRA `initial` the base weights, adapter off); `reference`
     (ExOPD's initial student) by its frozen copy, or under LoRA the base weights [ours]."""
     live = models.live_student
     base = models.student.disable_adapter if models.lora else contextlib.nullcontext
-    table: dict[str, ViewScorer] = {}
+    table: dict[str, ViewScorer] = {"student": ModelScorer(live)}  # the sampling policy, no gradient (uni_opd's l_old)
     if models.teacher is not None:
         table["teacher_priv"] = table["teacher_plain"] = ModelScorer(models.teacher)
     initial_base = models.lora and models.privileged_mode == "initial"

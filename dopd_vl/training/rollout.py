@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from dopd_vl.data.answers import is_correct
 from dopd_vl.modality.prompts import pad_batch
 
 __all__ = [
@@ -134,6 +133,13 @@ class MicroBatch:
 
     records: list[dict]
     rollout: Rollout
+    verdicts: list[bool | None] = field(default_factory=list)
+    """The verifier's verdict on each response (None: its record has no answer); `sample_micro_batch` fills it."""
+
+    @property
+    def response_records(self) -> list[dict]:
+        """The record each response answers, in response order."""
+        return [self.records[i] for i in self.rollout.record_index]
 
 
 def resolve_generation(generation: str, device: torch.device) -> str:
@@ -219,8 +225,9 @@ def _generate(
 
 
 def rollout_metrics(micro_batches: list[MicroBatch], tokenizer, reduce_sum=None) -> dict:
-    """Mean response length, the shares cut at max_new_tokens and made of the end token alone, and
-    the rollout accuracy where records carry answers; `reduce_sum` sums the counts over processes."""
+    """Mean response length, the shares cut at max_new_tokens and made of the end token alone, the
+    verdicts' shares (`verify/correct`, `verify/wrong`, `verify/none`) and the rollout accuracy
+    over the responses with a verdict; `reduce_sum` sums the counts over processes."""
     lengths = [r.numel() for mb in micro_batches for r in mb.rollout.responses]
     clipped = [reason == "length" for mb in micro_batches for reason in mb.rollout.stop_reasons]
     eos_only = [
@@ -228,25 +235,24 @@ def rollout_metrics(micro_batches: list[MicroBatch], tokenizer, reduce_sum=None)
         for mb in micro_batches
         for r, reason in zip(mb.rollout.responses, mb.rollout.stop_reasons)
     ]
-    correct = []
-    for mb in micro_batches:
-        for i, response in zip(mb.rollout.record_index, mb.rollout.responses):
-            answer = mb.records[i].get("answer")
-            if answer is not None:
-                correct.append(is_correct(tokenizer.decode(response, skip_special_tokens=True), answer))
+    verdicts = [v for mb in micro_batches for v in mb.verdicts]
+    n_correct, n_wrong = sum(v is True for v in verdicts), sum(v is False for v in verdicts)
     values = torch.tensor(
-        [sum(lengths), len(lengths), sum(clipped), sum(eos_only), sum(correct), len(correct)], dtype=torch.float64
+        [sum(lengths), len(lengths), sum(clipped), sum(eos_only), n_correct, n_wrong], dtype=torch.float64
     )
     if reduce_sum is not None:
         values = reduce_sum(values)
-    total, n, n_clipped, n_eos_only, n_correct, n_answered = values.tolist()
+    total, n, n_clipped, n_eos_only, n_correct, n_wrong = values.tolist()
     metrics = {
         "response_length": total / max(n, 1),
         "clipped_frac": n_clipped / max(n, 1),
         "eos_only_frac": n_eos_only / max(n, 1),
+        "verify/correct": n_correct / max(n, 1),
+        "verify/wrong": n_wrong / max(n, 1),
+        "verify/none": (n - n_correct - n_wrong) / max(n, 1),
     }
-    if n_answered:
-        metrics["accuracy"] = n_correct / n_answered
+    if n_correct + n_wrong:
+        metrics["accuracy"] = n_correct / (n_correct + n_wrong)
     return metrics
 
 

@@ -62,6 +62,7 @@ class RoutedLoss:
             self.vocab_size,
             self.chunk_size,
             self.backend,
+            target_shift=plan.target_shift,
         )
         if with_logprob:
             with torch.no_grad():

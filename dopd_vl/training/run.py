@@ -24,8 +24,10 @@ import torch
 import yaml
 
 from dopd_vl.data.image_roots import image_roots
+from dopd_vl.data.schema import record_id
 from dopd_vl.data.sources import records_root
 from dopd_vl.data.training_set import RecordPicker, preflight_records
+from dopd_vl.data.verify import VERIFIERS, Verifier, get_verifier
 from dopd_vl.distributed import any_process
 from dopd_vl.errors import ConfigError, DatasetError
 from dopd_vl.loss.chunked import auto_chunk_size
@@ -43,6 +45,16 @@ from dopd_vl.training.engines import HFEngine, RolloutEngine, VllmEngine
 from dopd_vl.training.models import RunModels, setup_models
 from dopd_vl.training.rollout import resolve_generation
 from dopd_vl.training.routed_loss import RoutedLoss
+from dopd_vl.training.teacher_verdicts import (
+    VERDICTS_FILE,
+    question_type,
+    read_teacher_verdicts,
+    report_line,
+    teacher_answers,
+    teacher_verdict_rows,
+    verdict_report,
+    write_teacher_verdicts,
+)
 from dopd_vl.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -59,6 +71,8 @@ __all__ = [
     "setup_optimizer",
     "setup_loss_backend",
     "setup_rollout_engine",
+    "verdicts_needed_by",
+    "needs_teacher_verdicts",
 ]
 
 
@@ -94,7 +108,60 @@ class Run:
     def info(self) -> dict:
         """What this run used where a setting left the choice open: output_dir/run.json."""
         n = self.accelerator.num_processes
-        return run_info(self.config, self.backends, self.device, n, len(self.data.records), self.data.preflight_skipped)
+        info = run_info(self.config, self.backends, self.device, n, len(self.data.records), self.data.preflight_skipped)
+        if self.config.data.teacher_filter == "verified":
+            info["data"]["teacher_filtered_records"] = self.data.filtered_out
+        return info
+
+    def prepare_teacher_verdicts(self, reuse: bool = True) -> dict | None:
+        """Before the first step, when the run reads them: the privileged teacher's verdict on
+        every training record, read from `data.teacher_verdicts`, reused from output_dir (`reuse`:
+        a resumed run), or computed now (greedy, the teacher frozen) and kept in
+        output_dir/teacher_verdicts.jsonl; then `data.teacher_filter`. Returns the accuracy report
+        (None when the run reads no verdicts). Every process computes its share."""
+        c, a = self.config, self.accelerator
+        if not needs_teacher_verdicts(c, self.objective) or self.data.teacher_verdicts is not None:
+            return None
+        records, kept = self.data.records, self.output_dir / VERDICTS_FILE
+        source = (
+            Path(c.data.teacher_verdicts) if c.data.teacher_verdicts else kept if reuse and kept.is_file() else None
+        )
+        if source is not None:
+            by_id = read_teacher_verdicts(source, records)
+            rows = [
+                {
+                    "id": record_id(records[i], i),
+                    "type": question_type(records[i]),
+                    "verdict": by_id[record_id(records[i], i)],
+                }
+                for i in range(len(records))
+            ]
+            logger.info("teacher verdicts read from %s", source)
+        else:
+            mine = list(range(a.process_index, len(records), a.num_processes))
+            answers = self.models.with_full_teacher(
+                lambda teacher: teacher_answers(
+                    teacher, self.data.adapters["teacher"], [records[i] for i in mine], self.models.eos_token_ids,
+                    self.models.suppress_ids, c.rollout.max_new_tokens,
+                )
+            )  # fmt: skip
+            rows = teacher_verdict_rows([records[i] for i in mine], answers, self.data.verifier)
+            if a.num_processes > 1:
+                from accelerate.utils import gather_object
+
+                rows = gather_object(rows)
+            if a.is_main_process:
+                write_teacher_verdicts(kept, rows)
+        self.data.teacher_verdicts = {row["id"]: row["verdict"] for row in rows}
+        report = verdict_report(rows)
+        logger.info("%s", report_line(report))
+        if c.data.teacher_filter == "verified":
+            self.data.keep_verified()
+            logger.info(
+                "data.teacher_filter=verified: %d of %d records kept (the teacher's answer verifies)",
+                len(self.data.records), len(records),
+            )  # fmt: skip
+        return report
 
     def write_files(self) -> None:
         """run.json and config.yaml (main process), and every process's list of skipped records."""
@@ -119,11 +186,13 @@ def setup_run(config: TrainConfig, accelerator=None) -> Run:
             "fsdp in the recipe and launch with configs/accelerate/fsdp.yaml (docs/design.md §4.6)"
         )
     objective = build_objective(c.objective)
+    verifier = get_verifier(c.data.verifier)  # an unknown verifier stops here, before any model loads
     # The views scored each step: the objective's, plus every view the diagnostics read (§1.11).
     wanted = set(objective.views) | (set(DIAGNOSTIC_VIEWS) if c.diagnostics else set())
     scored_views = tuple(v for v in SCORING_VIEWS if v in wanted)
     models = setup_models(c, objective, scored_views, accelerator.device)
     data = setup_data(c, models, scored_views, objective, progress=accelerator.is_main_process)
+    data.verifier = verifier
     optimizer, scheduler = setup_optimizer(c, models, accelerator)
     checkpointer = Checkpointer(c, accelerator, models, optimizer, scheduler)
     backends = setup_loss_backend(c, objective, models, scored_views, accelerator)
@@ -154,6 +223,27 @@ class TrainingData:
     picker: RecordPicker
     skipped: list[dict] = field(default_factory=list)
     preflight_skipped: int = 0
+    verifier: Verifier = VERIFIERS["auto"]  # data.verifier: checks the student's and the teacher's answers
+    teacher_verdicts: dict[str, bool | None] | None = None  # record id -> the privileged teacher's verdict
+    filtered_out: int = 0  # records data.teacher_filter left out (their teacher verdict is not right)
+
+    def teacher_verdict(self, record: dict) -> bool | None:
+        """The privileged teacher's verdict on a record (None: none computed, or no answer)."""
+        return None if self.teacher_verdicts is None else self.teacher_verdicts.get(str(record.get("id")))
+
+    def keep_verified(self) -> None:
+        """data.teacher_filter: verified: only the records whose teacher verdict is right stay."""
+        records = self.records
+        keep = [i for i in range(len(records)) if self.teacher_verdict(records[i]) is True]
+        if not keep:
+            raise DatasetError(
+                "data.teacher_filter=verified: the privileged teacher answers no training record right; nothing to "
+                f"train on (its verdicts: {VERDICTS_FILE})",
+                field="answer",
+            )
+        self.filtered_out = len(records) - len(keep)
+        self.records = [records[i] for i in keep] if isinstance(records, list) else records.subset(keep)
+        self.picker = RecordPicker(self.records, self.picker.root, self.picker.source, self.picker.on_error)
 
     def pick(self, index: int, step: int) -> tuple[dict, bool]:
         """Record `index`, or under `skip` the next one whose image files are still all there;
@@ -185,11 +275,26 @@ def setup_data(
         max_prompt_length=c.rollout.max_prompt_length,
         privileged=privileged,
         progress=progress,
+        answer_needed_by=verdicts_needed_by(c, objective),
     )
     if objective.name == "vision_opd":
         _check_image_context(records, c.data.train)
     picker = RecordPicker(records, root, c.data.train, c.data.on_error)
     return TrainingData(records, adapters, picker, skipped, len(skipped))
+
+
+def verdicts_needed_by(c: TrainConfig, objective: Objective) -> str | None:
+    """What in the recipe reads verdicts (and so needs every record's `answer`), or None."""
+    if objective.teacher_verdicts:
+        return "objective.trust: verified"
+    if objective.response_verdicts:
+        return f"objective {objective.name}"
+    return "data.teacher_filter: verified" if c.data.teacher_filter == "verified" else None
+
+
+def needs_teacher_verdicts(c: TrainConfig, objective: Objective) -> bool:
+    """Whether the run reads the privileged teacher's verdicts (trust: verified, teacher_filter)."""
+    return objective.teacher_verdicts or c.data.teacher_filter == "verified"
 
 
 def setup_optimizer(c: TrainConfig, models: RunModels, accelerator):

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from dopd_vl.data.verify import verdict, verdict_code
 from dopd_vl.distributed import gather, reduce_sum
 from dopd_vl.loss.chunked import TargetStates
+from dopd_vl.method.outcomes import Outcomes
 from dopd_vl.method.plan import TokenPlan, plan_tokens
 from dopd_vl.method.routing import TokenSignals
 from dopd_vl.method.views import DIAGNOSTIC_VIEWS
@@ -47,7 +49,8 @@ class ScoredBatch:
     targets: dict[str, TargetStates]
     signals: TokenSignals | None  # over the valid tokens, flattened
     prune_keys: Tensor | None
-    groups: Tensor  # [B] the prompt (record) index of each response: VA-OPD's rollout groups
+    groups: Tensor  # [B] the prompt (record) index of each response: VA-OPD's and uni_opd's rollout groups
+    outcomes: Outcomes | None = None  # the verdicts, where the objective reads them (§1.12)
 
     @property
     def lengths(self) -> Tensor:
@@ -81,7 +84,10 @@ def sample_micro_batch(run: Run, record_indices: list[int], step: int) -> MicroB
             run.data.write_skipped(run.output_dir, a.is_main_process, a.process_index)
         records.append(record)
     rollout = run.engine.sample(run.models, run.data.adapters["student"], records, run.config.rollout)
-    return MicroBatch(records, rollout)
+    mb = MicroBatch(records, rollout)
+    texts = run.tokenizer.batch_decode(rollout.responses, skip_special_tokens=True)
+    mb.verdicts = [verdict(run.data.verifier, text, record) for text, record in zip(texts, mb.response_records)]
+    return mb
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -103,7 +109,23 @@ def score_micro_batch(run: Run, mb: MicroBatch, step: int) -> ScoredBatch:
         generator = torch.Generator().manual_seed(c.objective.prune_seed * 1_000_003 + step)
         prune_keys = objective.prune_keys(signals, generator)
     groups = torch.as_tensor(mb.rollout.record_index, dtype=torch.long, device=run.device)
-    return ScoredBatch(views["student"], targets, signals, prune_keys, groups)
+    outcomes = None
+    if objective.response_verdicts:  # trust: verified, uni_opd (§1.12)
+        teacher = (
+            [run.data.teacher_verdict(r) for r in records] if objective.teacher_verdicts else [None] * len(records)
+        )
+        outcomes = Outcomes(
+            response=torch.tensor([verdict_code(v) for v in mb.verdicts], dtype=torch.long),
+            teacher=torch.tensor([verdict_code(v) for v in teacher], dtype=torch.long),
+            seed=c.seed * 1_000_003 + step * 7_919 + run.accelerator.process_index,
+        )
+        if objective.sampling_logprob:  # uni_opd: l_old, the sampling policy (the live student) without gradient
+            old = run.models.scorers["student"].score(
+                views["student"], run.models.vocab_size, SCORING_CHUNK, False, True
+            )
+            outcomes.student_logprob = old.token_logprob
+            outcomes.target_logprob = targets[objective.routes[0].target].token_logprob
+    return ScoredBatch(views["student"], targets, signals, prune_keys, groups, outcomes)
 
 
 def score_targets(
@@ -164,4 +186,4 @@ def plan_micro_batch(run: Run, s: ScoredBatch, stats: dict[str, float], totals: 
         if run.config.objective.threshold_scope == "global"
         else objective.step_statistics(s.signals, s.prune_keys)
     )
-    return plan_tokens(objective, s.lengths, s.signals, local, s.prune_keys, s.groups, *totals)
+    return plan_tokens(objective, s.lengths, s.signals, local, s.prune_keys, s.groups, *totals, s.outcomes)

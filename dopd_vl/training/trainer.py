@@ -76,6 +76,8 @@ class Trainer:
             run.engine.sync(run.models.student)  # the engine samples from the resumed weights
         if run.accelerator.is_main_process:
             run.output_dir.mkdir(parents=True, exist_ok=True)
+        run.accelerator.wait_for_everyone()
+        run.prepare_teacher_verdicts(reuse=resume)  # once per run, before the first step (the teacher is frozen)
         run.write_files()
         self._info = run.info()
         if c.report_to:

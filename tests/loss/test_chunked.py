@@ -9,6 +9,7 @@ import torch
 from dopd_vl.loss.chunked import TargetStates, chunked_objective_loss, target_states
 from dopd_vl.loss.reference import objective_loss
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+from dopd_vl.method.outcomes import Outcomes
 from dopd_vl.method.plan import plan_tokens
 from dopd_vl.method.routing import Regime
 
@@ -32,6 +33,17 @@ def real_vocab_setup():
     embed = 0.5 * torch.randn(ROWS, H, generator=g, dtype=torch.float64)
     proj = torch.randn(H, H, generator=g, dtype=torch.float64) / math.sqrt(H)
     return dict(mask=mask, ids=ids, weights=weights, hidden=hidden, embed=embed, proj=proj)
+
+
+GROUPS = torch.tensor([0, 0, 1])  # the three responses: two rollouts of one prompt, one of another
+
+
+def _outcomes(objective):
+    """Verdicts for objectives that read them: response 0 right, 1 wrong (the same prompt: uni_opd
+    balances them), 2 wrong; teacher verdicts wrong, right, right (trust: verified)."""
+    if not objective.response_verdicts:
+        return None
+    return Outcomes(response=torch.tensor([1, 0, 0]), teacher=torch.tensor([0, 1, 1]), seed=0)
 
 
 def _run_both_paths(setup, config, tied):
@@ -61,6 +73,8 @@ def _run_both_paths(setup, config, tied):
                 mask,
                 vocab_size=REAL_V,
                 prune_generator=torch.Generator().manual_seed(0),
+                groups=GROUPS,
+                outcomes=_outcomes(obj),
             )
             loss, token_loss = out.loss, out.token_loss[mask]
         else:
@@ -79,10 +93,24 @@ def _run_both_paths(setup, config, tied):
             )
             keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
             stats = obj.step_statistics(signals, keys)
-            plan = plan_tokens(obj, mask.sum(-1), signals, stats, keys)
+            outcomes = _outcomes(obj)
+            if outcomes is not None and obj.sampling_logprob:  # uni_opd: l_old, the student's own token log-probs
+                s_lp = (student_hidden[mask] @ head[:REAL_V].T).log_softmax(-1).detach()
+                outcomes.student_logprob = s_lp.gather(-1, flat_ids[:, None]).squeeze(-1)
+                outcomes.target_logprob = targets[obj.routes[0].target].token_logprob
+            plan = plan_tokens(obj, mask.sum(-1), signals, stats, keys, GROUPS, outcomes=outcomes)
             route, weight = plan.route, plan.weight
             out = chunked_objective_loss(
-                obj, student_hidden[mask], head, flat_ids, route, weight, targets, REAL_V, chunk_size=3
+                obj,
+                student_hidden[mask],
+                head,
+                flat_ids,
+                route,
+                weight,
+                targets,
+                REAL_V,
+                chunk_size=3,
+                target_shift=plan.target_shift,
             )
             loss, token_loss = out.loss, out.token_loss
             s_logp = (student_hidden[mask] @ head[:REAL_V].T).log_softmax(-1)
@@ -113,6 +141,9 @@ CHUNK_CONFIGS = [
     ObjectiveConfig(name="va_opd", top_k=16),
     ObjectiveConfig(name="va_opd", top_k=16, va_temperature=None, va_low_weight=0.0),
     ObjectiveConfig(name="vision_opd", top_k=16),
+    ObjectiveConfig(top_k=16, trust="verified"),
+    ObjectiveConfig(name="uni_opd"),
+    ObjectiveConfig(name="uni_opd", uni_margin=3.0, uni_margin_mode="correct", teacher_view="teacher_plain"),
 ]
 
 

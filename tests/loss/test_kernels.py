@@ -10,6 +10,7 @@ import torch
 
 from dopd_vl.loss import chunked_objective_loss, objective_loss, target_states
 from dopd_vl.method.objectives import ObjectiveConfig, build_objective
+from dopd_vl.method.outcomes import Outcomes
 from dopd_vl.method.plan import plan_tokens
 from dopd_vl.training.step import sample_step
 
@@ -43,6 +44,17 @@ def setup():
     return {**{k: v.to(DEVICE) for k, v in tensors.items()}, "hidden": {k: v.to(DEVICE) for k, v in hidden.items()}}
 
 
+GROUPS = torch.tensor([0, 0, 1])  # the three responses: two rollouts of one prompt, one of another
+
+
+def _outcomes(objective):
+    """Verdicts for objectives that read them: response 0 right, 1 wrong (the same prompt: uni_opd
+    balances them), 2 wrong; teacher verdicts wrong, right, right (trust: verified)."""
+    if not objective.response_verdicts:
+        return None
+    return Outcomes(response=torch.tensor([1, 0, 0]), teacher=torch.tensor([0, 1, 1]), seed=0)
+
+
 def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
     setup = {
         k: v if k in ("mask", "ids") else ({h: x.to(dtype) for h, x in v.items()} if k == "hidden" else v.to(dtype))
@@ -64,6 +76,8 @@ def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
             mask,
             vocab_size=VOCAB,
             prune_generator=torch.Generator().manual_seed(0),
+            groups=GROUPS,
+            outcomes=_outcomes(obj),
         )
         loss, token_loss = out.loss, out.token_loss[mask]
     else:
@@ -74,10 +88,25 @@ def _loss_and_grads(setup, config, tied, backend, dtype=torch.float64):
         )
         keys = obj.prune_keys(signals, torch.Generator().manual_seed(0)) if obj.router == "prune" else None
         stats = obj.step_statistics(signals, keys)
-        plan = plan_tokens(obj, mask.sum(-1), signals, stats, keys)
+        outcomes = _outcomes(obj)
+        if outcomes is not None and obj.sampling_logprob:  # uni_opd: l_old, the student's own token log-probs
+            s_lp = (student_hidden[mask] @ head[:VOCAB].T).log_softmax(-1).detach()
+            outcomes.student_logprob = s_lp.gather(-1, flat[:, None]).squeeze(-1)
+            outcomes.target_logprob = targets[obj.routes[0].target].token_logprob
+        plan = plan_tokens(obj, mask.sum(-1), signals, stats, keys, GROUPS, outcomes=outcomes)
         route, weight = plan.route, plan.weight
         out = chunked_objective_loss(
-            obj, student_hidden[mask], head, flat, route, weight, targets, VOCAB, chunk_size=5, backend=backend
+            obj,
+            student_hidden[mask],
+            head,
+            flat,
+            route,
+            weight,
+            targets,
+            VOCAB,
+            chunk_size=5,
+            backend=backend,
+            target_shift=plan.target_shift,
         )
         loss, token_loss = out.loss, out.token_loss
         s_logp = (student_hidden[mask] @ head[:VOCAB].T).log_softmax(-1)
@@ -104,6 +133,8 @@ CONFIGS = [
     ObjectiveConfig(name="eopd", top_k=16, baseline_support="topk"),
     ObjectiveConfig(name="exopd", exopd_lambda=1.5),
     ObjectiveConfig(name="va_opd", top_k=16),
+    ObjectiveConfig(top_k=16, trust="verified"),
+    ObjectiveConfig(name="uni_opd", uni_margin=3.0),
 ]
 
 

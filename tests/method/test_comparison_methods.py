@@ -1,5 +1,5 @@
-"""The paper's comparison methods (EOPD, ExOPD, VA-OPD, Vision-OPD) pinned against computations
-written out here in float64, independent of dopd_vl's divergences (docs/design.md §1.10)."""
+"""The paper's comparison methods (EOPD, ExOPD, VA-OPD, Vision-OPD; Uni-OPD: test_verified.py) pinned
+against computations written out here in float64, independent of dopd_vl's divergences (docs/design.md §1.10)."""
 
 import math
 
@@ -235,8 +235,9 @@ SMALL = [
         ("exopd", "text", [], "loss"),
         ("exopd", "text", ["lora.enabled=true", "lora.r=4"], "loss"),  # the reference is the base model (adapter off)
         ("va_opd", "vision", [], "frac/high_visual_advantage"),
+        ("uni_opd", "text", [], "uni_opd/dropped"),
     ],
-    ids=["eopd", "exopd", "exopd-lora", "va_opd"],
+    ids=["eopd", "exopd", "exopd-lora", "va_opd", "uni_opd"],
 )
 @pytest.mark.integration
 def test_each_comparison_recipe_trains_on_the_tiny_models(tmp_path, name, modality, extra, metric):

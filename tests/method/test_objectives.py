@@ -39,6 +39,7 @@ def test_objectives_compute_only_the_views_they_need():
         "exopd": ("teacher_priv", "reference"),
         "va_opd": ("teacher_priv", "teacher_plain"),
         "vision_opd": ("student_priv",),
+        "uni_opd": ("teacher_priv",),
     }
 
 
@@ -66,6 +67,14 @@ def test_a_knob_the_objective_does_not_read_is_an_error_naming_both():
         "va_high_weight": 0.7,
         "va_low_weight": 0.3,
         "va_temperature": None,
+        "trust": "verified",
+        "uni_balance_ratio": 2.0,
+        "uni_margin": 0.1,
+        "uni_margin_mode": "correct",
+        "uni_margin_direction": "exact",
+        "uni_clip_eps": 0.1,
+        "uni_clip_eps_high": 0.1,
+        "uni_logprob_mask": 5.0,
     }
     assert set(changed) == set(KNOB_OBJECTIVES)
     for knob, value in changed.items():

@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
-RUN_FILES = ("metrics.jsonl", "run.json", "config.yaml", "final", "skipped.jsonl")
+RUN_FILES = ("metrics.jsonl", "run.json", "config.yaml", "final", "skipped.jsonl", "teacher_verdicts.jsonl")
 """What a run writes into its output_dir besides `checkpoint-N` (and partial `.tmp-checkpoint-N`)
 folders and `skipped.rankN.jsonl`: what `--overwrite` removes, and what marks a folder as a run's."""
 

@@ -139,10 +139,11 @@ class Run:
             logger.info("teacher verdicts read from %s", source)
         else:
             mine = list(range(a.process_index, len(records), a.num_processes))
+            width = c.optim.batch_size * c.rollout.num_generations  # as many prompts as a rollout generates at once
             answers = self.models.with_full_teacher(
                 lambda teacher: teacher_answers(
                     teacher, self.data.adapters["teacher"], [records[i] for i in mine], self.models.eos_token_ids,
-                    self.models.suppress_ids, c.rollout.max_new_tokens,
+                    self.models.suppress_ids, c.rollout.max_new_tokens, batch_size=width,
                 )
             )  # fmt: skip
             rows = teacher_verdict_rows([records[i] for i in mine], answers, self.data.verifier)

@@ -389,6 +389,9 @@ def training_summary(run_dir: Path) -> dict:
     for regime in ("LH", "LL", "HT", "HS"):
         if f"frac/{regime}" in rows[0]:
             summary[f"frac/{regime}"] = statistics.mean(r[f"frac/{regime}"] for r in rows)
+    for key in (k for k in rows[0] if k.split("/")[0] in ("trust", "uni_opd", "verify")):  # verdicts' shares
+        summary[f"first/{key}"] = rows[0][key]
+        summary[f"mean/{key}"] = statistics.mean(r[key] for r in rows)
     for key in (
         k for k in rows[0] if k.startswith("diag/")
     ):  # `diagnostics: true` runs: the first step and the mean over training

@@ -35,7 +35,7 @@ import logging
 from pathlib import Path
 
 from examples.toy_privilege import harness as toy
-from examples.toy_privilege import strength, trust
+from examples.toy_privilege import strength, trust, verified
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,13 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", choices=["full", "quick", "smoke"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--study",
-        choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength", "trust"],
+        choices=["main", "prune", "lr", "comparison", "all", "calibrate", "strength", "trust", "verified"],
         default="main",
         help="all = main + prune + lr; comparison = the paper's comparison methods EOPD and ExOPD beside vanilla, "
         "privileged and DOPD (initial); "
         "calibrate / strength = the student-strength study (strength.py): the warm-up curve, then 3 strengths x 3 "
         "seeds x 5 methods; trust = the trust study (trust.py, two_step): a blind-spot and a clean teacher, 6 methods "
-        "each at its dev-chosen lr, 3 seeds, and a first-step readout",
+        "each at its dev-chosen lr, 3 seeds, and a first-step readout; verified = the verified-routing cells "
+        "(verified.py): on two_step the trust study's cells, on either task the strength study's high student",
     )
     parser.add_argument(
         "--methods",
@@ -78,6 +79,9 @@ def cli() -> None:
     logging.basicConfig(level=logging.WARNING)
     task = toy.TASKS[args.task]
     size_name = args.size or ("quick" if args.quick else "full")
+    if args.study == "verified":
+        verified.run(Path(args.out or f"runs/toy_privilege/verified/{args.task}"), args.task, size_name, args.device)
+        return
     if args.study == "trust":
         if args.task != "two_step":
             parser.error("--study trust needs --task two_step (the blind-spot teacher drops two_step's carry)")

@@ -51,8 +51,24 @@ METHODS = (
     f"hs_to_teacher=dopd;objective.privileged_student=initial;objective.regime_routes={{HS: {{target: teacher_priv}}}};"
     f"{DIAG}",
 )
+VERIFIED_METHODS = (
+    "vanilla_opd=vanilla_opd",
+    "vanilla_filtered=vanilla_opd;data.teacher_filter=verified",
+    "dopd_initial=dopd;objective.privileged_student=initial",
+    "dopd_initial_verified=dopd;objective.privileged_student=initial;objective.trust=verified",
+    "dopd_verified=dopd;objective.trust=verified",
+    "uni_opd=uni_opd",
+)
+"""The verified-routing cells (`--study verified`): vanilla OPD, the practitioner's filter on the
+teacher's verdicts, DOPD `initial` with the paper's rule and with `trust: verified`, DOPD live
+with `trust: verified`, and Uni-OPD (docs/design.md §1.12, §1.10). Without `diagnostics` (training
+is the same with it; the verdicts' token shares are logged anyway)."""
 LABELS = {
     "vanilla_opd": "vanilla OPD (top-K RKL, plain teacher)",
+    "vanilla_filtered": "vanilla OPD on the records whose teacher verdict is right",
+    "dopd_initial_verified": "DOPD initial, trust: verified (ours)",
+    "dopd_verified": "DOPD live, trust: verified (ours)",
+    "uni_opd": "Uni-OPD (released recipe)",
     "vanilla_sampled": "vanilla OPD, sampled token",
     "dopd": "DOPD (live, the paper's)",
     "dopd_initial": "DOPD, initial privileged student",
@@ -213,6 +229,7 @@ def run_study(
     methods: tuple[str, ...] = METHODS,
     learning_rates: tuple[float, ...] = LEARNING_RATES,
     workers: int = 2,
+    readout: bool = True,
 ) -> dict:
     """Prepare every seed, select each method's rate on seed 0's dev split, run the other seeds at
     it, read the first step, and write the tables, the figure and the measured cells. Finished
@@ -269,7 +286,10 @@ def run_study(
     for job, result in zip(final_jobs, run_jobs(final_jobs, workers)):
         results[job.teacher][_label(job.spec)][job.seed] = result
     readout_jobs = [
-        dataclasses.replace(base, seed=seed, teacher=t, readout=True) for t in TEACHERS for seed in size.seeds
+        dataclasses.replace(base, seed=seed, teacher=t, readout=True)
+        for t in TEACHERS
+        for seed in size.seeds
+        if readout
     ]
     readouts: dict[str, dict[int, dict]] = {}
     for job, result in zip(readout_jobs, run_jobs(readout_jobs, workers)):
@@ -316,7 +336,7 @@ def _start(payload: dict, key: str, subset: str | None = None) -> list[float]:
 
 
 def _readout(payload: dict, teacher: str, key, default=None) -> list[float]:
-    values = [key(r) for r in payload["readout"][teacher].values()]
+    values = [key(r) for r in payload["readout"].get(teacher, {}).values()]
     return [v for v in values if v is not None] or ([] if default is None else [default])
 
 
@@ -369,6 +389,8 @@ def trust_tables(payload: dict) -> str:
                 + f" | {fmt(gains(payload, teacher, label)) if vs else ''} | "
                 f"{fmt(gains(payload, teacher, label, 'carry')) if vs else ''} | {alarms}/{len(runs)} |\n"
             )
+    if not payload["readout"]:  # a study run without the readout (--study verified)
+        return text
     text += (
         "\n## The first step, read token by token (no training; mean ± std over seeds)\n\n"
         "On-track tokens: the prefix equals the true solution's; right = the reference's next token (the student: "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["process_rank", "gather", "reduce_sum", "any_process"]
+__all__ = ["process_rank", "gather", "gather_list", "reduce_sum", "any_process"]
 
 
 def process_rank() -> int:
@@ -29,6 +29,15 @@ def gather(accelerator, values: Tensor) -> Tensor:
     padded = accelerator.pad_across_processes(values, dim=0)
     rows = accelerator.gather(padded[None]).reshape(len(lengths), -1)
     return torch.cat([row[: int(n)] for row, n in zip(rows, lengths)])
+
+
+def gather_list(accelerator, items: list) -> list:
+    """Every process's list (picklable items), concatenated in rank order: the order `gather` gives tensors."""
+    if accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return gather_object(list(items))
 
 
 def reduce_sum(accelerator, values: Tensor | float | int) -> Tensor | float:

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from dopd_vl.distributed import gather, reduce_sum
-from dopd_vl.eval.trust import mean_std, token_correct, trust_answers, trust_reading
+from dopd_vl.distributed import gather, gather_list, reduce_sum
+from dopd_vl.eval.trust import mean_std, token_correct, trust_answers, trust_reading, verified_reading
 from dopd_vl.loss.chunked import chunked_token_logprobs
 from dopd_vl.method.routing import (
     INFORMATION_EDGE_NATS,
@@ -92,7 +92,7 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
     names = route_names(objective)
     step_tokens, step_rows, rollouts = [], [], []
     # The trust readout (`answers`) needs every training record to carry an answer.
-    answered, prompts = all("answer" in r for r in run.data.records), {}
+    answered, prompts, token_records = all("answer" in r for r in run.data.records), {}, []
     for k in progress_bar(range(steps), desc="diagnose", disable=not (progress and a.is_main_process)):
         micro_batches = sample_step(run, k)
         scored = [score_micro_batch(run, mb, k) for mb in micro_batches]
@@ -114,9 +114,16 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
             a, torch.cat([s.targets["teacher_priv"].entropy for s in scored]).double()
         )
         per_token["q_teacher_plain"] = logprob["teacher_plain"].exp()
-        if answered:  # each token's response right (1) or wrong (0) against its record's answer
-            right = [token_correct(tokenizer, mb, s.lengths).to(run.device) for mb, s in zip(micro_batches, scored)]
+        if answered:  # each token's response right (1) or wrong (0) by the verifier, and its record
+            right = [token_correct(mb, s.lengths).to(run.device) for mb, s in zip(micro_batches, scored)]
             per_token["correct"] = gather(a, torch.cat(right))
+            ids = [
+                str(mb.records[i].get("id"))
+                for mb, s in zip(micro_batches, scored)
+                for i, n in zip(mb.rollout.record_index, s.lengths.tolist())
+                for _ in range(n)
+            ]
+            token_records += gather_list(a, ids)
             for mb in micro_batches:
                 prompts.update({str(mb.records[i].get("id")): mb.records[i] for i in mb.rollout.record_index})
         step_tokens.append(per_token)
@@ -162,7 +169,9 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
         "student_weights_unchanged": unchanged,
     }
     if answered:
-        result["answers"] = trust_answers(run, list(prompts.values()), pooled["regime"], pooled["correct"])
+        result["answers"] = trust_answers(
+            run, list(prompts.values()), pooled["regime"], pooled["correct"], token_records
+        )
     result["reading"] = reading(result)
     if out is not None and a.is_main_process:
         result["files"] = _write(Path(out), result, pooled, step_rows, rollouts)
@@ -265,7 +274,9 @@ def evidence_faults(result: dict) -> list[str]:
     return faults
 
 
-def reading(result: dict, study: dict | None = None, trust: dict | None = None) -> list[str]:
+def reading(
+    result: dict, study: dict | None = None, trust: dict | None = None, verified: dict | None = None
+) -> list[str]:
     """The plain-text reading: the evidence read, the numbers in aligned columns, then what the
     measured studies (`study`: the strength study, `trust`: the trust study; default the installed
     assets) say about such numbers, unless the evidence carries no signal (`evidence_faults`)."""
@@ -308,6 +319,13 @@ def reading(result: dict, study: dict | None = None, trust: dict | None = None) 
             f"{answers['teacher_plain_accuracy']:.3f}; HS share of tokens in the student's right responses {right}, "
             f"in its wrong ones {wrong}"
         )
+        moved = answers.get("verified_overrides")
+        if moved:
+            lines.append(
+                f"objective.trust: verified would move {moved['trust/teacher_wrong']:.3f} of tokens to HS (records whose "
+                f"privileged teacher answers wrong) and {moved['trust/wrong_response']:.3f} to LH (wrong responses "
+                "where the teacher is right)"
+            )
     faults = evidence_faults(result)
     if faults:
         return (
@@ -320,8 +338,10 @@ def reading(result: dict, study: dict | None = None, trust: dict | None = None) 
         return lines + ["(no measured study is installed to compare with)"]
     lines += ["", *_study_reading(result["steps"][0], study)]
     trust = trust if trust is not None else measured_study("trust")
+    verified = verified if verified is not None else measured_study("verified")
     if answers and trust:
-        return lines + ["", *trust_reading(answers, trust)]
+        lines += ["", *trust_reading(answers, trust)]
+        return lines + (["", *verified_reading(answers, verified)] if verified else [])
     if trust:  # the trust study compares who is right, which needs answers
         lines.append(f"- The trust study ({trust['source']}) compares who is right; records with `answer` get it.")
     return lines

@@ -10,56 +10,63 @@ import statistics
 import torch
 from torch import Tensor
 
-from dopd_vl.data.answers import is_correct
-from dopd_vl.distributed import reduce_sum
+from dopd_vl.data.verify import verdict
+from dopd_vl.distributed import gather_list, reduce_sum
 from dopd_vl.eval.evaluate import EvalConfig, generate_answers
+from dopd_vl.method.outcomes import Outcomes, trust_routes
 from dopd_vl.method.routing import Regime
 
-__all__ = ["mean_std", "token_correct", "trust_answers", "trust_reading"]
+__all__ = ["mean_std", "token_correct", "trust_answers", "trust_reading", "verified_reading"]
 
 
-def token_correct(tokenizer, mb, lengths: Tensor) -> Tensor:
+def token_correct(mb, lengths: Tensor) -> Tensor:
     """1.0 / 0.0 per valid response token ([N], `lengths` [B] the valid tokens of each response):
-    whether its sampled response answers its record correctly."""
-    right = [
-        float(is_correct(tokenizer.decode(response, skip_special_tokens=True).strip(), mb.records[i]["answer"]))
-        for i, response in zip(mb.rollout.record_index, mb.rollout.responses)
-    ]
+    the verifier's verdict on its sampled response (`MicroBatch.verdicts`; every record has an answer)."""
+    right = [float(bool(v)) for v in mb.verdicts]
     return torch.repeat_interleave(torch.tensor(right, dtype=torch.float64), lengths.cpu())
 
 
-def trust_answers(run, records: list[dict], regime: Tensor, correct: Tensor) -> dict:
-    """Who is right on the sampled prompts of a run (`setup_run`): greedy answers of the student, the
-    privileged and the plain teacher; and the paper-rule HS share of tokens in the student's right vs
-    wrong sampled responses: is HS where the student is right and the teacher is not? Counts sum over
-    processes."""
-    m, c, adapters = run.models, run.config, run.data.adapters
+def trust_answers(run, records: list[dict], regime: Tensor, correct: Tensor, token_records: list[str]) -> dict:
+    """Who is right on the sampled prompts of a run (`setup_run`), by the run's verifier: greedy
+    answers of the student, the privileged and the plain teacher; the paper-rule HS share of tokens
+    in the student's right vs wrong sampled responses (is HS where the student is right and the
+    teacher is not?); and the share of tokens each `trust: verified` override would move, with the
+    privileged teacher's verdicts on these records (docs/design.md §1.12). `token_records`: the
+    record id of each token of `regime`. Counts sum over processes."""
+    m, c, adapters, verifier = run.models, run.config, run.data.adapters, run.data.verifier
 
-    def right(model, adapter, privileged: bool) -> float:
+    def verdicts(model, adapter, privileged: bool) -> list[bool]:
         config = EvalConfig(max_new_tokens=c.rollout.max_new_tokens, privileged=privileged)
         answers = generate_answers(model, adapter, records, config, m.eos_token_ids, m.suppress_ids)
-        return float(sum(is_correct(a, r["answer"]) for a, r in zip(answers, records)))
+        return [bool(verdict(verifier, a, r)) for a, r in zip(answers, records)]
 
+    teacher_priv = m.with_full_teacher(lambda model: verdicts(model, adapters["teacher"], True))
     counts = [
-        m.with_full_student(lambda model: right(model, adapters["student"], False)),
-        m.with_full_teacher(lambda model: right(model, adapters["teacher"], True)),
-        m.with_full_teacher(lambda model: right(model, adapters["teacher"], False)),
+        float(sum(m.with_full_student(lambda model: verdicts(model, adapters["student"], False)))),
+        float(sum(teacher_priv)),
+        float(sum(m.with_full_teacher(lambda model: verdicts(model, adapters["teacher"], False)))),
         float(len(records)),
     ]
     totals = reduce_sum(run.accelerator, torch.tensor(counts, dtype=torch.float64))
-    student, teacher_priv, teacher_plain, n = totals.tolist()
+    student, teacher_right, teacher_plain, n = totals.tolist()
     hs = regime == int(Regime.HS)
-    correct = correct == 1
+    right = correct == 1
 
     def hs_share(tokens: Tensor) -> float | None:
         return float(hs[tokens].double().mean()) if bool(tokens.any()) else None
 
+    # trust: verified on these tokens (each token its own "response": its response's and record's verdicts)
+    by_id = dict(gather_list(run.accelerator, [(str(r.get("id")), v) for r, v in zip(records, teacher_priv)]))
+    teacher = torch.tensor([int(by_id[i]) if i in by_id else -1 for i in token_records], dtype=torch.long)
+    outcomes = Outcomes(response=right.long().cpu(), teacher=teacher)
+    _, moved = trust_routes(regime.long().cpu(), torch.ones(regime.numel(), dtype=torch.long), outcomes)
     return {
         "student_accuracy": student / n,
-        "teacher_priv_accuracy": teacher_priv / n,
+        "teacher_priv_accuracy": teacher_right / n,
         "teacher_plain_accuracy": teacher_plain / n,
-        "hs_share_correct": hs_share(correct),
-        "hs_share_wrong": hs_share(~correct),
+        "hs_share_correct": hs_share(right),
+        "hs_share_wrong": hs_share(~right),
+        "verified_overrides": {k: v / max(regime.numel(), 1) for k, v in moved.items()},
         "n": int(n),
     }
 
@@ -108,6 +115,34 @@ def trust_reading(answers: dict, study: dict) -> list[str]:
         f"{gains['gain_over_vanilla']}; on carry problems alone (the blind-spot teacher's blind spot): "
         f"{gains['carry_gain_over_vanilla']}."
     )
+    lines.append(f"- {study['caveat']}")
+    return lines
+
+
+def verified_reading(answers: dict, study: dict) -> list[str]:
+    """Compare the diagnosis's `answers` with the verified-routing study's cells (`study`: the asset
+    assets/verified_study.json): the user's privileged teacher accuracy placed among the measured
+    teachers', then, for the measured cell nearest by it, each configuration's held-out accuracy
+    minus the better of vanilla OPD and the filtered baseline (per seed), and the study's answer."""
+    cells = study["cells"]
+    yours = answers["teacher_priv_accuracy"]
+    measured = [value for cell in cells for value in cell["teacher_priv_accuracy"]]
+    lines = [f"What the verified-routing study measured ({study['source']}; {study['scope']}):"]
+    lines.append(
+        "- The privileged teacher's accuracy: "
+        + "; ".join(f"{cell['name']} {mean_std(cell['teacher_priv_accuracy'])}" for cell in cells)
+        + f". Yours, on the sampled prompts, is {yours:.3f}: {_placed(yours, measured)}"
+    )
+    nearest = min(cells, key=lambda cell: abs(statistics.fmean(cell["teacher_priv_accuracy"]) - yours))
+    gains = "; ".join(
+        f"{label} {mean_std(values, signed=True)}" for label, values in nearest["gain_over_best_baseline"].items()
+    )
+    lines.append(
+        f"- Nearest measured cell by the teacher's accuracy: {nearest['name']}. Held-out accuracy minus the better of "
+        f"vanilla OPD and vanilla OPD on the verified records (per seed, {len(nearest['teacher_priv_accuracy'])} "
+        f"seeds): {gains}."
+    )
+    lines.append(f"- {study['answer']}")
     lines.append(f"- {study['caveat']}")
     return lines
 

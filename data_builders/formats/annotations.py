@@ -32,6 +32,7 @@ __all__ = [
     "annotated_image_from_detections",
     "from_detections",
     "checked_image",
+    "check_score",
     "finish_load",
     "DEGENERATE",
     "IMAGE_EXTENSIONS",
@@ -59,10 +60,12 @@ class AnnotatedImage:
 
 
 class AnnotationLoader:
-    """Collects images under the error and degenerate-box policies."""
+    """Collects images under the error, degenerate-box and score policies. A detector's box carries
+    its confidence (`score`, a finite number in [0, 1]); with `min_score`, scored boxes below it are
+    dropped and counted (boxes without a score, ground truth, are kept)."""
 
-    def __init__(self, on_error: str, degenerate: str, report: BuildReport):
-        self.on_error, self.degenerate, self.report = on_error, degenerate, report
+    def __init__(self, on_error: str, degenerate: str, report: BuildReport, min_score: float | None = None):
+        self.on_error, self.degenerate, self.report, self.min_score = on_error, degenerate, report, min_score
         self.images: list[AnnotatedImage] = []
 
     def add(self, file: str, record: str, build) -> None:
@@ -79,8 +82,24 @@ class AnnotationLoader:
         """A fault outside any one image's build (e.g. a broken category entry)."""
         self.add(err.file or "", err.record or "?", lambda: (_ for _ in ()).throw(err))
 
-    def box(self, label: str, box: list, size: tuple[int, int], *, file: str, record: str, field: str) -> dict | None:
-        """A checked object in pixel xyxy, or None for a dropped degenerate box (zero width or height)."""
+    def box(
+        self,
+        label: str,
+        box: list,
+        size: tuple[int, int],
+        *,
+        file: str,
+        record: str,
+        field: str,
+        score: float | None = None,
+    ) -> dict | None:
+        """A checked object in pixel xyxy (with its `score` when it has one), or None for a dropped
+        degenerate box (zero width or height) or a scored box below `min_score`."""
+        if score is not None:
+            check_score(score, file=file, record=record)
+            if self.min_score is not None and score < self.min_score:
+                self.report.counts["boxes below --min-score dropped"] += 1
+                return None
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
             raise DatasetError(f"box values must be numbers, got {box}", file=file, record=record, field=field)
         if not all(math.isfinite(v) for v in box):
@@ -110,7 +129,35 @@ class AnnotationLoader:
             self.report.counts[f"degenerate boxes {'dropped' if self.degenerate == 'drop' else 'kept'}"] += 1
             if self.degenerate == "drop":
                 return None
-        return {"label": label, "bbox_px": clip_box([round(float(v), 2) for v in box], size)}
+        obj = {"label": label, "bbox_px": clip_box([round(float(v), 2) for v in box], size)}
+        if score is not None:
+            obj["score"] = round(float(score), 4)
+        return obj
+
+    def objects(self, objects: list[dict | None], *, file: str, record: str) -> list[dict]:
+        """An image's kept objects in reading order; two predictions of one label on one box (a
+        detector's duplicate) are a fault naming the image."""
+        kept = [o for o in objects if o is not None]
+        seen = set()
+        for o in kept:
+            key = (o["label"], tuple(o["bbox_px"]))
+            if "score" in o and key in seen:
+                raise DatasetError(
+                    f"duplicate prediction: {o['label']!r} twice on box {o['bbox_px']} (run NMS, or drop one)",
+                    file=file,
+                    record=record,
+                    field="bbox",
+                )
+            seen.add(key)
+        return reading_order(kept)
+
+
+def check_score(score, *, file: str, record: str) -> None:
+    """A detector's confidence: a finite number in [0, 1] (a DatasetError naming the field `score`)."""
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+        raise DatasetError(f"score must be a finite number, got {score!r}", file=file, record=record, field="score")
+    if not 0.0 <= score <= 1.0:
+        raise DatasetError(f"score {score} outside [0, 1]", file=file, record=record, field="score")
 
 
 def annotated_image_from_detections(
@@ -120,12 +167,15 @@ def annotated_image_from_detections(
     source: str = "detections",
     degenerate: str = "drop",
     report: BuildReport | None = None,
+    min_score: float | None = None,
 ) -> AnnotatedImage:
     """An `sv.Detections` (e.g. a detector's output) for one image -> AnnotatedImage.
 
-    `class_names[class_id]` names each detection; boxes are the detections' xyxy pixels.
+    `class_names[class_id]` names each detection; boxes are the detections' xyxy pixels; each
+    object keeps its `confidence` as `score` when the detections have one (`min_score` drops the
+    boxes below it, counted in `report`).
     """
-    loader = AnnotationLoader("fail", degenerate, report if report is not None else BuildReport())
+    loader = AnnotationLoader("fail", degenerate, report if report is not None else BuildReport(), min_score)
     path = Path(image).resolve()
     size = image_size(path, source=source, record=path.name)
     labels = []
@@ -139,7 +189,11 @@ def annotated_image_from_detections(
                 record=f"{path.name} detection {i}",
                 field="class_id",
             ) from err
-    return checked_image(path, None, size, detections.xyxy, labels, source, f"{path.name} detection", "xyxy", loader)
+    confidence = getattr(detections, "confidence", None)
+    scores = None if confidence is None else [float(c) for c in confidence]
+    return checked_image(
+        path, None, size, detections.xyxy, labels, source, f"{path.name} detection", "xyxy", loader, scores
+    )
 
 
 def from_detections(
@@ -185,12 +239,21 @@ def checked_image(
     record: str,
     field: str,
     loader,
+    scores: list[float] | None = None,
 ) -> AnnotatedImage:
     objects = [
-        loader.box(label, [float(v) for v in box], size, file=source, record=f"{record} {k}", field=field)
+        loader.box(
+            label,
+            [float(v) for v in box],
+            size,
+            file=source,
+            record=f"{record} {k}",
+            field=field,
+            score=None if scores is None else scores[k],
+        )
         for k, (box, label) in enumerate(zip(xyxy, labels))
     ]
-    return AnnotatedImage(path, size, reading_order([o for o in objects if o is not None]), source, data)
+    return AnnotatedImage(path, size, loader.objects(objects, file=source, record=record), source, data)
 
 
 def finish_load(loader: AnnotationLoader, file: str) -> list[AnnotatedImage]:

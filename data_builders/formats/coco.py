@@ -12,7 +12,6 @@ from data_builders.formats.annotations import (
     image_size,
     is_id,
     read_json,
-    reading_order,
 )
 from dopd_vl.errors import DatasetError
 
@@ -93,7 +92,7 @@ def load_coco(loader: AnnotationLoader, images: Path, annotations: Path) -> None
                     )
                 )
             # Crowd annotations are kept as boxes, as supervision's loader does.
-            return AnnotatedImage(path, size, reading_order([o for o in objects if o is not None]), file)
+            return AnnotatedImage(path, size, loader.objects(objects, file=file, record=rid), file)
 
         loader.add(file, rid, build)
     for a in orphans:  # after the images, so that an image's own fault is named first

@@ -7,7 +7,7 @@ import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from data_builders.formats.annotations import AnnotatedImage, AnnotationLoader, confined, image_size, reading_order
+from data_builders.formats.annotations import AnnotatedImage, AnnotationLoader, confined, image_size
 from dopd_vl.errors import DatasetError
 
 __all__ = ["load_voc"]
@@ -68,6 +68,6 @@ def load_voc(loader: AnnotationLoader, images: Path, annotations: Path) -> None:
                 # VOC corners are inclusive 1-based pixels (supervision's x1 - 1): xmax = xmin - 1 is a
                 # box of zero width, smaller is a swapped box.
                 objects.append(loader.box(name, [x1 - 1, y1 - 1, x2, y2], size, file=file, record=rid, field="bndbox"))
-            return AnnotatedImage(path, size, reading_order([o for o in objects if o is not None]), str(annotations))
+            return AnnotatedImage(path, size, loader.objects(objects, file=file, record=xml.stem), str(annotations))
 
         loader.add(file, xml.stem, build)

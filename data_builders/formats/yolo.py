@@ -1,5 +1,7 @@
 """YOLO label folders (docs/design.md §3.2): one `.txt` per image, `class x_center y_center width
-height` in 0-1 per line; class names from a data.yaml (`names`) or a classes.txt."""
+height` in 0-1 per line, or with a sixth column, the detector's confidence (Ultralytics' predictions
+with `save_conf=True`): every row of a file has the same width; class names from a data.yaml
+(`names`) or a classes.txt."""
 
 from __future__ import annotations
 
@@ -12,7 +14,6 @@ from data_builders.formats.annotations import (
     AnnotatedImage,
     AnnotationLoader,
     image_size,
-    reading_order,
 )
 from dopd_vl.errors import DatasetError
 
@@ -42,20 +43,31 @@ def load_yolo(loader: AnnotationLoader, images: Path, labels: Path, classes: str
                 raise DatasetError(
                     f"not a text file: {err}", file=str(label_file), record=image.stem, field="labels"
                 ) from None
+            width = None  # the file's row width: 5 (labels) or 6 (predictions with confidence)
             for n, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 fields = line.split()
                 rid = f"line {n}"
-                if len(fields) != 5:
+                if len(fields) not in (5, 6):
                     raise DatasetError(
-                        f"expected 5 columns (class x_center y_center width height), got {len(fields)}",
+                        f"expected 5 columns (class x_center y_center width height) or 6 (with the confidence), got "
+                        f"{len(fields)}",
                         file=str(label_file),
                         record=rid,
                         field="columns",
                     )
+                if width is not None and len(fields) != width:
+                    raise DatasetError(
+                        f"this row has {len(fields)} columns and the file's first row {width}: every row of a file "
+                        "has the confidence column or none does",
+                        file=str(label_file),
+                        record=rid,
+                        field="columns",
+                    )
+                width = len(fields)
                 values = {}
-                for name, value in zip(("class", "x_center", "y_center", "width", "height"), fields):
+                for name, value in zip(("class", "x_center", "y_center", "width", "height", "score"), fields):
                     try:
                         values[name] = float(value)
                     except ValueError:
@@ -89,10 +101,11 @@ def load_yolo(loader: AnnotationLoader, images: Path, labels: Path, classes: str
                         file=str(label_file),
                         record=rid,
                         field="box",
+                        score=values.get("score"),
                     )
                 )
             return AnnotatedImage(
-                image.resolve(), size, reading_order([o for o in objects if o is not None]), str(labels)
+                image.resolve(), size, loader.objects(objects, file=str(label_file), record=image.stem), str(labels)
             )
 
         loader.add(str(label_file), image.stem, build)

@@ -322,9 +322,9 @@ def reading(
         moved = answers.get("verified_overrides")
         if moved:
             lines.append(
-                f"objective.trust: verified would move {moved['trust/teacher_wrong']:.3f} of tokens to HS (records whose "
-                f"privileged teacher answers wrong) and {moved['trust/wrong_response']:.3f} to LH (wrong responses "
-                "where the teacher is right)"
+                f"objective.trust: verified would move {moved['trust/teacher_wrong']:.3f} of tokens to HS (records "
+                f"whose privileged teacher answers wrong) and {moved['trust/wrong_response']:.3f} to LH (wrong "
+                "responses where the teacher is right)"
             )
     faults = evidence_faults(result)
     if faults:

@@ -426,7 +426,12 @@ MALFORMED = {
     "yolo field count": (
         "yolo",
         lambda r: _set(r / "labels" / "im1.txt", "1 0.3 0.3 0.2\n"),
-        ["im1.txt", "record line 1", "field columns: expected 5 columns (class x_center y_center width height), got 4"],
+        [
+            "im1.txt",
+            "record line 1",
+            "field columns: expected 5 columns (class x_center y_center width height) or 6",
+            "got 4",
+        ],
     ),
     "yolo non-numeric": (
         "yolo",

@@ -362,6 +362,18 @@ def test_diagnose_reads_who_is_right_equal_to_an_independent_count(tmp_path):
     for key, want in (("hs_share_correct", True), ("hs_share_wrong", False)):
         picked = [g for g, c in zip(regimes, correct) if c == want]
         assert answers[key] == pytest.approx(picked.count(3) / len(picked), abs=1e-12), key
+    # What objective.trust: verified would move (docs/design.md §1.12), from the teacher's greedy verdicts
+    teacher_right = {
+        r["id"]: is_correct(greedy(m.teacher, trainer.run.data.adapters["teacher"], r, "teacher_priv"), r["answer"])
+        for r in sampled
+    }
+    owners = [r["id"] for r in rollouts for _ in r["response_ids"]]
+    to_hs = sum(not teacher_right[i] and g != 3 for i, g in zip(owners, regimes))
+    to_lh = sum(teacher_right[i] and not c and g in (1, 3) for i, g, c in zip(owners, regimes, correct))
+    moved = answers["verified_overrides"]
+    assert moved["trust/teacher_wrong"] == pytest.approx(to_hs / len(regimes), abs=1e-12)
+    assert moved["trust/wrong_response"] == pytest.approx(to_lh / len(regimes), abs=1e-12)
+    assert "objective.trust: verified would move" in "\n".join(result["reading"])
     text = "\n".join(result["reading"])
     # The answers are read; 4 answered prompts are too few to place among the measured cells: said, and why.
     assert "answers on the" in text and f"{answers['n']} answered prompts, fewer than 16" in text

@@ -1,6 +1,7 @@
 """`rollout.engine: vllm` against the hf engine on vLLM's CPU build (`make test-vllm`, in .venv-vllm):
 greedy equality before and after training (the weight sync), equal losses, the log-prob mismatch,
-exact resume after a kill, two processes (DDP and FSDP), `dopd eval --engine vllm`.
+exact resume after a kill, two processes (DDP and FSDP), `dopd eval --engine vllm`, `dopd verify-teacher
+--engine vllm`.
 
 Every engine runs in a subprocess: vLLM binds the process's threads and starts its own
 torch.distributed group, which a pytest worker must not inherit.
@@ -29,6 +30,9 @@ pytestmark = pytest.mark.integration
 
 RECIPE = REPO / "configs" / "tiny_text_vllm.yaml"
 MISMATCH_BOUND = 1e-4  # nats per token at float32 (measured ~5e-7); an unsynced engine after lr 1e-2 is far above
+TEACHER_HEAD_DIM_64 = (
+    "tiny:qwen3:hidden_size=128,num_heads=2,num_kv_heads=1,seed=1"  # vLLM's CPU attention: head_dim 64
+)
 VLLM_ENV = {**ENV, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
 
 
@@ -138,3 +142,23 @@ def test_a_lora_students_engine_samples_the_merged_weights(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = read_metrics(tmp_path)
     assert metrics[1]["grad_norm"] > 0 and metrics[1]["rollout/logprob_mismatch"] < MISMATCH_BOUND
+
+
+def test_verify_teacher_with_the_vllm_engine_gives_the_hf_engines_verdicts(tmp_path):
+    """`dopd verify-teacher --engine vllm`: the privileged teacher's greedy answers (and so its
+    verdicts) are the hf engine's (docs/design.md §1.12)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(ARITH.read_text().splitlines(keepends=True)[:8]))
+    rows = {}
+    for engine in ("hf", "vllm"):
+        out = tmp_path / f"{engine}.jsonl"
+        done = subprocess.run(
+            [PYTHON, "-m", "dopd_vl.cli", "verify-teacher", str(RECIPE), f"data.train={data}",
+             f"teacher.name_or_path={TEACHER_HEAD_DIM_64}", "rollout.max_new_tokens=12", "--engine", engine,
+             "--out", str(out)],
+            env=VLLM_ENV, capture_output=True, text=True, timeout=400,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "privileged teacher accuracy" in done.stdout
+        rows[engine] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows["hf"]) == 8 and rows["vllm"] == rows["hf"]

@@ -20,6 +20,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "GroundingFormat",
         "Qwen3VLGrounding",
         "Qwen25VLGrounding",
+        "Qwen3VLScoredGrounding",
         "NumberedHints",
         "CropFormat",
         "qwen3vl_box",

@@ -33,6 +33,7 @@ from data_builders.formats.annotations import (
     finish_load,
 )
 from data_builders.formats.coco import load_coco
+from data_builders.formats.coco_results import load_coco_results
 from data_builders.formats.hf import load_hf_detections
 from data_builders.formats.voc import load_voc
 from data_builders.formats.yolo import load_yolo
@@ -102,8 +103,16 @@ def load_annotations(
     on_error: str = "fail",
     degenerate: str = "drop",
     report: BuildReport | None = None,
+    min_score: float | None = None,
+    categories: str | Path | None = None,
 ) -> list[AnnotatedImage]:
-    """Validate and load a detection dataset; every image is opened and decoded once.
+    """Validate and load a detection dataset, or a detector's predictions; every image is opened and
+    decoded once.
+
+    Formats: `coco`, `yolo` (with a sixth confidence column for predictions), `voc`, and
+    `coco_results` (a detector's results list; `categories` resolves its ids: coco_results.py).
+    A prediction keeps its confidence as the object's `score`; `min_score` drops scored boxes
+    below it (counted in the report).
 
     Every fault is a DatasetError naming file, record and field. With `on_error="skip"` an image
     with any fault (in the image, its entry or one of its annotations) is left out whole and listed
@@ -125,15 +134,19 @@ def load_annotations(
     annotations = Path(annotations)
     if not annotations.exists():
         raise DatasetError("annotations not found", file=str(annotations))
-    loader = AnnotationLoader(on_error, degenerate, report if report is not None else BuildReport())
+    if min_score is not None and not 0.0 <= min_score <= 1.0:
+        raise ValueError(f"min_score must be in [0, 1], got {min_score}")
+    loader = AnnotationLoader(on_error, degenerate, report if report is not None else BuildReport(), min_score)
     if fmt == "coco":
         load_coco(loader, images, annotations)
+    elif fmt == "coco_results":
+        load_coco_results(loader, images, annotations, Path(categories) if categories else None)
     elif fmt == "yolo":
         load_yolo(loader, images, annotations, classes)
     elif fmt == "voc":
         load_voc(loader, images, annotations)
     else:
-        raise ValueError(f"unknown annotation format {fmt!r}; expected coco, yolo or voc")
+        raise ValueError(f"unknown annotation format {fmt!r}; expected coco, coco_results, yolo or voc")
     return sorted(finish_load(loader, str(annotations)), key=lambda img: str(img.image))
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "GroundingFormat",
     "Qwen3VLGrounding",
     "Qwen25VLGrounding",
+    "Qwen3VLScoredGrounding",
     "NumberedHints",
     "CropFormat",
     "qwen3vl_box",
@@ -108,15 +109,24 @@ def qwen25vl_box(
 
 @dataclass(frozen=True)
 class GroundingFormat:
-    """Boxes with labels as a JSON list of {"bbox_2d": [x1, y1, x2, y2], "label": name}."""
+    """Boxes with labels as a JSON list of {"bbox_2d": [x1, y1, x2, y2], "label": name}; with
+    `scores`, each box also carries its detector confidence {"score": 0.87} (two decimals; boxes
+    without one, ground truth, get none)."""
 
     name: str
     lead_in: str
     convert: Callable[[list[float], list[int]], list[int]]  # (pixel box, image size) -> format coordinates
+    scores: bool = False
 
     def boxes(self, privileged: dict) -> list[dict]:
         size = privileged["image_size"]
-        return [{"bbox_2d": self.convert(o["bbox_px"], size), "label": o["label"]} for o in privileged["objects"]]
+        boxes = []
+        for o in privileged["objects"]:
+            box = {"bbox_2d": self.convert(o["bbox_px"], size), "label": o["label"]}
+            if self.scores and o.get("score") is not None:
+                box["score"] = round(float(o["score"]), 2)
+            boxes.append(box)
+        return boxes
 
     def render(self, privileged: dict) -> str:
         return self.lead_in + json.dumps(self.boxes(privileged), ensure_ascii=False)
@@ -128,6 +138,13 @@ Qwen3VLGrounding = GroundingFormat(
 )
 Qwen25VLGrounding = GroundingFormat(
     "qwen25vl_grounding", "Relevant objects (bbox_2d in pixels of the resized image): ", qwen25vl_box
+)
+# A detector's boxes with their confidence, so the teacher can weigh a 0.95 box against a 0.3 one [ours].
+Qwen3VLScoredGrounding = GroundingFormat(
+    "qwen3vl_grounding_scored",
+    "Detected objects (bbox_2d in 0-1000 coordinates; score: the detector's confidence, 0-1): ",
+    qwen3vl_box,
+    scores=True,
 )
 
 
@@ -171,5 +188,5 @@ class NumberedHints:
         return "\n".join([self.lead_in] + [f"{i}. {h}" for i, h in enumerate(privileged["hints"], start=1)])
 
 
-for _fmt in (Qwen3VLGrounding, Qwen25VLGrounding, CropFormat(), NumberedHints()):
+for _fmt in (Qwen3VLGrounding, Qwen25VLGrounding, Qwen3VLScoredGrounding, CropFormat(), NumberedHints()):
     register_format(_fmt)

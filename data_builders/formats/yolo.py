@@ -27,7 +27,7 @@ def load_yolo(loader: AnnotationLoader, images: Path, labels: Path, classes: str
     if not labels.is_dir():
         raise DatasetError("YOLO annotations must be the folder of label .txt files", file=str(labels))
     classes_path = Path(classes) if classes else _find_yolo_classes(labels)
-    names = _yolo_class_names(classes_path)
+    names = yolo_class_names(classes_path)
     image_files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not image_files:
         raise DatasetError("the dataset is empty: no images", file=str(images))
@@ -131,7 +131,7 @@ def _find_yolo_classes(labels: Path) -> Path:
     )
 
 
-def _yolo_class_names(path: Path) -> list[str]:
+def yolo_class_names(path: Path) -> list[str]:
     import yaml
 
     if not path.is_file():

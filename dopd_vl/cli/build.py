@@ -16,12 +16,26 @@ def add_parser(commands) -> None:
     grounding.add_argument(
         "--format",
         required=True,
-        choices=("coco", "yolo", "voc", "hf"),
+        choices=("coco", "yolo", "voc", "coco_results", "hf"),
         dest="annotation_format",
-        help="annotation files, or `hf`: a datasets source with image + objects columns (--dataset)",
+        help="annotation files (yolo: also predictions with a confidence column), `coco_results`: a detector's "
+        "COCO results JSON (with --categories), or `hf`: a datasets source with image + objects columns (--dataset)",
     )
     grounding.add_argument("--images", help="folder of the images (the dataset root; coco / yolo / voc)")
-    grounding.add_argument("--annotations", help="COCO JSON file, YOLO labels folder or VOC XML folder")
+    grounding.add_argument(
+        "--annotations", help="COCO JSON file, YOLO labels folder, VOC XML folder or COCO results JSON"
+    )
+    grounding.add_argument(
+        "--categories",
+        help="--format coco_results: a COCO annotations file (its images and categories), or a data.yaml / "
+        "classes.txt (category_id k is the k-th name; images named by their integer id)",
+    )
+    grounding.add_argument(
+        "--min-score",
+        type=float,
+        help="drop predicted boxes whose confidence is below this (counted in the summary); boxes without a score "
+        "are kept",
+    )
     grounding.add_argument(
         "--dataset", help="--format hf: a dataset id, folder (save_to_disk or load_dataset) or Parquet / Arrow file"
     )
@@ -107,6 +121,8 @@ def run_grounding(args) -> int:
             on_error=args.on_error,
             degenerate=args.degenerate,
             report=report,
+            min_score=args.min_score,
+            categories=args.categories,
         )
     fmt = args.privileged_format or f"{args.coords}_grounding"
     report = build_grounding(

@@ -9,7 +9,9 @@ A record:
                         text, or a list of parts {"type": "text", "text": ...} /
                         {"type": "image", "crop": [x1, y1, x2, y2], "image_index": k} (a crop,
                         in pixels, of the prompt's k-th image, default 0: e.g. the `crop` format)
-    privileged          structured source of p (provenance, diagnostics, leak checks), optional
+    privileged          structured source of p (provenance, diagnostics, leak checks), optional;
+                        grounding: {format, image_size, objects: [{label, bbox_px, score?}]},
+                        score a detector's confidence in [0, 1]
     answer              reference for evaluation only, optional
     meta                free-form dict, optional
     images              embedded images for the path-less image parts, in order (TRL's vision
@@ -18,6 +20,7 @@ A record:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from dopd_vl.data.images import is_pil
@@ -93,6 +96,7 @@ def validate_record(record: Any, *, file: str | None = None, index: int | None =
                 field,
                 f"{field} must be of type {'/'.join(k.__name__ for k in kinds)}, got {type(record[field]).__name__}",
             )
+    _validate_scores(record.get("privileged"), fail)
     images = record.get("images") or []
     if len(images) != embedded:
         fail(
@@ -111,6 +115,22 @@ def validate_record(record: Any, *, file: str | None = None, index: int | None =
             fail(
                 f"images[{k}]", f"an embedded image must be a PIL image or {{bytes, path}}, got {type(image).__name__}"
             )
+
+
+def _validate_scores(privileged: Any, fail) -> None:
+    """privileged.objects[*].score (a detector's confidence): absent, or a finite number in [0, 1]."""
+    objects = privileged.get("objects") if isinstance(privileged, dict) else None
+    for k, obj in enumerate(objects if isinstance(objects, list) else []):
+        if not isinstance(obj, dict) or "score" not in obj:
+            continue
+        score = obj["score"]
+        if (
+            isinstance(score, bool)
+            or not isinstance(score, (int, float))
+            or not math.isfinite(score)
+            or not (0.0 <= score <= 1.0)
+        ):
+            fail(f"privileged.objects[{k}].score", f"a box's score must be a finite number in [0, 1], got {score!r}")
 
 
 def _path_images(prompt: list) -> int:

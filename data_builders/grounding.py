@@ -33,7 +33,7 @@ from data_builders.formats.annotations import (
     finish_load,
 )
 from data_builders.formats.coco import load_coco
-from data_builders.formats.coco_results import load_coco_results
+from data_builders.formats.detector_results import load_coco_results
 from data_builders.formats.hf import load_hf_detections
 from data_builders.formats.voc import load_voc
 from data_builders.formats.yolo import load_yolo
@@ -110,7 +110,7 @@ def load_annotations(
     decoded once.
 
     Formats: `coco`, `yolo` (with a sixth confidence column for predictions), `voc`, and
-    `coco_results` (a detector's results list; `categories` resolves its ids: coco_results.py).
+    `coco_results` (a detector's results list; `categories` resolves its ids: detector_results.py).
     A prediction keeps its confidence as the object's `score`; `min_score` drops scored boxes
     below it (counted in the report).
 

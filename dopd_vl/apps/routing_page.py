@@ -154,7 +154,7 @@ def write_routing_html(
         f'<span class="legend" style="background:{_tint(name)}">{name}</span> {html.escape(meaning[name])}<br>'
         for name in ("HT", "HS", "LH", "LL")
     )
-    labels = sorted({label for item in routed for label, _ in _boxes(item.record)})
+    labels = sorted({label for item in routed for label, _, _ in _boxes(item.record)})
     colors = {label: LABEL_COLORS[k % len(LABEL_COLORS)] for k, label in enumerate(labels)}
     images: dict[str, tuple[str, str]] = {}  # content hash -> (css class, data URI): each image once
     sections = []
@@ -228,14 +228,18 @@ def _thresholds_table(thresholds: dict[str, float]) -> str:
     )
 
 
-def _boxes(record: dict) -> list[tuple[str, list[float]]]:
-    """(label, [x1, y1, x2, y2] pixels) of a grounding record's privileged boxes (none otherwise)."""
+def _boxes(record: dict) -> list[tuple[str, list[float], str]]:
+    """(label, [x1, y1, x2, y2] pixels, tag text) of a grounding record's privileged boxes (none
+    otherwise); a detector's box shows its confidence in its tag ("cat 0.87")."""
     privileged = record.get("privileged") if isinstance(record.get("privileged"), dict) else {}
-    return [
-        (str(o.get("label", "")), [float(v) for v in o["bbox_px"]])
-        for o in privileged.get("objects") or []
-        if isinstance(o, dict) and isinstance(o.get("bbox_px"), list) and len(o["bbox_px"]) == 4
-    ]
+    boxes = []
+    for o in privileged.get("objects") or []:
+        if isinstance(o, dict) and isinstance(o.get("bbox_px"), list) and len(o["bbox_px"]) == 4:
+            label = str(o.get("label", ""))
+            score = o.get("score")
+            tag = f"{label} {score:.2f}" if isinstance(score, (int, float)) and not isinstance(score, bool) else label
+            boxes.append((label, [float(v) for v in o["bbox_px"]], tag))
+    return boxes
 
 
 def _scene(record: dict, index: int, ref, roots, images: dict, colors: dict[str, str]) -> str:
@@ -250,9 +254,9 @@ def _scene(record: dict, index: int, ref, roots, images: dict, colors: dict[str,
     scale = DISPLAY_WIDTH / width
     w, h = DISPLAY_WIDTH, round(height * scale)
     boxes = _boxes(record) if index == 0 else []
-    placed = place_tags([[v * scale for v in box] for _, box in boxes], [label for label, _ in boxes], (w, h))
+    placed = place_tags([[v * scale for v in box] for _, box, _ in boxes], [text for _, _, text in boxes], (w, h))
     shapes = []
-    for (label, _), tag in zip(boxes, placed):
+    for (label, _, text), tag in zip(boxes, placed):
         color = colors[label]
         x1, y1, x2, y2 = tag["box"]
         tx1, ty1, tx2, ty2 = tag["at"]
@@ -260,7 +264,7 @@ def _scene(record: dict, index: int, ref, roots, images: dict, colors: dict[str,
             f'<rect x="{x1:.1f}" y="{y1:.1f}" width="{x2 - x1:.1f}" height="{y2 - y1:.1f}" fill="none" '
             f'stroke="{color}" stroke-width="2"/><rect x="{tx1}" y="{ty1}" width="{tx2 - tx1}" height="{ty2 - ty1}" '
             f'fill="{color}"/><text x="{tx1 + 3}" y="{ty2 - 4}" font-size="12" fill="white" '
-            f'style="paint-order: stroke" stroke="black" stroke-width="2">{html.escape(label)}</text>'
+            f'style="paint-order: stroke" stroke="black" stroke-width="2">{html.escape(text)}</text>'
         )
     svg = f'<svg width="{w}" height="{h}" viewBox="0 0 {w} {h}">{"".join(shapes)}</svg>'
     caption = (
@@ -268,7 +272,7 @@ def _scene(record: dict, index: int, ref, roots, images: dict, colors: dict[str,
         + " ".join(
             f'<span class="box-label" style="border-left: 12px solid {colors[label]}; padding-left: 4px">'
             f"{html.escape(label)}</span>"
-            for label in sorted({label for label, _ in boxes})
+            for label in sorted({label for label, _, _ in boxes})
         )
         + "</figcaption>"
         if boxes

@@ -135,3 +135,29 @@ def test_a_real_browser_draws_each_labels_boxes_in_its_colour(tmp_path):
     for colour in colours:
         rgb = tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
         assert counts.get(rgb, 0) > 100, colour  # its boxes and tag are on screen
+
+
+def test_a_detectors_boxes_show_their_scores(tmp_path):
+    """A box with a `score` (detector predictions, docs/design.md §3.2) is tagged "label 0.87"; a box
+    without one keeps its label alone."""
+    from PIL import Image
+
+    from dopd_vl.apps.routing_page import RoutedResponse, write_routing_html
+
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "im.png")
+    objects = [
+        {"label": "cat", "bbox_px": [2, 2, 30, 30], "score": 0.8712},
+        {"label": "dog", "bbox_px": [34, 10, 60, 40]},
+    ]
+    record = {
+        "id": "r0",
+        "prompt": [{"role": "user", "content": [{"type": "image", "image": "im.png"}, {"type": "text", "text": "?"}]}],
+        "privileged_context": "boxes",
+        "privileged": {"format": "qwen3vl_grounding_scored", "image_size": [64, 48], "objects": objects},
+    }
+    routed = [RoutedResponse(record, ["1"], ["LH"], [0.1], [0.5], [0.5])]
+    page = write_routing_html(
+        tmp_path / "p.html", routed, {"A": 0.2, "q_student": 0.5, "q_teacher": 0.5}, image_root=tmp_path
+    ).read_text()
+    texts = [html.unescape(t) for t in re.findall(r"<text[^>]*>([^<]*)</text>", page)]
+    assert sorted(texts) == ["cat 0.87", "dog"]

@@ -60,6 +60,7 @@ __all__ = [
     "diagnose_run",
     "reading",
     "measured_study",
+    "box_scores",
 ]
 
 
@@ -168,6 +169,9 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
         "route_names": list(names),
         "student_weights_unchanged": unchanged,
     }
+    scores = box_scores(run.data.records)
+    if scores is not None:
+        result["box_scores"] = scores
     if answered:
         result["answers"] = trust_answers(
             run, list(prompts.values()), pooled["regime"], pooled["correct"], token_records
@@ -176,6 +180,30 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
     if out is not None and a.is_main_process:
         result["files"] = _write(Path(out), result, pooled, step_rows, rollouts)
     return result
+
+
+def box_scores(records) -> dict | None:
+    """The detector confidences of the training records' privileged boxes (docs/design.md §3.2):
+    how many boxes carry one, their quartiles and the share below 0.5; None when no box has a score."""
+    values, boxes = [], 0
+    for i in range(len(records)):
+        privileged = records[i].get("privileged")
+        objects = privileged.get("objects") if isinstance(privileged, dict) else None
+        for obj in objects if isinstance(objects, list) else []:
+            boxes += 1
+            if isinstance(obj, dict) and isinstance(obj.get("score"), (int, float)):
+                values.append(float(obj["score"]))
+    if not values:
+        return None
+    q = torch.quantile(
+        torch.tensor(values, dtype=torch.float64), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+    )
+    return {
+        "boxes": boxes,
+        "scored": len(values),
+        "quartiles": [round(float(v), 4) for v in q],
+        "below_0.5": sum(v < 0.5 for v in values) / len(values),
+    }
 
 
 def _route_shares(route: Tensor, names: tuple[str, ...]) -> dict[str, float]:
@@ -310,6 +338,19 @@ def reading(
         f"{s['eos_only_frac']:.3f} the end token alone"
         + (f"; rollout accuracy {s['accuracy']:.3f}" if "accuracy" in s else ""),
     ]
+    scores = result.get("box_scores")
+    if scores:
+        lo, q1, median, q3, hi = scores["quartiles"]
+        lines.append(
+            f"box scores (detector confidence) of {scores['scored']} of {scores['boxes']} privileged boxes: min "
+            f"{lo:.2f}, quartiles {q1:.2f} / {median:.2f} / {q3:.2f}, max {hi:.2f}; {scores['below_0.5']:.3f} below 0.5"
+            + (
+                f"; the teacher with the boxes answers {answers['teacher_priv_accuracy']:.3f}, without them "
+                f"{answers['teacher_plain_accuracy']:.3f}"
+                if answers
+                else ""
+            )
+        )
     if answers:
         shares = [answers["hs_share_correct"], answers["hs_share_wrong"]]
         right, wrong = ("none" if v is None else f"{v:.3f}" for v in shares)

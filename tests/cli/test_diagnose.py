@@ -444,3 +444,24 @@ def test_the_printed_reading_fits_a_terminal_and_its_share_columns_align():
     header, row = table
     for name in ("LH", "LL", "HT", "HS"):  # each share ends under its column's name
         assert row[header.index(name) + len(name) - 5 : header.index(name) + len(name)] == "0.250"
+
+
+def test_box_scores_of_a_detectors_dataset_are_read_and_said():
+    """A grounding dataset built from a detector's predictions: `dopd diagnose` reports the boxes'
+    score quartiles and the share below 0.5, beside the teacher with vs without the boxes."""
+    from dopd_vl.eval.diagnose import box_scores, reading
+
+    records = [
+        {"privileged": {"objects": [{"label": "a", "score": s} for s in scores]}}
+        for scores in ([0.1, 0.9], [0.5], [0.3, 0.7, 0.95])
+    ] + [{"privileged": {"objects": [{"label": "gt"}]}}, {"prompt": []}]
+    stats = box_scores(records)
+    assert stats["boxes"] == 7 and stats["scored"] == 6
+    assert stats["quartiles"] == pytest.approx([0.1, 0.35, 0.6, 0.85, 0.95])
+    assert stats["below_0.5"] == pytest.approx(2 / 6)
+    assert box_scores([{"privileged": {"objects": [{"label": "gt"}]}}]) is None
+    result = _diagnosis(0.0, (0.5, 0.9, 0.6))
+    result["box_scores"] = stats
+    text = "\n".join(reading(result))
+    assert "box scores (detector confidence) of 6 of 7 privileged boxes: min 0.10, quartiles 0.35 / 0.60 / 0.85" in text
+    assert "the teacher with the boxes answers 0.900, without them 0.600" in text

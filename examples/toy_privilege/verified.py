@@ -19,8 +19,9 @@ with `objective.trust: verified`, DOPD live with `trust: verified`, and `uni_opd
   (200 warm-up steps), where every DOPD configuration trailed vanilla OPD with a clean teacher: lr
   3e-4, 3 seeds. OUT/strength/.
 
-OUT defaults to runs/toy_privilege/verified/TASK; `tables(OUT)` writes OUT/results.md and the
-measured cells (verified_study.json beside OUT, copied into dopd_vl/assets/).
+OUT defaults to runs/toy_privilege/verified/TASK; afterwards `tables(ROOT)` (ROOT = OUT's parent)
+writes ROOT/results.md and ROOT/verified_study.json from every task measured so far (copied into
+examples/toy_privilege/results/verified/ and dopd_vl/assets/).
 """
 
 from __future__ import annotations
@@ -51,17 +52,19 @@ def run(
         size = dataclasses.replace(size, student_sft_steps=strength.WARMUP_STEPS[task_name][-1])
     if task_name == "two_step":
         trust.run_study(out / "trust", task_name, size, device, methods=methods, readout=False)
-        return {}
-    toy.run_methods(
-        out / "strength",
-        task_name,
-        size,
-        [(m, None) for m in methods],
-        reuse=True,
-        device=device,
-        teacher_cache=out / "strength" / "teachers",
-    )
-    return {}
+    else:
+        toy.run_methods(
+            out / "strength",
+            task_name,
+            size,
+            [(m, None) for m in methods],
+            reuse=True,
+            device=device,
+            teacher_cache=out / "strength" / "teachers",
+        )
+    text = tables(out.parent)  # every task's cells measured so far under the study's root
+    print(text)
+    return json.loads((out.parent / "verified_study.json").read_text())
 
 
 # ---------------------------------------------------------------------------- tables and cells

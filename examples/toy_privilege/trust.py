@@ -52,12 +52,12 @@ METHODS = (
     f"{DIAG}",
 )
 VERIFIED_METHODS = (
-    "vanilla_opd=vanilla_opd",
+    "vanilla_opd",
     "vanilla_filtered=vanilla_opd;data.teacher_filter=verified",
     "dopd_initial=dopd;objective.privileged_student=initial",
     "dopd_initial_verified=dopd;objective.privileged_student=initial;objective.trust=verified",
     "dopd_verified=dopd;objective.trust=verified",
-    "uni_opd=uni_opd",
+    "uni_opd",
 )
 """The verified-routing cells (`--study verified`): vanilla OPD, the practitioner's filter on the
 teacher's verdicts, DOPD `initial` with the paper's rule and with `trust: verified`, DOPD live

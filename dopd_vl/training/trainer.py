@@ -128,9 +128,10 @@ class Trainer:
         self._log(metrics)
         if alarm is not None:
             self._on_collapse(alarm)
-        bar.update(1)
         shown = ("loss", *(f"frac/{r}" for r in REGIME_NAMES))
-        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics})
+        # refresh=False: the postfix is drawn at the bar's own pace (a plain line every 30 s in a log file)
+        bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics}, refresh=False)
+        bar.update(1)
         return any_process(a, stop.received is not None)  # one signalled process stops them all
 
     def train_step(self, micro_batches: list[MicroBatch], update: bool = True) -> dict:

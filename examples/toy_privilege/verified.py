@@ -265,4 +265,34 @@ def tables(root: Path) -> str:
     text += f"\n## The answer\n\n{summary['answer']}\n"
     (root / "results.md").write_text(text, encoding="utf-8")
     (root / "verified_study.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot(root / "verified.png", measured)
     return text
+
+
+def plot(path: Path, measured: list[dict]) -> None:
+    """verified.png: held-out accuracy minus the better baseline, per cell and configuration (bars:
+    mean over seeds, whiskers: std), beside each baseline's own accuracy."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(measured), figsize=(5 * len(measured), 4.2), sharey=True)
+    for ax, cell in zip(axes if len(measured) > 1 else [axes], measured):
+        labels = list(cell["gain_over_best_baseline"])
+        values = [cell["gain_over_best_baseline"][label] for label in labels]
+        means = [statistics.fmean(v) for v in values]
+        stds = [_noise(v) for v in values]
+        ax.bar(
+            range(len(labels)), means, yerr=stds, capsize=3, color=["#4477aa" if m >= 0 else "#cc6677" for m in means]
+        )
+        ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        baselines = ", ".join(f"{b} {statistics.fmean(cell['accuracy'][b]):.3f}" for b in BASELINES)
+        ax.set_title(f"{cell['name']}\n({baselines})", fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    first = axes[0] if len(measured) > 1 else axes
+    first.set_ylabel("held-out accuracy minus the better baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -2,6 +2,7 @@
 results, and the installed asset against the committed study summary."""
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -85,3 +86,19 @@ def test_the_installed_verified_study_is_the_committed_study():
     installed = json.loads((REPO / "dopd_vl" / "assets" / "verified_study.json").read_text())
     assert installed == committed
     assert committed == json.loads(json.dumps(verified.study_summary(verified.cells(results))))
+
+
+def test_diagnose_quotes_the_nearest_verified_cell():
+    """`dopd diagnose`'s reading places the user's teacher accuracy among the measured teachers and
+    quotes the nearest cell's gains over the better baseline and the study's answer."""
+    from dopd_vl.eval.diagnose import measured_study
+    from dopd_vl.eval.trust import verified_reading
+
+    study = measured_study("verified")
+    answers = {"teacher_priv_accuracy": 0.5, "student_accuracy": 0.7}
+    text = "\n".join(verified_reading(answers, study))
+    assert "Nearest measured cell by the teacher's accuracy: two_step, blind teacher" in text
+    blind = next(c for c in study["cells"] if c["teacher"] == "blind")
+    gain = blind["gain_over_best_baseline"]["dopd_initial_verified"]
+    assert f"dopd_initial_verified {statistics.fmean(gain):+.3f}" in text
+    assert study["answer"] in text and "inside that range" in text

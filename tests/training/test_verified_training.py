@@ -81,42 +81,36 @@ def test_teacher_verdicts_equal_plain_generate_and_are_computed_once(tmp_path, m
 
 @pytest.mark.integration
 def test_verifiers_from_python_and_from_a_recipe_reach_the_step(tmp_path):
-    """A verifier registered in Python and one named `module:function` in the recipe decide the
-    verdicts the step logs (verify/*) and the routing trust: verified applies."""
-    records = _records()
-    data = _write(tmp_path / "data.jsonl", records)
+    """A verifier named `module:function` in the recipe decides the verdicts a training run logs
+    (verify/*) and the routing `trust: verified` applies (trust/*); one registered in Python decides
+    the step's rollout metrics the same way."""
+    from dopd_vl.training.rollout import rollout_metrics
+
+    data = _write(tmp_path / "data.jsonl", _records())
+
+    def sampled_share(run, right) -> float:
+        ids = [int(mb.records[i]["id"][-1]) for mb in sample_step(run, 0) for i in mb.rollout.record_index]
+        return sum(i in right for i in ids) / len(ids)
+
+    out = tmp_path / "trust"
+    overrides = ["data.verifier=helpers.verifiers:even_ids", "objective.trust=verified", *SMALL, "max_steps=1"]
+    trainer = Trainer(text_config(out, f"data.train={data}", *overrides))
+    trainer.train()
+    (metrics,) = read_metrics(out)
+    share = sampled_share(trainer.run, {0, 2, 4, 6})
+    assert 0 < share < 1 and metrics["verify/correct"] == pytest.approx(share)
+    assert metrics["verify/wrong"] == pytest.approx(1 - share) and metrics["verify/none"] == 0.0
+    assert trainer.run.data.teacher_verdicts == {r["id"]: int(r["id"][-1]) % 2 == 0 for r in _records()}
+    assert metrics["trust/teacher_wrong"] > 0  # tokens of odd records that the paper's rule kept off HS
     register_verifier("first_half_for_test", lambda response, record: int(record["id"][-1]) < 4)
     try:
-        for name, right in (("first_half_for_test", {0, 1, 2, 3}), ("helpers.verifiers:even_ids", {0, 2, 4, 6})):
-            out = tmp_path / name.replace(":", "_")
-            trainer = Trainer(text_config(out, f"data.train={data}", f"data.verifier={name}", *SMALL, "max_steps=1"))
-            trainer.train()
-            assert trainer.run.data.teacher_verdicts is None  # trust: paper reads none
-            (metrics,) = read_metrics(out)
-            sampled = [
-                int(mb.records[i]["id"][-1]) for mb in sample_step(trainer.run, 0) for i in mb.rollout.record_index
-            ]
-            share = sum(i in right for i in sampled) / len(sampled)
-            assert 0 < share < 1
-            assert metrics["verify/correct"] == pytest.approx(share)
-            assert metrics["verify/wrong"] == pytest.approx(1 - share)
-            assert metrics["verify/none"] == 0.0
+        run = Trainer(text_config(tmp_path / "py", f"data.train={data}", "data.verifier=first_half_for_test")).run
+        metrics = rollout_metrics(sample_step(run, 0), run.tokenizer)
+        share = sampled_share(run, {0, 1, 2, 3})
+        assert 0 < share < 1 and metrics["verify/correct"] == pytest.approx(share)
+        assert run.data.teacher_verdicts is None  # trust: paper reads none
     finally:
         VERIFIERS.pop("first_half_for_test")
-    # trust: verified with the recipe's verifier: records with odd ids have a wrong teacher
-    trainer = Trainer(
-        text_config(
-            tmp_path / "trust", f"data.train={data}", "data.verifier=helpers.verifiers:even_ids",
-            "objective.trust=verified", *SMALL,
-        )
-    )  # fmt: skip
-    trainer.run.output_dir.mkdir(parents=True)
-    report = trainer.run.prepare_teacher_verdicts()
-    assert report["accuracy"] == 0.5
-    micro_batches = sample_step(trainer.run, 0)
-    metrics = trainer.train_step(micro_batches)
-    odd = sum(int(mb.records[i]["id"][-1]) % 2 for mb in micro_batches for i in mb.rollout.record_index)
-    assert odd and metrics["trust/teacher_wrong"] > 0  # tokens of odd records that the paper's rule kept off HS
 
 
 @pytest.mark.integration
@@ -144,13 +138,15 @@ def test_answerless_records_and_unknown_verifiers_are_one_line(tmp_path, capsys)
     records = _records(4)
     del records[1]["answer"]
     data = _write(tmp_path / "data.jsonl", records)
+    from dopd_vl import load_tokenizer, make_adapter, preflight_records
+
+    adapter = make_adapter(load_tokenizer())
     with pytest.raises(DatasetError, match=r"objective.trust: verified needs an `answer`.*arith-001"):
         Trainer(text_config(tmp_path / "a", f"data.train={data}", "objective.trust=verified", *SMALL))
-    trainer = Trainer(
-        text_config(tmp_path / "b", f"data.train={data}", "objective.name=uni_opd", "data.on_error=skip", *SMALL)
-    )
-    assert [r["id"] for r in trainer.run.data.records] == ["arith-000", "arith-002", "arith-003"]
-    assert trainer.run.data.skipped[0]["id"] == "arith-001" and trainer.run.data.skipped[0]["kind"] == "answer_missing"
+    skip = text_config(tmp_path / "b", f"data.train={data}", "objective.name=uni_opd", "data.on_error=skip").data
+    kept, skipped = preflight_records(skip, adapter, progress=False, answer_needed_by="objective uni_opd")
+    assert [r["id"] for r in kept] == ["arith-000", "arith-002", "arith-003"]
+    assert skipped[0]["id"] == "arith-001" and skipped[0]["kind"] == "answer_missing"
     for override in ("data.verifier=magic", "data.teacher_filter=verified"):
         capsys.readouterr()
         code = main(["train", "configs/tiny_text.yaml", f"data.train={data}", f"output_dir={tmp_path / 'c'}", override])

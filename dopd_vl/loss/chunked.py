@@ -18,6 +18,7 @@ from torch import Tensor
 from dopd_vl.loss.route_terms import route_divergence
 from dopd_vl.method.divergences import entropy, upcast
 from dopd_vl.method.objectives import Objective
+from dopd_vl.method.plan import shifted_target
 
 __all__ = [
     "TargetStates",
@@ -367,7 +368,7 @@ def chunked_objective_loss(
         raise ValueError(f"backend must be torch or triton, got {backend!r}")
     if target_shift is not None:  # uni_opd's margin: the sampled route's target log-prob (its reward) shifted
         target = objective.routes[0].target
-        shifted = targets[target].token_logprob + target_shift.to(targets[target].token_logprob)
+        shifted = shifted_target(targets[target].token_logprob, target_shift)
         targets = {**targets, target: dataclasses.replace(targets[target], token_logprob=shifted)}
     loss, token_loss, student_entropy = _ChunkedRoutedLoss.apply(
         student_hidden,

@@ -16,7 +16,7 @@ from dopd_vl.loss.route_terms import route_divergence
 from dopd_vl.method.divergences import entropy, upcast
 from dopd_vl.method.objectives import Objective, ObjectiveConfig, build_objective
 from dopd_vl.method.outcomes import Outcomes
-from dopd_vl.method.plan import plan_tokens
+from dopd_vl.method.plan import plan_tokens, shifted_target
 
 __all__ = ["LossOutput", "objective_loss", "dopd_loss"]
 
@@ -101,7 +101,7 @@ def objective_loss(
     plan = plan_tokens(objective, lengths, signals, thresholds, prune_keys, groups, num_sequences, num_tokens, outcomes)
     if plan.target_shift is not None:  # uni_opd's margin: a shift of the target's token log-prob (its reward)
         target = objective.routes[0].target
-        token_logprob = {**token_logprob, target: token_logprob[target] + plan.target_shift.to(token_logprob[target])}
+        token_logprob = {**token_logprob, target: shifted_target(token_logprob[target], plan.target_shift)}
 
     token_loss = torch.zeros(ids.shape, dtype=student_logp.dtype, device=mask.device)
     for r, spec in enumerate(objective.routes):

@@ -90,6 +90,12 @@ def plan_tokens(
     return plan
 
 
+def shifted_target(target_logprob: Tensor, shift: Tensor) -> Tensor:
+    """uni_opd's margin as the loss paths read it: the sampled route's target token log-probs [N]
+    plus the plan's `target_shift` (a shift of the reward l_T - l_old)."""
+    return target_logprob + shift.to(target_logprob)
+
+
 def _apply_outcomes(objective: Objective, plan: TokenPlan, lengths: Tensor, outcomes: Outcomes, groups) -> None:
     """The verdicts' overrides of a plan, in place: DOPD's `trust: verified` routes, or uni_opd's
     log-prob mask, balancing and margin shift (outcomes.py)."""

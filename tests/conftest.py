@@ -48,6 +48,17 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.originalname, len(rank)))
 
 
+def pytest_configure(config):
+    """`--dist loadgroup` keeps each xdist_group on one worker, so its fixture is built once; pytest 9.2
+    silently drops the groups (pytest-xdist#1386) and the suite's slowest setups run twice."""
+    version = tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit())
+    if config.getoption("dist", "no") == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(
+            f"pytest {pytest.__version__} breaks --dist loadgroup (pytest-xdist#1386): pip install 'pytest<9.2' "
+            "(pyproject's dev pin)"
+        )
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 COCO128 = SHARED / "data" / "coco128"

@@ -58,6 +58,8 @@ __all__ = [
     "evidence_faults",
     "diagnose",
     "diagnose_run",
+    "diagnose_tokens",
+    "DiagnosedTokens",
     "reading",
     "measured_study",
     "box_scores",
@@ -77,19 +79,29 @@ def diagnose(
     return diagnose_run(setup_run(dataclasses.replace(config, diagnostics=True)), steps, out, progress)
 
 
+@dataclasses.dataclass
+class DiagnosedTokens:
+    """What `diagnose_tokens` read: per-token tensors over the steps (`token_diagnostics`' signals,
+    `route`, `teacher_entropy`, `q_teacher_plain`; with answers `correct`), one row per step, the
+    rollouts, and, where every record has an answer, each token's record id and the sampled records."""
+
+    pooled: dict[str, Tensor]
+    step_rows: list[dict]
+    rollouts: list[dict]
+    token_records: list[str]
+    prompts: dict[str, dict]
+
+
 @torch.no_grad()
-def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: bool = True) -> dict:
-    """The diagnosis of a built run (`setup_run`, with `diagnostics: true`): its first `steps` steps,
-    sampled and scored through the step's own functions (dopd_vl/training/step.py) but never trained
-    on. Nothing is updated: no backward, no optimizer step; the student's weights are fingerprinted
-    before and after."""
+def diagnose_tokens(run, steps: int = 4, progress: bool = True) -> DiagnosedTokens:
+    """A built run's (`setup_run`, with `diagnostics: true`) first `steps` steps, sampled and scored
+    through the step's own functions (dopd_vl/training/step.py) but never trained on."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     c, objective, a = run.config, run.objective, run.accelerator
     if not c.diagnostics:
         raise ValueError("diagnose_run needs a run built with diagnostics: true (diagnose() sets it)")
     student, tokenizer = run.models.student, run.tokenizer
-    before = _fingerprint(student)
     names = route_names(objective)
     step_tokens, step_rows, rollouts = [], [], []
     # The trust readout (`answers`) needs every training record to carry an answer.
@@ -148,10 +160,23 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
                         "response": tokenizer.decode(response, skip_special_tokens=False),
                     }
                 )
+    pooled = {key: torch.cat([t[key] for t in step_tokens]) for key in step_tokens[0]}
+    return DiagnosedTokens(pooled, step_rows, rollouts, token_records, prompts)
+
+
+@torch.no_grad()
+def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: bool = True) -> dict:
+    """The diagnosis of a built run (`setup_run`, with `diagnostics: true`): its first `steps` steps
+    read by `diagnose_tokens`. Nothing is updated: no backward, no optimizer step; the student's
+    weights are fingerprinted before and after."""
+    student, c, objective = run.models.student, run.config, run.objective
+    before = _fingerprint(student)
+    tokens = diagnose_tokens(run, steps, progress)
+    pooled, step_rows = tokens.pooled, tokens.step_rows
+    names = route_names(objective)
     unchanged = _fingerprint(student) == before
     if not unchanged:  # cannot happen unless a component trains in place; say so loudly
         raise RuntimeError("dopd diagnose changed the student's weights; please report this as a bug")
-    pooled = {key: torch.cat([t[key] for t in step_tokens]) for key in step_tokens[0]}
     result = {
         "recipe": _recipe_summary(c, objective, steps, run),
         "tokens": int(pooled["regime"].numel()),
@@ -172,13 +197,13 @@ def diagnose_run(run, steps: int = 4, out: str | Path | None = None, progress: b
     scores = box_scores(run.data.records)
     if scores is not None:
         result["box_scores"] = scores
-    if answered:
+    if tokens.token_records:
         result["answers"] = trust_answers(
-            run, list(prompts.values()), pooled["regime"], pooled["correct"], token_records
+            run, list(tokens.prompts.values()), pooled["regime"], pooled["correct"], tokens.token_records
         )
     result["reading"] = reading(result)
-    if out is not None and a.is_main_process:
-        result["files"] = _write(Path(out), result, pooled, step_rows, rollouts)
+    if out is not None and run.accelerator.is_main_process:
+        result["files"] = _write(Path(out), result, pooled, step_rows, tokens.rollouts)
     return result
 
 

@@ -207,13 +207,14 @@ def _single_thread() -> None:
     torch.set_num_threads(1)  # tiny models: one process per core beats two threads per process
 
 
-def run_jobs(jobs: list[Job], workers: int) -> list[dict]:
-    """`jobs` on `workers` processes (1: in this process), results in job order."""
+def run_jobs(jobs: list, workers: int, work=_work) -> list[dict]:
+    """`work(job)` for each of `jobs` on `workers` processes (1: in this process), results in job
+    order; `work` is a module-level function (the processes are spawned)."""
     if workers <= 1 or len(jobs) <= 1:
-        return [_work(job) for job in jobs]
+        return [work(job) for job in jobs]
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_single_thread) as pool:
-        return list(pool.map(_work, jobs))
+        return list(pool.map(work, jobs))
 
 
 def choose_lr(results: dict[float, dict]) -> float:

@@ -68,7 +68,9 @@ def heldout_accuracy(
     }
 
 
-def finetune_model(folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config) -> None:
+def finetune_model(
+    folder: Path, train: Path, steps: int, views: tuple[str, ...], seed: int, config, batch_size: int = 8
+) -> None:
     """Fine-tune a built tiny model on the answers, in place (views in turn, one per step)."""
     from dopd_vl.data.sources import load_records
     from dopd_vl.modality.adapters import make_adapter
@@ -78,7 +80,7 @@ def finetune_model(folder: Path, train: Path, steps: int, views: tuple[str, ...]
 
     # Trained in float32 wherever it runs (a few steps from random weights), saved as float32.
     model, processing = load_model(folder, "float32", device=config.device), load_processing(folder)
-    sft = SFTConfig(steps=steps, views=views, seed=seed)
+    sft = SFTConfig(steps=steps, batch_size=batch_size, views=views, seed=seed)
     supervised_finetune(
         model, make_adapter(processing, image_root=train.parent), load_records(train), vocab_size(processing), sft
     )

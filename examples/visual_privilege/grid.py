@@ -2,8 +2,8 @@
 
 A scene is a 4 x 4 grid of 32 px cells (128 x 128 px) holding 2-5 solid shapes, one per cell: with
 Qwen3-VL's 16 px patches merged 2 x 2, each cell is exactly one visual token, so one token carries
-one object and a tiny vision tower needs only to tell colours and shapes apart. Questions are asked
-of the ground truth, and their answers are functions of a list of (label, box) objects, so the same
+one object and a tiny vision tower needs only to tell colours apart and count. Every scene is asked
+three questions (QUESTIONS) with answers computed from a list of (label, box) objects, so the same
 function answers them from a detector's boxes: a question is *box-right* when the detector's boxes
 give the true answer, else *box-wrong* (the boxes lie about it).
 
@@ -29,7 +29,6 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), 
 SHAPES = ("square", "circle")
 LABELS = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 CONFUSED = {"red": "yellow", "yellow": "red", "green": "blue", "blue": "green"}
-QUESTION_TYPES = ("exists", "count", "relation", "shape")
 JITTER = 3
 
 
@@ -74,64 +73,32 @@ def paint(objects: list[Box]):
 
 
 # ------------------------------------------------------------------------------------- questions
-def answer(query: dict, objects: list[Box]) -> str | None:
-    """The answer `objects` give to `query`; None where they cannot answer it (a relation between
-    objects that are missing or not unique)."""
-    kind = query["type"]
-    if kind == "exists":
-        return "yes" if any(o.label == query["label"] for o in objects) else "no"
+QUESTIONS = {
+    "count": "How many shapes are in the image?",
+    "count_red": "How many red shapes are in the image?",
+    "exists_yellow": "Is there a yellow shape in the image?",
+}
+"""One fixed wording per type, every type asked of every scene. A tiny model learns to answer these
+from pixels within a few hundred steps; questions that name any of several labels ("Is there a
+{label}?") it did not learn in 1,200 (RESULTS.md: what it took). A detector's lie reaches each:
+a missed or invented box changes the count, a red <-> yellow confusion the other two."""
+QUESTION_TYPES = tuple(QUESTIONS)
+
+
+def answer(kind: str, objects: list[Box]) -> str:
+    """The answer `objects` give to the question of type `kind`."""
     if kind == "count":
-        return str(sum(o.colour == query["colour"] for o in objects))
-    if kind == "shape":
-        found = [o for o in objects if o.colour == query["colour"]]
-        return found[0].shape if len(found) == 1 else None
-    found = {name: [o for o in objects if o.label == name] for name in (query["a"], query["b"])}
-    if any(len(v) != 1 for v in found.values()):
-        return None
-    return "yes" if found[query["a"]][0].center_x < found[query["b"]][0].center_x else "no"
+        return str(len(objects))
+    if kind == "count_red":
+        return str(sum(o.colour == "red" for o in objects))
+    if kind == "exists_yellow":
+        return "yes" if any(o.colour == "yellow" for o in objects) else "no"
+    raise ValueError(f"unknown question type {kind!r}; expected one of {QUESTION_TYPES}")
 
 
-def questions(objects: list[Box], rng: random.Random) -> list[dict]:
-    """One question of each type the scene supports, balanced where the type allows: existence
-    (yes / no equally), the count of a colour, the shape of a colour present once, and left-of
-    between two objects present once in different columns."""
-    labels = Counter(o.label for o in objects)
-    present = sorted(labels)
-    absent = sorted(set(LABELS) - set(labels))
-    out = []
-    label = rng.choice(present) if rng.random() < 0.5 or not absent else rng.choice(absent)
-    out.append({"type": "exists", "label": label, "question": f"Is there a {label} in the image?"})
-    colour = rng.choice(list(COLOURS))
-    out.append({"type": "count", "colour": colour, "question": f"How many {colour} shapes are in the image?"})
-    colours = Counter(o.colour for o in objects)
-    once = sorted(c for c, n in colours.items() if n == 1)
-    if once:
-        colour = rng.choice(once)
-        out.append({"type": "shape", "colour": colour, "question": f"What shape is the {colour} object?"})
-    singles = [o for o in objects if labels[o.label] == 1]
-    pairs = [(a, b) for a in singles for b in singles if a is not b and abs(a.center_x - b.center_x) >= CELL]
-    if pairs:
-        a, b = rng.choice(pairs)
-        out.append(
-            {
-                "type": "relation",
-                "a": a.label,
-                "b": b.label,
-                "question": f"Is the {a.label} to the left of the {b.label}?",
-            }
-        )
-    for q in out:
-        q["answer"] = answer(q, objects)
-        q["labels"] = _named(q)
-    return out
-
-
-def _named(query: dict) -> list[str]:
-    if query["type"] == "exists":
-        return [query["label"]]
-    if query["type"] == "relation":
-        return [query["a"], query["b"]]
-    return [f"{query['colour']} {s}" for s in SHAPES]
+def questions(objects: list[Box]) -> list[dict]:
+    """Every question type, asked of the ground truth."""
+    return [{"type": k, "question": q, "answer": answer(k, objects)} for k, q in QUESTIONS.items()]
 
 
 def majority_accuracy(train: list[dict], heldout: list[dict]) -> dict:
@@ -202,7 +169,7 @@ def write_scenes(root: Path, num_scenes: int, seed: int) -> dict:
                 }
             )
         truth[name] = objects
-        for q in questions(objects, rng):
+        for q in questions(objects):
             lines.append({"id": f"{Path(name).stem}-{q['type']}", "image": name, **q})
     (root / "annotations.json").write_text(json.dumps(coco))
     (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in lines))

@@ -143,7 +143,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dopd_vl.training.trainer": ("Trainer",),
     "dopd_vl.eval.evaluate": ("EvalConfig", "generate_answers", "accuracy_report", "reverse_kl_to_teacher"),
     "dopd_vl.eval.harness": ("run_lm_eval", "run_lmms_eval", "records_task"),
-    "dopd_vl.eval.diagnose": ("diagnose", "diagnose_run"),
+    "dopd_vl.eval.diagnose": ("diagnose", "diagnose_run", "diagnose_tokens", "DiagnosedTokens"),
     "dopd_vl.apps.export": ("export_student",),
     "dopd_vl.apps.plots": ("plot_run", "read_metrics"),
     "dopd_vl.apps.demo": ("run_demo", "DemoConfig"),

@@ -32,7 +32,14 @@ import torch
 from torch import Tensor
 
 from dopd_vl.distributed import gather, gather_list, reduce_sum
-from dopd_vl.eval.trust import mean_std, token_correct, trust_answers, trust_reading, verified_reading
+from dopd_vl.eval.trust import (
+    boxes_reading,
+    mean_std,
+    token_correct,
+    trust_answers,
+    trust_reading,
+    verified_reading,
+)
 from dopd_vl.loss.chunked import chunked_token_logprobs
 from dopd_vl.method.routing import (
     INFORMATION_EDGE_NATS,
@@ -264,8 +271,9 @@ def _recipe_summary(c, objective, steps: int, run) -> dict:
 
 # ------------------------------------------------------------------------------ the reading
 def measured_study(name: str) -> dict | None:
-    """A toy study's measured points, `assets/{name}_study.json`: "strength" (the student-strength
-    study) or "trust" (the trust study). None if the asset is missing."""
+    """A study's measured points, `assets/{name}_study.json`: "strength" (the student-strength study),
+    "trust" (the trust study), "verified" (verified routing) or "boxes_lie" (detector boxes that lie).
+    None if the asset is missing."""
     try:
         text = resources.files("dopd_vl").joinpath(f"assets/{name}_study.json").read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -328,11 +336,17 @@ def evidence_faults(result: dict) -> list[str]:
 
 
 def reading(
-    result: dict, study: dict | None = None, trust: dict | None = None, verified: dict | None = None
+    result: dict,
+    study: dict | None = None,
+    trust: dict | None = None,
+    verified: dict | None = None,
+    boxes: dict | None = None,
 ) -> list[str]:
     """The plain-text reading: the evidence read, the numbers in aligned columns, then what the
-    measured studies (`study`: the strength study, `trust`: the trust study; default the installed
-    assets) say about such numbers, unless the evidence carries no signal (`evidence_faults`)."""
+    measured studies (`study`: the strength study, `trust`: the trust study, `verified`: the
+    verified-routing study, `boxes`: the boxes-lie study, read for boxes with detector scores;
+    default the installed assets) say about such numbers, unless the evidence carries no signal
+    (`evidence_faults`)."""
     s, r = result["summary"], result["recipe"]
     answers = result.get("answers")
     prompts = r["steps"] * r.get("prompts_per_step", r["responses_per_step"])
@@ -405,12 +419,14 @@ def reading(
     lines += ["", *_study_reading(result["steps"][0], study)]
     trust = trust if trust is not None else measured_study("trust")
     verified = verified if verified is not None else measured_study("verified")
+    boxes = boxes if boxes is not None else (measured_study("boxes_lie") if scores else None)
+    detector = ["", *boxes_reading(answers, boxes)] if scores and boxes else []
     if answers and trust:
         lines += ["", *trust_reading(answers, trust)]
-        return lines + (["", *verified_reading(answers, verified)] if verified else [])
+        return lines + (["", *verified_reading(answers, verified)] if verified else []) + detector
     if trust:  # the trust study compares who is right, which needs answers
         lines.append(f"- The trust study ({trust['source']}) compares who is right; records with `answer` get it.")
-    return lines
+    return lines + detector
 
 
 def _study_reading(s: dict, study: dict) -> list[str]:

@@ -147,6 +147,38 @@ def verified_reading(answers: dict, study: dict) -> list[str]:
     return lines
 
 
+def boxes_reading(answers: dict | None, study: dict) -> list[str]:
+    """Quote the boxes-lie study's cells (`study`: the asset assets/boxes_lie_study.json) for a
+    grounding dataset whose boxes carry detector scores: per measured noise rate, the share of
+    questions the boxes answer wrong, the teacher's accuracy with and without the boxes, and each
+    method's held-out accuracy minus vanilla OPD's; with answers, the user's teacher-with-minus-
+    without-boxes gap placed among the measured ones. No thresholds of our own."""
+    cells = study["cells"]
+
+    def lead(cell: dict) -> list[float]:
+        return [p - q for p, q in zip(cell["teacher_priv_accuracy"], cell["teacher_plain_accuracy"])]
+
+    lines = [f"What the boxes-lie study measured ({study['source']}; {study['scope']}):"]
+    for cell in cells:
+        gains = ", ".join(f"{name} {mean_std(v, signed=True)}" for name, v in cell["gain_over_vanilla"].items())
+        lines.append(
+            f"- Detector noise rate {cell['rate']:g}: {mean_std(cell['box_wrong_share'])} of the training questions "
+            f"answered wrong by the boxes; teacher with the boxes {mean_std(cell['teacher_priv_accuracy'])}, without "
+            f"{mean_std(cell['teacher_plain_accuracy'])}; held-out accuracy minus vanilla OPD's: {gains}."
+        )
+    if answers:
+        yours = answers["teacher_priv_accuracy"] - answers["teacher_plain_accuracy"]
+        measured = [v for cell in cells for v in lead(cell)]
+        nearest = min(cells, key=lambda cell: abs(statistics.fmean(lead(cell)) - yours))
+        lines.append(
+            f"- Your teacher with the boxes minus without them, on the sampled prompts: {yours:+.3f}; measured "
+            f"{_range(measured)}: {_placed(yours, measured)} Nearest measured cell: noise rate {nearest['rate']:g}."
+        )
+    lines.append(f"- {study['answer']}")
+    lines.append(f"- {study['caveat']}")
+    return lines
+
+
 def _measured(values: list[float | None]) -> str:
     """mean ± std over the seeds that had such tokens (None: a seed with none)."""
     present = [v for v in values if v is not None]

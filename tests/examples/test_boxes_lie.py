@@ -92,3 +92,38 @@ def test_boxes_lie_pipeline_smoke(tmp_path):
     for r in records:
         boxes = [grid.Box(o["label"], tuple(o["bbox_px"])) for o in r["privileged"]["objects"]]
         assert r["meta"]["box_right"] == (grid.answer(queries[r["id"]]["type"], boxes) == r["answer"])
+
+
+RESULTS = REPO / "examples" / "visual_privilege" / "results" / "boxes_lie"
+
+
+def test_the_installed_boxes_lie_study_is_the_committed_study():
+    """dopd_vl/assets/boxes_lie_study.json is the summary of the committed measurement."""
+    payload = json.loads((RESULTS / "results.json").read_text())
+    committed = json.loads((RESULTS / "boxes_lie_study.json").read_text())
+    installed = json.loads((REPO / "dopd_vl" / "assets" / "boxes_lie_study.json").read_text())
+    assert installed == committed == json.loads(json.dumps(boxes_lie.study_summary(payload)))
+    assert len(payload["size"]["seeds"]) == 3 and payload["rates"] == list(boxes_lie.RATES)
+    for cell in committed["cells"]:  # every method, every seed
+        assert set(cell["heldout_accuracy"]) == {boxes_lie.toy.parse_method(m)[0] for m in boxes_lie.METHODS}
+        assert all(len(v) == 3 for v in cell["heldout_accuracy"].values())
+
+
+def test_diagnose_quotes_the_boxes_lie_study_for_scored_boxes():
+    """For a dataset whose boxes carry detector scores, the reading quotes every measured noise rate
+    and places the user's teacher-with-minus-without-boxes gap among the measured ones."""
+    import statistics
+
+    from dopd_vl.eval.diagnose import measured_study
+    from dopd_vl.eval.trust import boxes_reading
+
+    study = measured_study("boxes_lie")
+    answers = {"teacher_priv_accuracy": 0.9, "teacher_plain_accuracy": 0.7}
+    text = "\n".join(boxes_reading(answers, study))
+    for cell in study["cells"]:
+        assert f"Detector noise rate {cell['rate']:g}:" in text
+        gain = cell["gain_over_vanilla"]["dopd_edge"]
+        assert f"dopd_edge {statistics.fmean(gain):+.3f}" in text
+    assert "Your teacher with the boxes minus without them, on the sampled prompts: +0.200" in text
+    assert study["answer"] in text and study["caveat"] in text
+    assert boxes_reading(None, study)[-2:] == [f"- {study['answer']}", f"- {study['caveat']}"]

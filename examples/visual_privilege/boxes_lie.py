@@ -53,7 +53,7 @@ METHODS = (
     "vanilla_opd",
     "privileged_opd",
     "dopd_initial=dopd;objective.privileged_student=initial",
-    "dopd=dopd",
+    "dopd",
     "dopd_edge=dopd;objective.edge_check=plain_teacher",
     "vanilla_filtered=vanilla_opd;data.teacher_filter=verified",
     "dopd_initial_verified=dopd;objective.privileged_student=initial;objective.trust=verified",

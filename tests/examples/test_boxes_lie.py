@@ -71,6 +71,19 @@ def test_the_detector_lies_at_its_rates_and_scores_its_right_boxes_higher():
     assert sum(right) / len(right) > sum(wrong) / len(wrong) + 0.25  # a calibrated detector's ordering
 
 
+def test_every_method_is_a_valid_recipe():
+    """Each METHODS spec parses to a registered objective whose overrides the recipe accepts."""
+    from dopd_vl import load_config
+
+    labels = []
+    for spec in boxes_lie.METHODS:
+        label, name, overrides = boxes_lie.toy.parse_method(spec)
+        config = load_config(boxes_lie.HERE / "config.yaml", [f"objective.name={name}", *overrides])
+        assert config.objective.name == name
+        labels.append(label)
+    assert sorted(labels) == sorted(boxes_lie.LABELS)
+
+
 def test_boxes_lie_pipeline_smoke(tmp_path):
     """The study at its smallest size, two methods: detector results through the package's reader,
     the dev selection, the runs, the readout, the tables, the figure and the measured cells."""

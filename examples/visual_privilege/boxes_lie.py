@@ -484,10 +484,12 @@ def _values(runs: dict, key) -> list[float]:
     return [key(r) for _, r in sorted(runs.items(), key=lambda kv: int(kv[0]))]
 
 
-def _get(report: dict, subset: str | None) -> float:
+def _get(report: dict, subset: str | None) -> float | None:
+    """Accuracy overall, on a question type or on a subset; None where it has no question (no
+    box-wrong question at rate 0)."""
     if subset is None:
         return report["accuracy"]
-    return report["per_subset"].get(subset, report["per_type"].get(subset, float("nan")))
+    return report["per_subset"].get(subset, report["per_type"].get(subset))
 
 
 def tables(payload: dict) -> str:
@@ -658,9 +660,15 @@ def outcome(cells: list[dict]) -> str:
     )
     if best == "vanilla_opd" or "vanilla_opd" not in noisiest["heldout_accuracy"]:
         return text + "."
+
+    def said(gains: list[float]) -> str:
+        mean, std = statistics.fmean(gains), statistics.stdev(gains) if len(gains) > 1 else 0.0
+        within = "more than" if abs(mean) > std else "within"
+        return f"{mean:+.3f} ± {std:.3f} from vanilla OPD, {within} one seed-to-seed std"
+
     return (
-        text + f", {toy.mean_std(noisiest['gain_over_vanilla'][best])} over vanilla OPD; with the boxes at rate "
-        f"{cleanest['rate']:g} it ends {toy.mean_std(cleanest['gain_over_vanilla'][best])} from vanilla OPD."
+        text + f", {said(noisiest['gain_over_vanilla'][best])}; with the boxes at rate {cleanest['rate']:g} it ends "
+        f"{said(cleanest['gain_over_vanilla'][best])}."
     )
 
 
@@ -675,7 +683,8 @@ def plot(path: Path, payload: dict) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in names:
         for ax, key in zip(axes, (lambda r: r["heldout"]["accuracy"], lambda r: _get(r["train"], "box_wrong"))):
-            means = [statistics.fmean(_values(payload["results"][_rate_tag(r)][name], key)) for r in rates]
+            values = [[v for v in _values(payload["results"][_rate_tag(r)][name], key) if v is not None] for r in rates]
+            means = [statistics.fmean(v) if v else float("nan") for v in values]
             ax.plot(rates, means, marker="o", label=name)
     axes[0].set(title="held-out accuracy (no boxes)", xlabel="detector noise rate", ylabel="accuracy")
     axes[1].set(title="training questions whose boxes lie", xlabel="detector noise rate", ylabel="accuracy")

@@ -39,6 +39,13 @@ LONGEST_FIRST = (
     "test_a_training_step_is_the_same_with_either_backend",
     "test_readout_equals_an_independent_computation",
     "test_vanilla_opd_halves_held_out_reverse_kl",
+    "test_visual_comparison_pipeline_smoke",
+    "test_boxes_lie_pipeline_smoke",
+    "test_self_check_passes_silently_and_a_sign_error_falls_back_to_the_torch_backend",
+    "test_va_opd_is_split_invariant",
+    "test_diagnose_reads_who_is_right_equal_to_an_independent_count",
+    "test_every_source_trains_the_same_first_step",
+    "test_dopd_train_tiny_vlm_cli",
 )
 
 

@@ -545,13 +545,13 @@ def tables(payload: dict) -> str:
             + " |\n"
         )
     text += (
-        "\n## After distillation (mean ± std over seeds; no boxes at evaluation)\n\nHeld-out scenes: accuracy overall "
-        "and per question type. Training questions: the student's accuracy on the questions whose boxes were right / "
-        "lied (did it learn the detector's mistakes?).\n\n| rate | method | held-out | minus vanilla OPD | "
+        "\n## After distillation (mean ± std over seeds; no boxes at evaluation)\n\nHeld-out scenes: accuracy overall, "
+        "per question type and per subset (questions whose detector boxes give the true answer / lie). Training "
+        "questions: the same subsets (did the student learn the detector's mistakes?).\n\n| rate | method | "
+        "held-out | minus vanilla OPD | "
         + " | ".join(grid.QUESTION_TYPES)
-        + " | train, box right | train, box wrong | guard alarms |\n|---|---|---|---|"
-        + "---|" * len(grid.QUESTION_TYPES)
-        + "---|---|---|\n"
+        + " | held-out, box right | held-out, box wrong | train, box right | train, box wrong | guard alarms |\n"
+        "|---|---|---|---|" + "---|" * len(grid.QUESTION_TYPES) + "---|---|---|---|---|\n"
     )
     for tag, per_label in payload["results"].items():
         vanilla = per_label.get("vanilla_opd", {})
@@ -565,7 +565,11 @@ def tables(payload: dict) -> str:
                 f"| {tag[1:]} | {name} | {fmt(held)} | {fmt(gain) if name != 'vanilla_opd' and gain else ''} | "
                 + " | ".join(fmt(_values(runs, lambda r, t=t: _get(r["heldout"], t))) for t in grid.QUESTION_TYPES)
                 + " | "
-                + " | ".join(fmt(_values(runs, lambda r, s=s: _get(r["train"], s))) for s in SUBSETS)
+                + " | ".join(
+                    fmt(_values(runs, lambda r, s=s, split=split: _get(r[split], s)))
+                    for split in ("heldout", "train")
+                    for s in SUBSETS
+                )
                 + f" | {alarms}/{len(runs)} |\n"
             )
     text += (

@@ -22,16 +22,34 @@ pytestmark = [pytest.mark.xdist_group("demo"), pytest.mark.integration]  # loadg
 
 
 @pytest.fixture(scope="session")  # once per worker: xdist may interleave other modules between its tests
-def demo_dir(tmp_path_factory):
-    from dopd_vl.apps.demo import DemoConfig, run_demo
+def demo_run(tmp_path_factory):
+    """`dopd demo` at its smallest size through the CLI, as a fresh process runs it (transformers'
+    progress bars enabled), with what it printed."""
+    import contextlib
+    import functools
+    import io
+
+    from transformers.utils import logging as transformers_logging
+
+    import dopd_vl.apps.demo as demo_module
 
     out = tmp_path_factory.mktemp("demo") / "demo_out"
-    config = DemoConfig(
-        num_images=8, eval_images=3, teacher_sft_steps=4, student_sft_steps=2, steps=2, batch_size=2, routing_records=3
+    small = functools.partial(
+        demo_module.DemoConfig, eval_images=3, teacher_sft_steps=4, student_sft_steps=2, batch_size=2, routing_records=3
     )
-    summary = run_demo(out, config=config)
-    assert summary["config"]["steps"] == 2
-    return out
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        mp.setattr(demo_module, "DemoConfig", small)
+        mp.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+        transformers_logging.enable_progress_bar()  # as a fresh process starts
+        assert main(["demo", "--out", str(out), "--images", "8", "--steps", "2"]) == 0
+    assert json.loads((out / "summary.json").read_text())["config"]["steps"] == 2
+    return out, printed.getvalue()
+
+
+@pytest.fixture
+def demo_dir(demo_run):
+    return demo_run[0]
 
 
 def test_demo_writes_every_artifact(demo_dir, capsys):
@@ -219,27 +237,14 @@ def test_demo_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
-def test_dopd_demo_shows_our_progress_bars_and_none_of_transformers(tmp_path, capfd, monkeypatch):
+def test_dopd_demo_shows_our_progress_bars_and_none_of_transformers(demo_run, tmp_path):
     """transformers draws "Loading weights" / "Writing model shards" bars for every model load and
     save (checked below: it does, outside `dopd`); `dopd demo` keeps only its own bars."""
-    import functools
     import os
     import subprocess
     import sys
 
-    from transformers.utils import logging as transformers_logging
-
-    import dopd_vl.apps.demo as demo_module
-
-    small = functools.partial(
-        demo_module.DemoConfig, eval_images=3, teacher_sft_steps=3, student_sft_steps=2, routing_records=2
-    )
-    monkeypatch.setattr(demo_module, "DemoConfig", small)
-    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
-    transformers_logging.enable_progress_bar()  # as a fresh process starts
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--images", "8", "--steps", "1"]) == 0
-    out, err = capfd.readouterr()
-    shown = out + err
+    demo, shown = demo_run
     assert "Loading weights" not in shown and "Writing model shards" not in shown
     assert "sft (teacher_priv)" in shown and "dopd: 100%" in shown  # our own bars stay
     control = subprocess.run(  # the same load and save outside `dopd`: transformers' bars are there
@@ -248,7 +253,7 @@ def test_dopd_demo_shows_our_progress_bars_and_none_of_transformers(tmp_path, ca
             "-c",
             "import sys; from transformers import AutoModelForImageTextToText as M; "
             "M.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[2])",
-            str(tmp_path / "demo" / "student"),
+            str(demo / "student"),
             str(tmp_path / "copy"),
         ],
         capture_output=True,

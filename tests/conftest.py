@@ -29,8 +29,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
-# The longest tests (minutes each: torchrun runs, kill-and-resume, the study smokes) start first, so
-# the two workers share them instead of one finishing alone while the other idles.
+# The longest tests (minutes each: torchrun runs, kill-and-resume, the study smokes; then every test
+# over about 15 s) start first, so the two workers share them instead of one finishing alone while
+# the other idles.
 LONGEST_FIRST = (
     "test_split_invariance_over_micro_batches_processes_and_shards",
     "test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly",

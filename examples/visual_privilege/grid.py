@@ -80,7 +80,7 @@ QUESTIONS = {
 }
 """One fixed wording per type, every type asked of every scene. A tiny model learns to answer these
 from pixels within a few hundred steps; questions that name any of several labels ("Is there a
-{label}?") it did not learn in 1,200 (RESULTS.md: what it took). A detector's lie reaches each:
+{label}?") it did not learn in 900 (RESULTS.md: what it took). A detector's lie reaches each:
 a missed or invented box changes the count, a red <-> yellow confusion the other two."""
 QUESTION_TYPES = tuple(QUESTIONS)
 

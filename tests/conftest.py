@@ -3,8 +3,10 @@
 Everything is built locally from configs; nothing is downloaded (HF_HUB_OFFLINE is set here too).
 """
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,11 +16,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run under Triton's interpreter on CPU (set before triton is imported); a GPU run
 # of the suite may set TRITON_INTERPRET=0 to test the compiled kernels instead.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def _session_folder(prefix: str) -> str:
+    """A fresh folder for this process's session, removed when it exits (each tiny-model cache holds
+    hundreds of MB: a suite that leaves them behind fills a CI disk in a few runs)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 # `tiny:` models are built once per test session into a fresh folder, shared with subprocesses.
-os.environ["DOPD_TINY_CACHE"] = tempfile.mkdtemp(prefix="dopd-tiny-")
+os.environ["DOPD_TINY_CACHE"] = _session_folder("dopd-tiny-")
 # The trusted image roots the builders record (dopd_vl/data/image_roots.py) go to a fresh folder, never
 # the user's ~/.config; subprocesses share it.
-os.environ["DOPD_VL_CONFIG_DIR"] = tempfile.mkdtemp(prefix="dopd-config-")
+os.environ["DOPD_VL_CONFIG_DIR"] = _session_folder("dopd-config-")
+# datasets' Arrow cache of every Parquet / JSON file a test reads (a new tmp path each run, so never a
+# hit: ~30 MB more in ~/.cache per suite run) goes to a fresh folder too.
+os.environ["HF_DATASETS_CACHE"] = _session_folder("dopd-hf-datasets-")
 
 import pytest
 import torch

@@ -151,7 +151,7 @@ def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tm
         f"data.train={ARITH}",
         "max_steps=5",
         "save_steps=1",
-        "save_total_limit=5",
+        "save_total_limit=2",
         "optim.lr=1e-3",
         "optim.batch_size=1",
         "rollout.max_new_tokens=4",

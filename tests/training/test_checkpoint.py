@@ -2,6 +2,7 @@
 that cannot run code, and a failed write that keeps the previous checkpoint."""
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -131,6 +132,18 @@ def wait_for_logged_steps(proc, run: Path, steps: int, timeout: float = 240) -> 
         time.sleep(0.05)
 
 
+def wait_until_gone(group: int, timeout: float = 30) -> None:
+    """Until no process of the group is left (SIGKILL is delivered, not awaited, to each of them)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        assert time.time() < deadline, f"process group {group} still alive {timeout} s after SIGKILL"
+        time.sleep(0.05)
+
+
 def assert_same_run(straight: Path, other: Path) -> None:
     """Same steps, same losses, same final weights."""
     a, b = read_metrics(straight), read_metrics(other)
@@ -217,6 +230,7 @@ def test_two_sharded_processes_survive_sigterm_and_sigkill_and_resume_exactly(tm
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    wait_until_gone(proc.pid)  # torchrun's workers too: one still rotating checkpoints would race the copy below
     assert not (preempted / "final").exists()
     shutil.copytree(preempted, tmp_path / "one_process", ignore=shutil.ignore_patterns(".tmp-*"))
     done = subprocess.run(torchrun(preempted, 29654, "--resume"), env=env, capture_output=True, text=True, timeout=300)
@@ -301,3 +315,32 @@ def test_a_checkpoint_write_that_fails_keeps_the_previous_one_and_the_run_resume
     trainer.train(resume=True)
     assert trainer.step == 3 and (run / "checkpoint-3").is_dir()
     assert [m["step"] for m in read_metrics(run)] == [1, 2, 3]
+
+
+def test_a_kill_while_rotating_leaves_no_half_deleted_checkpoint(tmp_path, monkeypatch):
+    """Killed while rotation deletes checkpoint-1 (after one file went): the listing never shows a
+    half-deleted checkpoint-1 (it was renamed to a partial `.tmp-` folder first), the next resume
+    removes the leftover and continues from checkpoint-2."""
+    import dopd_vl.training.checkpointing.files as checkpoint
+    from dopd_vl.training.trainer import Trainer
+
+    class Killed(BaseException):
+        pass
+
+    run, real_rmtree = tmp_path / "run", shutil.rmtree
+
+    def killed_mid_delete(path, *args, **kwargs):
+        path = Path(path)
+        if (path / "state.json").is_file() and json.loads((path / "state.json").read_text())["step"] == 1:
+            (path / "state.json").unlink()
+            raise Killed
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_mid_delete)
+    with pytest.raises(Killed):
+        Trainer(text_config(run, "max_steps=3", "save_steps=1", "save_total_limit=1")).train()
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == [".tmp-checkpoint-1", "checkpoint-2"]
+    trainer = Trainer(text_config(run, "max_steps=3", "save_steps=1", "save_total_limit=1"))
+    trainer.train(resume=True)
+    assert trainer.step == 3 and sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]

@@ -168,7 +168,12 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in sorted(_checkpoints(output_dir))[:-keep] if keep > 0 else []:
-        shutil.rmtree(output_dir / f"checkpoint-{old}", ignore_errors=True)
+        # Renamed first, so a kill mid-delete leaves a partial `.tmp-` folder (removed by the next
+        # `latest_checkpoint`), never a half-deleted folder that still reads as checkpoint-N.
+        doomed = output_dir / f".tmp-checkpoint-{old}"
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(output_dir / f"checkpoint-{old}", doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     logger.info("saved %s", final)
     return final
 

@@ -371,6 +371,17 @@ def parse_method(spec: str) -> tuple[str, str, tuple[str, ...]]:
     return (label if ";" in spec else name), name, tuple(overrides)
 
 
+def cached_json(path: Path, compute) -> dict:
+    """`compute()`'s result, written to `path` as JSON; read back instead when `path` exists, so a study
+    that stopped resumes where it was (each finished run and readout is one such file)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    result = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def training_summary(run_dir: Path) -> dict:
     """From metrics.jsonl: mean regime occupancy, response length at start and end, and the
     collapse guard (its default settings replayed on the logged metrics, so that every run is

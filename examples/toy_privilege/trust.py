@@ -157,27 +157,27 @@ def distill_and_evaluate(job: Job) -> dict:
     """One method at one learning rate from the seed's student with one teacher; held-out (and dev)."""
     label, paths = _label(job.spec), seed_paths(job.out, job.seed)
     folder = run_dir(job.out, job.teacher, label, job.lr, job.seed)
-    summary_path = folder.parent / f"{folder.name}.summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    task = toy.TASKS[job.task_name]
-    prepared = toy.Prepared(paths["train"], paths["heldout"], paths[f"teacher_{job.teacher}"], paths["student"], {})
-    final = toy.distill(
-        f"{job.spec};optim.lr={job.lr}", job.seed, prepared, folder, job.size.distill_steps, task, job.device
-    )
-    evals = folder / "eval"
-    evals.mkdir(parents=True, exist_ok=True)
-    report = {"heldout": toy.evaluate(final, paths["heldout"], evals / "heldout.json", task, device=job.device)}
-    if job.on_dev:
-        report["dev"] = toy.evaluate(final, paths["dev"], evals / "dev.json", task, device=job.device)
-    report["training"] = toy.training_summary(folder)
-    summary_path.write_text(json.dumps(report))
-    print(
-        f"{job.teacher} {label} {_lr_tag(job.lr)} seed {job.seed}: held-out {report['heldout']['accuracy']:.3f} "
-        f"{report['heldout']['per_type']}" + (f", dev {report['dev']['accuracy']:.3f}" if job.on_dev else ""),
-        flush=True,
-    )
-    return report
+
+    def distill_once() -> dict:
+        task = toy.TASKS[job.task_name]
+        prepared = toy.Prepared(paths["train"], paths["heldout"], paths[f"teacher_{job.teacher}"], paths["student"], {})
+        final = toy.distill(
+            f"{job.spec};optim.lr={job.lr}", job.seed, prepared, folder, job.size.distill_steps, task, job.device
+        )
+        evals = folder / "eval"
+        evals.mkdir(parents=True, exist_ok=True)
+        report = {"heldout": toy.evaluate(final, paths["heldout"], evals / "heldout.json", task, device=job.device)}
+        if job.on_dev:
+            report["dev"] = toy.evaluate(final, paths["dev"], evals / "dev.json", task, device=job.device)
+        report["training"] = toy.training_summary(folder)
+        print(
+            f"{job.teacher} {label} {_lr_tag(job.lr)} seed {job.seed}: held-out {report['heldout']['accuracy']:.3f} "
+            f"{report['heldout']['per_type']}" + (f", dev {report['dev']['accuracy']:.3f}" if job.on_dev else ""),
+            flush=True,
+        )
+        return report
+
+    return toy.cached_json(folder.parent / f"{folder.name}.summary.json", distill_once)
 
 
 def first_step_readout(job: Job) -> dict:
@@ -186,13 +186,11 @@ def first_step_readout(job: Job) -> dict:
 
     paths = seed_paths(job.out, job.seed)
     path = job.out / "readout" / f"{job.teacher}-seed{job.seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     prepared = toy.Prepared(paths["train"], paths["heldout"], paths[f"teacher_{job.teacher}"], paths["student"], {})
-    result = readout.readout(path.with_suffix(""), job.seed, prepared, toy.TASKS[job.task_name], job.device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return result
+    return toy.cached_json(
+        path,
+        lambda: readout.readout(path.with_suffix(""), job.seed, prepared, toy.TASKS[job.task_name], job.device),
+    )
 
 
 def _work(job: Job) -> dict:

@@ -328,37 +328,39 @@ def distill_and_evaluate(job: Job) -> dict:
 
     label = toy.parse_method(job.spec)[0]
     folder = run_dir(job.out, job.rate, label, job.lr, job.seed)
-    summary_path = folder.parent / f"{folder.name}.summary.json"
-    if summary_path.exists():
-        return json.loads(summary_path.read_text())
-    final = Trainer(distill_config(job, folder)).train(overwrite=True)
-    report = {
-        "heldout": evaluate(final, data_path(job.out, job.seed, job.rate, "heldout")),
-        "train": evaluate(final, data_path(job.out, job.seed, job.rate, "train"), limit=job.size.probe_records),
-    }
-    if job.on_dev:
-        report["dev"] = evaluate(final, data_path(job.out, job.seed, job.rate, "dev"))
-    report["training"] = toy.training_summary(folder)
-    summary_path.write_text(json.dumps(report))
-    print(
-        f"{_rate_tag(job.rate)} {label} lr{job.lr:g} seed {job.seed}: held-out {report['heldout']['accuracy']:.3f} "
-        f"train {report['train']['per_subset']}" + (f", dev {report['dev']['accuracy']:.3f}" if job.on_dev else ""),
-        flush=True,
-    )
-    return report
+
+    def distill_once() -> dict:
+        final = Trainer(distill_config(job, folder)).train(overwrite=True)
+        report = {
+            "heldout": evaluate(final, data_path(job.out, job.seed, job.rate, "heldout")),
+            "train": evaluate(final, data_path(job.out, job.seed, job.rate, "train"), limit=job.size.probe_records),
+        }
+        if job.on_dev:
+            report["dev"] = evaluate(final, data_path(job.out, job.seed, job.rate, "dev"))
+        report["training"] = toy.training_summary(folder)
+        print(
+            f"{_rate_tag(job.rate)} {label} lr{job.lr:g} seed {job.seed}: held-out {report['heldout']['accuracy']:.3f} "
+            f"train {report['train']['per_subset']}" + (f", dev {report['dev']['accuracy']:.3f}" if job.on_dev else ""),
+            flush=True,
+        )
+        return report
+
+    return toy.cached_json(folder.parent / f"{folder.name}.summary.json", distill_once)
 
 
 def first_step_readout(job: Job) -> dict:
     """The first steps' tokens of DOPD on the rate's data (no training), split by the records' boxes."""
+    path = job.out / "readout" / f"{_rate_tag(job.rate)}-seed{job.seed}.json"
+    return toy.cached_json(path, lambda: _read_first_steps(job, path.with_suffix("")))
+
+
+def _read_first_steps(job: Job, folder: Path) -> dict:
     import torch
 
     from dopd_vl import REGIME_NAMES, diagnose_tokens, setup_run
 
-    path = job.out / "readout" / f"{_rate_tag(job.rate)}-seed{job.seed}.json"
-    if path.exists():
-        return json.loads(path.read_text())
     config = dataclasses.replace(
-        distill_config(dataclasses.replace(job, spec="dopd", lr=job.size.learning_rates[0]), path.with_suffix("")),
+        distill_config(dataclasses.replace(job, spec="dopd", lr=job.size.learning_rates[0]), folder),
         diagnostics=True,
     )
     run = setup_run(config)
@@ -374,7 +376,7 @@ def first_step_readout(job: Job) -> dict:
     def share(mask, within) -> float | None:
         return float((mask & within).sum()) / int(within.sum()) if bool(within.any()) else None
 
-    result = {
+    return {
         "tokens": int(pooled["regime"].numel()),
         "box_wrong_tokens": float(wrong.double().mean()),
         "ht_box_wrong": share(wrong, ht),
@@ -385,9 +387,6 @@ def first_step_readout(job: Job) -> dict:
         "information_edge_box_wrong": float(edge[wrong].mean()) if bool(wrong.any()) else None,
         **{f"frac/{name}": float((pooled["regime"] == k).double().mean()) for k, name in enumerate(REGIME_NAMES)},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    return result
 
 
 def _work(job: Job) -> dict:
